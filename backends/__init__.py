@@ -1,0 +1,25 @@
+"""Storage backends behind one contract (``base.Backend``).
+
+``BACKENDS`` lists every backend pyvol knows; ``available()`` says which this host can run.
+The default is the first available in PREFERENCE: dm-thin where the kernel has it, else loop.
+"""
+
+from .base import Backend, VolumeSpec
+from .loop import LoopBackend
+
+BACKENDS: dict[str, type[Backend]] = {
+    LoopBackend.name: LoopBackend,
+}
+
+PREFERENCE = ["devicemapper", "loop"]
+
+
+def default_name() -> str | None:
+    for name in PREFERENCE:
+        cls = BACKENDS.get(name)
+        if cls is not None and cls.unavailable_reason() is None:
+            return name
+    return None
+
+
+__all__ = ["Backend", "VolumeSpec", "BACKENDS", "PREFERENCE", "default_name"]

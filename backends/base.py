@@ -1,0 +1,116 @@
+"""The backend contract: what every storage backend must do, and nothing about Docker.
+
+A backend keeps volumes (block devices or directories) and their snapshots, keyed by the
+volume's name. It never mounts a filesystem (``pyvol.fs`` does, for every block backend) and
+never keeps records of its own beyond what its storage itself holds: pyvol's state says which
+volumes exist, the backend says what they contain. tests/test_conformance.py is the contract's
+executable form; a backend is done when it passes that suite unchanged.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+Range = tuple[int, int]  # (offset, length) in bytes
+
+
+@dataclass(frozen=True)
+class VolumeSpec:
+    name: str
+    size: int
+    options: dict[str, str] = field(default_factory=dict)  # this backend's own options
+
+
+class Backend(ABC):
+    #: the name users pass as ``-o backend=``
+    name: ClassVar[str]
+    #: "block": activate() gives a block device; "file": a directory
+    kind: ClassVar[str] = "block"
+    #: Docker Capabilities scope: "local", or "global" when every host sees the same volumes
+    scope: ClassVar[str] = "local"
+    #: backend-specific create options, name -> one-line help
+    options: ClassVar[dict[str, str]] = {}
+    #: smallest unit changed_ranges() reports; writes are rounded out to it
+    change_granularity: ClassVar[int] = 4096
+    #: mount with online discard, so deleted files give space back to the pool
+    discard: ClassVar[bool] = False
+
+    def __init__(self, root: Path, settings: dict[str, str] | None = None):
+        self.root = Path(root)
+        self.settings = dict(settings or {})
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        """None when this host can run the backend, else a sentence saying what is missing."""
+        return None
+
+    @abstractmethod
+    def setup(self) -> None:
+        """Provision or re-attach the backend's storage; idempotent; run once at daemon start."""
+
+    @abstractmethod
+    def create(self, spec: VolumeSpec) -> None:
+        """Make an empty volume of ``spec.size`` bytes; leave nothing behind if it fails."""
+
+    @abstractmethod
+    def remove(self, name: str) -> None:
+        """Remove the volume and all its snapshots; a volume already gone is not an error."""
+
+    @abstractmethod
+    def list(self) -> list[str]:
+        """Names of the volumes the storage holds (for recovery and reconciliation)."""
+
+    @abstractmethod
+    def size(self, name: str) -> int:
+        """The volume's size in bytes."""
+
+    @abstractmethod
+    def activate(self, name: str) -> str:
+        """Make the volume usable and return its device (or directory); twice gives the same."""
+
+    @abstractmethod
+    def deactivate(self, name: str) -> None:
+        """Release what activate() took; idempotent."""
+
+    @abstractmethod
+    def active_device(self, name: str) -> str | None:
+        """The device of an active volume, else None."""
+
+    @abstractmethod
+    def snapshot(self, name: str, snap: str) -> None:
+        """Take a crash-consistent snapshot (the caller freezes a mounted filesystem)."""
+
+    @abstractmethod
+    def remove_snapshot(self, name: str, snap: str) -> None:
+        """Remove one snapshot; one already gone is not an error."""
+
+    @abstractmethod
+    def snapshots(self, name: str) -> list[str]:
+        """Names of the volume's snapshots held by the storage."""
+
+    @abstractmethod
+    def clone(self, name: str, snap: str, spec: VolumeSpec) -> None:
+        """Make volume ``spec.name`` holding ``name@snap``'s data, at least as large as it."""
+
+    @abstractmethod
+    def changed_ranges(self, name: str, base: str | None, snap: str) -> list[Range]:
+        """Byte ranges whose data differ between snapshots ``base`` and ``snap``.
+
+        With ``base`` None, the ranges that hold data in ``snap`` at all. Ranges are sorted,
+        merged and aligned to ``change_granularity``. Block backends only.
+        """
+
+    @abstractmethod
+    def read_snapshot(self, name: str, snap: str):
+        """A context manager yielding a path from which the snapshot's bytes can be read."""
+
+    def usage(self) -> dict:
+        """Pool-level space figures for ``pyvol info``."""
+        return {}
+
+    def volume_usage(self, name: str) -> dict:
+        """Space this volume takes in the pool, for its Status."""
+        return {}

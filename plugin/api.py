@@ -1,0 +1,205 @@
+"""HTTP: Docker's VolumeDriver protocol, and the control API the ``pyvol`` CLI speaks.
+
+No storage logic here: parse the body, check its shape, call the manager, turn errors into
+``Err``. dockerd sends no Content-Type, so bodies are parsed from raw bytes; Opts may be null.
+Docker endpoints answer 200 with ``Err`` for every error a caller can cause; the control API
+uses HTTP status codes too. Nothing unexpected ever leaks a traceback: it is logged here and
+the caller gets a one-line ``Err``.
+"""
+
+import functools
+import json
+import logging
+
+from flask import Flask, Response, request
+from werkzeug.exceptions import HTTPException
+
+from .errors import InvalidInput, PyvolError
+from .manager import Manager, parse_snap_ref
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 64 << 10
+
+DOCKER_ENDPOINTS = [
+    "/Plugin.Activate", "/VolumeDriver.Create", "/VolumeDriver.Remove", "/VolumeDriver.Mount",
+    "/VolumeDriver.Unmount", "/VolumeDriver.Path", "/VolumeDriver.Get", "/VolumeDriver.List",
+    "/VolumeDriver.Capabilities",
+]
+
+
+def _json(payload, status=200) -> Response:
+    return Response(json.dumps(payload), status=status,
+                    mimetype="application/vnd.docker.plugins.v1+json")
+
+
+def _body() -> dict:
+    raw = request.get_data(cache=False)
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InvalidInput(f"malformed JSON body: {e}; accepted is a JSON object") from None
+    if body is None:
+        return {}
+    if not isinstance(body, dict):
+        raise InvalidInput("invalid body: accepted is a JSON object")
+    return body
+
+
+def _field(body: dict, key: str, default=None, required: bool = True):
+    if key not in body or body[key] is None:
+        if required:
+            raise InvalidInput(f"missing field {key!r} in the request body")
+        return default
+    return body[key]
+
+
+def create_app(manager: Manager) -> Flask:
+    app = Flask("pyvol")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
+
+    def docker(path):
+        """A Docker protocol endpoint: every error becomes ``Err`` in a 200 answer."""
+        def wrap(fn):
+            @functools.wraps(fn)
+            def handler():
+                try:
+                    result = fn(_body())
+                except PyvolError as e:
+                    log.info("%s refused: %s", path, e)
+                    return _json({"Err": str(e)})
+                return _json({**result, "Err": ""} if path != "/Plugin.Activate" else result)
+            app.add_url_rule(path, fn.__name__, handler, methods=["POST"])
+            return fn
+        return wrap
+
+    @docker("/Plugin.Activate")
+    def activate(_):
+        return {"Implements": ["VolumeDriver"]}
+
+    @docker("/VolumeDriver.Capabilities")
+    def capabilities(_):
+        scopes = {b.scope for b in manager.backends.values()}
+        # global only when every backend's volumes are visible from every host
+        return {"Capabilities": {"Scope": "global" if scopes == {"global"} else "local"}}
+
+    @docker("/VolumeDriver.Create")
+    def create(b):
+        manager.create(_field(b, "Name"), b.get("Opts"))
+        return {}
+
+    @docker("/VolumeDriver.Remove")
+    def remove(b):
+        manager.remove(_field(b, "Name"))
+        return {}
+
+    @docker("/VolumeDriver.Mount")
+    def mount(b):
+        return {"Mountpoint": manager.mount(_field(b, "Name"), _field(b, "ID", "", False))}
+
+    @docker("/VolumeDriver.Unmount")
+    def unmount(b):
+        manager.unmount(_field(b, "Name"), _field(b, "ID", "", False))
+        return {}
+
+    @docker("/VolumeDriver.Path")
+    def path(b):
+        return {"Mountpoint": manager.path(_field(b, "Name"))}
+
+    @docker("/VolumeDriver.Get")
+    def get(b):
+        return {"Volume": manager.get(_field(b, "Name"))}
+
+    @docker("/VolumeDriver.List")
+    def list_(_):
+        return {"Volumes": [{"Name": v["Name"], "Mountpoint": v["Mountpoint"]}
+                            for v in manager.list()]}
+
+    # The control API, for the CLI: REST-ish, JSON in and out, errors as {"Err": ...}.
+    def control(rule, methods):
+        def wrap(fn):
+            @functools.wraps(fn)
+            def handler(**kw):
+                try:
+                    body = _body() if request.method in ("POST", "PUT") else {}
+                    result = fn(body, **kw)
+                except PyvolError as e:
+                    return _json({"Err": str(e)}, e.http_status)
+                return _json(result if result is not None else {})
+            app.add_url_rule("/pyvol/v1" + rule, "ctl_" + fn.__name__, handler, methods=methods)
+            return fn
+        return wrap
+
+    @control("/info", ["GET"])
+    def info(_):
+        return manager.info()
+
+    @control("/volumes", ["GET"])
+    def volumes(_):
+        return manager.list()
+
+    @control("/volumes", ["POST"])
+    def volume_create(b):
+        return manager.create(_field(b, "Name"), b.get("Opts"))
+
+    @control("/volumes/<name>", ["GET"])
+    def volume_get(_, name):
+        return manager.get(name)
+
+    @control("/volumes/<name>", ["DELETE"])
+    def volume_remove(_, name):
+        manager.remove(name)
+
+    @control("/volumes/<name>/mount", ["POST"])
+    def volume_mount(b, name):
+        return {"Mountpoint": manager.mount(name, _field(b, "ID", "", False))}
+
+    @control("/volumes/<name>/unmount", ["POST"])
+    def volume_unmount(b, name):
+        manager.unmount(name, _field(b, "ID", "", False))
+
+    @control("/snapshots", ["GET"])
+    def snapshots(_):
+        return manager.snapshot_list(request.args.get("volume"))
+
+    @control("/volumes/<name>/snapshots", ["POST"])
+    def snapshot_create(b, name):
+        return manager.snapshot_create(name, _field(b, "Name", None, False))
+
+    @control("/snapshots/<ref>", ["GET"])
+    def snapshot_get(_, ref):
+        return manager.snapshot_get(*parse_snap_ref(ref))
+
+    @control("/snapshots/<ref>", ["DELETE"])
+    def snapshot_remove(_, ref):
+        manager.snapshot_remove(*parse_snap_ref(ref))
+
+    @control("/volumes/<name>/changes", ["GET"])
+    def volume_changes(_, name):
+        base, snap = request.args.get("base") or None, request.args.get("snap")
+        if not snap:
+            raise InvalidInput("missing query parameter 'snap'")
+        return [list(r) for r in manager.changed_ranges(name, base, snap)]
+
+    @app.errorhandler(HTTPException)
+    def http_error(e: HTTPException):
+        if e.code == 404:
+            msg = (f"unknown endpoint {request.path}: accepted are "
+                   f"{', '.join(DOCKER_ENDPOINTS)} and /pyvol/v1/...")
+        elif e.code == 413:
+            msg = f"request body too large: accepted is at most {MAX_BODY // 1024} KiB"
+        elif e.code == 405:
+            msg = f"method {request.method} not allowed on {request.path}"
+        else:
+            msg = e.description or e.name
+        return _json({"Err": msg}, e.code or 500)
+
+    @app.errorhandler(Exception)
+    def unexpected(e: Exception):
+        log.exception("internal error on %s", request.path)
+        return _json({"Err": f"internal error ({type(e).__name__}); the pyvol daemon's log "
+                             "has the details"}, 500)
+
+    return app

@@ -1,0 +1,246 @@
+"""``pyvol``: the daemon, and a client for people (tables) and scripts (``--json``).
+
+Every client command talks to the daemon over its socket (``--socket`` or PYVOL_SOCKET), so
+the CLI works the same against a host service and a managed plugin. Errors print the daemon's
+message on stderr and exit 1; no traceback.
+"""
+
+import json
+import sys
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from . import config as pyvol_config
+from .client import Client
+from .errors import PyvolError
+from .units import format_size
+
+out = Console()
+
+
+def json_option(fn):
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")(fn)
+
+
+def _client(ctx) -> Client:
+    return Client(ctx.obj["socket"])
+
+
+def _print(data, as_json: bool, render) -> None:
+    if as_json:
+        click.echo(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        render(data)
+
+
+def _table(columns, rows) -> None:
+    t = Table(*columns, box=None, pad_edge=False, header_style="bold")
+    for r in rows:
+        t.add_row(*[str(c) for c in r])
+    out.print(t)
+
+
+def _kv(data: dict, indent: str = "") -> None:
+    for k, v in data.items():
+        if isinstance(v, dict):
+            click.echo(f"{indent}{k}:")
+            _kv(v, indent + "  ")
+        else:
+            click.echo(f"{indent}{k}: {v}")
+
+
+def _opts(pairs) -> dict:
+    opts = {}
+    for p in pairs:
+        if "=" not in p:
+            raise click.BadParameter(f"{p!r}: accepted is KEY=VALUE", param_hint="--opt")
+        k, v = p.split("=", 1)
+        opts[k] = v
+    return opts
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except PyvolError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_Group)
+@click.option("--socket", envvar="PYVOL_SOCKET", default=pyvol_config.DEFAULT_SOCKET,
+              show_default=True, help="The daemon's socket (env PYVOL_SOCKET).")
+@click.pass_context
+def cli(ctx, socket):
+    """pyvol: thin volumes, snapshots and backups for Docker."""
+    ctx.obj = {"socket": socket}
+
+
+@cli.command()
+@click.option("--root", envvar="PYVOL_ROOT", default=pyvol_config.DEFAULT_ROOT, show_default=True,
+              help="State and pool directory (env PYVOL_ROOT).")
+@click.option("--backend", envvar="PYVOL_BACKEND", default=None,
+              help="Default backend (env PYVOL_BACKEND; default: best available).")
+@click.option("--workers", type=click.IntRange(1, 64), default=None, help="gunicorn workers.")
+@click.option("--log-level", default=None, type=click.Choice(["debug", "info", "warning", "error"]))
+@click.pass_context
+def daemon(ctx, root, backend, workers, log_level):
+    """Run the daemon in the foreground."""
+    from .server import serve
+
+    cfg = pyvol_config.load(root=root, socket=ctx.obj["socket"], backend=backend)
+    if workers:
+        cfg.workers = workers
+    if log_level:
+        cfg.log_level = log_level
+    serve(cfg)
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--size", help="Size with K/M/G/T suffix (default 10G).")
+@click.option("--backend", help="Storage backend.")
+@click.option("--fs", "fstype", type=click.Choice(["ext4", "xfs"]), help="Filesystem.")
+@click.option("--from-snapshot", metavar="VOL@SNAP", help="Start from a snapshot's data.")
+@click.option("--opt", "-o", "pairs", multiple=True, metavar="KEY=VALUE", help="Any option.")
+@json_option
+@click.pass_context
+def create(ctx, name, size, backend, fstype, from_snapshot, pairs, as_json):
+    """Create a volume."""
+    opts = _opts(pairs)
+    for key, value in (("size", size), ("backend", backend), ("fs", fstype),
+                       ("from-snapshot", from_snapshot)):
+        if value:
+            opts[key] = value
+    v = _client(ctx).call("POST", "/volumes", {"Name": name, "Opts": opts})
+    _print(v, as_json, lambda v: click.echo(v["Name"]))
+
+
+@cli.command()
+@click.argument("name")
+@click.pass_context
+def rm(ctx, name):
+    """Remove a volume and its snapshots."""
+    _client(ctx).call("DELETE", f"/volumes/{name}")
+    click.echo(name)
+
+
+def _volume_rows(vols):
+    _table(["NAME", "BACKEND", "SIZE", "FS", "MOUNTS", "SNAPSHOTS", "CREATED", "MOUNTPOINT"],
+           [(v["Name"], v["Status"]["backend"], format_size(v["Status"]["size"]),
+             v["Status"]["fs"], v["Status"]["mounts"], v["Status"]["snapshots"],
+             v["CreatedAt"], v["Mountpoint"]) for v in vols])
+
+
+@cli.command("ls")
+@json_option
+@click.pass_context
+def ls(ctx, as_json):
+    """List volumes."""
+    _print(_client(ctx).call("GET", "/volumes"), as_json, _volume_rows)
+
+
+@cli.command()
+@click.argument("name")
+@json_option
+@click.pass_context
+def inspect(ctx, name, as_json):
+    """Show one volume."""
+    _print(_client(ctx).call("GET", f"/volumes/{name}"), as_json, _kv)
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--id", "mount_id", default="pyvol-cli", show_default=True,
+              help="Mount ID; each ID is counted, unmount with the same ID.")
+@click.pass_context
+def mount(ctx, name, mount_id):
+    """Mount a volume on this host and print its mountpoint."""
+    click.echo(_client(ctx).call("POST", f"/volumes/{name}/mount", {"ID": mount_id})["Mountpoint"])
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--id", "mount_id", default="pyvol-cli", show_default=True, help="Mount ID.")
+@click.pass_context
+def umount(ctx, name, mount_id):
+    """Drop one mount of a volume (unmounted when the last goes)."""
+    _client(ctx).call("POST", f"/volumes/{name}/unmount", {"ID": mount_id})
+
+
+@cli.group()
+def snapshot():
+    """Snapshots: constant-time, point-in-time copies of a volume."""
+
+
+def _snap_rows(snaps):
+    _table(["SNAPSHOT", "VOLUME", "SIZE", "CREATED"],
+           [(s["Ref"], s["Volume"], format_size(s["Size"]), s["CreatedAt"]) for s in snaps])
+
+
+@snapshot.command("create")
+@click.argument("volume")
+@click.option("--name", help="Snapshot name (default: a UTC timestamp).")
+@json_option
+@click.pass_context
+def snapshot_create(ctx, volume, name, as_json):
+    """Snapshot a volume (its filesystem is frozen for the instant it takes)."""
+    s = _client(ctx).call("POST", f"/volumes/{volume}/snapshots", {"Name": name})
+    _print(s, as_json, lambda s: click.echo(s["Ref"]))
+
+
+@snapshot.command("ls")
+@click.argument("volume", required=False)
+@json_option
+@click.pass_context
+def snapshot_ls(ctx, volume, as_json):
+    """List snapshots, of one volume or all."""
+    params = {"volume": volume} if volume else None
+    _print(_client(ctx).call("GET", "/snapshots", params=params), as_json, _snap_rows)
+
+
+@snapshot.command("rm")
+@click.argument("ref", metavar="VOL@SNAP")
+@click.pass_context
+def snapshot_rm(ctx, ref):
+    """Remove a snapshot."""
+    _client(ctx).call("DELETE", f"/snapshots/{ref}")
+    click.echo(ref)
+
+
+@snapshot.command("inspect")
+@click.argument("ref", metavar="VOL@SNAP")
+@json_option
+@click.pass_context
+def snapshot_inspect(ctx, ref, as_json):
+    """Show one snapshot."""
+    _print(_client(ctx).call("GET", f"/snapshots/{ref}"), as_json, _kv)
+
+
+def _info(data):
+    click.echo(f"pyvol {data['version']}  root {data['root']}  socket {data['socket']}")
+    click.echo(f"default backend: {data['default_backend']}   volumes: {data['volumes']}")
+    rows = []
+    for name, b in sorted(data["backends"].items()):
+        if b.get("available"):
+            size, used = b.get("pool_size"), b.get("pool_used")
+            pool = f"{format_size(used)} used of {format_size(size)}" if size else "-"
+            rows.append((name, "yes", b["scope"], pool))
+        else:
+            rows.append((name, "no", "-", b.get("reason", "")))
+    _table(["BACKEND", "AVAILABLE", "SCOPE", "POOL"], rows)
+
+
+@cli.command()
+@json_option
+@click.pass_context
+def info(ctx, as_json):
+    """Show the daemon, its backends and pool usage."""
+    _print(_client(ctx).call("GET", "/info"), as_json, _info)
+
+
+def main():
+    cli(prog_name="pyvol")

@@ -1,0 +1,68 @@
+"""Daemon settings: one place that says where things live and how they are chosen.
+
+Every setting comes from a command-line flag, else an environment variable ``PYVOL_*`` (the
+managed plugin sets these through config.json), else a default. Backend settings are passed
+through as strings; each backend validates its own.
+"""
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_ROOT = "/var/lib/pyvol"
+DEFAULT_SOCKET = "/run/docker/plugins/pyvol.sock"
+
+
+@dataclass
+class Config:
+    root: Path = Path(DEFAULT_ROOT)
+    socket: Path = Path(DEFAULT_SOCKET)
+    # Backend used when a create names none; None means "the best this kernel offers".
+    default_backend: str | None = None
+    workers: int = 2
+    threads: int = 8
+    log_level: str = "info"
+    # Per-backend settings, e.g. {"loop": {"pool_size": "100G"}}.
+    backend_settings: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    @property
+    def mounts_dir(self) -> Path:
+        return self.root / "mounts"
+
+    @property
+    def locks_dir(self) -> Path:
+        return self.root / "locks"
+
+    @property
+    def state_path(self) -> Path:
+        return self.root / "state.db"
+
+
+def socket_from_env() -> Path:
+    return Path(os.environ.get("PYVOL_SOCKET", DEFAULT_SOCKET))
+
+
+def load(root: str | None = None, socket: str | None = None, backend: str | None = None,
+         env: dict[str, str] | None = None) -> Config:
+    """Build the configuration: flags win over ``PYVOL_*`` variables, which win over defaults.
+
+    Backend settings are read from ``PYVOL_<BACKEND>_<SETTING>`` (``PYVOL_LOOP_POOL_SIZE=2T``),
+    so the managed plugin's env list and a systemd unit configure the daemon the same way.
+    """
+    env = dict(os.environ if env is None else env)
+    cfg = Config(
+        root=Path(root or env.get("PYVOL_ROOT", DEFAULT_ROOT)),
+        socket=Path(socket or env.get("PYVOL_SOCKET", DEFAULT_SOCKET)),
+        default_backend=backend or env.get("PYVOL_BACKEND") or None,
+        workers=int(env.get("PYVOL_WORKERS", 2)),
+        threads=int(env.get("PYVOL_THREADS", 8)),
+        log_level=env.get("PYVOL_LOG_LEVEL", "info"),
+    )
+    from .backends import BACKENDS  # late: backends import plugin modules
+
+    for name in BACKENDS:
+        prefix = f"PYVOL_{name.upper()}_"
+        cfg.backend_settings[name] = {
+            k[len(prefix):].lower(): v for k, v in env.items() if k.startswith(prefix)
+        }
+    return cfg

@@ -1,0 +1,111 @@
+"""Filesystems on block devices: make, mount, freeze, grow.
+
+Shared by every block backend (loop, devicemapper, EBS), so a backend only has to hand over a
+device. Every call is an external tool with a timeout; a hung mount must not hang the daemon.
+"""
+
+import contextlib
+import logging
+from pathlib import Path
+
+from . import mountinfo
+from .errors import CommandFailed, InvalidInput
+from .run import run
+
+log = logging.getLogger(__name__)
+
+FILESYSTEMS = ("ext4", "xfs")
+
+
+def check_fstype(fstype: str) -> str:
+    if fstype not in FILESYSTEMS:
+        raise InvalidInput(f"invalid fs {fstype!r}: accepted are {', '.join(FILESYSTEMS)}")
+    return fstype
+
+
+def detect(device: str) -> str | None:
+    """The filesystem on ``device``, or None when it has none (never reformat one that has)."""
+    try:
+        out = run(["blkid", "-p", "-o", "value", "-s", "TYPE", device], timeout=30)
+    except CommandFailed:
+        return None  # blkid exits 2 when it finds nothing
+    return out.strip() or None
+
+
+def mkfs(device: str, fstype: str, label: str = "") -> None:
+    check_fstype(fstype)
+    if fstype == "ext4":
+        # No reserved blocks: a volume is for the application, not for root's rescue.
+        # lazy init keeps a thin volume thin; nodiscard skips a useless pass over fresh space.
+        argv = ["mkfs.ext4", "-q", "-F", "-m", "0", "-E",
+                "nodiscard,lazy_itable_init=1,lazy_journal_init=1"]
+        if label:
+            argv += ["-L", label[:16]]
+    else:
+        argv = ["mkfs.xfs", "-q", "-f", "-K"]
+        if label:
+            argv += ["-L", label[:12]]
+    run(argv + [device], timeout=300)
+
+
+def mount(device: str, mount_point: Path, fstype: str, discard: bool = False) -> None:
+    opts = ["noatime"]
+    if discard:
+        opts.append("discard")  # deleted files return their space to a thin pool
+    if fstype == "ext4":
+        opts.append("errors=remount-ro")
+    elif fstype == "xfs":
+        opts.append("nouuid")  # a clone carries its origin's UUID
+    mount_point.mkdir(parents=True, exist_ok=True)
+    run(["mount", "-t", fstype, "-o", ",".join(opts), device, str(mount_point)], timeout=120)
+
+
+def umount(mount_point: Path) -> None:
+    """Unmount every layer at ``mount_point``; raise if it is busy (never lazily detach data)."""
+    while mountinfo.is_mounted(mount_point):
+        run(["umount", str(mount_point)], timeout=120)
+
+
+@contextlib.contextmanager
+def frozen(mount_point: Path | None):
+    """Freeze a mounted filesystem for the duration; a no-op when nothing is mounted.
+
+    The thaw always runs: a filesystem left frozen would hang every writer in its container.
+    """
+    if mount_point is None or not mountinfo.is_mounted(mount_point):
+        yield
+        return
+    run(["fsfreeze", "--freeze", str(mount_point)], timeout=60)
+    try:
+        yield
+    finally:
+        run(["fsfreeze", "--unfreeze", str(mount_point)], timeout=60)
+
+
+def grow(device: str, fstype: str, mount_point: Path) -> None:
+    """Grow the filesystem on ``device`` to fill it.
+
+    ext4 is grown offline when it is not mounted (online growth needs CAP_SYS_RESOURCE, which
+    containers and sandboxes often drop); xfs can only grow online, so it is mounted briefly.
+    """
+    if fstype == "ext4" and not mountinfo.is_mounted(mount_point):
+        run(["e2fsck", "-f", "-p", device], timeout=600, ok_codes=(0, 1))
+        run(["resize2fs", device], timeout=600)
+    elif fstype == "ext4":
+        run(["resize2fs", device], timeout=600)
+    else:
+        was_mounted = mountinfo.is_mounted(mount_point)
+        if not was_mounted:
+            mount(device, mount_point, fstype)
+        try:
+            run(["xfs_growfs", str(mount_point)], timeout=600)
+        finally:
+            if not was_mounted:
+                umount(mount_point)
+
+
+def usage(mount_point: Path) -> dict:
+    import os
+
+    st = os.statvfs(mount_point)
+    return {"fs_size": st.f_blocks * st.f_frsize, "fs_used": (st.f_blocks - st.f_bfree) * st.f_frsize}

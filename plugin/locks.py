@@ -1,0 +1,47 @@
+"""Named locks that hold across gunicorn workers, threads and daemon restarts.
+
+flock(2) locks belong to an open file description, so two opens in one process exclude each
+other just as two processes do, and the kernel drops the lock when its holder dies: a killed
+daemon never leaves a volume locked.
+"""
+
+import contextlib
+import fcntl
+import os
+import time
+from pathlib import Path
+
+from .errors import Conflict
+
+DEFAULT_WAIT = 25.0  # under Docker's 30 s plugin timeout, so Docker hears our message
+
+
+@contextlib.contextmanager
+def held(locks_dir: Path, name: str, what: str, wait: float = DEFAULT_WAIT):
+    """Hold the lock ``name``; raise Conflict naming ``what`` if it stays taken for ``wait`` s."""
+    locks_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(locks_dir / f"{name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        deadline = time.monotonic() + wait
+        delay = 0.005
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise Conflict(f"{what} is busy with another operation; try again") from None
+                time.sleep(delay)
+                delay = min(delay * 2, 0.1)
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def all_held(locks_dir: Path, names: list[str], what: str, wait: float = DEFAULT_WAIT):
+    """Hold several locks, taken in sorted order so two callers never deadlock."""
+    with contextlib.ExitStack() as stack:
+        for name in sorted(set(names)):
+            stack.enter_context(held(locks_dir, name, what, wait))
+        yield

@@ -1,0 +1,480 @@
+"""The volume lifecycle: the one place that decides what happens to a volume.
+
+Every change to a volume happens under that volume's lock (``locks``), so Docker's calls, the
+CLI's, and several gunicorn workers never interleave on one volume. Records go to ``state``
+before and after each step with a status ('creating', 'ready', 'removing'), so a crash at any
+point is finished or undone by ``recover()`` at the next start: nothing half-made survives.
+
+Mounts are counted per Docker mount ID, and the same ID may mount twice (``docker cp`` on a
+running container does): the filesystem is mounted at the first Mount and unmounted when the
+last count goes, never under a container that still uses it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from pathlib import Path
+
+from . import fs, locks, mountinfo
+from .backends import Backend, VolumeSpec
+from .config import Config
+from .errors import Conflict, InvalidInput, NotFound, PyvolError
+from .log import event
+from .state import Snapshot, Store, Volume, now
+from .units import format_size, parse_size
+
+log = logging.getLogger(__name__)
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+SNAP_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MOUNT_ID_RE = re.compile(r"^[\x21-\x7e]{0,256}$")
+DEFAULT_SIZE = 10 << 30
+MIN_SIZE = {"ext4": 16 << 20, "xfs": 300 << 20}
+
+COMMON_OPTIONS = {
+    "size": "volume size, a number with a K/M/G/T suffix (default 10G)",
+    "fs": "filesystem: ext4 (default) or xfs",
+    "backend": "storage backend (default: the best this host offers)",
+    "from-snapshot": "VOLUME@SNAPSHOT: start with that snapshot's data",
+}
+
+
+def check_name(name, what: str = "volume name") -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise InvalidInput(
+            f"invalid {what} {name!r}: accepted are 1-128 characters of letters, digits, "
+            "'_', '.' and '-', starting with a letter or digit")
+    return name
+
+
+def check_snap_name(name) -> str:
+    if not isinstance(name, str) or not SNAP_RE.match(name):
+        raise InvalidInput(
+            f"invalid snapshot name {name!r}: accepted are 1-64 characters of letters, "
+            "digits, '_', '.' and '-', starting with a letter or digit")
+    return name
+
+
+def parse_snap_ref(ref) -> tuple[str, str]:
+    if not isinstance(ref, str) or ref.count("@") != 1:
+        raise InvalidInput(f"invalid snapshot reference {ref!r}: accepted is VOLUME@SNAPSHOT")
+    vol, snap = ref.split("@")
+    return check_name(vol), check_snap_name(snap)
+
+
+class Manager:
+    def __init__(self, config: Config, backends: dict[str, Backend], store: Store,
+                 default_backend: str | None, unavailable: dict[str, str] | None = None):
+        self.config = config
+        self.backends = backends
+        self.store = store
+        self.default_backend = default_backend
+        self.unavailable = dict(unavailable or {})
+
+    # helpers
+    def _lock(self, *names: str):
+        return locks.all_held(self.config.locks_dir, [f"vol.{n}" for n in names],
+                              what=f"volume {', '.join(names)}")
+
+    def mountpoint(self, name: str) -> Path:
+        return self.config.mounts_dir / name
+
+    def _ready(self, name: str) -> Volume:
+        v = self.store.volume(check_name(name))
+        if v is None or v.status != "ready":
+            raise NotFound(f"no such volume: {name}")
+        return v
+
+    def _backend(self, v: Volume) -> Backend:
+        b = self.backends.get(v.backend)
+        if b is None:
+            why = self.unavailable.get(v.backend, "it is not configured")
+            raise PyvolError(f"volume {v.name} is on backend {v.backend}, which is not "
+                             f"available on this host: {why}")
+        return b
+
+    def _check_options(self, opts) -> dict[str, str]:
+        if opts is None:
+            return {}
+        if not isinstance(opts, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in opts.items()):
+            raise InvalidInput("invalid options: accepted is a map of option names to strings")
+        return opts
+
+    def _pick_backend(self, opts: dict[str, str]) -> Backend:
+        name = opts.get("backend") or self.default_backend
+        if name in self.backends:
+            return self.backends[name]
+        if name in self.unavailable:
+            raise InvalidInput(f"backend {name} is not available on this host: "
+                               f"{self.unavailable[name]}")
+        raise InvalidInput(f"invalid backend {name!r}: accepted are "
+                           f"{', '.join(sorted(self.backends)) or 'none (no backend is available)'}")
+
+    # volumes
+    def create(self, name, opts=None) -> dict:
+        """Create a volume; on any failure nothing of it remains, in records or storage."""
+        check_name(name)
+        opts = self._check_options(opts)
+        source = None
+        if "from-snapshot" in opts:
+            source = parse_snap_ref(opts["from-snapshot"])
+            src_vol = self._ready(source[0])
+            if self.store.snapshot(*source) is None:
+                raise NotFound(f"no such snapshot: {opts['from-snapshot']}")
+            if "backend" in opts and opts["backend"] != src_vol.backend:
+                raise InvalidInput(f"from-snapshot needs the snapshot's backend "
+                                   f"({src_vol.backend}), not {opts['backend']}")
+            opts.setdefault("backend", src_vol.backend)
+            if opts.get("fs", src_vol.fs) != src_vol.fs:
+                raise InvalidInput(f"from-snapshot keeps the snapshot's fs ({src_vol.fs})")
+            opts.setdefault("fs", src_vol.fs)
+        backend = self._pick_backend(opts)
+        accepted = {**COMMON_OPTIONS, **backend.options}
+        unknown = sorted(set(opts) - set(accepted))
+        if unknown:
+            raise InvalidInput(f"unknown option {', '.join(unknown)}: accepted are "
+                               f"{', '.join(sorted(accepted))}")
+        fstype = fs.check_fstype(opts.get("fs", "ext4"))
+        size = parse_size(opts["size"]) if "size" in opts else None
+        if source:
+            snap_size = self.store.snapshot(*source).size
+            if size is not None and size < snap_size:
+                raise InvalidInput(f"size {format_size(size)} is smaller than snapshot "
+                                   f"{source[0]}@{source[1]} ({format_size(snap_size)}); "
+                                   "accepted: that size or larger")
+            size = size or snap_size
+        size = size or DEFAULT_SIZE
+        if size < MIN_SIZE[fstype]:
+            raise InvalidInput(f"size {format_size(size)} is too small for {fstype}: "
+                               f"accepted is at least {format_size(MIN_SIZE[fstype])}")
+        spec = VolumeSpec(name, size, {k: opts[k] for k in backend.options if k in opts})
+        record = Volume(name, backend.name, size, fstype, "creating", now(),
+                        {k: v for k, v in opts.items()})
+        with self._lock(name, *([source[0]] if source else [])):
+            if self.store.volume(name) is not None:
+                raise Conflict(f"volume {name} already exists")
+            with self.store.tx():
+                self.store.add_volume(record)
+            try:
+                if source:
+                    backend.clone(source[0], source[1], spec)
+                    if size > self.store.snapshot(*source).size:
+                        self._grow(backend, record)
+                else:
+                    backend.create(spec)
+                    self._mkfs(backend, record)
+            except BaseException:
+                self._undo_create(backend, name)
+                raise
+            self.store.set_volume_status(name, "ready")
+        event(log, "volume created", volume=name, backend=backend.name, size=size, fs=fstype,
+              source=opts.get("from-snapshot"))
+        return self.get(name)
+
+    def _mkfs(self, backend: Backend, v: Volume) -> None:
+        if backend.kind != "block":
+            return
+        dev = backend.activate(v.name)
+        try:
+            fs.mkfs(dev, v.fs, label=v.name)
+        finally:
+            backend.deactivate(v.name)
+
+    def _grow(self, backend: Backend, v: Volume) -> None:
+        """Grow a clone's filesystem to its new, larger size."""
+        if backend.kind != "block":
+            return
+        dev = backend.activate(v.name)
+        try:
+            fs.grow(dev, v.fs, self.mountpoint(v.name))
+        finally:
+            backend.deactivate(v.name)
+
+    def _undo_create(self, backend: Backend, name: str) -> None:
+        try:
+            if mountinfo.is_mounted(self.mountpoint(name)):
+                fs.umount(self.mountpoint(name))
+            backend.remove(name)
+        except Exception:
+            log.exception("could not clean up failed create of %s", name)
+            # leave the record as 'creating': recover() retries the cleanup at next start
+            return
+        self.store.delete_volume(name)
+
+    def remove(self, name) -> None:
+        check_name(name)
+        with self._lock(name):
+            v = self._ready(name)
+            users = self.store.mounts(name)
+            if users:
+                ids = ", ".join(i[:12] or "(none)" for i in users)
+                raise Conflict(f"volume {name} is in use ({sum(users.values())} mount(s), "
+                               f"ids {ids}): stop the containers using it first")
+            backend = self._backend(v)
+            mp = self.mountpoint(name)
+            if mountinfo.is_mounted(mp):
+                try:
+                    fs.umount(mp)
+                except PyvolError as e:
+                    raise Conflict(f"volume {name} is still mounted and busy: {e}") from None
+            self.store.set_volume_status(name, "removing")
+            self._finish_remove(backend, name)
+        event(log, "volume removed", volume=name)
+
+    def _finish_remove(self, backend: Backend, name: str) -> None:
+        backend.remove(name)
+        try:
+            self.mountpoint(name).rmdir()
+        except FileNotFoundError:
+            pass
+        self.store.delete_volume(name)
+
+    def mount(self, name, mount_id="") -> str:
+        check_name(name)
+        if not isinstance(mount_id, str) or not MOUNT_ID_RE.match(mount_id):
+            raise InvalidInput("invalid mount ID: accepted is a string of up to 256 "
+                               "printable characters")
+        with self._lock(name):
+            v = self._ready(name)
+            backend = self._backend(v)
+            mp = self.mountpoint(name)
+            if not mountinfo.is_mounted(mp):
+                self._attach(backend, v, mp)
+            with self.store.tx():
+                self.store.add_mount(name, mount_id)
+        event(log, "volume mounted", volume=name, mount_id=mount_id, mountpoint=str(mp))
+        return str(mp)
+
+    def _attach(self, backend: Backend, v: Volume, mp: Path) -> None:
+        dev = backend.activate(v.name)
+        try:
+            if backend.kind == "block":
+                fs.mount(dev, mp, v.fs, discard=backend.discard)
+            else:
+                raise PyvolError(f"backend kind {backend.kind} is not supported yet")
+        except BaseException:
+            backend.deactivate(v.name)
+            raise
+
+    def unmount(self, name, mount_id="") -> None:
+        """Drop one count of ``mount_id``; unmount at the last. Unknown IDs succeed."""
+        check_name(name)
+        if not isinstance(mount_id, str):
+            raise InvalidInput("invalid mount ID: accepted is a string")
+        with self._lock(name):
+            v = self.store.volume(name)
+            if v is None:
+                log.info("unmount of unknown volume %s ignored", name)
+                return
+            with self.store.tx():
+                known = self.store.drop_mount(name, mount_id)
+                remaining = sum(self.store.mounts(name).values())
+            if not known:
+                event(log, "unmount of unknown mount id ignored", volume=name, mount_id=mount_id)
+                return
+            if remaining == 0:
+                self._detach(v)
+        event(log, "volume unmounted", volume=name, mount_id=mount_id, remaining=remaining)
+
+    def _detach(self, v: Volume) -> None:
+        backend = self._backend(v)
+        fs.umount(self.mountpoint(v.name))
+        backend.deactivate(v.name)
+
+    def path(self, name) -> str:
+        self._ready(name)
+        mp = self.mountpoint(name)
+        return str(mp) if mountinfo.is_mounted(mp) else ""
+
+    def get(self, name) -> dict:
+        v = self._ready(name)
+        return self._describe(v, {e.mount_point for e in mountinfo.entries()})
+
+    def list(self) -> list[dict]:
+        mounted = {e.mount_point for e in mountinfo.entries()}
+        return [self._describe(v, mounted) for v in self.store.volumes("ready")]
+
+    def _describe(self, v: Volume, mounted: set[str]) -> dict:
+        mp = str(self.mountpoint(v.name))
+        status = {
+            "backend": v.backend,
+            "size": v.size,
+            "size_human": format_size(v.size),
+            "fs": v.fs,
+            "mounts": sum(self.store.mounts(v.name).values()),
+            "snapshots": len(self.store.snapshots(v.name, status="ready")),
+        }
+        if "from-snapshot" in v.options:
+            status["source"] = v.options["from-snapshot"]
+        backend = self.backends.get(v.backend)
+        if backend is not None:
+            status.update(backend.volume_usage(v.name))
+        return {"Name": v.name, "Mountpoint": mp if mp in mounted else "",
+                "CreatedAt": v.created_at, "Status": status}
+
+    # snapshots
+    def snapshot_create(self, volume, snap=None) -> dict:
+        check_name(volume)
+        if snap is None or snap == "":
+            snap = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            taken = {s.name for s in self.store.snapshots(volume)}
+            base, n = snap, 1
+            while snap in taken:
+                n += 1
+                snap = f"{base}-{n}"
+        check_snap_name(snap)
+        with self._lock(volume):
+            v = self._ready(volume)
+            backend = self._backend(v)
+            if self.store.snapshot(volume, snap) is not None:
+                raise Conflict(f"snapshot {volume}@{snap} already exists")
+            with self.store.tx():
+                self.store.add_snapshot(Snapshot(volume, snap, v.size, "creating", now()))
+            try:
+                with fs.frozen(self.mountpoint(volume)):
+                    backend.snapshot(volume, snap)
+            except BaseException:
+                backend.remove_snapshot(volume, snap)
+                self.store.delete_snapshot(volume, snap)
+                raise
+            self.store.set_snapshot_status(volume, snap, "ready")
+        event(log, "snapshot created", volume=volume, snapshot=snap)
+        return self.snapshot_get(volume, snap)
+
+    def snapshot_remove(self, volume, snap) -> None:
+        check_name(volume)
+        check_snap_name(snap)
+        with self._lock(volume):
+            v = self._ready(volume)
+            if self.store.snapshot(volume, snap) is None:
+                raise NotFound(f"no such snapshot: {volume}@{snap}")
+            self.store.set_snapshot_status(volume, snap, "removing")
+            self._backend(v).remove_snapshot(volume, snap)
+            self.store.delete_snapshot(volume, snap)
+        event(log, "snapshot removed", volume=volume, snapshot=snap)
+
+    def snapshot_get(self, volume, snap) -> dict:
+        check_name(volume)
+        check_snap_name(snap)
+        s = self.store.snapshot(volume, snap)
+        if s is None or s.status != "ready":
+            raise NotFound(f"no such snapshot: {volume}@{snap}")
+        return _describe_snap(s)
+
+    def snapshot_list(self, volume=None) -> list[dict]:
+        if volume is not None:
+            self._ready(volume)
+        return [_describe_snap(s) for s in self.store.snapshots(volume, status="ready")]
+
+    def changed_ranges(self, volume, base, snap) -> list[tuple[int, int]]:
+        v = self._ready(volume)
+        for s in [base, snap] if base else [snap]:
+            self.snapshot_get(volume, s)
+        return self._backend(v).changed_ranges(volume, base, snap)
+
+    # the daemon
+    def info(self) -> dict:
+        from . import __version__
+
+        backends = {}
+        for name, b in self.backends.items():
+            try:
+                usage = b.usage()
+            except Exception as e:  # a sick backend must not hide the others
+                usage = {"error": str(e)}
+            backends[name] = {"available": True, "kind": b.kind, "scope": b.scope,
+                              "options": sorted(b.options), **usage}
+        for name, why in self.unavailable.items():
+            backends[name] = {"available": False, "reason": why}
+        return {
+            "version": __version__,
+            "root": str(self.config.root),
+            "socket": str(self.config.socket),
+            "default_backend": self.default_backend,
+            "volumes": len(self.store.volumes("ready")),
+            "mounted": sum(1 for n in self.store.mounts() if n),
+            "backends": backends,
+        }
+
+    def recover(self) -> None:
+        """Make records and reality agree at start: finish or undo what a crash interrupted.
+
+        Runs once, in the daemon's master process, before any request is served.
+        """
+        boot_id = _boot_id()
+        if self.store.meta("boot_id") != boot_id:
+            if self.store.mounts():
+                event(log, "host rebooted: clearing mount records", volumes=len(self.store.mounts()))
+            self.store.clear_mounts()
+            self.store.set_meta("boot_id", boot_id)
+        for v in self.store.volumes():
+            backend = self.backends.get(v.backend)
+            if backend is None:
+                log.warning("volume %s is on backend %s, which is unavailable", v.name, v.backend)
+                continue
+            try:
+                self._recover_volume(backend, v)
+            except Exception:
+                log.exception("recovery of volume %s failed; it is left as it was", v.name)
+        known = {v.name for v in self.store.volumes()}
+        for name, backend in self.backends.items():
+            try:
+                orphans = set(backend.list()) - known
+            except Exception:
+                log.exception("backend %s could not list its volumes", name)
+                continue
+            for o in sorted(orphans):
+                event(log, "backend holds a volume pyvol has no record of; left untouched",
+                      backend=name, volume=o)
+
+    def _recover_volume(self, backend: Backend, v: Volume) -> None:
+        mp = self.mountpoint(v.name)
+        if v.status == "creating":
+            event(log, "undoing interrupted create", volume=v.name)
+            self._undo_create(backend, v.name)
+            return
+        if v.status == "removing":
+            event(log, "finishing interrupted remove", volume=v.name)
+            if mountinfo.is_mounted(mp):
+                fs.umount(mp)
+            self._finish_remove(backend, v.name)
+            return
+        for s in self.store.snapshots(v.name):
+            if s.status != "ready":
+                event(log, "cleaning interrupted snapshot", volume=v.name, snapshot=s.name)
+                backend.remove_snapshot(v.name, s.name)
+                self.store.delete_snapshot(v.name, s.name)
+        if v.name not in backend.list():
+            log.error("volume %s is recorded but its storage is missing from backend %s",
+                      v.name, backend.name)
+            return
+        users = self.store.mounts(v.name)
+        mounted = mountinfo.is_mounted(mp)
+        if users and not mounted:
+            event(log, "mount records without a mount: cleared", volume=v.name, ids=len(users))
+            self.store.clear_mounts(v.name)
+            backend.deactivate(v.name)
+        elif mounted and not users:
+            event(log, "mounted with no user: unmounting", volume=v.name)
+            try:
+                self._detach(v)
+            except PyvolError as e:
+                log.warning("could not unmount %s: %s", v.name, e)
+        elif not mounted:
+            backend.deactivate(v.name)
+
+
+def _describe_snap(s: Snapshot) -> dict:
+    return {"Volume": s.volume, "Name": s.name, "Ref": f"{s.volume}@{s.name}",
+            "CreatedAt": s.created_at, "Size": s.size}
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return "unknown"

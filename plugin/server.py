@@ -1,0 +1,122 @@
+"""``pyvol daemon``: set up storage, reconcile, then serve the API with gunicorn on a socket.
+
+Start-up work (provisioning pools, re-attaching loop devices, reconciling records with the
+kernel) runs once in gunicorn's master before it forks workers, so workers only serve
+requests. The master holds ROOT/daemon.lock for its lifetime: a second daemon on the same root
+refuses to start instead of corrupting the first one's state.
+"""
+
+import fcntl
+import logging
+import os
+import time
+
+from gunicorn.app.base import BaseApplication
+
+from . import log as pyvol_log
+from .api import create_app
+from .backends import BACKENDS, default_name
+from .config import Config
+from .errors import PyvolError
+from .log import event
+from .manager import Manager
+from .state import Store
+
+log = logging.getLogger(__name__)
+
+LOCK_WAIT = 30.0  # a SIGKILLed predecessor's workers notice and exit within a few seconds
+
+
+def _take_daemon_lock(config: Config) -> int:
+    path = config.root / "daemon.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    deadline = time.monotonic() + LOCK_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                raise PyvolError(f"another pyvol daemon (pid {holder}) is using {config.root}; "
+                                 "stop it first, or give this one its own --root") from None
+            time.sleep(0.2)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
+
+
+def build_manager(config: Config) -> Manager:
+    """Set up every backend this host can run; one that fails does not stop the others."""
+    store = Store(config.state_path)
+    store.init()
+    backends, unavailable = {}, {}
+    for name, cls in BACKENDS.items():
+        why = cls.unavailable_reason()
+        if why is None:
+            backend = cls(config.root, config.backend_settings.get(name, {}))
+            try:
+                backend.setup()
+            except Exception as e:  # reported in `pyvol info` and in each refused create
+                log.exception("backend %s could not be set up", name)
+                why = f"setup failed: {e}"
+            else:
+                backends[name] = backend
+        if why is not None:
+            unavailable[name] = why
+    default = config.default_backend or default_name()
+    if default not in backends:
+        default = next((n for n in ("devicemapper", "loop") if n in backends), None)
+    if config.default_backend and config.default_backend != default:
+        log.warning("default backend %s is unavailable; using %s", config.default_backend, default)
+    return Manager(config, backends, store, default, unavailable)
+
+
+class _Gunicorn(BaseApplication):
+    def __init__(self, app, options):
+        self.application, self.options = app, options
+        super().__init__()
+
+    def load_config(self):
+        for key, value in self.options.items():
+            self.cfg.set(key, value)
+
+    def load(self):
+        return self.application
+
+
+def serve(config: Config) -> None:
+    pyvol_log.setup(config.log_level)
+    config.root.mkdir(parents=True, exist_ok=True)
+    os.chmod(config.root, 0o700)
+    lock_fd = _take_daemon_lock(config)
+    manager = build_manager(config)
+    manager.recover()
+    manager.store.close()  # workers open their own connections after the fork
+    config.socket.parent.mkdir(parents=True, exist_ok=True)
+
+    def post_fork(server, worker):
+        os.close(lock_fd)  # only the master holds the daemon lock
+
+    def when_ready(server):
+        os.chmod(config.socket, 0o660)
+        event(log, "pyvol daemon ready", socket=str(config.socket), root=str(config.root),
+              default_backend=manager.default_backend, backends=sorted(manager.backends),
+              unavailable=manager.unavailable)
+
+    options = {
+        "bind": f"unix:{config.socket}",
+        "workers": config.workers,
+        "threads": config.threads,
+        "worker_class": "gthread",
+        "timeout": 300,
+        "graceful_timeout": 20,
+        "control_socket_disable": True,
+        "accesslog": None,
+        "errorlog": "-",
+        "loglevel": config.log_level,
+        "post_fork": post_fork,
+        "when_ready": when_ready,
+        "proc_name": "pyvol",
+    }
+    _Gunicorn(create_app(manager), options).run()

@@ -1,0 +1,231 @@
+"""pyvol's records: volumes, their snapshots, and who has them mounted.
+
+SQLite in WAL mode, one file under the root dir; docs/state.md is the schema's contract. The
+manager is the only writer. Each thread of each worker opens its own connection (sqlite
+connections must not cross a fork or be shared between threads).
+"""
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import PyvolError
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS volumes (
+    name       TEXT PRIMARY KEY,
+    backend    TEXT NOT NULL,
+    size       INTEGER NOT NULL,
+    fs         TEXT NOT NULL,
+    options    TEXT NOT NULL DEFAULT '{}',
+    status     TEXT NOT NULL CHECK (status IN ('creating', 'ready', 'removing')),
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS snapshots (
+    volume     TEXT NOT NULL REFERENCES volumes(name) ON DELETE CASCADE,
+    name       TEXT NOT NULL,
+    size       INTEGER NOT NULL,
+    status     TEXT NOT NULL CHECK (status IN ('creating', 'ready', 'removing')),
+    created_at TEXT NOT NULL,
+    PRIMARY KEY (volume, name)
+);
+CREATE TABLE IF NOT EXISTS mounts (
+    volume     TEXT NOT NULL REFERENCES volumes(name) ON DELETE CASCADE,
+    mount_id   TEXT NOT NULL,
+    count      INTEGER NOT NULL CHECK (count > 0),
+    first_at   TEXT NOT NULL,
+    PRIMARY KEY (volume, mount_id)
+);
+"""
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+@dataclass
+class Volume:
+    name: str
+    backend: str
+    size: int
+    fs: str
+    status: str
+    created_at: str
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class Snapshot:
+    volume: str
+    name: str
+    size: int
+    status: str
+    created_at: str
+
+
+class Store:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._local = threading.local()
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None or self._local.pid != os.getpid():
+            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")  # a mount record must survive a crash
+            conn.execute("PRAGMA foreign_keys=ON")
+            self._local.conn, self._local.pid = conn, os.getpid()
+        return conn
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    def init(self) -> None:
+        """Create or check the schema; refuse a newer one rather than misread it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = self._conn()
+        conn.executescript(_SCHEMA)
+        found = self.meta("schema_version")
+        if found is None:
+            self.set_meta("schema_version", str(SCHEMA_VERSION))
+        elif int(found) > SCHEMA_VERSION:
+            raise PyvolError(
+                f"state {self.path} has schema version {found}, newer than this pyvol "
+                f"understands ({SCHEMA_VERSION}): upgrade pyvol"
+            )
+
+    def tx(self):
+        """An immediate transaction: the write lock is taken at BEGIN, so no upgrade deadlock."""
+        return _Tx(self._conn())
+
+    # meta
+    def meta(self, key: str) -> str | None:
+        row = self._conn().execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row["value"] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._conn().execute(
+            "INSERT INTO meta(key, value) VALUES(?, ?) "
+            "ON CONFLICT(key) DO UPDATE SET value=excluded.value", (key, value))
+
+    # volumes
+    def add_volume(self, v: Volume) -> None:
+        self._conn().execute(
+            "INSERT INTO volumes(name, backend, size, fs, options, status, created_at) "
+            "VALUES(?, ?, ?, ?, ?, ?, ?)",
+            (v.name, v.backend, v.size, v.fs, json.dumps(v.options), v.status, v.created_at))
+
+    def set_volume_status(self, name: str, status: str) -> None:
+        self._conn().execute("UPDATE volumes SET status=? WHERE name=?", (status, name))
+
+    def delete_volume(self, name: str) -> None:
+        self._conn().execute("DELETE FROM volumes WHERE name=?", (name,))
+
+    def volume(self, name: str) -> Volume | None:
+        row = self._conn().execute("SELECT * FROM volumes WHERE name=?", (name,)).fetchone()
+        return _volume(row) if row else None
+
+    def volumes(self, status: str | None = None) -> list[Volume]:
+        if status:
+            rows = self._conn().execute(
+                "SELECT * FROM volumes WHERE status=? ORDER BY name", (status,))
+        else:
+            rows = self._conn().execute("SELECT * FROM volumes ORDER BY name")
+        return [_volume(r) for r in rows]
+
+    # snapshots
+    def add_snapshot(self, s: Snapshot) -> None:
+        self._conn().execute(
+            "INSERT INTO snapshots(volume, name, size, status, created_at) VALUES(?, ?, ?, ?, ?)",
+            (s.volume, s.name, s.size, s.status, s.created_at))
+
+    def set_snapshot_status(self, volume: str, name: str, status: str) -> None:
+        self._conn().execute(
+            "UPDATE snapshots SET status=? WHERE volume=? AND name=?", (status, volume, name))
+
+    def delete_snapshot(self, volume: str, name: str) -> None:
+        self._conn().execute("DELETE FROM snapshots WHERE volume=? AND name=?", (volume, name))
+
+    def snapshot(self, volume: str, name: str) -> Snapshot | None:
+        row = self._conn().execute(
+            "SELECT * FROM snapshots WHERE volume=? AND name=?", (volume, name)).fetchone()
+        return Snapshot(**dict(row)) if row else None
+
+    def snapshots(self, volume: str | None = None, status: str | None = None) -> list[Snapshot]:
+        sql, args = "SELECT * FROM snapshots WHERE 1=1", []
+        if volume is not None:
+            sql += " AND volume=?"
+            args.append(volume)
+        if status is not None:
+            sql += " AND status=?"
+            args.append(status)
+        rows = self._conn().execute(sql + " ORDER BY volume, created_at, name", args)
+        return [Snapshot(**dict(r)) for r in rows]
+
+    # mounts: a count per (volume, mount id); the filesystem is mounted while any row exists
+    def add_mount(self, volume: str, mount_id: str) -> None:
+        self._conn().execute(
+            "INSERT INTO mounts(volume, mount_id, count, first_at) VALUES(?, ?, 1, ?) "
+            "ON CONFLICT(volume, mount_id) DO UPDATE SET count = count + 1",
+            (volume, mount_id, now()))
+
+    def drop_mount(self, volume: str, mount_id: str) -> bool:
+        """Take one count off; False when the id was unknown (a leaked or repeated Unmount)."""
+        conn = self._conn()
+        row = conn.execute("SELECT count FROM mounts WHERE volume=? AND mount_id=?",
+                           (volume, mount_id)).fetchone()
+        if row is None:
+            return False
+        if row["count"] > 1:
+            conn.execute("UPDATE mounts SET count = count - 1 WHERE volume=? AND mount_id=?",
+                         (volume, mount_id))
+        else:
+            conn.execute("DELETE FROM mounts WHERE volume=? AND mount_id=?", (volume, mount_id))
+        return True
+
+    def mounts(self, volume: str | None = None) -> dict[str, int]:
+        if volume is None:
+            rows = self._conn().execute("SELECT volume, SUM(count) AS n FROM mounts GROUP BY volume")
+            return {r["volume"]: r["n"] for r in rows}
+        rows = self._conn().execute("SELECT mount_id, count FROM mounts WHERE volume=?", (volume,))
+        return {r["mount_id"]: r["count"] for r in rows}
+
+    def clear_mounts(self, volume: str | None = None) -> None:
+        if volume is None:
+            self._conn().execute("DELETE FROM mounts")
+        else:
+            self._conn().execute("DELETE FROM mounts WHERE volume=?", (volume,))
+
+
+class _Tx:
+    def __init__(self, conn: sqlite3.Connection):
+        self.conn = conn
+
+    def __enter__(self):
+        self.conn.execute("BEGIN IMMEDIATE")
+        return self
+
+    def __exit__(self, exc_type, *_):
+        self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+        return False
+
+
+def _volume(row: sqlite3.Row) -> Volume:
+    d = dict(row)
+    d["options"] = json.loads(d["options"])
+    return Volume(**d)
