@@ -52,6 +52,13 @@ class Backend(ABC):
         """Provision or re-attach the backend's storage; idempotent; run once at daemon start."""
 
     @abstractmethod
+    def teardown(self) -> None:
+        """Release host resources (devices, pool mounts) as a host shutdown would; keep data.
+
+        setup() on a fresh instance must bring every volume and snapshot back.
+        """
+
+    @abstractmethod
     def create(self, spec: VolumeSpec) -> None:
         """Make an empty volume of ``spec.size`` bytes; leave nothing behind if it fails."""
 

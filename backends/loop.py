@@ -89,6 +89,13 @@ class LoopBackend(Backend):
         for leftover in self.tmp_dir.iterdir():
             leftover.unlink()
 
+    def teardown(self) -> None:
+        for name in self.list():
+            self.deactivate(name)
+        if mountinfo.is_mounted(self.pool):
+            run(["umount", str(self.pool)], timeout=120)
+        loopdev.detach(self.pool_file)
+
     # paths
     def _image(self, name: str) -> Path:
         return self.volumes_dir / f"{name}.img"

@@ -156,6 +156,10 @@ class Manager:
         with self._lock(name, *([source[0]] if source else [])):
             if self.store.volume(name) is not None:
                 raise Conflict(f"volume {name} already exists")
+            if name in backend.list():
+                # checked before the record exists, so the undo path can never delete it
+                raise Conflict(f"backend {backend.name} already holds storage named {name}, "
+                               "which pyvol has no record of; move it away to reuse the name")
             with self.store.tx():
                 self.store.add_volume(record)
             try:

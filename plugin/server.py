@@ -36,14 +36,29 @@ def _take_daemon_lock(config: Config) -> int:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             break
         except BlockingIOError:
-            if time.monotonic() > deadline:
-                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-                raise PyvolError(f"another pyvol daemon (pid {holder}) is using {config.root}; "
-                                 "stop it first, or give this one its own --root") from None
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            # A live holder is another daemon: refuse now. A dead one was killed, and its
+            # orphaned workers still hold the lock until they notice, within seconds.
+            if _alive(holder) or time.monotonic() > deadline:
+                raise PyvolError(f"another pyvol daemon (pid {holder or '?'}) is using "
+                                 f"{config.root}; stop it first, or give this one its own "
+                                 "--root") from None
             time.sleep(0.2)
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)
     return fd
+
+
+def _alive(pid: str) -> bool:
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def build_manager(config: Config) -> Manager:

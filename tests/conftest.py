@@ -1,0 +1,63 @@
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from helpers import Daemon, Dockerd, release
+
+
+@pytest.fixture
+def workdir():
+    """A fresh directory outside pytest's tmp tree (short paths: socket paths are limited)."""
+    d = Path(tempfile.mkdtemp(prefix="pyvol-t-", dir="/tmp"))
+    yield d
+    release(d)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _daemon(workdir: Path, **env) -> Daemon:
+    return Daemon(workdir / "root", workdir / "pyvol.sock", env=env)
+
+
+@pytest.fixture
+def daemon(workdir):
+    d = _daemon(workdir).start()
+    yield d
+    d.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_daemon():
+    """One daemon for a module whose tests do not disturb each other."""
+    d = Path(tempfile.mkdtemp(prefix="pyvol-m-", dir="/tmp"))
+    dm = _daemon(d).start()
+    yield dm
+    dm.stop()
+    release(d)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def dockerd():
+    base = Path(tempfile.mkdtemp(prefix="pyvol-docker-", dir="/tmp"))
+    engine = Dockerd(base).start()
+    yield engine
+    engine.stop()
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def plugin(dockerd, workdir):
+    """A pyvol daemon that dockerd discovers as the legacy plugin ``pyvol-test-<pid>``."""
+    name = f"pyvol-test-{os.getpid()}"
+    sock = Path("/run/docker/plugins") / f"{name}.sock"
+    d = Daemon(workdir / "root", sock).start()
+    d.driver = name
+    yield d
+    dockerd.run("rm", "-f", *dockerd.run("ps", "-aq").stdout.split(), check=False)
+    for vol in dockerd.run("volume", "ls", "-q", "--filter", f"driver={name}").stdout.split():
+        dockerd.run("volume", "rm", "-f", vol, check=False)
+    d.stop()
+    sock.unlink(missing_ok=True)

@@ -1,0 +1,210 @@
+"""Test plumbing: a real pyvol daemon process, a raw client for its socket, a real dockerd."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from pyvol import mountinfo
+from pyvol.backends import loopdev
+
+
+class Api:
+    """Raw HTTP over a Unix socket, the way dockerd talks: no Content-Type, body as bytes."""
+
+    def __init__(self, socket: Path, timeout: float = 60):
+        self.http = httpx.Client(transport=httpx.HTTPTransport(uds=str(socket)),
+                                 base_url="http://plugin", timeout=timeout)
+
+    def raw(self, path: str, body: bytes = b"", method: str = "POST") -> httpx.Response:
+        return self.http.request(method, path, content=body,
+                                 headers={"Accept": "application/vnd.docker.plugins.v1.2+json"})
+
+    def post(self, path: str, body=None) -> dict:
+        resp = self.raw(path, b"" if body is None else json.dumps(body).encode())
+        assert resp.status_code in (200, 500), resp.text
+        return resp.json()
+
+    def ok(self, path: str, body=None) -> dict:
+        """Call a Docker endpoint and insist it succeeded."""
+        data = self.post(path, body)
+        assert not data.get("Err"), f"{path} {body}: {data.get('Err')}"
+        return data
+
+    def err(self, path: str, body=None) -> str:
+        """Call a Docker endpoint and insist it failed; return the message."""
+        data = self.post(path, body)
+        assert data.get("Err"), f"{path} {body} unexpectedly succeeded: {data}"
+        return data["Err"]
+
+
+class Daemon:
+    """`pyvol daemon` as a child process with its own root and socket."""
+
+    def __init__(self, root: Path, socket: Path, env: dict | None = None):
+        self.root, self.socket = Path(root), Path(socket)
+        self.env = {**os.environ, "PYVOL_LOOP_POOL_SIZE": "20G", **(env or {})}
+        self.proc: subprocess.Popen | None = None
+        self.log_path = self.root.parent / f"{self.root.name}.daemon.log"
+
+    def start(self, wait: float = 60) -> "Daemon":
+        self.root.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pyvol", "--socket", str(self.socket), "daemon",
+             "--root", str(self.root)], env=self.env, stdout=log, stderr=log,
+            start_new_session=True)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited {self.proc.returncode}:\n{self.log()}")
+            try:
+                if Api(self.socket, timeout=2).raw("/Plugin.Activate").status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"daemon not ready in {wait}s:\n{self.log()}")
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text()[-5000:]
+        except FileNotFoundError:
+            return ""
+
+    def kill(self, sig=signal.SIGKILL) -> None:
+        """Kill the master only (as the OOM killer or `kill -9 PID` would)."""
+        if self.proc and self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+            self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        # orphaned workers of a killed master
+        subprocess.run(["pkill", "-KILL", "-f", "--", f"--socket {self.socket} daemon"], check=False)
+
+    @property
+    def api(self) -> Api:
+        return Api(self.socket)
+
+    def cli(self, *args, check=True) -> subprocess.CompletedProcess:
+        proc = subprocess.run([sys.executable, "-m", "pyvol", "--socket", str(self.socket),
+                               *args], capture_output=True, text=True, timeout=120)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"pyvol {' '.join(args)} failed: {proc.stderr}")
+        return proc
+
+
+def release(root: Path) -> None:
+    """Unmount and detach everything pyvol made under ``root`` (as a host shutdown would)."""
+    root = Path(root)
+    for entry in reversed(mountinfo.under(root)):
+        if subprocess.run(["umount", entry.mount_point], capture_output=True).returncode:
+            subprocess.run(["umount", "-l", entry.mount_point], capture_output=True)
+    # volume images first, the pool file that holds them last
+    devs = [(d, b) for d, b in loopdev.attached().items() if b.startswith(str(root) + "/")]
+    for dev, backing in sorted(devs, key=lambda db: -db[1].count("/")):
+        subprocess.run(["losetup", "-d", dev], capture_output=True)
+
+
+def loop_devices_under(root: Path) -> dict[str, str]:
+    return {d: b for d, b in loopdev.attached().items() if b.startswith(str(root) + "/")}
+
+
+def write_at(device: str, offset: int, data: bytes) -> None:
+    fd = os.open(device, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_at(path, offset: int, length: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.pread(fd, length, offset)
+    finally:
+        os.close(fd)
+
+
+class Dockerd:
+    """A private dockerd in its own network namespace (so its bridge touches no other engine)."""
+
+    def __init__(self, base: Path):
+        self.base = Path(base)
+        self.netns = f"pyvoltest{os.getpid()}"
+        self.sock = self.base / "docker.sock"
+        self.proc = None
+
+    def start(self) -> "Dockerd":
+        if shutil.which("dockerd") is None:
+            raise RuntimeError("dockerd is not installed: run scripts/test.sh, which installs it")
+        self.base.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["ip", "netns", "add", self.netns], check=True)
+        subprocess.run(["ip", "netns", "exec", self.netns, "ip", "link", "set", "lo", "up"],
+                       check=True)
+        log = open(self.base / "dockerd.log", "ab")
+        self.proc = subprocess.Popen(
+            ["nsenter", f"--net=/run/netns/{self.netns}", "dockerd",
+             "--data-root", str(self.base / "root"), "--exec-root", str(self.base / "exec"),
+             "-H", f"unix://{self.sock}", "--pidfile", str(self.base / "dockerd.pid"),
+             "--storage-driver", "overlay2"], stdout=log, stderr=log, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.run("version", check=False).returncode == 0:
+                self._image()
+                return self
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.2)
+        raise RuntimeError("dockerd did not start:\n" + (self.base / "dockerd.log").read_text()[-3000:])
+
+    def _image(self) -> None:
+        """busybox:latest from Debian's busybox-static, imported: no registry is needed."""
+        tree = self.base / "busybox"
+        (tree / "bin").mkdir(parents=True, exist_ok=True)
+        busybox = shutil.which("busybox") or "/bin/busybox"
+        shutil.copy(busybox, tree / "bin" / "busybox")
+        applets = subprocess.run([busybox, "--list"], capture_output=True, text=True).stdout.split()
+        for a in applets:
+            link = tree / "bin" / a
+            if a != "busybox" and not link.exists():
+                link.symlink_to("busybox")
+        tar = subprocess.Popen(["tar", "-C", str(tree), "-c", "."], stdout=subprocess.PIPE)
+        subprocess.run(["docker", "-H", f"unix://{self.sock}", "import", "--change",
+                        "ENV PATH=/bin", "-", "busybox:latest"], stdin=tar.stdout, check=True,
+                       capture_output=True)
+        tar.wait()
+
+    def run(self, *args, check=True, timeout=120) -> subprocess.CompletedProcess:
+        proc = subprocess.run(["docker", "-H", f"unix://{self.sock}", *args],
+                              capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"docker {' '.join(args)} failed ({proc.returncode}): "
+                                 f"{proc.stderr.strip()}")
+        return proc
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.run("rm", "-f", *self.run("ps", "-aq", check=False).stdout.split(), check=False)
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        subprocess.run(["ip", "netns", "delete", self.netns], capture_output=True)
+        for entry in reversed(mountinfo.under(self.base)):
+            subprocess.run(["umount", "-l", entry.mount_point], capture_output=True)

@@ -1,0 +1,189 @@
+"""The backend contract, as one suite every backend must pass unchanged (Flocker's pattern).
+
+Each test speaks only the ``Backend`` interface; a new backend joins by adding a factory to
+FACTORIES. Volumes here are raw block devices: filesystems are pyvol.fs's job, not the
+backend's, and raw writes let "changed ranges" be checked exactly.
+"""
+
+import os
+
+import pytest
+
+from helpers import read_at, write_at
+from pyvol.backends import VolumeSpec
+from pyvol.backends.loop import LoopBackend
+from pyvol.errors import NotFound
+
+MiB = 1 << 20
+
+FACTORIES = {
+    "loop": lambda root: LoopBackend(root, {"pool_size": "4G"}),
+}
+
+
+@pytest.fixture(params=sorted(FACTORIES))
+def make(request, workdir):
+    """A factory of backend instances on one root, as successive daemon runs would make."""
+    made = []
+
+    def factory():
+        b = FACTORIES[request.param](workdir / "root")
+        b.setup()
+        made.append(b)
+        return b
+
+    yield factory
+    for b in made:
+        try:
+            b.teardown()
+        except Exception:
+            pass
+
+
+@pytest.fixture
+def backend(make):
+    return make()
+
+
+def _device_size(dev: str) -> int:
+    fd = os.open(dev, os.O_RDONLY)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+
+
+def test_create_list_remove(backend):
+    backend.create(VolumeSpec("a", 64 * MiB))
+    backend.create(VolumeSpec("b", 64 * MiB))
+    assert backend.list() == ["a", "b"]
+    backend.remove("a")
+    assert backend.list() == ["b"]
+    backend.remove("a")  # already gone: not an error
+    assert backend.list() == ["b"]
+
+
+def test_size_is_exact(backend):
+    backend.create(VolumeSpec("v", 80 * MiB))
+    assert backend.size("v") == 80 * MiB
+    assert _device_size(backend.activate("v")) == 80 * MiB
+
+
+def test_activate_twice_gives_the_same_device(backend):
+    backend.create(VolumeSpec("v", 64 * MiB))
+    assert backend.active_device("v") is None
+    first = backend.activate("v")
+    assert backend.activate("v") == first
+    assert backend.active_device("v") == first
+    backend.deactivate("v")
+    backend.deactivate("v")
+    assert backend.active_device("v") is None
+
+
+def test_snapshot_content_is_frozen_at_snapshot_time(backend):
+    backend.create(VolumeSpec("v", 64 * MiB))
+    dev = backend.activate("v")
+    write_at(dev, 0, b"A" * 65536)
+    write_at(dev, 40 * MiB, b"a" * 4096)
+    backend.snapshot("v", "s1")
+    write_at(dev, 0, b"B" * 65536)
+    write_at(dev, 40 * MiB, b"b" * 4096)
+    assert backend.snapshots("v") == ["s1"]
+    with backend.read_snapshot("v", "s1") as path:
+        assert read_at(path, 0, 65536) == b"A" * 65536
+        assert read_at(path, 40 * MiB, 4096) == b"a" * 4096
+    assert read_at(dev, 0, 65536) == b"B" * 65536
+
+
+def test_clone_from_snapshot_is_independent_and_may_be_larger(backend):
+    backend.create(VolumeSpec("v", 64 * MiB))
+    dev = backend.activate("v")
+    write_at(dev, 1 * MiB, b"origin" * 1000)
+    backend.snapshot("v", "s")
+    backend.clone("v", "s", VolumeSpec("c", 128 * MiB))
+    assert backend.size("c") == 128 * MiB
+    clone = backend.activate("c")
+    assert clone != dev
+    assert read_at(clone, 1 * MiB, 6000) == b"origin" * 1000
+    write_at(clone, 1 * MiB, b"X" * 6000)
+    assert read_at(dev, 1 * MiB, 6000) == b"origin" * 1000
+    with backend.read_snapshot("v", "s") as path:
+        assert read_at(path, 1 * MiB, 6000) == b"origin" * 1000
+
+
+def test_remove_snapshot(backend):
+    backend.create(VolumeSpec("v", 64 * MiB))
+    backend.snapshot("v", "s1")
+    backend.snapshot("v", "s2")
+    backend.remove_snapshot("v", "s1")
+    assert backend.snapshots("v") == ["s2"]
+    backend.remove_snapshot("v", "s1")  # already gone: not an error
+
+
+def test_remove_takes_the_snapshots_with_it(backend):
+    backend.create(VolumeSpec("v", 64 * MiB))
+    backend.activate("v")
+    backend.snapshot("v", "s1")
+    backend.remove("v")
+    assert backend.list() == []
+    assert backend.snapshots("v") == []
+    assert backend.active_device("v") is None
+    # the name is free again, and the new volume starts empty
+    backend.create(VolumeSpec("v", 64 * MiB))
+    assert backend.snapshots("v") == []
+
+
+def test_recovery_after_restart_and_reboot(make):
+    first = make()
+    first.create(VolumeSpec("v", 64 * MiB))
+    write_at(first.activate("v"), 5 * MiB, b"durable" * 100)
+    first.snapshot("v", "s")
+    first.teardown()  # devices and pool released, as at host shutdown
+    second = make()
+    assert second.list() == ["v"]
+    assert second.snapshots("v") == ["s"]
+    assert read_at(second.activate("v"), 5 * MiB, 700) == b"durable" * 100
+    with second.read_snapshot("v", "s") as path:
+        assert read_at(path, 5 * MiB, 700) == b"durable" * 100
+
+
+def _round_out(ranges, unit):
+    blocks = set()
+    for off, length in ranges:
+        blocks.update(range(off // unit, (off + length + unit - 1) // unit))
+    return blocks
+
+
+def test_changed_ranges_between_snapshots_are_exact(backend):
+    unit = backend.change_granularity
+    backend.create(VolumeSpec("v", 64 * MiB))
+    dev = backend.activate("v")
+    first = [(0, 8192), (20 * MiB, 3 * unit)]
+    for off, n in first:
+        write_at(dev, off, b"1" * n)
+    backend.snapshot("v", "a")
+    second = [(4096, 4096), (33 * MiB + unit, unit), (63 * MiB, 2 * unit)]
+    for off, n in second:
+        write_at(dev, off, b"2" * n)
+    backend.snapshot("v", "b")
+
+    changed = backend.changed_ranges("v", "a", "b")
+    assert changed == sorted(changed)
+    assert _round_out(changed, unit) == _round_out(second, unit)
+    # from nothing: everything that holds data, and only that
+    assert _round_out(backend.changed_ranges("v", None, "a"), unit) == _round_out(first, unit)
+    # no writes between two snapshots: nothing changed
+    backend.snapshot("v", "c")
+    assert backend.changed_ranges("v", "b", "c") == []
+
+
+def test_missing_volume_or_snapshot_is_not_found(backend):
+    with pytest.raises(NotFound):
+        backend.activate("nope")
+    with pytest.raises(NotFound):
+        backend.snapshot("nope", "s")
+    backend.create(VolumeSpec("v", 64 * MiB))
+    with pytest.raises(NotFound):
+        backend.clone("v", "nope", VolumeSpec("c", 64 * MiB))
+    with pytest.raises(NotFound):
+        backend.changed_ranges("v", None, "nope")
