@@ -13,17 +13,17 @@ SYS_BLOCK = Path("/sys/block")
 
 
 def attached() -> dict[str, str]:
-    """Map of /dev/loopN -> backing file, for every attached loop device."""
+    """Map of /dev/loopN -> backing file, for every attached loop device.
+
+    A device whose file was deleted keeps the path with " (deleted)" appended; it is listed
+    as such, so that a new file at the same path is never mistaken for it.
+    """
     result = {}
     for entry in SYS_BLOCK.glob("loop*"):
-        backing = entry / "loop" / "backing_file"
         try:
-            path = backing.read_text().rstrip("\n")
+            result[f"/dev/{entry.name}"] = (entry / "loop" / "backing_file").read_text().rstrip("\n")
         except OSError:
             continue
-        if path.endswith(" (deleted)"):
-            path = path[: -len(" (deleted)")]
-        result[f"/dev/{entry.name}"] = path
     return result
 
 
@@ -51,6 +51,7 @@ def attach(path: Path, direct_io: bool = True) -> str:
 
 
 def detach(path: Path) -> None:
+    target = os.path.realpath(path)
     for dev, backing in attached().items():
-        if backing == os.path.realpath(path):
+        if backing in (target, target + " (deleted)"):
             run(["losetup", "--detach", dev], timeout=60)

@@ -13,6 +13,7 @@ last count goes, never under a container that still uses it.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from pathlib import Path
@@ -395,6 +396,7 @@ class Manager:
             backends[name] = {"available": False, "reason": why}
         return {
             "version": __version__,
+            "pid": int(os.environ.get("PYVOL_MASTER_PID", os.getpid())),  # the daemon, not a worker
             "root": str(self.config.root),
             "socket": str(self.config.socket),
             "default_backend": self.default_backend,

@@ -49,6 +49,16 @@ def _take_daemon_lock(config: Config) -> int:
     return fd
 
 
+def _die_with_parent() -> None:
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() == 1:  # the master died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _alive(pid: str) -> bool:
     if not pid.isdigit():
         return False
@@ -105,6 +115,7 @@ def serve(config: Config) -> None:
     config.root.mkdir(parents=True, exist_ok=True)
     os.chmod(config.root, 0o700)
     lock_fd = _take_daemon_lock(config)
+    os.environ["PYVOL_MASTER_PID"] = str(os.getpid())  # lets `info` name the daemon's pid
     manager = build_manager(config)
     manager.recover()
     manager.store.close()  # workers open their own connections after the fork
@@ -112,6 +123,9 @@ def serve(config: Config) -> None:
 
     def post_fork(server, worker):
         os.close(lock_fd)  # only the master holds the daemon lock
+        # A worker outliving a SIGKILLed master would keep answering on the old socket while
+        # a new daemon starts: have the kernel end it with its master.
+        _die_with_parent()
 
     def when_ready(server):
         os.chmod(config.socket, 0o660)

@@ -174,7 +174,7 @@ class Store:
         if status is not None:
             sql += " AND status=?"
             args.append(status)
-        rows = self._conn().execute(sql + " ORDER BY volume, created_at, name", args)
+        rows = self._conn().execute(sql + " ORDER BY volume, rowid", args)  # creation order
         return [Snapshot(**dict(r)) for r in rows]
 
     # mounts: a count per (volume, mount id); the filesystem is mounted while any row exists

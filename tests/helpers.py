@@ -65,9 +65,11 @@ class Daemon:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"daemon exited {self.proc.returncode}:\n{self.log()}")
             try:
-                if Api(self.socket, timeout=2).raw("/Plugin.Activate").status_code == 200:
+                # the answer must come from this daemon, not a dying predecessor's workers
+                info = Api(self.socket, timeout=2).raw("/pyvol/v1/info", method="GET")
+                if info.status_code == 200 and info.json()["pid"] == self.proc.pid:
                     return self
-            except httpx.TransportError:
+            except (httpx.TransportError, ValueError, KeyError):
                 pass
             time.sleep(0.1)
         raise RuntimeError(f"daemon not ready in {wait}s:\n{self.log()}")
@@ -140,6 +142,10 @@ def read_at(path, offset: int, length: int) -> bytes:
         os.close(fd)
 
 
+# The engine's own client (Debian's docker.io); a newer client elsewhere on PATH may not match.
+DOCKER = "/usr/bin/docker" if os.path.exists("/usr/bin/docker") else "docker"
+
+
 class Dockerd:
     """A private dockerd in its own network namespace (so its bridge touches no other engine)."""
 
@@ -183,14 +189,17 @@ class Dockerd:
             link = tree / "bin" / a
             if a != "busybox" and not link.exists():
                 link.symlink_to("busybox")
+        (tree / "etc").mkdir(exist_ok=True)
+        if not (tree / "etc" / "mtab").is_symlink():
+            (tree / "etc" / "mtab").symlink_to("/proc/mounts")  # busybox df reads it
         tar = subprocess.Popen(["tar", "-C", str(tree), "-c", "."], stdout=subprocess.PIPE)
-        subprocess.run(["docker", "-H", f"unix://{self.sock}", "import", "--change",
+        subprocess.run([DOCKER, "-H", f"unix://{self.sock}", "import", "--change",
                         "ENV PATH=/bin", "-", "busybox:latest"], stdin=tar.stdout, check=True,
                        capture_output=True)
         tar.wait()
 
     def run(self, *args, check=True, timeout=120) -> subprocess.CompletedProcess:
-        proc = subprocess.run(["docker", "-H", f"unix://{self.sock}", *args],
+        proc = subprocess.run([DOCKER, "-H", f"unix://{self.sock}", *args],
                               capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
             raise AssertionError(f"docker {' '.join(args)} failed ({proc.returncode}): "

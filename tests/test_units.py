@@ -1,0 +1,38 @@
+"""Small pure pieces: sizes, mountinfo escapes, extent comparison."""
+
+import pytest
+
+from pyvol.backends.extents import differing
+from pyvol.errors import InvalidInput
+from pyvol.mountinfo import _unescape
+from pyvol.units import format_size, parse_size
+
+
+@pytest.mark.parametrize("text,value", [
+    ("10G", 10 << 30), ("512M", 512 << 20), ("1.5T", 3 << 39), ("4096", 4096), ("1k", 1024),
+    ("10GiB", 10 << 30), ("2GB", 2 << 30), (" 3G ", 3 << 30),
+])
+def test_parse_size(text, value):
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "G", "-1G", "1X", "1.2.3G", "ten", "1 G B"])
+def test_parse_size_refuses_with_the_accepted_form(text):
+    with pytest.raises(InvalidInput, match="K, M, G, T or P"):
+        parse_size(text)
+
+
+def test_format_size():
+    assert [format_size(n) for n in (512, 1 << 20, 3 << 29, 10 << 30)] == ["512B", "1M", "1.5G", "10G"]
+
+
+def test_mountinfo_unescapes_octal():
+    assert _unescape(r"/mnt/a\040b\011c\134d") == "/mnt/a b\tc\\d"
+
+
+def test_differing_extents():
+    a = [(0, 1000, 4096), (8192, 5000, 8192)]
+    b = [(0, 1000, 4096), (8192, 5000, 4096), (12288, 9000, 4096), (40960, 7000, 4096)]
+    assert differing(a, b) == [(12288, 4096), (40960, 4096)]
+    assert differing(a, a) == []
+    assert differing([], b) == [(0, 4096), (8192, 8192), (40960, 4096)]
