@@ -5,9 +5,11 @@ The default is the first available in PREFERENCE: dm-thin where the kernel has i
 """
 
 from .base import Backend, VolumeSpec
+from .devicemapper import DevicemapperBackend
 from .loop import LoopBackend
 
 BACKENDS: dict[str, type[Backend]] = {
+    DevicemapperBackend.name: DevicemapperBackend,
     LoopBackend.name: LoopBackend,
 }
 

@@ -1,6 +1,7 @@
 """The one way pyvol runs an external program: an argument list, a timeout, no shell."""
 
 import logging
+import os
 import subprocess
 
 from .errors import CommandFailed
@@ -11,7 +12,7 @@ DEFAULT_TIMEOUT = 60.0
 
 
 def run(argv: list[str], timeout: float = DEFAULT_TIMEOUT, input: bytes | None = None,
-        ok_codes: tuple[int, ...] = (0,)) -> str:
+        ok_codes: tuple[int, ...] = (0,), env: dict[str, str] | None = None) -> str:
     """Run ``argv`` and return its stdout; raise CommandFailed with its stderr on failure.
 
     A hung tool (a stuck mount, a wedged device) must not hang the daemon, so every call has
@@ -20,8 +21,8 @@ def run(argv: list[str], timeout: float = DEFAULT_TIMEOUT, input: bytes | None =
     log.debug("exec %s", argv)
     try:
         proc = subprocess.run(
-            argv, input=input, capture_output=True, timeout=timeout, check=False
-        )
+            argv, input=input, capture_output=True, timeout=timeout, check=False,
+            env=None if env is None else {**os.environ, **env})
     except subprocess.TimeoutExpired:
         raise CommandFailed(f"{argv[0]} did not finish within {timeout:g}s") from None
     except FileNotFoundError:

@@ -6,6 +6,29 @@ from pathlib import Path
 import pytest
 
 from helpers import Daemon, Dockerd, release
+from pyvol.backends.devicemapper import DevicemapperBackend
+
+_deselected_dm = []
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that need dm-thin run where the kernel has it; elsewhere scripts/test.sh runs them
+    in the qemu lane (tests/vm/run_in_vm.py). They are deselected here, and the summary says so."""
+    if DevicemapperBackend.unavailable_reason() is None:
+        return
+    keep = [i for i in items if "devicemapper" not in i.keywords]
+    _deselected_dm.extend(i for i in items if "devicemapper" in i.keywords)
+    if _deselected_dm:
+        config.hook.pytest_deselected(items=_deselected_dm)
+        items[:] = keep
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _deselected_dm:
+        terminalreporter.write_line(
+            f"{len(_deselected_dm)} devicemapper tests not run on this kernel "
+            f"({DevicemapperBackend.unavailable_reason()}); scripts/test.sh runs them in the "
+            "qemu lane")
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import pytest
 
 from helpers import read_at, write_at
 from pyvol.backends import VolumeSpec
+from pyvol.backends.devicemapper import DevicemapperBackend
 from pyvol.backends.loop import LoopBackend
 from pyvol.errors import NotFound
 
@@ -18,10 +19,12 @@ MiB = 1 << 20
 
 FACTORIES = {
     "loop": lambda root: LoopBackend(root, {"pool_size": "4G"}),
+    "devicemapper": lambda root: DevicemapperBackend(root, {"data_size": "4G"}),
 }
+MARKS = {"devicemapper": [pytest.mark.devicemapper]}
 
 
-@pytest.fixture(params=sorted(FACTORIES))
+@pytest.fixture(params=[pytest.param(n, marks=MARKS.get(n, [])) for n in sorted(FACTORIES)])
 def make(request, workdir):
     """A factory of backend instances on one root, as successive daemon runs would make."""
     made = []

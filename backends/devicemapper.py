@@ -1,0 +1,451 @@
+"""The devicemapper backend: thin volumes in a dm-thin pool, constant-time snapshots.
+
+The pool's data and metadata are block devices given by the user or, by default, sparse
+files under the root dir on loop devices (Convoy's setup, without the manual steps):
+
+    ROOT/devicemapper/data.img       sparse, default 100G
+    ROOT/devicemapper/metadata.img   sparse, default 1% of data (at least 64M, at most 16G)
+    ROOT/devicemapper/devices.json   volume and snapshot names -> thin device ids
+
+The pool and its devices are named after the root dir, so two daemons never collide. A
+volume is a thin device; a snapshot is `create_snap` of it (metadata only: constant time);
+changed blocks between two snapshots come from `thin_delta` run on a reserved metadata
+snapshot, never on live metadata. docs/devicemapper.md explains the defaults.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from pyvol import locks
+from pyvol.errors import Conflict, InvalidInput, NotFound, PoolFull, PyvolError
+from pyvol.run import run
+from pyvol.units import format_size, parse_size
+
+from . import loopdev
+from .base import Backend, Range, VolumeSpec
+
+SECTOR = 512
+DEFAULTS = {
+    "data_size": "100G",
+    "block_size": "64K",        # see docs/devicemapper.md: small random writes after a snapshot
+    "low_water_mark": "1G",
+    "overcommit_ratio": "10",
+}
+
+
+def _udev_env() -> dict[str, str]:
+    # Without a running udev, dmsetup must make /dev/mapper nodes itself or wait forever.
+    return {} if os.path.exists("/run/udev/control") else {"DM_DISABLE_UDEV": "1"}
+
+
+def dmsetup(*args: str, timeout: float = 60) -> str:
+    return run(["dmsetup", *args], timeout=timeout, env=_udev_env())
+
+
+class DevicemapperBackend(Backend):
+    name = "devicemapper"
+    kind = "block"
+    scope = "local"
+    options = {}
+    discard = True
+
+    def __init__(self, root: Path, settings: dict[str, str] | None = None):
+        super().__init__(root, settings)
+        s = {**DEFAULTS, **self.settings}
+        self.base = self.root / "devicemapper"
+        self.data_file = Path(s.get("data_file") or self.base / "data.img")
+        self.metadata_file = Path(s.get("metadata_file") or self.base / "metadata.img")
+        self.data_device = s.get("data_device")
+        self.metadata_device = s.get("metadata_device")
+        self.data_size = parse_size(s["data_size"], "devicemapper data_size")
+        meta_default = min(max(self.data_size // 100, 64 << 20), 16 << 30)
+        self.metadata_size = parse_size(s.get("metadata_size", str(meta_default)),
+                                        "devicemapper metadata_size")
+        self.block_size = parse_size(s["block_size"], "devicemapper block_size")
+        if self.block_size % (64 << 10) or not (64 << 10) <= self.block_size <= (1 << 30):
+            raise InvalidInput("devicemapper block_size must be a multiple of 64K between 64K "
+                               f"and 1G, not {s['block_size']}")
+        self.change_granularity = self.block_size
+        self.low_water_mark = parse_size(s["low_water_mark"], "devicemapper low_water_mark")
+        try:
+            self.overcommit_ratio = float(s["overcommit_ratio"])
+        except ValueError:
+            raise InvalidInput("devicemapper overcommit_ratio must be a number, e.g. 10") from None
+        tag = hashlib.sha1(str(self.root.resolve()).encode()).hexdigest()[:8]
+        self.prefix = f"pyvol-{tag}"
+        self.pool = f"{self.prefix}-pool"
+        self.devices_file = self.base / "devices.json"
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        missing = [t for t in ("dmsetup", "thin_check", "thin_delta", "thin_dump", "losetup")
+                   if shutil.which(t) is None]
+        if missing:
+            return (f"missing tools: {', '.join(missing)} "
+                    "(install dmsetup and thin-provisioning-tools)")
+        if not os.path.exists("/dev/mapper/control"):
+            return "this kernel has no device-mapper (/dev/mapper/control is missing)"
+        try:
+            targets = dmsetup("targets", timeout=10)
+        except PyvolError as e:
+            return f"device-mapper does not answer: {e}"
+        if "thin-pool" not in targets:
+            try:
+                run(["modprobe", "dm_thin_pool"], timeout=30)
+            except PyvolError:
+                return "this kernel has no dm-thin (module dm_thin_pool)"
+        return None
+
+    # devices.json: our only records, next to the pool they describe
+    def _load(self) -> dict:
+        try:
+            return json.loads(self.devices_file.read_text())
+        except FileNotFoundError:
+            return {"version": 1, "next_id": 1, "volumes": {}}
+
+    def _save(self, devices: dict) -> None:
+        tmp = self.devices_file.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            json.dump(devices, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, self.devices_file)
+        fd = os.open(self.base, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def _devices(self):
+        """Read-modify-write of devices.json under a lock shared by all workers."""
+        with locks.held(self.root / "locks", "devicemapper", "the devicemapper pool"):
+            devices = self._load()
+            yield devices
+            self._save(devices)
+
+    def _vol(self, name: str, devices: dict | None = None) -> dict:
+        vol = (devices or self._load())["volumes"].get(name)
+        if vol is None:
+            raise NotFound(f"volume {name} not found in the devicemapper pool")
+        return vol
+
+    def _snap_rec(self, name: str, snap: str, devices: dict | None = None) -> dict:
+        rec = self._vol(name, devices)["snapshots"].get(snap)
+        if rec is None:
+            raise NotFound(f"snapshot {name}@{snap} not found in the devicemapper pool")
+        return rec
+
+    # the pool
+    def _pool_devices(self) -> tuple[str, str]:
+        if self.data_device and self.metadata_device:
+            return self.data_device, self.metadata_device
+        if bool(self.data_device) != bool(self.metadata_device):
+            raise InvalidInput("devicemapper needs both data_device and metadata_device, "
+                               "or neither (then it uses sparse files under the root dir)")
+        for path, size in ((self.data_file, self.data_size),
+                           (self.metadata_file, self.metadata_size)):
+            if not path.exists():
+                tmp = path.with_suffix(".new")
+                with open(tmp, "wb") as f:
+                    f.truncate(size)
+                os.rename(tmp, path)
+        return (loopdev.attach(self.data_file, direct_io=False),
+                loopdev.attach(self.metadata_file, direct_io=False))
+
+    def _exists(self, dm_name: str) -> bool:
+        try:
+            dmsetup("info", dm_name, timeout=10)
+            return True
+        except PyvolError:
+            return False
+
+    def setup(self) -> None:
+        self.base.mkdir(parents=True, exist_ok=True)
+        data, meta = self._pool_devices()
+        if not self._exists(self.pool):
+            fresh = not self.devices_file.exists() and _is_zero(meta, 4096)
+            if not fresh:
+                self._check_metadata(meta)
+            data_sectors = _dev_size(data) // SECTOR
+            table = (f"0 {data_sectors} thin-pool {meta} {data} {self.block_size // SECTOR} "
+                     f"{max(self.low_water_mark // self.block_size, 1)} 1 error_if_no_space")
+            dmsetup("create", self.pool, "--table", table)
+            if fresh:
+                self._save(self._load())
+        devices = self._load()
+        for name, vol in devices["volumes"].items():
+            if vol.get("active"):  # active before a reboot: active again
+                self.activate(name)
+
+    def _check_metadata(self, meta: str) -> None:
+        try:
+            run(["thin_check", "-q", meta], timeout=600)
+        except PyvolError as e:
+            raise PyvolError(
+                f"the devicemapper pool's metadata ({meta}) failed thin_check ({e}); the pool "
+                "was not activated. Repair it with: thin_repair -i METADATA -o NEW_METADATA "
+                "(onto a spare device or file of the same size), check NEW_METADATA with "
+                "thin_check, then put it in place of the old metadata and restart pyvol"
+            ) from None
+
+    def teardown(self) -> None:
+        for line in dmsetup("ls", timeout=10).splitlines():
+            dm_name = line.split()[0] if line.strip() else ""
+            if dm_name.startswith(self.prefix + "-") and dm_name != self.pool:
+                dmsetup("remove", "--retry", dm_name)
+        if self._exists(self.pool):
+            dmsetup("remove", "--retry", self.pool)
+        if not self.data_device:
+            loopdev.detach(self.data_file)
+            loopdev.detach(self.metadata_file)
+
+    def _status(self) -> dict:
+        # "0 LEN thin-pool TRANS USED_META/TOTAL_META USED_DATA/TOTAL_DATA HELD MODE ..."
+        f = dmsetup("status", self.pool, timeout=10).split()
+        if len(f) < 6 or "/" not in f[5]:
+            raise PyvolError(f"the devicemapper pool reports: {' '.join(f[3:]) or 'nothing'}")
+        um, tm = (int(x) for x in f[4].split("/"))
+        ud, td = (int(x) for x in f[5].split("/"))
+        return {"meta_used": um * 4096, "meta_size": tm * 4096, "data_used": ud * self.block_size,
+                "data_size": td * self.block_size, "mode": f[7] if len(f) > 7 else "?",
+                "needs_check": "needs_check" in f}
+
+    def _message(self, *words: str) -> None:
+        dmsetup("message", self.pool, "0", *words)
+
+    def _check_space(self, devices: dict, extra: int) -> None:
+        st = self._status()
+        if st["mode"] != "rw" or st["data_used"] >= st["data_size"]:
+            raise PoolFull(f"the devicemapper pool is out of space ({format_size(st['data_used'])} "
+                           f"of {format_size(st['data_size'])} data used, mode {st['mode']}): "
+                           "remove volumes or snapshots, or grow the pool")
+        if st["meta_used"] >= st["meta_size"] * 0.95:
+            raise PoolFull("the devicemapper pool's metadata is full: remove snapshots")
+        committed = sum(v["size"] for v in devices["volumes"].values()) + extra
+        limit = self.overcommit_ratio * st["data_size"]
+        if extra and committed > limit:
+            raise InvalidInput(
+                f"size {format_size(extra)} would over-commit the devicemapper pool: volumes "
+                f"would total {format_size(committed)}, above {self.overcommit_ratio:g} x "
+                f"{format_size(st['data_size'])} of data; accepted: up to "
+                f"{format_size(max(int(limit - committed + extra), 0))} "
+                "(or raise PYVOL_DEVICEMAPPER_OVERCOMMIT_RATIO)")
+
+    def _new_id(self, devices: dict) -> int:
+        """Allocate a thin id and persist it before the pool hears of it: a crash in between
+        leaks an id, never reuses one."""
+        new = devices["next_id"]
+        devices["next_id"] = new + 1
+        self._save(devices)
+        return new
+
+    # volumes
+    def _dm_name(self, name: str) -> str:
+        return f"{self.prefix}-v-{name}"
+
+    def create(self, spec: VolumeSpec) -> None:
+        with self._devices() as devices:
+            if spec.name in devices["volumes"]:
+                raise Conflict(f"the devicemapper pool already holds a volume {spec.name}")
+            self._check_space(devices, spec.size)
+            thin_id = self._new_id(devices)
+            self._message("create_thin", str(thin_id))
+            devices["volumes"][spec.name] = {"id": thin_id, "size": spec.size, "snapshots": {}}
+
+    def remove(self, name: str) -> None:
+        with self._devices() as devices:
+            vol = devices["volumes"].get(name)
+            if vol is None:
+                return
+            for snap, rec in list(vol["snapshots"].items()):
+                self._drop(self._snap_dm_name(name, snap), rec["id"])
+                del vol["snapshots"][snap]
+            self._drop(self._dm_name(name), vol["id"])
+            del devices["volumes"][name]
+
+    def _drop(self, dm_name: str, thin_id: int) -> None:
+        if self._exists(dm_name):
+            dmsetup("remove", "--retry", dm_name)
+        try:
+            self._message("delete", str(thin_id))
+        except PyvolError as e:
+            if "No such file" not in str(e) and "does not exist" not in str(e):
+                raise
+
+    def list(self) -> list[str]:
+        return sorted(self._load()["volumes"])
+
+    def size(self, name: str) -> int:
+        return self._vol(name)["size"]
+
+    def _activate(self, dm_name: str, thin_id: int, size: int, readonly: bool = False) -> str:
+        dev = f"/dev/mapper/{dm_name}"
+        if not self._exists(dm_name):
+            args = ["create", dm_name] + (["--readonly"] if readonly else [])
+            dmsetup(*args, "--table", f"0 {size // SECTOR} thin /dev/mapper/{self.pool} {thin_id}")
+        if not os.path.exists(dev):
+            dmsetup("mknodes", dm_name)
+        return dev
+
+    def activate(self, name: str) -> str:
+        with self._devices() as devices:
+            vol = self._vol(name, devices)
+            dev = self._activate(self._dm_name(name), vol["id"], vol["size"])
+            vol["active"] = True
+        return dev
+
+    def deactivate(self, name: str) -> None:
+        with self._devices() as devices:
+            if self._exists(self._dm_name(name)):
+                dmsetup("remove", "--retry", self._dm_name(name))
+            vol = devices["volumes"].get(name)
+            if vol is not None:
+                vol.pop("active", None)
+
+    def active_device(self, name: str) -> str | None:
+        return f"/dev/mapper/{self._dm_name(name)}" if self._exists(self._dm_name(name)) else None
+
+    # snapshots
+    def _snap_dm_name(self, name: str, snap: str) -> str:
+        return f"{self.prefix}-s-{name}--{snap}"
+
+    def snapshot(self, name: str, snap: str) -> None:
+        with self._devices() as devices:
+            vol = self._vol(name, devices)
+            if snap in vol["snapshots"]:
+                raise Conflict(f"snapshot {name}@{snap} already exists in the devicemapper pool")
+            self._check_space(devices, 0)
+            thin_id = self._new_id(devices)
+            origin = self._dm_name(name)
+            active = self._exists(origin)
+            if active:  # no I/O in flight while the mappings are shared
+                dmsetup("suspend", origin)
+            try:
+                self._message("create_snap", str(thin_id), str(vol["id"]))
+            finally:
+                if active:
+                    dmsetup("resume", origin)
+            vol["snapshots"][snap] = {"id": thin_id, "size": vol["size"]}
+
+    def remove_snapshot(self, name: str, snap: str) -> None:
+        with self._devices() as devices:
+            vol = devices["volumes"].get(name)
+            rec = vol and vol["snapshots"].get(snap)
+            if not rec:
+                return
+            self._drop(self._snap_dm_name(name, snap), rec["id"])
+            del vol["snapshots"][snap]
+
+    def snapshots(self, name: str) -> list[str]:
+        vol = self._load()["volumes"].get(name)
+        return sorted(vol["snapshots"]) if vol else []
+
+    def clone(self, name: str, snap: str, spec: VolumeSpec) -> None:
+        with self._devices() as devices:
+            rec = self._snap_rec(name, snap, devices)
+            if spec.name in devices["volumes"]:
+                raise Conflict(f"the devicemapper pool already holds a volume {spec.name}")
+            self._check_space(devices, spec.size)
+            thin_id = self._new_id(devices)
+            self._message("create_snap", str(thin_id), str(rec["id"]))
+            devices["volumes"][spec.name] = {"id": thin_id, "size": max(spec.size, rec["size"]),
+                                             "snapshots": {}}
+
+    @contextlib.contextmanager
+    def _metadata_snapshot(self):
+        """thin tools read a reserved snapshot of the metadata, never the live copy."""
+        self._message("reserve_metadata_snap")
+        try:
+            yield self._pool_devices()[1]
+        finally:
+            self._message("release_metadata_snap")
+
+    def changed_ranges(self, name: str, base: str | None, snap: str) -> list[Range]:
+        with locks.held(self.root / "locks", "devicemapper", "the devicemapper pool"):
+            devices = self._load()
+            new = self._snap_rec(name, snap, devices)["id"]
+            old = self._snap_rec(name, base, devices)["id"] if base else None
+            with self._metadata_snapshot() as meta:
+                if old is None:
+                    xml = run(["thin_dump", "--metadata-snap", "--dev-id", str(new), meta],
+                              timeout=600)
+                else:
+                    xml = run(["thin_delta", "--metadata-snap", "--snap1", str(old),
+                               "--snap2", str(new), meta], timeout=600)
+        return _ranges_from_xml(xml, self.block_size, delta=old is not None)
+
+    @contextlib.contextmanager
+    def read_snapshot(self, name: str, snap: str):
+        rec = self._snap_rec(name, snap)
+        dm_name = self._snap_dm_name(name, snap)
+        dev = self._activate(dm_name, rec["id"], rec["size"], readonly=True)
+        try:
+            yield dev
+        finally:
+            dmsetup("remove", "--retry", dm_name)
+
+    # space
+    def usage(self) -> dict:
+        st = self._status()
+        return {"pool": self.pool, "pool_size": st["data_size"], "pool_used": st["data_used"],
+                "pool_free": st["data_size"] - st["data_used"],
+                "metadata_size": st["meta_size"], "metadata_used": st["meta_used"],
+                "block_size": self.block_size, "mode": st["mode"],
+                "overcommit_ratio": self.overcommit_ratio}
+
+    def volume_usage(self, name: str) -> dict:
+        st = self._status()
+        out = {"pool_used": st["data_used"], "pool_size": st["data_size"]}
+        if self._exists(self._dm_name(name)):
+            f = dmsetup("status", self._dm_name(name), timeout=10).split()
+            if len(f) > 3 and f[3].isdigit():
+                out["allocated"] = int(f[3]) * SECTOR
+        return out
+
+
+def _ranges_from_xml(xml: str, block: int, delta: bool) -> list[Range]:
+    """Byte ranges from thin_delta (<different>/<left_only>/<right_only>) or thin_dump."""
+    root = ET.fromstring(xml)
+    blocks: list[tuple[int, int]] = []
+    if delta:
+        for el in root.iter():
+            if el.tag in ("different", "left_only", "right_only"):
+                blocks.append((int(el.get("begin")), int(el.get("length"))))
+    else:
+        for el in root.iter():
+            if el.tag == "range_mapping":
+                blocks.append((int(el.get("origin_begin")), int(el.get("length"))))
+            elif el.tag == "single_mapping":
+                blocks.append((int(el.get("origin_block")), 1))
+    merged: list[Range] = []
+    for start, length in sorted(blocks):
+        off, n = start * block, length * block
+        if merged and merged[-1][0] + merged[-1][1] == off:
+            merged[-1] = (merged[-1][0], merged[-1][1] + n)
+        else:
+            merged.append((off, n))
+    return merged
+
+
+def _dev_size(dev: str) -> int:
+    fd = os.open(dev, os.O_RDONLY)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+
+
+def _is_zero(dev: str, n: int) -> bool:
+    fd = os.open(dev, os.O_RDONLY)
+    try:
+        return os.pread(fd, n, 0) == bytes(n)
+    finally:
+        os.close(fd)
