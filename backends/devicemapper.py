@@ -326,8 +326,8 @@ class DevicemapperBackend(Backend):
             thin_id = self._new_id(devices)
             origin = self._dm_name(name)
             active = self._exists(origin)
-            if active:  # no I/O in flight while the mappings are shared
-                dmsetup("suspend", origin)
+            if active:  # no I/O in flight while the mappings are shared; the manager has
+                dmsetup("suspend", "--nolockfs", origin)  # already frozen a mounted fs
             try:
                 self._message("create_snap", str(thin_id), str(vol["id"]))
             finally:

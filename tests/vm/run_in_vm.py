@@ -53,11 +53,11 @@ overlay() {  # overlay $1 (a path in the guest) with a tmpfs upper layer
     mkdir -p "/ovl/$k/u" "/ovl/$k/w" "/newroot$1"
     mount -t overlay overlay -o "lowerdir=/host$1,upperdir=/ovl/$k/u,workdir=/ovl/$k/w" "/newroot$1"
 }
-for p in /etc /var /root /home $(cat /job/cwd); do overlay "$p"; done
-chmod 1777 /newroot/tmp
 mount -t tmpfs -o mode=1777 tmp /newroot/tmp
 mount -t tmpfs -o mode=0755 run /newroot/run
 mount -t tmpfs mnt /newroot/mnt
+# after /tmp: the caller's directory may be under it
+for p in /etc /var /root /home $(cat /job/cwd); do overlay "$p"; done
 mkdir -p /newroot/job
 mount --move /job /newroot/job
 mount --move /proc /newroot/proc
@@ -142,7 +142,7 @@ def main() -> int:
     initrd = initramfs(version)
     cwd = os.getcwd()
     passed = {k: v for k, v in os.environ.items()
-              if k in ("PATH", "CI", "VIRTUAL_ENV", "TERM") or k.startswith("PYVOL_")}
+              if k in ("PATH", "CI", "VIRTUAL_ENV") or k.startswith("PYVOL_")}
     with tempfile.TemporaryDirectory(prefix="pyvol-vm-") as job:
         job = Path(job)
         (job / "guest.sh").write_text(GUEST.format(
