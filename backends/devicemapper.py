@@ -24,6 +24,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from pyvol import locks
+from pyvol.fs import device_size
 from pyvol.errors import Conflict, InvalidInput, NotFound, PoolFull, PyvolError
 from pyvol.run import run
 from pyvol.units import format_size, parse_size
@@ -174,7 +175,7 @@ class DevicemapperBackend(Backend):
             fresh = not self.devices_file.exists() and _is_zero(meta, 4096)
             if not fresh:
                 self._check_metadata(meta)
-            data_sectors = _dev_size(data) // SECTOR
+            data_sectors = device_size(data) // SECTOR
             table = (f"0 {data_sectors} thin-pool {meta} {data} {self.block_size // SECTOR} "
                      f"{max(self.low_water_mark // self.block_size, 1)} 1 error_if_no_space")
             dmsetup("create", self.pool, "--table", table)
@@ -433,14 +434,6 @@ def _ranges_from_xml(xml: str, block: int, delta: bool) -> list[Range]:
         else:
             merged.append((off, n))
     return merged
-
-
-def _dev_size(dev: str) -> int:
-    fd = os.open(dev, os.O_RDONLY)
-    try:
-        return os.lseek(fd, 0, os.SEEK_END)
-    finally:
-        os.close(fd)
 
 
 def _is_zero(dev: str, n: int) -> bool:

@@ -28,11 +28,24 @@ def attached() -> dict[str, str]:
 
 
 def find(path: Path) -> str | None:
+    """The device ``path`` is attached to, if any, ignoring devices on their way out.
+
+    `losetup -d` of a device that anyone holds open (even another losetup scanning devices)
+    only marks it autoclear and returns; it unbinds at the last close. Reusing such a device
+    would see it vanish under the next mount, so it counts as gone.
+    """
     target = os.path.realpath(path)
     for dev, backing in sorted(attached().items()):
-        if backing == target:
+        if backing == target and not _autoclear(dev):
             return dev
     return None
+
+
+def _autoclear(dev: str) -> bool:
+    try:
+        return (SYS_BLOCK / dev[len("/dev/"):] / "loop" / "autoclear").read_text().strip() == "1"
+    except OSError:
+        return True  # unbound between the two reads: gone
 
 
 def attach(path: Path, direct_io: bool = True) -> str:
@@ -40,7 +53,8 @@ def attach(path: Path, direct_io: bool = True) -> str:
     existing = find(path)
     if existing:
         return existing
-    argv = ["losetup", "--find", "--show", "--nooverlap"]
+    # no --nooverlap: it opens every loop device to compare, holding others' detaches open
+    argv = ["losetup", "--find", "--show"]
     if direct_io:
         # The filesystem above already caches; caching the image file again doubles memory use.
         # The sector size is pinned: with direct I/O the kernel would derive it from the image's

@@ -6,6 +6,7 @@ device. Every call is an external tool with a timeout; a hung mount must not han
 
 import contextlib
 import logging
+import os
 from pathlib import Path
 
 from . import mountinfo
@@ -104,8 +105,15 @@ def grow(device: str, fstype: str, mount_point: Path) -> None:
                 umount(mount_point)
 
 
-def usage(mount_point: Path) -> dict:
-    import os
+def device_size(device: str) -> int:
+    """Size in bytes of a block device (or file)."""
+    fd = os.open(device, os.O_RDONLY)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
 
+
+def usage(mount_point: Path) -> dict:
     st = os.statvfs(mount_point)
     return {"fs_size": st.f_blocks * st.f_frsize, "fs_used": (st.f_blocks - st.f_bfree) * st.f_frsize}

@@ -89,11 +89,15 @@ def build_manager(config: Config) -> Manager:
                 backends[name] = backend
         if why is not None:
             unavailable[name] = why
+    # The default follows what the kernel can do, not whether setup worked: a dm-thin host
+    # whose pool fails its check must refuse creates with the reason, not quietly put new
+    # volumes on another backend.
     default = config.default_backend or default_name()
-    if default not in backends:
-        default = next((n for n in ("devicemapper", "loop") if n in backends), None)
-    if config.default_backend and config.default_backend != default:
-        log.warning("default backend %s is unavailable; using %s", config.default_backend, default)
+    if default is not None and default not in BACKENDS:
+        raise PyvolError(f"unknown default backend {default!r}: accepted are "
+                         f"{', '.join(sorted(BACKENDS))}")
+    if default in unavailable:
+        log.error("default backend %s is unavailable: %s", default, unavailable[default])
     return Manager(config, backends, store, default, unavailable)
 
 

@@ -217,3 +217,12 @@ class Dockerd:
         subprocess.run(["ip", "netns", "delete", self.netns], capture_output=True)
         for entry in reversed(mountinfo.under(self.base)):
             subprocess.run(["umount", "-l", entry.mount_point], capture_output=True)
+
+
+def seed_demo(dockerd: "Dockerd", driver: str) -> None:
+    """The seed's walk-through: one container writes test_volume, the next reads it back."""
+    dockerd.run("run", "--rm", f"--volume-driver={driver}", "-v", "test_volume:/sample",
+                "busybox", "sh", "-c", "echo hi > /sample/test")
+    out = dockerd.run("run", "--rm", f"--volume-driver={driver}", "-v", "test_volume:/sample",
+                      "busybox", "cat", "/sample/test").stdout
+    assert out == "hi\n"

@@ -5,8 +5,6 @@ FACTORIES. Volumes here are raw block devices: filesystems are pyvol.fs's job, n
 backend's, and raw writes let "changed ranges" be checked exactly.
 """
 
-import os
-
 import pytest
 
 from helpers import read_at, write_at
@@ -14,6 +12,7 @@ from pyvol.backends import VolumeSpec
 from pyvol.backends.devicemapper import DevicemapperBackend
 from pyvol.backends.loop import LoopBackend
 from pyvol.errors import NotFound
+from pyvol.fs import device_size
 
 MiB = 1 << 20
 
@@ -48,14 +47,6 @@ def backend(make):
     return make()
 
 
-def _device_size(dev: str) -> int:
-    fd = os.open(dev, os.O_RDONLY)
-    try:
-        return os.lseek(fd, 0, os.SEEK_END)
-    finally:
-        os.close(fd)
-
-
 def test_create_list_remove(backend):
     backend.create(VolumeSpec("a", 64 * MiB))
     backend.create(VolumeSpec("b", 64 * MiB))
@@ -69,7 +60,7 @@ def test_create_list_remove(backend):
 def test_size_is_exact(backend):
     backend.create(VolumeSpec("v", 80 * MiB))
     assert backend.size("v") == 80 * MiB
-    assert _device_size(backend.activate("v")) == 80 * MiB
+    assert device_size(backend.activate("v")) == 80 * MiB
 
 
 def test_activate_twice_gives_the_same_device(backend):

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from helpers import Daemon
+from helpers import Daemon, seed_demo
 
 pytestmark = pytest.mark.devicemapper
 
@@ -143,12 +143,8 @@ def test_corrupt_metadata_is_refused_with_the_repair_step(workdir):
 
 
 def test_seed_demo_through_dockerd_in_the_guest(dockerd, plugin):
-    d = plugin.driver
-    dockerd.run("run", "--rm", f"--volume-driver={d}", "-v", "test_volume:/sample", "busybox",
-                "sh", "-c", "echo hi > /sample/test")
-    out = dockerd.run("run", "--rm", f"--volume-driver={d}", "-v", "test_volume:/sample",
-                      "busybox", "cat", "/sample/test").stdout
-    assert out == "hi\n"
+    seed_demo(dockerd, plugin.driver)
     vol = plugin.api.ok("/VolumeDriver.Get", {"Name": "test_volume"})["Volume"]
     assert vol["Status"]["backend"] == "devicemapper"
-    dockerd.run("volume", "rm", "test_volume")
+    removed = dockerd.run("volume", "rm", "test_volume")
+    assert removed.stdout.strip() == "test_volume"

@@ -4,18 +4,14 @@ import os
 
 import pytest
 
+from helpers import seed_demo
 from pyvol import mountinfo
 
 pytestmark = pytest.mark.docker
 
 
 def test_seed_demo_two_containers_share_test_volume(dockerd, plugin):
-    d = plugin.driver
-    dockerd.run("run", "--rm", f"--volume-driver={d}", "-v", "test_volume:/sample", "busybox",
-                "sh", "-c", "echo hi > /sample/f")
-    out = dockerd.run("run", "--rm", f"--volume-driver={d}", "-v", "test_volume:/sample",
-                      "busybox", "cat", "/sample/f").stdout
-    assert out == "hi\n"
+    seed_demo(dockerd, plugin.driver)
     # between containers the volume is not mounted on the host
     assert plugin.api.ok("/VolumeDriver.Get", {"Name": "test_volume"})["Volume"]["Mountpoint"] == ""
 

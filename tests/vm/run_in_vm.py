@@ -15,14 +15,17 @@ PYVOL_*/CI variables; its output is the guest console; its exit status is return
 
 import argparse
 import os
+import re
 import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 GUEST_MODULES = ["virtio_pci", "9pnet_virtio", "9p", "overlay"]  # needed before switch_root
+POWER_DOWN = re.compile(rb"^\[\s*[0-9.]+\] reboot: Power down")
 CACHE = Path(os.environ.get("PYVOL_VM_CACHE", "/var/cache/pyvol-vm"))
 
 INIT = r"""#!/bin/busybox sh
@@ -158,9 +161,18 @@ def main() -> int:
                 "-device", "virtio-9p-pci,fsdev=host,mount_tag=hostroot",
                 "-fsdev", f"local,id=job,path={job},security_model=none",
                 "-device", "virtio-9p-pci,fsdev=job,mount_tag=job"]
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+        timer = threading.Timer(args.timeout, proc.kill)
+        timer.start()
         try:
-            subprocess.run(argv, stdin=subprocess.DEVNULL, timeout=args.timeout, check=False)
-        except subprocess.TimeoutExpired:
+            for line in proc.stdout:  # the guest's console; its power-off notice is noise
+                if not POWER_DOWN.search(line):
+                    sys.stdout.buffer.write(line)
+                    sys.stdout.flush()
+            proc.wait()
+        finally:
+            timer.cancel()
+        if proc.returncode == -9:
             print(f"run_in_vm: the guest did not finish within {args.timeout:.0f}s", file=sys.stderr)
             return 124
         rc = job / "rc"
