@@ -41,6 +41,9 @@ class Backend(ABC):
     def __init__(self, root: Path, settings: dict[str, str] | None = None):
         self.root = Path(root)
         self.settings = dict(settings or {})
+        # what a create that names no size or fs gets on this backend (None: pyvol's default)
+        self.default_size: str | None = self.settings.get("default_size")
+        self.default_fs: str | None = self.settings.get("default_fs")
 
     @classmethod
     def unavailable_reason(cls) -> str | None:

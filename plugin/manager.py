@@ -138,7 +138,7 @@ class Manager:
         if unknown:
             raise InvalidInput(f"unknown option {', '.join(unknown)}: accepted are "
                                f"{', '.join(sorted(accepted))}")
-        fstype = fs.check_fstype(opts.get("fs", "ext4"))
+        fstype = fs.check_fstype(opts.get("fs") or backend.default_fs or "ext4")
         size = parse_size(opts["size"]) if "size" in opts else None
         if source:
             snap_size = self.store.snapshot(*source).size
@@ -147,6 +147,8 @@ class Manager:
                                    f"{source[0]}@{source[1]} ({format_size(snap_size)}); "
                                    "accepted: that size or larger")
             size = size or snap_size
+        if size is None and backend.default_size:
+            size = parse_size(backend.default_size, f"{backend.name} default_size")
         size = size or DEFAULT_SIZE
         if size < MIN_SIZE[fstype]:
             raise InvalidInput(f"size {format_size(size)} is too small for {fstype}: "

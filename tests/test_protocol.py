@@ -91,3 +91,19 @@ def test_clone_from_snapshot_through_docker_create(shared_daemon):
     for name, mid in (("copy", "r"), ("orig", "w")):
         api.ok("/VolumeDriver.Unmount", {"Name": name, "ID": mid})
         api.ok("/VolumeDriver.Remove", {"Name": name})
+
+
+def test_backend_defaults_for_size_and_fs(workdir):
+    from helpers import Daemon
+
+    d = Daemon(workdir / "root", workdir / "s.sock",
+               env={"PYVOL_LOOP_DEFAULT_SIZE": "512M", "PYVOL_LOOP_DEFAULT_FS": "xfs"}).start()
+    try:
+        d.api.ok("/VolumeDriver.Create", {"Name": "dflt", "Opts": None})
+        status = d.api.ok("/VolumeDriver.Get", {"Name": "dflt"})["Volume"]["Status"]
+        assert (status["size"], status["fs"]) == (512 << 20, "xfs")
+        d.api.ok("/VolumeDriver.Create", {"Name": "given", "Opts": {"size": "64M", "fs": "ext4"}})
+        status = d.api.ok("/VolumeDriver.Get", {"Name": "given"})["Volume"]["Status"]
+        assert (status["size"], status["fs"]) == (64 << 20, "ext4")
+    finally:
+        d.stop()
