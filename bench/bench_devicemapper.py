@@ -42,7 +42,7 @@ def timed(fn) -> float:
 def main():
     emulated = " (emulated kernel)" if os.environ.get("PYVOL_IN_VM") else ""
     root = Path(tempfile.mkdtemp(prefix="pyvol-bench-dm-"))
-    b = DevicemapperBackend(root, {"data_size": "8G"})
+    b = DevicemapperBackend(root, {"data_size": "8G", "overcommit_ratio": "100"})
     b.setup()
     try:
         for name, written in (("small", 10 * MiB), ("large", 2048 * MiB)):

@@ -110,18 +110,29 @@ class Daemon:
 
 
 def release(root: Path) -> None:
-    """Unmount and detach everything pyvol made under ``root`` (as a host shutdown would)."""
+    """Unmount and detach everything pyvol made under ``root`` (as a host shutdown would).
+
+    Layers depend on each other (a volume's mount on its loop device, that device on a file in
+    the pool's mount, the pool's mount on its loop device), so unwind in rounds until nothing
+    is left; a lazy unmount would leave a filesystem alive that the next start cannot mount.
+    """
     root = Path(root)
+    for _ in range(6):
+        mounts = mountinfo.under(root)
+        devs = loop_devices_under(root)
+        if not mounts and not devs:
+            return
+        for entry in reversed(mounts):
+            subprocess.run(["umount", entry.mount_point], capture_output=True)
+        for dev in devs:
+            subprocess.run(["losetup", "-d", dev], capture_output=True)
+        time.sleep(0.2)
     for entry in reversed(mountinfo.under(root)):
-        if subprocess.run(["umount", entry.mount_point], capture_output=True).returncode:
-            subprocess.run(["umount", "-l", entry.mount_point], capture_output=True)
-    # volume images first, the pool file that holds them last
-    devs = [(d, b) for d, b in loopdev.attached().items() if b.startswith(str(root) + "/")]
-    for dev, backing in sorted(devs, key=lambda db: -db[1].count("/")):
-        subprocess.run(["losetup", "-d", dev], capture_output=True)
+        subprocess.run(["umount", "-l", entry.mount_point], capture_output=True)
 
 
 def loop_devices_under(root: Path) -> dict[str, str]:
+    """Loop devices bound to files under ``root``, deleted ones included."""
     return {d: b for d, b in loopdev.attached().items() if b.startswith(str(root) + "/")}
 
 
