@@ -14,6 +14,7 @@ PYVOL_*/CI variables; its output is the guest console; its exit status is return
 """
 
 import argparse
+import hashlib
 import os
 import re
 import shlex
@@ -66,7 +67,7 @@ mount --move /job /newroot/job
 mount --move /proc /newroot/proc
 mount --move /sys /newroot/sys
 mount --move /dev /newroot/dev
-exec switch_root /newroot /bin/sh -c '/bin/sh /job/guest.sh; echo o > /proc/sysrq-trigger'
+exec switch_root /newroot /bin/sh -c '/bin/sh /job/guest.sh; echo o > /proc/sysrq-trigger; sleep 30'
 """
 
 GUEST = r"""set +e
@@ -98,7 +99,8 @@ def kernel() -> tuple[str, Path]:
 
 def initramfs(version: str) -> Path:
     """A busybox initramfs that mounts the host over 9p; built once per kernel and cached."""
-    out = CACHE / f"initramfs-{version}.cpio"
+    digest = hashlib.sha256((INIT + " ".join(GUEST_MODULES)).encode()).hexdigest()[:12]
+    out = CACHE / f"initramfs-{version}-{digest}.cpio"  # a changed init is a new image
     if out.exists():
         return out
     CACHE.mkdir(parents=True, exist_ok=True)
