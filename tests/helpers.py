@@ -1,5 +1,6 @@
 """Test plumbing: a real pyvol daemon process, a raw client for its socket, a real dockerd."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ import httpx
 
 from pyvol import mountinfo
 from pyvol.backends import loopdev
+from pyvol.backends.devicemapper import DevicemapperBackend
 
 
 class Api:
@@ -117,6 +119,12 @@ def release(root: Path) -> None:
     is left; a lazy unmount would leave a filesystem alive that the next start cannot mount.
     """
     root = Path(root)
+    for candidate in (root, root / "root"):  # a dm pool's devices go before its loop files
+        if (candidate / "devicemapper").exists():
+            for entry in reversed(mountinfo.under(root)):
+                subprocess.run(["umount", entry.mount_point], capture_output=True)
+            with contextlib.suppress(Exception):
+                DevicemapperBackend(candidate).teardown()
     for _ in range(6):
         mounts = mountinfo.under(root)
         devs = loop_devices_under(root)

@@ -109,9 +109,11 @@ def test_kill_restart_and_pool_reactivation_keep_every_volume(daemon):
     daemon.stop()
     from pyvol.backends.devicemapper import DevicemapperBackend
 
-    DevicemapperBackend(daemon.root).teardown()
-    assert not [l for l in subprocess.run(["dmsetup", "ls"], capture_output=True, text=True)
-                .stdout.splitlines() if "pyvol-" in l]
+    backend = DevicemapperBackend(daemon.root)
+    backend.teardown()
+    assert not [line for line in subprocess.run(["dmsetup", "ls"], capture_output=True,
+                                                text=True).stdout.splitlines()
+                if line.startswith(backend.prefix + "-")]
     daemon.start()
     api = daemon.api
     mp = api.ok("/VolumeDriver.Mount", {"Name": "r1", "ID": "again"})["Mountpoint"]
