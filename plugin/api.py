@@ -114,8 +114,7 @@ def create_app(manager: Manager) -> Flask:
 
     @docker("/VolumeDriver.List")
     def list_(_):
-        return {"Volumes": [{"Name": v["Name"], "Mountpoint": v["Mountpoint"]}
-                            for v in manager.list()]}
+        return {"Volumes": manager.mountpoints()}
 
     # The control API, for the CLI: REST-ish, JSON in and out, errors as {"Err": ...}.
     def control(rule, methods):
