@@ -10,10 +10,12 @@ the caller gets a one-line ``Err``.
 import functools
 import json
 import logging
+import threading
 
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
+from .backup.job import Job
 from .errors import InvalidInput, PyvolError
 from .manager import Manager, parse_snap_ref
 
@@ -54,6 +56,46 @@ def _field(body: dict, key: str, default=None, required: bool = True):
             raise InvalidInput(f"missing field {key!r} in the request body")
         return default
     return body[key]
+
+
+def _streamed(what: str, work) -> Response:
+    """Run ``work(job)``; with ``?stream=1`` answer NDJSON progress lines, then the result.
+
+    The work runs in its own thread; the answer's generator reports on it twice a second. If
+    the client goes away, the server closes the generator and the work is cancelled at its
+    next step, so a killed CLI never leaves a backup finishing behind its back.
+    """
+    job = Job(what)
+    if request.args.get("stream") != "1":
+        return _json(work(job))
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["result"] = work(job)
+        except PyvolError as e:
+            outcome["Err"] = str(e)
+        except BaseException as e:  # noqa: BLE001 - reported to the client, logged here
+            log.exception("internal error in %s", what)
+            outcome["Err"] = (f"internal error ({type(e).__name__}); the pyvol daemon's log "
+                              "has the details")
+
+    worker = threading.Thread(target=run, name=what, daemon=True)
+    worker.start()
+
+    def lines():
+        try:
+            while worker.is_alive():
+                worker.join(0.5)
+                yield json.dumps({"progress": job.snapshot()}) + "\n"
+            yield json.dumps(outcome) + "\n"
+        finally:
+            if worker.is_alive():
+                log.warning("client of %s went away: cancelling it", what)
+                job.cancel()
+                worker.join()
+
+    return Response(lines(), mimetype="application/x-ndjson")
 
 
 def create_app(manager: Manager) -> Flask:
@@ -126,6 +168,8 @@ def create_app(manager: Manager) -> Flask:
                     result = fn(body, **kw)
                 except PyvolError as e:
                     return _json({"Err": str(e)}, e.http_status)
+                if isinstance(result, Response):
+                    return result
                 return _json(result if result is not None else {})
             app.add_url_rule("/pyvol/v1" + rule, "ctl_" + fn.__name__, handler, methods=methods)
             return fn
@@ -181,6 +225,48 @@ def create_app(manager: Manager) -> Flask:
         if not snap:
             raise InvalidInput("missing query parameter 'snap'")
         return [list(r) for r in manager.changed_ranges(name, base, snap)]
+
+    # backups: long work streams progress (see _streamed); a backup URL goes in the body or
+    # the query string because it holds '/' and '#'
+    backups = manager.backups
+
+    def _arg(name: str) -> str:
+        value = request.args.get(name)
+        if not value:
+            raise InvalidInput(f"missing query parameter {name!r}")
+        return value
+
+    @control("/backups", ["POST"])
+    def backup_create(b):
+        ref, dest = _field(b, "Volume"), _field(b, "Dest")
+        return _streamed("backup", lambda job: backups.create(ref, dest, job))
+
+    @control("/backups", ["GET"])
+    def backup_list(_):
+        return backups.list(_arg("repo"), request.args.get("volume") or None)
+
+    @control("/backup", ["GET"])
+    def backup_inspect(_):
+        return backups.inspect(_arg("url"))
+
+    @control("/backup", ["DELETE"])
+    def backup_remove(_):
+        return backups.remove(_arg("url"))
+
+    @control("/backup/verify", ["POST"])
+    def backup_verify(b):
+        url = _field(b, "Url")
+        return _streamed("verify", lambda job: backups.verify(url, job))
+
+    @control("/repository/gc", ["POST"])
+    def repository_gc(b):
+        return backups.gc(_field(b, "Repo"))
+
+    @control("/restore", ["POST"])
+    def restore(b):
+        url, name = _field(b, "Url"), _field(b, "Name")
+        size, backend = _field(b, "Size", None, False), _field(b, "Backend", None, False)
+        return _streamed("restore", lambda job: backups.restore(url, name, size, backend, job))
 
     @app.errorhandler(HTTPException)
     def http_error(e: HTTPException):

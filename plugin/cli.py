@@ -5,11 +5,16 @@ the CLI works the same against a host service and a managed plugin. Errors print
 message on stderr and exit 1; no traceback.
 """
 
+import contextlib
 import json
+import os
+import secrets
 import sys
 
 import click
 from rich.console import Console
+from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                           TransferSpeedColumn)
 from rich.table import Table
 
 from . import config as pyvol_config
@@ -18,6 +23,7 @@ from .errors import PyvolError
 from .units import format_size
 
 out = Console()
+err = Console(stderr=True)
 
 
 def json_option(fn):
@@ -240,6 +246,130 @@ def _info(data):
 def info(ctx, as_json):
     """Show the daemon, its backends and pool usage."""
     _print(_client(ctx).call("GET", "/info"), as_json, _info)
+
+
+@contextlib.contextmanager
+def _progress(quiet: bool):
+    """A progress bar (bytes, rate, ETA) on a terminal; nothing under --json or in a pipe."""
+    if quiet or not err.is_terminal:
+        yield lambda _report: None
+        return
+    columns = [TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+               TransferSpeedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=err, transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def show(report):
+            phase = report.get("phase") or "working"
+            if phase not in tasks:
+                tasks[phase] = bar.add_task(phase, total=report.get("total") or None)
+            bar.update(tasks[phase], completed=report.get("done", 0),
+                       total=report.get("total") or None)
+        yield show
+
+
+@cli.group()
+def backup():
+    """Backups: incremental, deduplicated copies of volumes in an S3 or file repository."""
+
+
+def _backup_rows(items):
+    _table(["BACKUP", "VOLUME", "CREATED", "SIZE", "CHUNKS", "INCREMENTAL"],
+           [(b["url"], b["volume"], b["created"], format_size(b["source"]["size"]),
+             b["chunk_count"], "yes" if b["incremental"] else "no") for b in items])
+
+
+@backup.command("create")
+@click.argument("ref", metavar="VOLUME[@SNAPSHOT]")
+@click.option("--dest", required=True, metavar="URL",
+              help="Repository: s3://BUCKET[/PREFIX] or file:///PATH.")
+@json_option
+@click.pass_context
+def backup_create(ctx, ref, dest, as_json):
+    """Back up a volume (from a new snapshot unless one is named); print the backup's URL."""
+    with _progress(as_json) as show:
+        result = _client(ctx).stream("POST", "/backups", {"Volume": ref, "Dest": dest}, show)
+    _print(result, as_json, lambda r: click.echo(r["url"]))
+    if not as_json and result.get("full_reason"):
+        click.echo(f"note: full read: {result['full_reason']}", err=True)
+
+
+@backup.command("ls")
+@click.argument("url", metavar="REPOSITORY")
+@click.option("--volume", help="Only this volume's backups.")
+@json_option
+@click.pass_context
+def backup_ls(ctx, url, volume, as_json):
+    """List the backups in a repository, oldest first."""
+    params = {"repo": url, **({"volume": volume} if volume else {})}
+    _print(_client(ctx).call("GET", "/backups", params=params), as_json, _backup_rows)
+
+
+@backup.command("inspect")
+@click.argument("url", metavar="BACKUP_URL")
+@json_option
+@click.pass_context
+def backup_inspect(ctx, url, as_json):
+    """Show one backup's manifest (without its chunk list)."""
+    _print(_client(ctx).call("GET", "/backup", params={"url": url}), as_json, _kv)
+
+
+@backup.command("rm")
+@click.argument("url", metavar="BACKUP_URL")
+@click.pass_context
+def backup_rm(ctx, url):
+    """Delete a backup (its chunks go at the next gc)."""
+    _client(ctx).call("DELETE", "/backup", params={"url": url})
+    click.echo(url)
+
+
+@backup.command("verify")
+@click.argument("url", metavar="BACKUP_URL")
+@json_option
+@click.pass_context
+def backup_verify(ctx, url, as_json):
+    """Read every chunk of a backup and check it against its name."""
+    with _progress(as_json) as show:
+        result = _client(ctx).stream("POST", "/backup/verify", {"Url": url}, show)
+    _print(result, as_json, lambda r: click.echo(
+        f"ok: {r['chunks']} chunks, {format_size(r['bytes'])} checked"))
+
+
+@backup.command("gc")
+@click.argument("url", metavar="REPOSITORY")
+@json_option
+@click.pass_context
+def backup_gc(ctx, url, as_json):
+    """Delete the chunks no backup uses any more."""
+    result = _client(ctx).call("POST", "/repository/gc", {"Repo": url})
+    _print(result, as_json, lambda r: click.echo(
+        f"deleted {r['chunks_deleted']} chunks ({format_size(r['bytes_freed'])}), "
+        f"kept {r['chunks_kept']} used by {r['backups']} backups"))
+
+
+@backup.command("keygen")
+@click.argument("path", type=click.Path(dir_okay=False, writable=True))
+def backup_keygen(path):
+    """Write a new random repository key (then set PYVOL_BACKUP_KEY_FILE to it)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32) + "\n")
+    click.echo(path)
+
+
+@cli.command()
+@click.argument("url", metavar="BACKUP_URL")
+@click.argument("name")
+@click.option("--size", help="Size of the new volume (default: the backed-up size).")
+@click.option("--backend", help="Backend of the new volume (any block backend).")
+@json_option
+@click.pass_context
+def restore(ctx, url, name, size, backend, as_json):
+    """Restore a backup into a new volume NAME."""
+    body = {"Url": url, "Name": name, "Size": size, "Backend": backend}
+    with _progress(as_json) as show:
+        v = _client(ctx).stream("POST", "/restore", body, show)
+    _print(v, as_json, lambda v: click.echo(v["Name"]))
 
 
 def main():

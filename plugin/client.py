@@ -1,5 +1,7 @@
 """The CLI's side of the control API: HTTP over the daemon's Unix socket (httpx)."""
 
+import json
+
 import httpx
 
 from .errors import PyvolError
@@ -29,3 +31,34 @@ class Client:
         if resp.status_code != 200 or (isinstance(data, dict) and data.get("Err")):
             raise PyvolError(data.get("Err") if isinstance(data, dict) else str(data))
         return data
+
+    def stream(self, method: str, path: str, body: dict, on_progress) -> dict:
+        """Call a long-running endpoint, passing each progress report to ``on_progress``."""
+        outcome = None
+        try:
+            with self._http.stream(method, "/pyvol/v1" + path, json=body,
+                                   params={"stream": "1"}) as resp:
+                if resp.status_code != 200:
+                    resp.read()
+                    try:
+                        err = resp.json().get("Err")
+                    except ValueError:
+                        err = None
+                    raise PyvolError(err or f"the daemon answered HTTP {resp.status_code}")
+                for line in resp.iter_lines():
+                    if not line.strip():
+                        continue
+                    msg = json.loads(line)
+                    if "progress" in msg:
+                        on_progress(msg["progress"])
+                    else:
+                        outcome = msg
+        except httpx.TransportError as e:
+            raise DaemonUnreachable(
+                f"lost the pyvol daemon at {self.socket} during the call ({e}); whatever was "
+                "interrupted left nothing half-done behind, run it again") from None
+        if outcome is None:
+            raise PyvolError("the daemon ended the call without a result; see its log")
+        if outcome.get("Err"):
+            raise PyvolError(outcome["Err"])
+        return outcome["result"]

@@ -24,6 +24,10 @@ class Config:
     log_level: str = "info"
     # Per-backend settings, e.g. {"loop": {"pool_size": "100G"}}.
     backend_settings: dict[str, dict[str, str]] = field(default_factory=dict)
+    # Backup settings from PYVOL_BACKUP_*: key_file, threads, connect_timeout, read_timeout,
+    # max_attempts, lock_lease (docs/backup-repository.md). AWS itself is configured the
+    # standard way (AWS_* variables, ~/.aws, instance roles).
+    backup_settings: dict[str, str] = field(default_factory=dict)
 
     @property
     def mounts_dir(self) -> Path:
@@ -65,4 +69,6 @@ def load(root: str | None = None, socket: str | None = None, backend: str | None
         cfg.backend_settings[name] = {
             k[len(prefix):].lower(): v for k, v in env.items() if k.startswith(prefix)
         }
+    cfg.backup_settings = {k[len("PYVOL_BACKUP_"):].lower(): v for k, v in env.items()
+                           if k.startswith("PYVOL_BACKUP_")}
     return cfg

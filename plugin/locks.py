@@ -17,8 +17,12 @@ DEFAULT_WAIT = 25.0  # under Docker's 30 s plugin timeout, so Docker hears our m
 
 
 @contextlib.contextmanager
-def held(locks_dir: Path, name: str, what: str, wait: float = DEFAULT_WAIT):
-    """Hold the lock ``name``; raise Conflict naming ``what`` if it stays taken for ``wait`` s."""
+def held(locks_dir: Path, name: str, what: str, wait: float = DEFAULT_WAIT,
+         shared: bool = False, busy: str | None = None):
+    """Hold the lock ``name``; raise Conflict naming ``what`` if it stays taken for ``wait`` s.
+
+    ``shared`` holders (readers, such as backups of one snapshot) exclude only exclusive ones.
+    """
     locks_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(locks_dir / f"{name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
@@ -26,11 +30,12 @@ def held(locks_dir: Path, name: str, what: str, wait: float = DEFAULT_WAIT):
         delay = 0.005
         while True:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    raise Conflict(f"{what} is busy with another operation; try again") from None
+                    raise Conflict(busy or f"{what} is busy with another operation; "
+                                   "try again") from None
                 time.sleep(delay)
                 delay = min(delay * 2, 0.1)
         yield

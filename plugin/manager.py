@@ -12,6 +12,7 @@ last count goes, never under a container that still uses it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -39,6 +40,7 @@ COMMON_OPTIONS = {
     "fs": "filesystem: ext4 (default) or xfs",
     "backend": "storage backend (default: the best this host offers)",
     "from-snapshot": "VOLUME@SNAPSHOT: start with that snapshot's data",
+    "from-backup": "REPOSITORY#VOLUME/BACKUP-ID: start with that backup's data",
 }
 
 
@@ -73,8 +75,26 @@ class Manager:
         self.store = store
         self.default_backend = default_backend
         self.unavailable = dict(unavailable or {})
+        from .backup.service import Backups  # late: the backup service calls back into us
+
+        self.backups = Backups(self, config)
 
     # helpers
+    def snapshot_reading(self, volume: str, snap: str):
+        """Held while a backup reads ``volume@snap``: removing it meanwhile is refused."""
+        return locks.held(self.config.locks_dir, f"snap.{volume}@{snap}", "", wait=0,
+                          shared=True)
+
+    def _no_readers(self, volume: str, snaps: list[str]):
+        """Refuse, at once, to remove snapshots a backup is reading."""
+        stack = contextlib.ExitStack()
+        for snap in snaps:
+            stack.enter_context(locks.held(
+                self.config.locks_dir, f"snap.{volume}@{snap}", "", wait=0,
+                busy=f"snapshot {volume}@{snap} is being read by a running backup; "
+                     "remove it when the backup ends"))
+        return stack
+
     def _lock(self, *names: str):
         return locks.all_held(self.config.locks_dir, [f"vol.{n}" for n in names],
                               what=f"volume {', '.join(names)}")
@@ -115,39 +135,63 @@ class Manager:
                            f"{', '.join(sorted(self.backends)) or 'none (no backend is available)'}")
 
     # volumes
-    def create(self, name, opts=None) -> dict:
-        """Create a volume; on any failure nothing of it remains, in records or storage."""
+    def create(self, name, opts=None, job=None) -> dict:
+        """Create a volume; on any failure nothing of it remains, in records or storage.
+
+        With ``from-snapshot`` or ``from-backup`` the volume starts with that data (and keeps
+        its fs); ``job`` reports a restore's progress and can cancel it.
+        """
         check_name(name)
-        opts = self._check_options(opts)
-        source = None
+        opts = dict(self._check_options(opts))
+        if "from-snapshot" in opts and "from-backup" in opts:
+            raise InvalidInput("from-snapshot and from-backup exclude each other: pick one")
+        src_size, src_fs, lock_names, populate = None, None, [name], None
         if "from-snapshot" in opts:
-            source = parse_snap_ref(opts["from-snapshot"])
-            src_vol = self._ready(source[0])
-            src_snap = self.store.snapshot(*source)
+            vol, snap = parse_snap_ref(opts["from-snapshot"])
+            src_vol = self._ready(vol)
+            src_snap = self.store.snapshot(vol, snap)
             if src_snap is None:
                 raise NotFound(f"no such snapshot: {opts['from-snapshot']}")
             if "backend" in opts and opts["backend"] != src_vol.backend:
                 raise InvalidInput(f"from-snapshot needs the snapshot's backend "
                                    f"({src_vol.backend}), not {opts['backend']}")
             opts.setdefault("backend", src_vol.backend)
-            if opts.get("fs", src_vol.fs) != src_vol.fs:
-                raise InvalidInput(f"from-snapshot keeps the snapshot's fs ({src_vol.fs})")
-            opts.setdefault("fs", src_vol.fs)
+            src_size, src_fs = src_snap.size, src_vol.fs
+            lock_names.append(vol)
+
+            def populate(backend, spec):
+                backend.clone(vol, snap, spec)
+        elif "from-backup" in opts:
+            restore = self.backups.prepare_restore(opts["from-backup"])
+            src_size, src_fs = restore.size, restore.fs
+
+            def populate(backend, spec):
+                if backend.kind != "block":
+                    raise InvalidInput(f"backup {opts['from-backup']} is a block backup; "
+                                       f"backend {backend.name} holds files")
+                backend.create(spec)
+                dev = backend.activate(spec.name)
+                try:
+                    restore.run(dev, job)
+                finally:
+                    backend.deactivate(spec.name)
         backend = self._pick_backend(opts)
         accepted = {**COMMON_OPTIONS, **backend.options}
         unknown = sorted(set(opts) - set(accepted))
         if unknown:
             raise InvalidInput(f"unknown option {', '.join(unknown)}: accepted are "
                                f"{', '.join(sorted(accepted))}")
-        fstype = fs.check_fstype(opts.get("fs") or backend.default_fs or "ext4")
+        if src_fs and opts.get("fs", src_fs) != src_fs:
+            raise InvalidInput(f"a volume made from {src_fs} data keeps fs {src_fs}, "
+                               f"not {opts['fs']}")
+        fstype = fs.check_fstype(src_fs or opts.get("fs") or backend.default_fs or "ext4")
         size = parse_size(opts["size"]) if "size" in opts else None
-        if source:
-            snap_size = src_snap.size
-            if size is not None and size < snap_size:
-                raise InvalidInput(f"size {format_size(size)} is smaller than snapshot "
-                                   f"{source[0]}@{source[1]} ({format_size(snap_size)}); "
-                                   "accepted: that size or larger")
-            size = size or snap_size
+        if src_size is not None:
+            if size is not None and size < src_size:
+                what = opts.get("from-snapshot") or opts.get("from-backup")
+                raise InvalidInput(f"size {format_size(size)} is smaller than {what} "
+                                   f"({format_size(src_size)}); accepted: that size or larger")
+            size = size or src_size
         if size is None and backend.default_size:
             size = parse_size(backend.default_size, f"{backend.name} default_size")
         size = size or DEFAULT_SIZE
@@ -155,9 +199,8 @@ class Manager:
             raise InvalidInput(f"size {format_size(size)} is too small for {fstype}: "
                                f"accepted is at least {format_size(MIN_SIZE[fstype])}")
         spec = VolumeSpec(name, size, {k: opts[k] for k in backend.options if k in opts})
-        record = Volume(name, backend.name, size, fstype, "creating", now(),
-                        dict(opts))
-        with self._lock(name, *([source[0]] if source else [])):
+        record = Volume(name, backend.name, size, fstype, "creating", now(), opts)
+        with self._lock(*lock_names):
             if self.store.volume(name) is not None:
                 raise Conflict(f"volume {name} already exists")
             if name in backend.list():
@@ -167,9 +210,9 @@ class Manager:
             with self.store.tx():
                 self.store.add_volume(record)
             try:
-                if source:
-                    backend.clone(source[0], source[1], spec)
-                    if size > src_snap.size:
+                if populate is not None:
+                    populate(backend, spec)
+                    if size > src_size:
                         self._grow(backend, record)
                 else:
                     backend.create(spec)
@@ -179,7 +222,7 @@ class Manager:
                 raise
             self.store.set_volume_status(name, "ready")
         event(log, "volume created", volume=name, backend=backend.name, size=size, fs=fstype,
-              source=opts.get("from-snapshot"))
+              source=opts.get("from-snapshot") or opts.get("from-backup"))
         return self.get(name)
 
     def _mkfs(self, backend: Backend, v: Volume) -> None:
@@ -228,8 +271,9 @@ class Manager:
                     fs.umount(mp)
                 except PyvolError as e:
                     raise Conflict(f"volume {name} is still mounted and busy: {e}") from None
-            self.store.set_volume_status(name, "removing")
-            self._finish_remove(backend, name)
+            with self._no_readers(name, [sn.name for sn in self.store.snapshots(name)]):
+                self.store.set_volume_status(name, "removing")
+                self._finish_remove(backend, name)
         event(log, "volume removed", volume=name)
 
     def _finish_remove(self, backend: Backend, name: str) -> None:
@@ -326,8 +370,9 @@ class Manager:
             "mounts": sum(self.store.mounts(v.name).values()),
             "snapshots": len(self.store.snapshots(v.name, status="ready")),
         }
-        if "from-snapshot" in v.options:
-            status["source"] = v.options["from-snapshot"]
+        for key in ("from-snapshot", "from-backup"):
+            if key in v.options:
+                status["source"] = v.options[key]
         backend = self.backends.get(v.backend)
         if backend is not None:
             status.update(backend.volume_usage(v.name))
@@ -370,9 +415,10 @@ class Manager:
             v = self._ready(volume)
             if self.store.snapshot(volume, snap) is None:
                 raise NotFound(f"no such snapshot: {volume}@{snap}")
-            self.store.set_snapshot_status(volume, snap, "removing")
-            self._backend(v).remove_snapshot(volume, snap)
-            self.store.delete_snapshot(volume, snap)
+            with self._no_readers(volume, [snap]):
+                self.store.set_snapshot_status(volume, snap, "removing")
+                self._backend(v).remove_snapshot(volume, snap)
+                self.store.delete_snapshot(volume, snap)
         event(log, "snapshot removed", volume=volume, snapshot=snap)
 
     def snapshot_get(self, volume, snap) -> dict:
@@ -395,6 +441,16 @@ class Manager:
         return self._backend(v).changed_ranges(volume, base, snap)
 
     # the daemon
+    def instance_id(self) -> str:
+        """A random id for this root dir: tells this daemon's snapshots from another host's."""
+        iid = self.store.meta("instance_id")
+        if iid is None:
+            import secrets
+
+            self.store.set_meta("instance_id", secrets.token_hex(16))
+            iid = self.store.meta("instance_id")
+        return iid
+
     def info(self) -> dict:
         from . import __version__
 
@@ -424,6 +480,7 @@ class Manager:
 
         Runs once, in the daemon's master process, before any request is served.
         """
+        self.instance_id()  # made here, in the master, before workers could race to make it
         boot_id = _boot_id()
         if self.store.meta("boot_id") != boot_id:
             if self.store.mounts():

@@ -1,0 +1,121 @@
+"""How an object's bytes are sealed: compression, encryption, and the names of chunks.
+
+See docs/backup-repository.md ("Keys and names", "Objects"). A ``Codec`` is built once per
+repository from its config and the daemon's key (or none); it is safe to share across threads
+because each thread gets its own zstd contexts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import threading
+
+import zstandard
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from ..errors import PyvolError
+
+RAW, ZSTD, SEALED = 0x00, 0x01, 0x02
+ZSTD_LEVEL = 3
+KEY_BYTES = 32
+
+
+class CorruptObject(PyvolError):
+    """An object's bytes do not decode, or do not hash to their name."""
+
+
+def read_key_file(path: str) -> bytes:
+    """The repository key: 32 raw bytes, or 64 hex characters, in a file only root reads."""
+    try:
+        raw = open(path, "rb").read()
+    except OSError as e:
+        raise PyvolError(f"cannot read the backup key file {path}: {e.strerror}") from None
+    text = raw.strip()
+    if len(raw) == KEY_BYTES:
+        return raw
+    try:
+        key = bytes.fromhex(text.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        key = b""
+    if len(key) != KEY_BYTES:
+        raise PyvolError(f"backup key file {path} holds no key: accepted are 32 raw bytes or "
+                         "64 hex characters (make one with `pyvol backup keygen FILE`)")
+    return key
+
+
+def _hkdf(key: bytes, salt: bytes, info: str) -> bytes:
+    return HKDF(hashes.SHA256(), 32, salt, info.encode()).derive(key)
+
+
+class Codec:
+    def __init__(self, repo_id: str, key: bytes | None):
+        self.encrypted = key is not None
+        self._local = threading.local()
+        if key is not None:
+            salt = bytes.fromhex(repo_id)
+            self._aead = AESGCM(_hkdf(key, salt, "pyvol/1 chunk encryption"))
+            self._id_key = _hkdf(key, salt, "pyvol/1 chunk id")
+            self.key_check = hmac.new(self._id_key, b"pyvol/1 key check",
+                                      "sha256").digest()[:16].hex()
+        else:
+            self._aead = None
+            self._id_key = None
+            self.key_check = None
+
+    def _zstd(self):
+        local = self._local
+        if not hasattr(local, "c"):
+            local.c = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+            local.d = zstandard.ZstdDecompressor()
+        return local
+
+    def chunk_name(self, plaintext) -> str:
+        if self._id_key is None:
+            return hashlib.sha256(plaintext).hexdigest()
+        return hmac.new(self._id_key, plaintext, "sha256").hexdigest()
+
+    def volume_key(self, volume: str) -> str:
+        if self._id_key is None:
+            return volume
+        return hmac.new(self._id_key, volume.encode(), "sha256").hexdigest()[:32]
+
+    def seal(self, key: str, plaintext) -> bytes:
+        """Compress when it saves at least 1/16, then encrypt with the object key as AAD."""
+        packed = self._zstd().c.compress(plaintext)
+        if len(packed) <= len(plaintext) - len(plaintext) // 16:
+            inner = bytes([ZSTD]) + packed
+        else:
+            inner = bytes([RAW]) + bytes(plaintext)
+        if self._aead is None:
+            return inner
+        nonce = os.urandom(12)
+        return bytes([SEALED]) + nonce + self._aead.encrypt(nonce, inner, key.encode())
+
+    def open(self, key: str, blob: bytes, limit: int = 1 << 30) -> bytes:
+        if not blob:
+            raise CorruptObject(f"object {key} is empty")
+        kind = blob[0]
+        if kind == SEALED:
+            if self._aead is None:
+                raise PyvolError(f"object {key} is encrypted and no backup key is configured")
+            try:
+                blob = self._aead.decrypt(blob[1:13], blob[13:], key.encode())
+            except InvalidTag:
+                raise CorruptObject(f"object {key} fails authentication: it is corrupt, was "
+                                    "moved, or the key is wrong") from None
+            kind = blob[0]
+        elif self._aead is not None:
+            raise CorruptObject(f"object {key} is not encrypted in an encrypted repository")
+        if kind == RAW:
+            return blob[1:]
+        if kind == ZSTD:
+            try:
+                return self._zstd().d.decompress(blob[1:], max_output_size=limit)
+            except zstandard.ZstdError as e:
+                raise CorruptObject(f"object {key} does not decompress: {e}") from None
+        raise CorruptObject(f"object {key} has unknown type byte {kind:#04x}")

@@ -1,0 +1,248 @@
+"""Backups as the daemon offers them: the glue between the manager's volumes and a repository.
+
+The manager owns volumes and snapshots; the repository owns objects. This module decides which
+snapshot a backup reads, which earlier backup it is incremental to, and what the manifest says.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+from ..errors import InvalidInput, NotFound, PyvolError
+from ..log import event
+from . import block
+from .blobs import CorruptObject, read_key_file
+from .job import Job
+from .leases import DEFAULT_LEASE, locked
+from .repo import Repository, host_id, new_backup_id, split_backup_url, utcnow
+
+log = logging.getLogger(__name__)
+
+AUTO_PREFIX = "backup-"  # snapshots a backup took itself, and may remove once superseded
+PARENT_LOOKBACK = 20     # how many recent backups are tried as the incremental parent
+
+
+def _summary(m: dict) -> dict:
+    """A manifest without its chunk map, which can be long."""
+    out = {k: v for k, v in m.items() if k != "chunks"}
+    out["chunk_count"] = len(m.get("chunks", []))
+    return out
+
+
+@dataclass
+class Restore:
+    """A backup ready to be written into a new volume (its manifest already read)."""
+
+    service: Backups
+    repo: Repository
+    manifest: dict
+
+    @property
+    def size(self) -> int:
+        return int(self.manifest["source"]["size"])
+
+    @property
+    def fs(self) -> str:
+        return self.manifest["source"].get("fs", "ext4")
+
+    def run(self, device: str, job: Job | None) -> dict:
+        job = job or Job("restore")
+        with locked(self.repo, "shared", self.service.lease):
+            result = block.restore(self.repo, self.manifest, device, job, self.service.threads)
+        event(log, "backup restored", backup=self.manifest["url"], **result)
+        return result
+
+
+class Backups:
+    def __init__(self, manager, config):
+        self.manager = manager
+        self.settings = dict(config.backup_settings)
+        self.key_file = self.settings.pop("key_file", None) or None
+        try:
+            self.threads = int(self.settings.pop("threads", max(4, 2 * (os.cpu_count() or 1))))
+            self.lease = float(self.settings.pop("lock_lease", DEFAULT_LEASE))
+        except ValueError as e:
+            raise PyvolError(f"invalid PYVOL_BACKUP_ setting: {e}; accepted are numbers") from None
+
+    def _repo(self, url, create: bool = False) -> Repository:
+        key = read_key_file(self.key_file) if self.key_file else None
+        return Repository.open(url, key, self.settings, create=create)
+
+    def _manifest(self, backup_url) -> tuple[Repository, dict]:
+        repo_url, volkey, bid = split_backup_url(backup_url)
+        repo = self._repo(repo_url)
+        return repo, repo.get_manifest(volkey, bid)
+
+    # backup
+    def create(self, ref, dest, job: Job | None = None) -> dict:
+        """Back up ``VOLUME`` (from a new snapshot) or ``VOLUME@SNAPSHOT`` into ``dest``."""
+        from ..manager import check_name, parse_snap_ref
+
+        job = job or Job("backup")
+        if not isinstance(ref, str):
+            raise InvalidInput("invalid volume: accepted is VOLUME or VOLUME@SNAPSHOT")
+        vol, snap = parse_snap_ref(ref) if "@" in ref else (check_name(ref), None)
+        m = self.manager
+        v = m._ready(vol)
+        backend = m._backend(v)
+        if backend.kind != "block":
+            raise InvalidInput(f"volume {vol} is on backend {backend.name}, which holds files; "
+                               "block backups need a block backend")
+        repo = self._repo(dest, create=True)
+        bid = new_backup_id()
+        with locked(repo, "shared", self.lease):
+            auto = snap is None
+            if auto:
+                snap = m.snapshot_create(vol, AUTO_PREFIX + bid)["Name"]
+            try:
+                with m.snapshot_reading(vol, snap):
+                    manifest = self._backup(repo, v, backend, snap, bid, job)
+                    job.check()  # a client that went away gets no backup at all
+                    url = repo.put_manifest(manifest)
+            except BaseException:
+                if auto:
+                    try:
+                        m.snapshot_remove(vol, snap)
+                    except PyvolError as e:
+                        log.warning("could not remove snapshot %s@%s of a failed backup: %s",
+                                    vol, snap, e)
+                raise
+        event(log, "backup created", volume=vol, snapshot=snap, backup=url,
+              incremental=manifest["incremental"], **manifest["stats"])
+        parent_snap = manifest.get("parent_snapshot")
+        if parent_snap and parent_snap.startswith(AUTO_PREFIX) and parent_snap != snap:
+            try:  # the new backup's snapshot is the base from now on
+                m.snapshot_remove(vol, parent_snap)
+            except (NotFound, PyvolError) as e:
+                log.info("kept superseded backup snapshot %s@%s: %s", vol, parent_snap, e)
+        manifest["url"] = url
+        return _summary(manifest)
+
+    def _parent(self, repo: Repository, volume: str) -> tuple[dict | None, str]:
+        """The latest backup of ``volume`` whose snapshot this daemon still holds."""
+        m = self.manager
+        recent = repo.backup_ids(volume)[-PARENT_LOOKBACK:]
+        if not recent:
+            return None, "first backup of this volume in this repository"
+        for volkey, bid in reversed(recent):
+            try:
+                man = repo.get_manifest(volkey, bid)
+            except (NotFound, CorruptObject):
+                continue
+            src = man.get("source", {})
+            if src.get("instance") != m.instance_id():
+                continue
+            s = m.store.snapshot(volume, src.get("snapshot", ""))
+            if s is not None and s.status == "ready" and s.created_at == src.get(
+                    "snapshot_created"):
+                return man, ""
+        return None, ("the snapshot of the previous backup is gone from this host, so every "
+                      "mapped range is read (only new chunks are uploaded)")
+
+    def _backup(self, repo, v, backend, snap: str, bid: str, job: Job) -> dict:
+        m = self.manager
+        srec = m.store.snapshot(v.name, snap)
+        parent, why_full = self._parent(repo, v.name)
+        mapped = backend.changed_ranges(v.name, None, snap)
+        changed, chain = None, {}
+        if parent is not None:
+            changed = backend.changed_ranges(v.name, parent["source"]["snapshot"], snap)
+            if int(parent["chunk_size"]) != repo.chunk_size or \
+                    int(parent["source"]["size"]) != srec.size:
+                changed, why_full = None, "the volume's size changed since the previous backup"
+            else:
+                chain = {int(i): n for i, n in parent["chunks"]}
+        if why_full:
+            event(log, "full read for backup", volume=v.name, reason=why_full)
+        with backend.read_snapshot(v.name, snap) as dev:
+            result = block.backup(repo, dev, srec.size, mapped, changed, chain, job,
+                                  self.threads)
+        manifest = {
+            "format": 1, "id": bid, "kind": "block", "volume": v.name, "created": utcnow(),
+            "host": host_id(),
+            "source": {"backend": backend.name, "snapshot": snap, "size": srec.size,
+                       "fs": v.fs, "snapshot_created": srec.created_at,
+                       "instance": m.instance_id()},
+            "parent": parent["id"] if parent and changed is not None else None,
+            "incremental": changed is not None,
+            "chunk_size": repo.chunk_size,
+            "chunks": [[i, n] for i, n in result.chunks.items()],
+            "stats": result.stats,
+        }
+        if parent is not None:
+            manifest["parent_snapshot"] = parent["source"]["snapshot"]
+        if why_full:
+            manifest["full_reason"] = why_full
+        return manifest
+
+    # reading
+    def list(self, url, volume=None) -> list[dict]:
+        from ..manager import check_name
+
+        if volume is not None:
+            check_name(volume)
+        repo = self._repo(url)
+        return [_summary(repo.get_manifest(vk, bid)) for vk, bid in repo.backup_ids(volume)]
+
+    def inspect(self, backup_url) -> dict:
+        _repo, manifest = self._manifest(backup_url)
+        return _summary(manifest)
+
+    def prepare_restore(self, backup_url) -> Restore:
+        repo, manifest = self._manifest(backup_url)
+        if manifest.get("kind") != "block":
+            raise InvalidInput(f"backup {backup_url} is of kind {manifest.get('kind')!r}; "
+                               "this pyvol restores block backups")
+        return Restore(self, repo, manifest)
+
+    def restore(self, backup_url, name, size=None, backend=None, job: Job | None = None):
+        opts = {"from-backup": backup_url}
+        if size:
+            opts["size"] = size
+        if backend:
+            opts["backend"] = backend
+        return self.manager.create(name, opts, job=job)
+
+    def verify(self, backup_url, job: Job | None = None) -> dict:
+        job = job or Job("verify")
+        repo, manifest = self._manifest(backup_url)
+        with locked(repo, "shared", self.lease):
+            result = block.verify(repo, manifest, job, self.threads)
+        result["backup"] = manifest["url"]
+        if result["bad"]:
+            raise CorruptObject(f"backup {manifest['url']} failed verification: "
+                                f"{len(result['bad'])} of {result['chunks']} chunks are bad: "
+                                + "; ".join(result["bad"][:5]))
+        return result
+
+    # changing the repository
+    def remove(self, backup_url) -> dict:
+        repo_url, volkey, bid = split_backup_url(backup_url)
+        repo = self._repo(repo_url)
+        with locked(repo, "exclusive", self.lease):
+            repo.get_manifest(volkey, bid)  # NotFound, or unreadable with this key
+            repo.delete_manifest(volkey, bid)
+        event(log, "backup removed", backup=backup_url)
+        return {"removed": backup_url}
+
+    def gc(self, url) -> dict:
+        """Delete every chunk no manifest lists (docs/backup-repository.md)."""
+        repo = self._repo(url)
+        with locked(repo, "exclusive", self.lease):
+            live: set[str] = set()
+            ids = repo.backup_ids()
+            for vk, bid in ids:
+                live.update(n for _, n in repo.get_manifest(vk, bid)["chunks"])
+            deleted, freed, kept = 0, 0, 0
+            for key, size in list(repo.target.list("chunks/")):
+                if key.rpartition("/")[2] in live:
+                    kept += 1
+                    continue
+                repo.target.delete(key)
+                deleted += 1
+                freed += size
+        event(log, "repository garbage collected", repo=repo.url, deleted=deleted, freed=freed)
+        return {"backups": len(ids), "chunks_kept": kept, "chunks_deleted": deleted,
+                "bytes_freed": freed}

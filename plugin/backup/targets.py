@@ -1,0 +1,270 @@
+"""Where a repository's objects live: an S3 bucket prefix or a directory.
+
+A target only stores named byte strings. It knows nothing of chunks or manifests, which keeps
+the two implementations small and lets the repository code be tested against either. Every
+failure becomes a ``TargetError`` whose message names the endpoint and the operation, never a
+credential.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import secrets
+import urllib.parse
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..errors import InvalidInput, NotFound, PyvolError
+
+ACCEPTED = "accepted are s3://BUCKET[/PREFIX] and file:///ABSOLUTE/PATH"
+
+
+class TargetError(PyvolError):
+    """The storage behind a repository failed or could not be reached."""
+
+    http_status = 502
+
+
+class Target(ABC):
+    url: str
+
+    @abstractmethod
+    def get(self, key: str) -> bytes:
+        """The object's bytes; NotFound if it does not exist."""
+
+    @abstractmethod
+    def put(self, key: str, data: bytes) -> None:
+        """Store the object whole, replacing any old one; a reader never sees a partial one."""
+
+    @abstractmethod
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        """Store the object only if no object has that key; False if one had."""
+
+    @abstractmethod
+    def list(self, prefix: str) -> Iterator[tuple[str, int]]:
+        """(key, size) of every object whose key starts with ``prefix``."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Delete the object; one already gone is not an error."""
+
+
+def open_target(url, settings: dict[str, str] | None = None) -> Target:
+    if not isinstance(url, str) or "://" not in url:
+        raise InvalidInput(f"invalid repository URL {url!r}: {ACCEPTED}")
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.query or parsed.fragment:
+        raise InvalidInput(f"invalid repository URL {url!r}: no '?' or '#' part; {ACCEPTED}")
+    if parsed.scheme == "file":
+        if parsed.netloc not in ("", "localhost") or not parsed.path.startswith("/"):
+            raise InvalidInput(f"invalid repository URL {url!r}: {ACCEPTED}")
+        return FileTarget(Path(urllib.parse.unquote(parsed.path)))
+    if parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise InvalidInput(f"invalid repository URL {url!r}: no bucket; {ACCEPTED}")
+        return S3Target(parsed.netloc, parsed.path.strip("/"), settings or {})
+    raise InvalidInput(f"invalid repository URL {url!r}: unknown scheme {parsed.scheme!r}; "
+                       f"{ACCEPTED}")
+
+
+class FileTarget(Target):
+    """A directory, local or NFS-mounted: each object a file, written to a temporary name,
+    fsynced, then renamed (or hard-linked, for a put that must not replace)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.url = "file://" + urllib.parse.quote(str(path))
+        if not path.is_dir():
+            raise TargetError(f"repository directory {path} does not exist or is not a "
+                              "directory; create it first")
+
+    def _file(self, key: str) -> Path:
+        return self.path / key
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self._file(key).read_bytes()
+        except FileNotFoundError:
+            raise NotFound(f"{self.url}: no object {key}") from None
+        except OSError as e:
+            raise TargetError(f"{self.url}: cannot read {key}: {e.strerror}") from None
+
+    def _write_temp(self, key: str, data: bytes) -> Path:
+        final = self._file(key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.parent / f".tmp-{final.name}-{secrets.token_hex(4)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        return tmp
+
+    def _sync_dir(self, d: Path) -> None:
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def put(self, key: str, data: bytes) -> None:
+        try:
+            tmp = self._write_temp(key, data)
+            os.replace(tmp, self._file(key))
+            self._sync_dir(self._file(key).parent)
+        except OSError as e:
+            raise TargetError(f"{self.url}: cannot write {key}: {e.strerror}") from None
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        try:
+            tmp = self._write_temp(key, data)
+            try:
+                os.link(tmp, self._file(key))  # atomic, and never replaces
+            except FileExistsError:
+                return False
+            finally:
+                tmp.unlink(missing_ok=True)
+            self._sync_dir(self._file(key).parent)
+            return True
+        except OSError as e:
+            raise TargetError(f"{self.url}: cannot write {key}: {e.strerror}") from None
+
+    def list(self, prefix: str) -> Iterator[tuple[str, int]]:
+        base = self.path / prefix.rpartition("/")[0]
+        if not base.is_dir():
+            return
+        for dirpath, _dirs, files in os.walk(base):
+            for f in files:
+                if f.startswith(".tmp-"):
+                    continue
+                p = Path(dirpath) / f
+                key = str(p.relative_to(self.path))
+                if key.startswith(prefix):
+                    with contextlib.suppress(FileNotFoundError):
+                        yield key, p.stat().st_size
+
+    def delete(self, key: str) -> None:
+        try:
+            self._file(key).unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                raise TargetError(f"{self.url}: cannot delete {key}: {e.strerror}") from None
+
+
+class S3Target(Target):
+    """A bucket and key prefix, through boto3 and the standard AWS configuration.
+
+    Timeouts and retries are always bounded: boto3's defaults wait minutes on a hung endpoint.
+    Settings (daemon env ``PYVOL_BACKUP_*``): connect_timeout, read_timeout, max_attempts.
+    """
+
+    def __init__(self, bucket: str, prefix: str, settings: dict[str, str]):
+        import boto3
+        import botocore.config
+
+        self.bucket = bucket
+        self.prefix = prefix + "/" if prefix else ""
+        self.url = f"s3://{bucket}/{prefix}".rstrip("/")
+        try:
+            cfg = botocore.config.Config(
+                connect_timeout=float(settings.get("connect_timeout", 5)),
+                read_timeout=float(settings.get("read_timeout", 30)),
+                retries={"max_attempts": int(settings.get("max_attempts", 4)),
+                         "mode": "standard"},
+                max_pool_connections=32,
+                tcp_keepalive=True,
+            )
+        except ValueError as e:
+            raise InvalidInput(f"invalid backup setting: {e}; accepted are numbers") from None
+        session = boto3.session.Session()
+        self.endpoint = (os.environ.get("AWS_ENDPOINT_URL_S3")
+                         or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3")
+        self.s3 = session.client("s3", config=cfg)
+
+    def _err(self, op: str, key: str, e: Exception) -> PyvolError:
+        import botocore.exceptions as bx
+
+        if isinstance(e, bx.ClientError):
+            code = e.response.get("Error", {}).get("Code", "?")
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "?")
+            if code in ("NoSuchBucket",):
+                return TargetError(f"{self.url}: no such bucket {self.bucket} at "
+                                   f"{self.endpoint}; create it first")
+            if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                return TargetError(f"{self.url}: {op} {key} refused by {self.endpoint} ({code}):"
+                                   " check the daemon's AWS credentials and bucket policy")
+            return TargetError(f"{self.url}: {op} {key} failed at {self.endpoint}: HTTP "
+                               f"{status} {code}")
+        if isinstance(e, bx.EndpointConnectionError | bx.ConnectTimeoutError):
+            return TargetError(f"{self.url}: cannot reach {self.endpoint} to {op} {key} "
+                               f"({type(e).__name__}); is the endpoint up?")
+        if isinstance(e, bx.ReadTimeoutError):
+            return TargetError(f"{self.url}: {self.endpoint} did not answer {op} {key} in time "
+                               "(read timeout, retried); the endpoint is stalled")
+        return TargetError(f"{self.url}: {op} {key} failed at {self.endpoint}: "
+                           f"{type(e).__name__}")
+
+    def _call(self, op: str, key: str, fn, **kw):
+        import botocore.exceptions as bx
+
+        try:
+            return fn(Bucket=self.bucket, **kw)
+        except (bx.BotoCoreError, bx.ClientError) as e:
+            raise self._err(op, key, e) from None
+
+    def get(self, key: str) -> bytes:
+        import botocore.exceptions as bx
+
+        try:
+            resp = self.s3.get_object(Bucket=self.bucket, Key=self.prefix + key)
+            return resp["Body"].read()
+        except bx.ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                raise NotFound(f"{self.url}: no object {key}") from None
+            raise self._err("get", key, e) from None
+        except bx.BotoCoreError as e:
+            raise self._err("get", key, e) from None
+
+    def put(self, key: str, data: bytes) -> None:
+        self._call("put", key, self.s3.put_object, Key=self.prefix + key, Body=data)
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        import botocore.exceptions as bx
+
+        try:
+            self.s3.put_object(Bucket=self.bucket, Key=self.prefix + key, Body=data,
+                               IfNoneMatch="*")
+            return True
+        except bx.ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("PreconditionFailed",
+                                                            "ConditionalRequestConflict"):
+                return False
+            raise self._err("put", key, e) from None
+        except bx.BotoCoreError as e:
+            raise self._err("put", key, e) from None
+
+    def list(self, prefix: str) -> Iterator[tuple[str, int]]:
+        import botocore.exceptions as bx
+
+        pages = self.s3.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=self.prefix + prefix)
+        try:
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    yield obj["Key"][len(self.prefix):], obj["Size"]
+        except (bx.BotoCoreError, bx.ClientError) as e:
+            raise self._err("list", prefix, e) from None
+
+    def delete(self, key: str) -> None:
+        self._call("delete", key, self.s3.delete_object, Key=self.prefix + key)
