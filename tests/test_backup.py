@@ -1,0 +1,490 @@
+"""Backups and cross-host restore, against real S3 servers (moto, SeaweedFS) and a directory.
+
+Two daemons with their own root dirs and sockets stand for two hosts; they share the S3
+endpoint and the file target, as hosts of one cluster would.
+"""
+
+import hashlib
+import json
+import os
+import pty
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import Daemon
+from s3servers import FaultProxy
+
+MiB = 1 << 20
+
+
+def sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(MiB):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fill(path, size: int, pattern: bytes | None = None) -> str:
+    """Write ``size`` bytes (random, or a repeated pattern) and fsync; return their sha256."""
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(left, 4 * MiB)
+            f.write(os.urandom(n) if pattern is None else (pattern * (n // len(pattern) + 1))[:n])
+            left -= n
+        f.flush()
+        os.fsync(f.fileno())
+    return sha256(path)
+
+
+def backup(d: Daemon, ref: str, dest: str) -> dict:
+    return json.loads(d.cli("backup", "create", ref, "--dest", dest, "--json").stdout)
+
+
+def with_volume(d: Daemon, name: str, size: str = "256M", mount_id: str = "t") -> str:
+    d.api.ok("/VolumeDriver.Create", {"Name": name, "Opts": {"size": size}})
+    return d.api.ok("/VolumeDriver.Mount", {"Name": name, "ID": mount_id})["Mountpoint"]
+
+
+@pytest.fixture(params=["moto", "seaweedfs", "file"])
+def repo(request, workdir):
+    """(repository URL, daemon env) on each kind of target."""
+    if request.param == "file":
+        path = workdir / "repo"
+        path.mkdir()
+        return f"file://{path}", {}
+    server = request.getfixturevalue("moto" if request.param == "moto" else "seaweed")
+    return f"s3://{server.bucket()}/backups", server.env
+
+
+def hosts(workdir: Path, env: dict, **extra) -> tuple[Daemon, Daemon]:
+    a = Daemon(workdir / "host-a", workdir / "a.sock", env={**env, **extra}).start()
+    b = Daemon(workdir / "host-b", workdir / "b.sock", env={**env, **extra}).start()
+    return a, b
+
+
+def stop(*daemons: Daemon) -> None:
+    for d in daemons:
+        d.stop()
+
+
+def test_volume_written_on_a_is_restored_on_b_byte_for_byte(workdir, repo):
+    url, env = repo
+    a, b = hosts(workdir, env)
+    try:
+        mp = with_volume(a, "db")
+        digest = fill(f"{mp}/table.ibd", 40 * MiB)
+        Path(mp, "small").write_text("hello\n")
+        made = backup(a, "db", url)
+        assert made["url"].startswith(url + "#db/") and made["incremental"] is False
+        assert b.cli("backup", "ls", url).stdout.count(made["url"][:20]) == 1
+        listed = json.loads(b.cli("backup", "ls", url, "--volume", "db", "--json").stdout)
+        assert [x["url"] for x in listed] == [made["url"]]
+        b.cli("backup", "verify", made["url"])
+        restored = json.loads(b.cli("restore", made["url"], "copy", "--json").stdout)
+        assert restored["Status"]["size"] == 256 * MiB
+        assert restored["Status"]["source"] == made["url"]
+        mp_b = b.api.ok("/VolumeDriver.Mount", {"Name": "copy", "ID": "t"})["Mountpoint"]
+        assert sha256(f"{mp_b}/table.ibd") == digest
+        assert Path(mp_b, "small").read_text() == "hello\n"
+    finally:
+        stop(a, b)
+
+
+def test_restore_into_a_larger_volume_grows_its_filesystem(workdir):
+    (workdir / "repo").mkdir()
+    url = f"file://{workdir / 'repo'}"
+    d = Daemon(workdir / "root", workdir / "s.sock").start()
+    try:
+        mp = with_volume(d, "small", "128M")
+        digest = fill(f"{mp}/f", 8 * MiB)
+        made = backup(d, "small", url)
+        d.cli("restore", made["url"], "big", "--size", "1G")
+        mp2 = d.api.ok("/VolumeDriver.Mount", {"Name": "big", "ID": "t"})["Mountpoint"]
+        st = os.statvfs(mp2)
+        assert st.f_blocks * st.f_frsize > 900 * MiB
+        assert sha256(f"{mp2}/f") == digest
+        err = d.cli("restore", made["url"], "tiny", "--size", "64M", check=False)
+        assert err.returncode == 1 and "smaller than" in err.stderr and "accepted" in err.stderr
+    finally:
+        d.stop()
+
+
+def test_incremental_backup_reads_and_uploads_about_the_changed_one_percent(workdir):
+    (workdir / "repo").mkdir()
+    url = f"file://{workdir / 'repo'}"
+    d = Daemon(workdir / "root", workdir / "s.sock").start()
+    try:
+        mp = with_volume(d, "db", "1G")
+        fill(f"{mp}/data", 400 * MiB)
+        full = backup(d, "db", url)
+        # only mapped ranges are read: the 600M never written are not
+        assert 400 * MiB <= full["stats"]["read"] < 440 * MiB, full["stats"]
+        with open(f"{mp}/data", "r+b") as f:  # 1% of the volume, rewritten in place
+            f.seek(123 * MiB)
+            f.write(os.urandom(10 * MiB + 240 * 1024))
+            os.fsync(f.fileno())
+        inc = backup(d, "db", url)
+        assert inc["incremental"] is True and inc["parent"] == full["id"]
+        one_percent = (1 << 30) // 100
+        print("incremental stats", inc["stats"])
+        assert one_percent <= inc["stats"]["read"] <= 2 * one_percent, inc["stats"]
+        assert one_percent <= inc["stats"]["uploaded"] <= 2 * one_percent, inc["stats"]
+        # the parent's snapshot is no longer needed: only the newest backup snapshot is kept
+        snaps = json.loads(d.cli("snapshot", "ls", "db", "--json").stdout)
+        assert [s["Name"] for s in snaps] == [inc["source"]["snapshot"]]
+        # a volume with the same content shares every chunk
+        d.cli("create", "twin", "--from-snapshot", f"db@{inc['source']['snapshot']}")
+        chunks_before = len(list((workdir / "repo" / "chunks").rglob("*")))
+        twin = backup(d, "twin", url)
+        assert twin["stats"]["chunks_new"] == 0 and twin["stats"]["uploaded"] == 0
+        assert len(list((workdir / "repo" / "chunks").rglob("*"))) == chunks_before
+        # the incremental restores to exactly the changed data
+        d.cli("restore", inc["url"], "again")
+        mp2 = d.api.ok("/VolumeDriver.Mount", {"Name": "again", "ID": "t"})["Mountpoint"]
+        assert sha256(f"{mp2}/data") == sha256(f"{mp}/data")
+    finally:
+        d.stop()
+
+
+def test_a_full_read_when_the_parent_snapshot_is_gone_still_uploads_only_new_chunks(workdir):
+    (workdir / "repo").mkdir()
+    url = f"file://{workdir / 'repo'}"
+    d = Daemon(workdir / "root", workdir / "s.sock").start()
+    try:
+        mp = with_volume(d, "v")
+        fill(f"{mp}/f", 24 * MiB)
+        first = backup(d, "v", url)
+        d.cli("snapshot", "rm", f"v@{first['source']['snapshot']}")
+        out = d.cli("backup", "create", "v", "--dest", url)
+        assert "full read" in out.stderr and "snapshot of the previous backup is gone" in out.stderr
+        second = json.loads(d.cli("backup", "inspect", out.stdout.strip(), "--json").stdout)
+        assert second["incremental"] is False
+        assert second["stats"]["read"] >= 24 * MiB
+        assert second["stats"]["chunks_new"] <= 2, second["stats"]  # journal/inode pieces only
+    finally:
+        d.stop()
+
+
+@pytest.fixture
+def plugin_env(moto):
+    return moto.env
+
+
+@pytest.mark.docker
+def test_docker_volume_create_from_backup_on_another_host(workdir, moto, dockerd, plugin):
+    url = f"s3://{moto.bucket()}/r"
+    a = Daemon(workdir / "host-a", workdir / "a.sock", env=moto.env).start()
+    try:
+        mp = with_volume(a, "web")
+        digest = fill(f"{mp}/index.html", 6 * MiB)
+        made = backup(a, "web", url)
+    finally:
+        a.stop()
+    dockerd.run("volume", "create", "-d", plugin.driver, "-o", f"from-backup={made['url']}",
+                "web")
+    out = dockerd.run("run", "--rm", "-v", "web:/site", "busybox", "sha256sum",
+                      "/site/index.html").stdout
+    assert out.split()[0] == digest
+
+
+def test_gc_deletes_only_unreferenced_chunks_and_rm_needs_no_parent(workdir):
+    (workdir / "repo").mkdir()
+    url = f"file://{workdir / 'repo'}"
+    d = Daemon(workdir / "root", workdir / "s.sock").start()
+    try:
+        mp = with_volume(d, "v")
+        fill(f"{mp}/a", 16 * MiB)
+        first = backup(d, "v", url)
+        fill(f"{mp}/b", 16 * MiB)
+        second = backup(d, "v", url)
+        d.cli("backup", "rm", first["url"])
+        assert "no backup" in d.cli("backup", "inspect", first["url"], check=False).stderr
+        gc = json.loads(d.cli("backup", "gc", url, "--json").stdout)
+        # a's data is still used by the second backup; only pieces rewritten since
+        # (fs metadata) were the first backup's alone
+        assert gc["backups"] == 1 and gc["chunks_kept"] == second["chunk_count"]
+        assert gc["chunks_deleted"] >= 1 and gc["bytes_freed"] < 8 * MiB, gc
+        d.cli("backup", "verify", second["url"])  # a manifest needs no parent to be whole
+        d.cli("backup", "rm", second["url"])
+        gc = json.loads(d.cli("backup", "gc", url, "--json").stdout)
+        assert gc["chunks_deleted"] > 8 and gc["chunks_kept"] == 0
+        assert list((workdir / "repo" / "chunks").rglob("*.*")) == []
+    finally:
+        d.stop()
+
+
+def test_a_corrupt_or_missing_chunk_fails_verify_and_restore_naming_it(workdir):
+    (workdir / "repo").mkdir()
+    url = f"file://{workdir / 'repo'}"
+    d = Daemon(workdir / "root", workdir / "s.sock").start()
+    try:
+        mp = with_volume(d, "v")
+        fill(f"{mp}/f", 20 * MiB)
+        made = backup(d, "v", url)
+        d.cli("backup", "verify", made["url"])
+        chunks = sorted(p for p in (workdir / "repo" / "chunks").rglob("*") if p.is_file())
+        victim = max(chunks, key=lambda p: p.stat().st_size)
+        blob = bytearray(victim.read_bytes())
+        blob[len(blob) // 2] ^= 0xFF
+        victim.write_bytes(bytes(blob))
+        bad = d.cli("backup", "verify", made["url"], check=False)
+        assert bad.returncode == 1 and victim.name in bad.stderr, bad.stderr
+        bad = d.cli("restore", made["url"], "copy", check=False)
+        assert bad.returncode == 1 and victim.name in bad.stderr, bad.stderr
+        assert "copy" not in d.cli("ls").stdout
+        assert not any(p.name.startswith("copy") for p in (workdir / "root").rglob("*.img"))
+        victim.unlink()
+        bad = d.cli("restore", made["url"], "copy", check=False)
+        assert bad.returncode == 1 and f"chunk {victim.name} is missing" in bad.stderr
+        assert "copy" not in d.cli("ls").stdout
+    finally:
+        d.stop()
+
+
+def test_encrypted_repository_hides_names_and_content_and_needs_its_key(workdir, moto):
+    url = f"s3://{moto.bucket()}/secret"
+    bucket = url.split("/")[2]
+    keys = workdir / "keys"
+    keys.mkdir()
+    a = Daemon(workdir / "host-a", workdir / "a.sock", env=moto.env)
+    a.cli("backup", "keygen", str(keys / "k1"))
+    a.cli("backup", "keygen", str(keys / "k2"))
+    a.env["PYVOL_BACKUP_KEY_FILE"] = str(keys / "k1")
+    a.start()
+    plain = Daemon(workdir / "host-b", workdir / "b.sock", env=moto.env).start()
+    wrong = Daemon(workdir / "host-c", workdir / "c.sock",
+                   env={**moto.env, "PYVOL_BACKUP_KEY_FILE": str(keys / "k2")}).start()
+    try:
+        mp = with_volume(a, "payroll")
+        pattern = b"PYVOL-PLAINTEXT-MARKER-" * 11
+        digest = fill(f"{mp}/f", 8 * MiB, pattern)
+        made = backup(a, "payroll", url)
+        assert "payroll" not in made["url"]
+        s3 = moto.client()
+        names = moto.keys(bucket, "secret/")
+        assert not any("payroll" in k for k in names)
+        piece = (pattern * (4 * MiB // len(pattern) + 1))[:4 * MiB]
+        assert not any(hashlib.sha256(piece).hexdigest() in k for k in names)
+        for k in names:
+            body = s3.get_object(Bucket=bucket, Key=k)["Body"].read()
+            assert b"PYVOL-PLAINTEXT-MARKER" not in body, k
+        config = json.loads(s3.get_object(Bucket=bucket, Key="secret/config")["Body"].read())
+        assert config["encryption"]["cipher"] == "AES-256-GCM"
+        r = plain.cli("restore", made["url"], "x", check=False)
+        assert r.returncode == 1 and "encrypted repository" in r.stderr
+        assert "PYVOL_BACKUP_KEY_FILE" in r.stderr
+        r = wrong.cli("backup", "ls", url, check=False)
+        assert r.returncode == 1 and "wrong key" in r.stderr
+        assert (keys / "k1").read_text().strip() not in a.log()
+        a.cli("restore", made["url"], "again")
+        mp2 = a.api.ok("/VolumeDriver.Mount", {"Name": "again", "ID": "t"})["Mountpoint"]
+        assert sha256(f"{mp2}/f") == digest
+    finally:
+        stop(a, plain, wrong)
+
+
+FAST_FAIL = {"PYVOL_BACKUP_CONNECT_TIMEOUT": "1", "PYVOL_BACKUP_READ_TIMEOUT": "2",
+             "PYVOL_BACKUP_MAX_ATTEMPTS": "2"}
+
+
+@pytest.fixture
+def proxied(workdir, moto):
+    """A daemon whose S3 endpoint is a FaultProxy in front of moto; and a bucket."""
+    proxy = FaultProxy(moto.endpoint)
+    d = Daemon(workdir / "root", workdir / "s.sock",
+               env={**moto.env, "AWS_ENDPOINT_URL": proxy.endpoint, **FAST_FAIL}).start()
+    yield d, proxy, moto.bucket()
+    d.stop()
+    proxy.close()
+
+
+@pytest.mark.parametrize("mode,message", [
+    ("down", "cannot reach"), ("error", "HTTP 503"), ("stall", "did not answer")])
+def test_a_broken_endpoint_fails_in_bounded_time_and_writes_no_manifest(proxied, moto, mode,
+                                                                        message):
+    d, proxy, bucket = proxied
+    url = f"s3://{bucket}/r"
+    mp = with_volume(d, "v")
+    fill(f"{mp}/f", 8 * MiB)
+    backup(d, "v", url)
+    proxy.set(mode)
+    started = time.monotonic()
+    r = d.cli("backup", "create", "v", "--dest", url, check=False)
+    elapsed = time.monotonic() - started
+    assert r.returncode == 1 and message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    assert elapsed < 60, f"{mode}: failed only after {elapsed:.0f}s"
+    proxy.set("pass")
+    assert len(moto.keys(bucket, "r/manifests/")) == 1
+    assert len(json.loads(d.cli("snapshot", "ls", "v", "--json").stdout)) == 1
+
+
+def _kill_midway(d: Daemon, proxy: FaultProxy, url: str, kill) -> subprocess.Popen:
+    """Start a slow backup through the proxy and call ``kill(cli)`` once chunks are flowing."""
+    proxy.set("pass", delay=0.3)
+    before = proxy.requests
+    cli = subprocess.Popen([sys.executable, "-m", "pyvol", "--socket", str(d.socket), "backup",
+                            "create", "v", "--dest", url], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while proxy.requests < before + 12:
+        assert cli.poll() is None, cli.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    kill(cli)
+    cli.wait(30)
+    proxy.set("pass")
+    return cli
+
+
+def test_cli_killed_mid_backup_leaves_no_backup_and_the_rerun_reuses_chunks(proxied, moto):
+    d, proxy, bucket = proxied
+    url = f"s3://{bucket}/r"
+    mp = with_volume(d, "v", "512M")
+    fill(f"{mp}/f", 160 * MiB)
+    _kill_midway(d, proxy, url, lambda cli: cli.send_signal(signal.SIGKILL))
+    deadline = time.monotonic() + 60  # the daemon notices and cancels within a step
+    while json.loads(d.cli("snapshot", "ls", "v", "--json").stdout):
+        assert time.monotonic() < deadline, "the cancelled backup's snapshot was never removed"
+        time.sleep(0.2)
+    assert moto.keys(bucket, "r/manifests/") == []
+    assert "[]" in d.cli("backup", "ls", url, "--json").stdout
+    uploaded = len(moto.keys(bucket, "r/chunks/"))
+    assert uploaded > 0
+    rerun = backup(d, "v", url)
+    # every uploaded chunk is reused but those of fs metadata rewritten since (a journal block)
+    assert rerun["stats"]["chunks_reused"] >= uploaded - 2, rerun["stats"]
+    assert rerun["stats"]["chunks_new"] <= rerun["stats"]["pieces_read"] - uploaded + 2
+    d.cli("backup", "verify", rerun["url"])
+
+
+def test_daemon_killed_mid_backup_leaves_no_backup_and_the_rerun_succeeds(proxied, moto,
+                                                                          workdir):
+    d, proxy, bucket = proxied
+    url = f"s3://{bucket}/r"
+    mp = with_volume(d, "v", "512M")
+    digest = fill(f"{mp}/f", 160 * MiB)
+    cli = _kill_midway(d, proxy, url, lambda cli: os.killpg(d.proc.pid, signal.SIGKILL))
+    assert cli.returncode == 1 and "lost the pyvol daemon" in cli.stderr.read()
+    d.stop()
+    assert moto.keys(bucket, "r/manifests/") == []
+    d.start()
+    rerun = backup(d, "v", url)
+    assert rerun["stats"]["chunks_reused"] > 0
+    d.cli("restore", rerun["url"], "back")
+    mp2 = d.api.ok("/VolumeDriver.Mount", {"Name": "back", "ID": "t"})["Mountpoint"]
+    assert sha256(f"{mp2}/f") == digest
+
+
+def test_backups_of_two_volumes_run_at_once_and_docker_calls_keep_answering(proxied, moto):
+    d, proxy, bucket = proxied
+    url = f"s3://{bucket}/r"
+    for name in ("one", "two"):
+        fill(f"{with_volume(d, name)}/f", 40 * MiB)
+    proxy.set("pass", delay=0.1)
+    results = {}
+
+    def run(name):
+        results[name] = d.cli("backup", "create", name, "--dest", url, check=False)
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in ("one", "two")]
+    for t in threads:
+        t.start()
+    answered = 0
+    while any(t.is_alive() for t in threads):
+        assert d.api.ok("/VolumeDriver.List")["Volumes"]
+        d.api.ok("/VolumeDriver.Get", {"Name": "one"})
+        answered += 1
+    for t in threads:
+        t.join()
+    assert all(r.returncode == 0 for r in results.values()), results
+    assert answered > 3
+    assert len(moto.keys(bucket, "r/manifests/")) == 2
+
+
+def test_an_exclusive_lock_refuses_backups_naming_its_holder_and_expired_locks_go(workdir):
+    from pyvol.backup import leases
+    from pyvol.backup.repo import Repository
+    from pyvol.errors import Conflict
+
+    (workdir / "repo").mkdir()
+    url = f"file://{workdir / 'repo'}"
+    repo = Repository.open(url, None, create=True)
+    d = Daemon(workdir / "root", workdir / "s.sock").start()
+    try:
+        mp = with_volume(d, "v")
+        fill(f"{mp}/f", 4 * MiB)
+        with leases.locked(repo, "exclusive"):
+            r = d.cli("backup", "create", "v", "--dest", url, check=False)
+            assert r.returncode == 1 and "locked (exclusive lock held by host" in r.stderr
+            with pytest.raises(Conflict):
+                leases.locked(repo, "shared").__enter__()
+        assert json.loads(d.cli("snapshot", "ls", "v", "--json").stdout) == []
+        with leases.locked(repo, "shared"):
+            with leases.locked(repo, "shared"):  # shared locks coexist
+                r = d.cli("backup", "gc", url, check=False)
+                assert r.returncode == 1 and "a backup is running" in r.stderr
+        dead = leases.Lease(repo, "exclusive", lease=0.5)
+        dead.acquire()
+        dead._stop.set()  # its holder "dies": no more renewals
+        time.sleep(1.5)
+        backup(d, "v", url)
+        assert list((workdir / "repo" / "locks").iterdir()) == []
+    finally:
+        d.stop()
+
+
+def test_bad_repository_urls_and_backup_urls_get_clear_errors(daemon, workdir, moto):
+    mp = with_volume(daemon, "v")
+    fill(f"{mp}/f", MiB)
+    cases = [
+        (("backup", "create", "v", "--dest", "ftp://x/y"), "unknown scheme 'ftp'"),
+        (("backup", "create", "v", "--dest", "/tmp/x"), "accepted are s3://"),
+        (("backup", "create", "v", "--dest", f"file://{workdir}/absent"), "does not exist"),
+        (("backup", "create", "nope", "--dest", f"file://{workdir}"), "no such volume"),
+        (("backup", "ls", f"file://{workdir}"), "no pyvol repository"),
+        (("backup", "inspect", "file:///tmp#v"), "invalid backup URL"),
+        (("restore", "s3://b/p#v/xyz", "n"), "invalid backup URL"),
+    ]
+    for args, message in cases:
+        r = daemon.cli(*args, check=False)
+        assert r.returncode == 1 and message in r.stderr, (args, r.stderr)
+        assert "Traceback" not in r.stderr
+    assert json.loads(daemon.cli("snapshot", "ls", "--json").stdout) == []
+    assert json.loads(daemon.cli("ls", "--json").stdout)[0]["Name"] == "v"
+
+
+def test_the_cli_shows_progress_on_a_terminal_and_nothing_under_json(proxied):
+    d, proxy, bucket = proxied
+    url = f"s3://{bucket}/r"
+    fill(f"{with_volume(d, 'v')}/f", 40 * MiB)
+    proxy.set("pass", delay=0.2)
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "pyvol", "--socket", str(d.socket), "backup",
+                             "create", "v", "--dest", url], stdout=subprocess.PIPE,
+                            stderr=slave, env={**os.environ, "COLUMNS": "120", "TERM": "xterm"})
+    os.close(slave)
+    shown = b""
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        shown += data
+    proc.wait(60)
+    os.close(master)
+    assert proc.returncode == 0
+    text = shown.decode(errors="replace")
+    assert "backup" in text and "/s" in text and "MB" in text, text[-500:]
+    quiet = d.cli("backup", "create", "v", "--dest", url, "--json")
+    assert quiet.stderr == "" and json.loads(quiet.stdout)["url"]
