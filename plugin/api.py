@@ -129,7 +129,18 @@ def create_app(manager: Manager) -> Flask:
 
     @docker("/VolumeDriver.Create")
     def create(b):
-        manager.create(_field(b, "Name"), b.get("Opts"))
+        name, opts = _field(b, "Name"), b.get("Opts")
+        job = None
+        if isinstance(opts, dict) and opts.get("from-backup"):
+            # Docker gives up on a plugin call after 30 s; stop before it does, undo, and say
+            # how to do it instead, rather than finish a volume Docker no longer waits for.
+            timeout = manager.config.docker_timeout
+            job = Job("restore", deadline=max(1.0, timeout - 5), late=(
+                f"restoring {opts['from-backup']} takes longer than Docker waits for a plugin "
+                f"({timeout:g} s), so it was stopped and nothing was created: run `pyvol restore "
+                f"'{opts['from-backup']}' {name}` (it shows progress), then use volume "
+                f"{name} in Docker by name"))
+        manager.create(name, opts, job=job)
         return {}
 
     @docker("/VolumeDriver.Remove")

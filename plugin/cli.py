@@ -31,7 +31,7 @@ def json_option(fn):
 
 
 def _client(ctx) -> Client:
-    return Client(ctx.obj["socket"])
+    return Client(ctx.obj["socket"] or pyvol_config.find_socket())
 
 
 def _print(data, as_json: bool, render) -> None:
@@ -77,8 +77,9 @@ class _Group(click.Group):
 
 
 @click.group(cls=_Group)
-@click.option("--socket", envvar="PYVOL_SOCKET", default=pyvol_config.DEFAULT_SOCKET,
-              show_default=True, help="The daemon's socket (env PYVOL_SOCKET).")
+@click.option("--socket", envvar="PYVOL_SOCKET", default=None,
+              help="The daemon's socket (env PYVOL_SOCKET; default: the host service's "
+                   f"{pyvol_config.DEFAULT_SOCKET}, else the managed plugin's).")
 @click.pass_context
 def cli(ctx, socket):
     """pyvol: thin volumes, snapshots and backups for Docker."""

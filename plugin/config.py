@@ -29,9 +29,15 @@ class Config:
     # standard way (AWS_* variables, ~/.aws, instance roles).
     backup_settings: dict[str, str] = field(default_factory=dict)
 
+    # How long Docker waits for a plugin call (its default; `docker plugin enable --timeout`
+    # changes it for a managed plugin): long work in a Docker call stops 5 s before.
+    docker_timeout: float = 30.0
+    # Where volumes are mounted; the managed plugin points it at its propagatedMount.
+    mounts: Path | None = None
+
     @property
     def mounts_dir(self) -> Path:
-        return self.root / "mounts"
+        return self.mounts or self.root / "mounts"
 
     @property
     def locks_dir(self) -> Path:
@@ -46,6 +52,27 @@ def socket_from_env() -> Path:
     return Path(os.environ.get("PYVOL_SOCKET", DEFAULT_SOCKET))
 
 
+MANAGED_GLOB = "/run/docker/plugins/*/pyvol.sock"
+
+
+def find_socket() -> str:
+    """The socket the CLI should use when none is named: the host service's, else the one
+    managed plugin's (``/run/docker/plugins/<plugin id>/pyvol.sock``)."""
+    import glob
+
+    if os.path.exists(DEFAULT_SOCKET):
+        return DEFAULT_SOCKET
+    managed = sorted(glob.glob(MANAGED_GLOB))
+    if len(managed) == 1:
+        return managed[0]
+    if len(managed) > 1:
+        from .errors import PyvolError
+
+        raise PyvolError(f"several managed pyvol plugins are running ({', '.join(managed)}): "
+                         "pick one with --socket or PYVOL_SOCKET")
+    return DEFAULT_SOCKET
+
+
 def load(root: str | None = None, socket: str | None = None, backend: str | None = None,
          env: dict[str, str] | None = None) -> Config:
     """Build the configuration: flags win over ``PYVOL_*`` variables, which win over defaults.
@@ -53,7 +80,9 @@ def load(root: str | None = None, socket: str | None = None, backend: str | None
     Backend settings are read from ``PYVOL_<BACKEND>_<SETTING>`` (``PYVOL_LOOP_POOL_SIZE=2T``),
     so the managed plugin's env list and a systemd unit configure the daemon the same way.
     """
-    env = dict(os.environ if env is None else env)
+    # An empty value means unset: the managed plugin's config.json declares every settable
+    # variable, empty unless the user sets it.
+    env = {k: v for k, v in (os.environ if env is None else env).items() if v != ""}
     cfg = Config(
         root=Path(root or env.get("PYVOL_ROOT", DEFAULT_ROOT)),
         socket=Path(socket or env.get("PYVOL_SOCKET", DEFAULT_SOCKET)),
@@ -61,6 +90,8 @@ def load(root: str | None = None, socket: str | None = None, backend: str | None
         workers=int(env.get("PYVOL_WORKERS", 2)),
         threads=int(env.get("PYVOL_THREADS", 8)),
         log_level=env.get("PYVOL_LOG_LEVEL", "info"),
+        mounts=Path(env["PYVOL_MOUNTS"]) if "PYVOL_MOUNTS" in env else None,
+        docker_timeout=float(env.get("PYVOL_DOCKER_TIMEOUT", 30)),
     )
     from .backends import BACKENDS  # late: backends import plugin modules
 

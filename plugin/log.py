@@ -38,3 +38,20 @@ def setup(level: str = "info") -> None:
 def event(logger: logging.Logger, msg: str, **fields) -> None:
     """Log ``msg`` with structured fields; never pass secrets here."""
     logger.info(msg, extra={"fields": fields})
+
+
+def gunicorn_config(level: str) -> dict:
+    """A logging.dictConfig for gunicorn's loggers that writes through JsonFormatter."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": JsonFormatter}},
+        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json",
+                                "stream": "ext://sys.stderr"}},
+        "loggers": {
+            "gunicorn.error": {"handlers": ["stderr"], "level": level.upper(),
+                               "propagate": False},
+            "gunicorn.access": {"handlers": [], "propagate": False},
+        },
+        "root": {"handlers": ["stderr"], "level": level.upper()},
+    }

@@ -116,6 +116,10 @@ class _Gunicorn(BaseApplication):
 
 def serve(config: Config) -> None:
     pyvol_log.setup(config.log_level)
+    # The managed plugin declares every settable variable, empty when unset; boto3 would read
+    # an empty AWS_ENDPOINT_URL or AWS_REGION as a value.
+    for key in [k for k, v in os.environ.items() if v == "" and k.startswith(("PYVOL_", "AWS_"))]:
+        del os.environ[key]
     config.root.mkdir(parents=True, exist_ok=True)
     os.chmod(config.root, 0o700)
     lock_fd = _take_daemon_lock(config)
@@ -148,6 +152,8 @@ def serve(config: Config) -> None:
         "accesslog": None,
         "errorlog": "-",
         "loglevel": config.log_level,
+        # gunicorn's own lines (workers booting, signals) as JSON too: one format on stderr
+        "logconfig_dict": pyvol_log.gunicorn_config(config.log_level),
         "post_fork": post_fork,
         "when_ready": when_ready,
         "proc_name": "pyvol",

@@ -488,3 +488,28 @@ def test_the_cli_shows_progress_on_a_terminal_and_nothing_under_json(proxied):
     assert "backup" in text and "/s" in text and "MB" in text, text[-500:]
     quiet = d.cli("backup", "create", "v", "--dest", url, "--json")
     assert quiet.stderr == "" and json.loads(quiet.stdout)["url"]
+
+
+def test_a_docker_create_from_a_slow_backup_stops_before_docker_gives_up(workdir, moto):
+    """Docker waits 30 s (here set to 7) for a plugin: a restore that would take longer is
+    stopped in time, nothing is left, and the Err says to use `pyvol restore` instead."""
+    proxy = FaultProxy(moto.endpoint)
+    d = Daemon(workdir / "root", workdir / "s.sock",
+               env={**moto.env, "AWS_ENDPOINT_URL": proxy.endpoint, "PYVOL_DOCKER_TIMEOUT": "7",
+                    "PYVOL_BACKUP_THREADS": "2"}).start()
+    try:
+        url = f"s3://{moto.bucket()}/r"
+        fill(f"{with_volume(d, 'v')}/f", 40 * MiB)
+        made = backup(d, "v", url)
+        proxy.set("pass", delay=1.0)
+        started = time.monotonic()
+        err = d.api.err("/VolumeDriver.Create", {"Name": "late",
+                                                 "Opts": {"from-backup": made["url"]}})
+        assert time.monotonic() - started < 7
+        assert "longer than Docker waits" in err and f"pyvol restore '{made['url']}' late" in err
+        assert "late" not in d.cli("ls").stdout
+        proxy.set("pass")
+        d.cli("restore", made["url"], "late")  # the CLI has no such limit
+    finally:
+        d.stop()
+        proxy.close()

@@ -19,8 +19,11 @@ class Cancelled(PyvolError):
 
 
 class Job:
-    def __init__(self, what: str = ""):
+    def __init__(self, what: str = "", deadline: float | None = None, late: str = ""):
+        """``deadline`` (seconds from now) cancels the work with the message ``late``."""
         self.what = what
+        self.deadline = None if deadline is None else time.monotonic() + deadline
+        self.late = late
         self.total = 0
         self.done = 0
         self.phase = ""
@@ -44,6 +47,8 @@ class Job:
         return self._cancel.is_set()
 
     def check(self) -> None:
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise Cancelled(self.late or f"{self.what} ran out of time")
         if self._cancel.is_set():
             raise Cancelled(f"{self.what or 'the operation'} was cancelled: its client went away")
 
