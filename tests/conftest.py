@@ -23,7 +23,18 @@ def pytest_collection_modifyitems(config, items):
         items[:] = keep
 
 
+_reports: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def report():
+    """Lines a test wants in the run's summary (sizes and figures a reader should see)."""
+    return _reports.append
+
+
 def pytest_terminal_summary(terminalreporter):
+    for line in _reports:
+        terminalreporter.write_line(line)
     if _deselected_dm:
         terminalreporter.write_line(
             f"{len(_deselected_dm)} devicemapper tests not run on this kernel "
