@@ -65,3 +65,20 @@ def test_cli_without_a_daemon_says_how_to_start_one(tmp_path):
                         "ls"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1
     assert "cannot reach the pyvol daemon" in r.stderr and "pyvol daemon" in r.stderr
+
+
+def test_every_line_the_daemon_writes_is_one_json_event(daemon):
+    """Docker files a managed plugin's stderr into its own log: one parseable line per event,
+    gunicorn's own lines included."""
+    import json
+
+    daemon.api.ok("/VolumeDriver.Create", {"Name": "logged", "Opts": {"size": "64M"}})
+    daemon.api.err("/VolumeDriver.Create", {"Name": "bad/name"})
+    daemon.cli("snapshot", "create", "logged")
+    daemon.stop()
+    lines = [ln for ln in daemon.log_path.read_text().splitlines() if ln.strip()]
+    events = [json.loads(ln) for ln in lines]  # fails on any line that is not JSON
+    assert all({"ts", "level", "logger", "msg"} <= set(e) for e in events)
+    loggers = {e["logger"] for e in events}
+    assert "gunicorn.error" in loggers and "pyvol.manager" in loggers
+    assert any(e["msg"] == "snapshot created" and e["volume"] == "logged" for e in events)
