@@ -7,10 +7,12 @@ The default is the first available in PREFERENCE: dm-thin where the kernel has i
 from .base import Backend, VolumeSpec
 from .devicemapper import DevicemapperBackend
 from .loop import LoopBackend
+from .nfs import NfsBackend
 
 BACKENDS: dict[str, type[Backend]] = {
     DevicemapperBackend.name: DevicemapperBackend,
     LoopBackend.name: LoopBackend,
+    NfsBackend.name: NfsBackend,
 }
 
 PREFERENCE = ["devicemapper", "loop"]

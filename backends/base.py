@@ -22,6 +22,7 @@ class VolumeSpec:
     name: str
     size: int
     options: dict[str, str] = field(default_factory=dict)  # this backend's own options
+    meta: dict[str, str] = field(default_factory=dict)  # every option the user gave
 
 
 class Backend(ABC):
@@ -49,6 +50,23 @@ class Backend(ABC):
     def unavailable_reason(cls) -> str | None:
         """None when this host can run the backend, else a sentence saying what is missing."""
         return None
+
+    def not_configured(self) -> str | None:
+        """None when the settings give the backend enough to run (e.g. nfs needs shares)."""
+        return None
+
+    def records(self) -> dict[str, dict]:
+        """Global backends: every volume the shared storage holds, with its record
+        (``size``, ``options``, ``created``), so that every host can answer Get and List."""
+        return {}
+
+    def record(self, name: str) -> dict | None:
+        """Global backends: one volume's record, or None."""
+        return None
+
+    def removal_blockers(self, name: str) -> list[str]:
+        """Global backends: other hosts that have the volume mounted (removal is refused)."""
+        return []
 
     @abstractmethod
     def setup(self) -> None:

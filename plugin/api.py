@@ -237,6 +237,14 @@ def create_app(manager: Manager) -> Flask:
             raise InvalidInput("missing query parameter 'snap'")
         return [list(r) for r in manager.changed_ranges(name, base, snap)]
 
+    @control("/volumes/<name>/leases", ["GET"])
+    def volume_leases(_, name):
+        return manager.leases(name)
+
+    @control("/volumes/<name>/leases/clear", ["POST"])
+    def volume_lease_clear(b, name):
+        return manager.clear_lease(name, _field(b, "Host"))
+
     # backups: long work streams progress (see _streamed); a backup URL goes in the body or
     # the query string because it holds '/' and '#'
     backups = manager.backups

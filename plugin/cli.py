@@ -270,6 +270,31 @@ def _progress(quiet: bool):
 
 
 @cli.group()
+def lease():
+    """Which hosts have a shared (nfs) volume mounted; clear a dead host's claim."""
+
+
+@lease.command("ls")
+@click.argument("volume")
+@json_option
+@click.pass_context
+def lease_ls(ctx, volume, as_json):
+    """List the hosts that have VOLUME mounted."""
+    _print(_client(ctx).call("GET", f"/volumes/{volume}/leases"), as_json, lambda ls: _table(
+        ["HOST", "INSTANCE", "SINCE"], [(x["host"], x["instance"], x["since"]) for x in ls]))
+
+
+@lease.command("clear")
+@click.argument("volume")
+@click.argument("host")
+@click.pass_context
+def lease_clear(ctx, volume, host):
+    """Drop the claim of HOST (dead) on VOLUME, so that it can be removed or moved."""
+    r = _client(ctx).call("POST", f"/volumes/{volume}/leases/clear", {"Host": host})
+    click.echo(f"cleared {r['cleared']} lease(s) of {host} on {volume}")
+
+
+@cli.group()
 def backup():
     """Backups: incremental, deduplicated copies of volumes in an S3 or file repository."""
 

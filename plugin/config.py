@@ -32,6 +32,8 @@ class Config:
     # How long Docker waits for a plugin call (its default; `docker plugin enable --timeout`
     # changes it for a managed plugin): long work in a Docker call stops 5 s before.
     docker_timeout: float = 30.0
+    # Backends this daemon runs (PYVOL_BACKENDS=nfs,loop); None: every one the host can.
+    enabled_backends: list[str] | None = None
     # Where volumes are mounted; the managed plugin points it at its propagatedMount.
     mounts: Path | None = None
 
@@ -92,6 +94,8 @@ def load(root: str | None = None, socket: str | None = None, backend: str | None
         log_level=env.get("PYVOL_LOG_LEVEL", "info"),
         mounts=Path(env["PYVOL_MOUNTS"]) if "PYVOL_MOUNTS" in env else None,
         docker_timeout=float(env.get("PYVOL_DOCKER_TIMEOUT", 30)),
+        enabled_backends=[b.strip() for b in env["PYVOL_BACKENDS"].split(",") if b.strip()]
+        if "PYVOL_BACKENDS" in env else None,
     )
     from .backends import BACKENDS  # late: backends import plugin modules
 

@@ -61,6 +61,12 @@ def mount(device: str, mount_point: Path, fstype: str, discard: bool = False) ->
     run(["mount", "-t", fstype, "-o", ",".join(opts), device, str(mount_point)], timeout=120)
 
 
+def bind(directory: str, mount_point: Path) -> None:
+    """A directory volume (nfs) appears at its mountpoint as a bind mount."""
+    mount_point.mkdir(parents=True, exist_ok=True)
+    run(["mount", "--bind", directory, str(mount_point)], timeout=60)
+
+
 def umount(mount_point: Path) -> None:
     """Unmount every layer at ``mount_point``; raise if it is busy (never lazily detach data)."""
     while mountinfo.is_mounted(mount_point):

@@ -104,9 +104,62 @@ class Manager:
 
     def _ready(self, name: str) -> Volume:
         v = self.store.volume(check_name(name))
+        if v is None:
+            v = self._adopt(name)
+        elif v.status == "ready" and self._gone_elsewhere(v):
+            v = None
         if v is None or v.status != "ready":
             raise NotFound(f"no such volume: {name}")
         return v
+
+    # volumes on shared storage (scope global): the storage's records are the truth, and this
+    # host's state follows them, so every host answers Get and List alike
+    def _global_backends(self) -> list[Backend]:
+        return [b for b in self.backends.values() if b.scope == "global"]
+
+    def _adopt_record(self, backend: Backend, name: str, rec: dict) -> Volume:
+        v = Volume(name, backend.name, int(rec["size"]), backend.name, "ready",
+                   rec.get("created") or now(), dict(rec.get("options") or {}))
+        try:
+            with self.store.tx():
+                if self.store.volume(name) is None:
+                    self.store.add_volume(v)
+        except Exception:  # another worker adopted it first
+            pass
+        return self.store.volume(name)
+
+    def _adopt(self, name: str) -> Volume | None:
+        for b in self._global_backends():
+            rec = b.record(name)
+            if rec is not None:
+                return self._adopt_record(b, name, rec)
+        return None
+
+    def _gone_elsewhere(self, v: Volume) -> bool:
+        """A global volume another host removed: forget it here (unless mounted here)."""
+        b = self.backends.get(v.backend)
+        if b is None or b.scope != "global" or self.store.mounts(v.name):
+            return False
+        if b.record(v.name) is not None:
+            return False
+        with self.store.tx():
+            self.store.delete_volume(v.name)
+        return True
+
+    def _sync_global(self) -> None:
+        for b in self._global_backends():
+            try:
+                recs = b.records()
+            except PyvolError as e:
+                log.warning("cannot list volumes of backend %s: %s", b.name, e)
+                continue
+            for name, rec in recs.items():
+                if self.store.volume(name) is None:
+                    self._adopt_record(b, name, rec)
+            for v in self.store.volumes("ready"):
+                if v.backend == b.name and v.name not in recs and not self.store.mounts(v.name):
+                    with self.store.tx():
+                        self.store.delete_volume(v.name)
 
     def _backend(self, v: Volume) -> Backend:
         b = self.backends.get(v.backend)
@@ -149,7 +202,7 @@ class Manager:
         if "from-snapshot" in opts:
             vol, snap = parse_snap_ref(opts["from-snapshot"])
             src_vol = self._ready(vol)
-            src_snap = self.store.snapshot(vol, snap)
+            src_snap = self._snapshot_record(src_vol, snap)
             if src_snap is None:
                 raise NotFound(f"no such snapshot: {opts['from-snapshot']}")
             if "backend" in opts and opts["backend"] != src_vol.backend:
@@ -184,7 +237,12 @@ class Manager:
         if src_fs and opts.get("fs", src_fs) != src_fs:
             raise InvalidInput(f"a volume made from {src_fs} data keeps fs {src_fs}, "
                                f"not {opts['fs']}")
-        fstype = fs.check_fstype(src_fs or opts.get("fs") or backend.default_fs or "ext4")
+        if backend.kind == "file":
+            if opts.get("fs", backend.name) != backend.name:
+                raise InvalidInput(f"backend {backend.name} holds files: it takes no fs option")
+            fstype = backend.name
+        else:
+            fstype = fs.check_fstype(src_fs or opts.get("fs") or backend.default_fs or "ext4")
         size = parse_size(opts["size"]) if "size" in opts else None
         if src_size is not None:
             if size is not None and size < src_size:
@@ -195,14 +253,18 @@ class Manager:
         if size is None and backend.default_size:
             size = parse_size(backend.default_size, f"{backend.name} default_size")
         size = size or DEFAULT_SIZE
-        if size < MIN_SIZE[fstype]:
+        if size < MIN_SIZE.get(fstype, 0):
             raise InvalidInput(f"size {format_size(size)} is too small for {fstype}: "
                                f"accepted is at least {format_size(MIN_SIZE[fstype])}")
-        spec = VolumeSpec(name, size, {k: opts[k] for k in backend.options if k in opts})
+        spec = VolumeSpec(name, size, {k: opts[k] for k in backend.options if k in opts},
+                          dict(opts))
         record = Volume(name, backend.name, size, fstype, "creating", now(), opts)
         with self._lock(*lock_names):
             if self.store.volume(name) is not None:
                 raise Conflict(f"volume {name} already exists")
+            if backend.scope == "global" and name in backend.list():
+                raise Conflict(f"volume {name} already exists on backend {backend.name} "
+                               "(another host made it): use it by name")
             if name in backend.list():
                 # checked before the record exists, so the undo path can never delete it
                 raise Conflict(f"backend {backend.name} already holds storage named {name}, "
@@ -265,6 +327,11 @@ class Manager:
                 raise Conflict(f"volume {name} is in use ({sum(users.values())} mount(s), "
                                f"ids {ids}): stop the containers using it first")
             backend = self._backend(v)
+            others = backend.removal_blockers(name)
+            if others:
+                raise Conflict(f"volume {name} is mounted on other hosts ({', '.join(others)}):"
+                               f" unmount it there first; if a host is dead, `pyvol lease "
+                               f"clear {name} HOST` drops its claim")
             mp = self.mountpoint(name)
             if mountinfo.is_mounted(mp):
                 try:
@@ -273,7 +340,11 @@ class Manager:
                     raise Conflict(f"volume {name} is still mounted and busy: {e}") from None
             with self._no_readers(name, [sn.name for sn in self.store.snapshots(name)]):
                 self.store.set_volume_status(name, "removing")
-                self._finish_remove(backend, name)
+                try:
+                    self._finish_remove(backend, name)
+                except Conflict:  # another host mounted it meanwhile: nothing was removed
+                    self.store.set_volume_status(name, "ready")
+                    raise
         event(log, "volume removed", volume=name)
 
     def _finish_remove(self, backend: Backend, name: str) -> None:
@@ -306,7 +377,7 @@ class Manager:
             if backend.kind == "block":
                 fs.mount(dev, mp, v.fs, discard=backend.discard)
             else:
-                raise PyvolError(f"backend kind {backend.kind} is not supported yet")
+                fs.bind(dev, mp)
         except BaseException:
             backend.deactivate(v.name)
             raise
@@ -348,6 +419,7 @@ class Manager:
     def mountpoints(self) -> list[dict]:
         """Name and Mountpoint of every volume: all Docker's List needs, so it costs one query
         and one read of mountinfo, not a backend call per volume."""
+        self._sync_global()
         mounted = {e.mount_point for e in mountinfo.entries()}
         return [{"Name": v.name, "Mountpoint": self._shown_mountpoint(v.name, mounted)}
                 for v in self.store.volumes("ready")]
@@ -358,6 +430,7 @@ class Manager:
         return mp if mp in mounted else ""
 
     def list(self) -> list[dict]:
+        self._sync_global()
         mounted = {e.mount_point for e in mountinfo.entries()}
         return [self._describe(v, mounted) for v in self.store.volumes("ready")]
 
@@ -379,6 +452,28 @@ class Manager:
         return {"Name": v.name, "Mountpoint": self._shown_mountpoint(v.name, mounted),
                 "CreatedAt": v.created_at, "Status": status}
 
+    # claims of other hosts on shared volumes
+    def leases(self, name) -> list[dict]:
+        v = self._ready(name)
+        b = self._backend(v)
+        if not hasattr(b, "leases"):
+            raise InvalidInput(f"volume {name} is on backend {b.name}, which has no leases "
+                               "(only shared backends such as nfs do)")
+        return b.leases(name)
+
+    def clear_lease(self, name, host) -> dict:
+        """Drop a dead host's claim on a shared volume, so that it can be removed."""
+        if not isinstance(host, str) or not host:
+            raise InvalidInput("missing host: accepted is the hostname or instance id shown by "
+                               "`pyvol lease ls`")
+        self.leases(name)
+        with self._lock(name):
+            n = self._backend(self._ready(name)).clear_lease(name, host)
+        if n == 0:
+            raise NotFound(f"volume {name} has no lease of host {host}")
+        event(log, "lease cleared", volume=name, host=host, leases=n)
+        return {"cleared": n}
+
     # snapshots
     def snapshot_create(self, volume, snap=None) -> dict:
         check_name(volume)
@@ -398,7 +493,10 @@ class Manager:
             with self.store.tx():
                 self.store.add_snapshot(Snapshot(volume, snap, v.size, "creating", now()))
             try:
-                with fs.frozen(self.mountpoint(volume)):
+                if backend.kind == "block":
+                    with fs.frozen(self.mountpoint(volume)):
+                        backend.snapshot(volume, snap)
+                else:  # a directory copy: consistent per file, not across files
                     backend.snapshot(volume, snap)
             except BaseException:
                 backend.remove_snapshot(volume, snap)
@@ -421,10 +519,23 @@ class Manager:
                 self.store.delete_snapshot(volume, snap)
         event(log, "snapshot removed", volume=volume, snapshot=snap)
 
+    def _snapshot_record(self, v: Volume, snap: str) -> Snapshot | None:
+        """The snapshot's record; for a shared volume, one another host took is adopted."""
+        s = self.store.snapshot(v.name, snap)
+        b = self.backends.get(v.backend)
+        if s is None and b is not None and b.scope == "global" and snap in b.snapshots(v.name):
+            try:
+                with self.store.tx():
+                    self.store.add_snapshot(Snapshot(v.name, snap, v.size, "ready", now()))
+            except Exception:  # another worker adopted it first
+                pass
+            s = self.store.snapshot(v.name, snap)
+        return s
+
     def snapshot_get(self, volume, snap) -> dict:
         check_name(volume)
         check_snap_name(snap)
-        s = self.store.snapshot(volume, snap)
+        s = self._snapshot_record(self._ready(volume), snap)
         if s is None or s.status != "ready":
             raise NotFound(f"no such snapshot: {volume}@{snap}")
         return _describe_snap(s)

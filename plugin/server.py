@@ -71,22 +71,36 @@ def _alive(pid: str) -> bool:
     return True
 
 
+def _set_up(config: Config, name: str, cls, backends: dict) -> str | None:
+    """Set up one backend into ``backends``; else the reason it is unavailable."""
+    if config.enabled_backends is not None and name not in config.enabled_backends:
+        return "not enabled (PYVOL_BACKENDS)"
+    why = cls.unavailable_reason()
+    if why is not None:
+        return why
+    try:
+        backend = cls(config.root, config.backend_settings.get(name, {}))
+        why = backend.not_configured()
+        if why is not None:
+            return why
+        backend.setup()
+    except PyvolError as e:
+        log.error("backend %s could not be set up: %s", name, e)
+        return f"setup failed: {e}"
+    except Exception as e:  # reported in `pyvol info` and in each refused create
+        log.exception("backend %s could not be set up", name)
+        return f"setup failed: {e}"
+    backends[name] = backend
+    return None
+
+
 def build_manager(config: Config) -> Manager:
     """Set up every backend this host can run; one that fails does not stop the others."""
     store = Store(config.state_path)
     store.init()
     backends, unavailable = {}, {}
     for name, cls in BACKENDS.items():
-        why = cls.unavailable_reason()
-        if why is None:
-            backend = cls(config.root, config.backend_settings.get(name, {}))
-            try:
-                backend.setup()
-            except Exception as e:  # reported in `pyvol info` and in each refused create
-                log.exception("backend %s could not be set up", name)
-                why = f"setup failed: {e}"
-            else:
-                backends[name] = backend
+        why = _set_up(config, name, cls, backends)
         if why is not None:
             unavailable[name] = why
     # The default follows what the kernel can do, not whether setup worked: a dm-thin host

@@ -6,21 +6,29 @@ from pathlib import Path
 import pytest
 
 from helpers import Daemon, Dockerd, release
+from nfsserver import NfsServer
 from pyvol.backends.devicemapper import DevicemapperBackend
 
-_deselected_dm = []
+# marker -> why this kernel cannot run its tests (None: it can)
+KERNEL_NEEDS = {
+    "devicemapper": DevicemapperBackend.unavailable_reason,
+    "nfs": NfsServer.unavailable_reason,
+}
+_deselected: dict[str, list] = {}
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests that need dm-thin run where the kernel has it; elsewhere scripts/test.sh runs them
-    in the qemu lane (tests/vm/run_in_vm.py). They are deselected here, and the summary says so."""
-    if DevicemapperBackend.unavailable_reason() is None:
-        return
-    keep = [i for i in items if "devicemapper" not in i.keywords]
-    _deselected_dm.extend(i for i in items if "devicemapper" in i.keywords)
-    if _deselected_dm:
-        config.hook.pytest_deselected(items=_deselected_dm)
-        items[:] = keep
+    """Tests that need dm-thin or the kernel NFS server run where the kernel offers them;
+    elsewhere scripts/test.sh runs them in the qemu lane (tests/vm/run_in_vm.py). They are
+    deselected here, and the summary says so."""
+    for marker, why in KERNEL_NEEDS.items():
+        if why() is None:
+            continue
+        dropped = [i for i in items if marker in i.keywords]
+        if dropped:
+            _deselected[marker] = dropped
+            config.hook.pytest_deselected(items=dropped)
+            items[:] = [i for i in items if marker not in i.keywords]
 
 
 _reports: list[str] = []
@@ -35,11 +43,10 @@ def report():
 def pytest_terminal_summary(terminalreporter):
     for line in _reports:
         terminalreporter.write_line(line)
-    if _deselected_dm:
+    for marker, dropped in _deselected.items():
         terminalreporter.write_line(
-            f"{len(_deselected_dm)} devicemapper tests not run on this kernel "
-            f"({DevicemapperBackend.unavailable_reason()}); scripts/test.sh runs them in the "
-            "qemu lane")
+            f"{len(dropped)} {marker} tests not run on this kernel "
+            f"({KERNEL_NEEDS[marker]()}); scripts/test.sh runs them in the qemu lane")
 
 
 @pytest.fixture
@@ -128,3 +135,16 @@ def seaweed():
 def s3(request):
     """Each S3 test runs against moto's server and against SeaweedFS, both over real HTTP."""
     return request.getfixturevalue("moto" if request.param == "moto" else "seaweed")
+
+
+@pytest.fixture(scope="session")
+def nfs_server():
+    return NfsServer().start()
+
+
+@pytest.fixture
+def nfs_export(nfs_server, request):
+    """A fresh, empty export (no_root_squash) for one test."""
+    import secrets
+
+    return nfs_server.export(f"x-{secrets.token_hex(4)}")

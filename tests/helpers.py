@@ -145,7 +145,7 @@ def loop_devices_under(root: Path) -> dict[str, str]:
 
 
 def write_at(device: str, offset: int, data: bytes) -> None:
-    fd = os.open(device, os.O_WRONLY)
+    fd = os.open(device, os.O_WRONLY | os.O_CREAT, 0o644)
     try:
         os.pwrite(fd, data, offset)
         os.fsync(fd)

@@ -1,9 +1,12 @@
 """The backend contract, as one suite every backend must pass unchanged (Flocker's pattern).
 
 Each test speaks only the ``Backend`` interface; a new backend joins by adding a factory to
-FACTORIES. Volumes here are raw block devices: filesystems are pyvol.fs's job, not the
-backend's, and raw writes let "changed ranges" be checked exactly.
+FACTORIES. Block volumes are used as raw devices (filesystems are pyvol.fs's job, not the
+backend's, and raw writes let "changed ranges" be checked exactly); a file backend's volume is
+a directory, and the same bytes go to one file in it (``put``/``get``).
 """
+
+import os
 
 import pytest
 
@@ -11,16 +14,27 @@ from helpers import read_at, write_at
 from pyvol.backends import VolumeSpec
 from pyvol.backends.devicemapper import DevicemapperBackend
 from pyvol.backends.loop import LoopBackend
-from pyvol.errors import NotFound
+from pyvol.backends.nfs import NfsBackend
+from pyvol.errors import InvalidInput, NotFound
 from pyvol.fs import device_size
 
 MiB = 1 << 20
 
 FACTORIES = {
-    "loop": lambda root: LoopBackend(root, {"pool_size": "4G"}),
-    "devicemapper": lambda root: DevicemapperBackend(root, {"data_size": "4G"}),
+    "loop": lambda root, request: LoopBackend(root, {"pool_size": "4G"}),
+    "devicemapper": lambda root, request: DevicemapperBackend(root, {"data_size": "4G"}),
+    "nfs": lambda root, request: NfsBackend(
+        root, {"shares": f"main=127.0.0.1:{request.getfixturevalue('nfs_export')}"}),
 }
-MARKS = {"devicemapper": [pytest.mark.devicemapper]}
+MARKS = {"devicemapper": [pytest.mark.devicemapper], "nfs": [pytest.mark.nfs]}
+
+
+def put(dev: str, offset: int, data: bytes) -> None:
+    write_at(os.path.join(dev, "data") if os.path.isdir(dev) else dev, offset, data)
+
+
+def get(path: str, offset: int, length: int) -> bytes:
+    return read_at(os.path.join(path, "data") if os.path.isdir(path) else path, offset, length)
 
 
 @pytest.fixture(params=[pytest.param(n, marks=MARKS.get(n, [])) for n in sorted(FACTORIES)])
@@ -29,7 +43,7 @@ def make(request, workdir):
     made = []
 
     def factory():
-        b = FACTORIES[request.param](workdir / "root")
+        b = FACTORIES[request.param](workdir / "root", request)
         b.setup()
         made.append(b)
         return b
@@ -60,7 +74,11 @@ def test_create_list_remove(backend):
 def test_size_is_exact(backend):
     backend.create(VolumeSpec("v", 80 * MiB))
     assert backend.size("v") == 80 * MiB
-    assert device_size(backend.activate("v")) == 80 * MiB
+    dev = backend.activate("v")
+    if backend.kind == "block":
+        assert device_size(dev) == 80 * MiB
+    else:  # a directory: the size is the record (advisory where the server has no quota)
+        assert os.path.isdir(dev) and os.listdir(dev) == []
 
 
 def test_activate_twice_gives_the_same_device(backend):
@@ -77,32 +95,32 @@ def test_activate_twice_gives_the_same_device(backend):
 def test_snapshot_content_is_frozen_at_snapshot_time(backend):
     backend.create(VolumeSpec("v", 64 * MiB))
     dev = backend.activate("v")
-    write_at(dev, 0, b"A" * 65536)
-    write_at(dev, 40 * MiB, b"a" * 4096)
+    put(dev, 0, b"A" * 65536)
+    put(dev, 40 * MiB, b"a" * 4096)
     backend.snapshot("v", "s1")
-    write_at(dev, 0, b"B" * 65536)
-    write_at(dev, 40 * MiB, b"b" * 4096)
+    put(dev, 0, b"B" * 65536)
+    put(dev, 40 * MiB, b"b" * 4096)
     assert backend.snapshots("v") == ["s1"]
     with backend.read_snapshot("v", "s1") as path:
-        assert read_at(path, 0, 65536) == b"A" * 65536
-        assert read_at(path, 40 * MiB, 4096) == b"a" * 4096
-    assert read_at(dev, 0, 65536) == b"B" * 65536
+        assert get(path, 0, 65536) == b"A" * 65536
+        assert get(path, 40 * MiB, 4096) == b"a" * 4096
+    assert get(dev, 0, 65536) == b"B" * 65536
 
 
 def test_clone_from_snapshot_is_independent_and_may_be_larger(backend):
     backend.create(VolumeSpec("v", 64 * MiB))
     dev = backend.activate("v")
-    write_at(dev, 1 * MiB, b"origin" * 1000)
+    put(dev, 1 * MiB, b"origin" * 1000)
     backend.snapshot("v", "s")
     backend.clone("v", "s", VolumeSpec("c", 128 * MiB))
     assert backend.size("c") == 128 * MiB
     clone = backend.activate("c")
     assert clone != dev
-    assert read_at(clone, 1 * MiB, 6000) == b"origin" * 1000
-    write_at(clone, 1 * MiB, b"X" * 6000)
-    assert read_at(dev, 1 * MiB, 6000) == b"origin" * 1000
+    assert get(clone, 1 * MiB, 6000) == b"origin" * 1000
+    put(clone, 1 * MiB, b"X" * 6000)
+    assert get(dev, 1 * MiB, 6000) == b"origin" * 1000
     with backend.read_snapshot("v", "s") as path:
-        assert read_at(path, 1 * MiB, 6000) == b"origin" * 1000
+        assert get(path, 1 * MiB, 6000) == b"origin" * 1000
 
 
 def test_remove_snapshot(backend):
@@ -130,15 +148,15 @@ def test_remove_takes_the_snapshots_with_it(backend):
 def test_recovery_after_restart_and_reboot(make):
     first = make()
     first.create(VolumeSpec("v", 64 * MiB))
-    write_at(first.activate("v"), 5 * MiB, b"durable" * 100)
+    put(first.activate("v"), 5 * MiB, b"durable" * 100)
     first.snapshot("v", "s")
     first.teardown()  # devices and pool released, as at host shutdown
     second = make()
     assert second.list() == ["v"]
     assert second.snapshots("v") == ["s"]
-    assert read_at(second.activate("v"), 5 * MiB, 700) == b"durable" * 100
+    assert get(second.activate("v"), 5 * MiB, 700) == b"durable" * 100
     with second.read_snapshot("v", "s") as path:
-        assert read_at(path, 5 * MiB, 700) == b"durable" * 100
+        assert get(path, 5 * MiB, 700) == b"durable" * 100
 
 
 def _round_out(ranges, unit):
@@ -149,16 +167,22 @@ def _round_out(ranges, unit):
 
 
 def test_changed_ranges_between_snapshots_are_exact(backend):
+    if backend.kind == "file":  # the contract: block backends only; file backends refuse
+        backend.create(VolumeSpec("v", 64 * MiB))
+        backend.snapshot("v", "a")
+        with pytest.raises(InvalidInput, match="holds files"):
+            backend.changed_ranges("v", None, "a")
+        return
     unit = backend.change_granularity
     backend.create(VolumeSpec("v", 64 * MiB))
     dev = backend.activate("v")
     first = [(0, 8192), (20 * MiB, 3 * unit)]
     for off, n in first:
-        write_at(dev, off, b"1" * n)
+        put(dev, off, b"1" * n)
     backend.snapshot("v", "a")
     second = [(4096, 4096), (33 * MiB + unit, unit), (63 * MiB, 2 * unit)]
     for off, n in second:
-        write_at(dev, off, b"2" * n)
+        put(dev, off, b"2" * n)
     backend.snapshot("v", "b")
 
     changed = backend.changed_ranges("v", "a", "b")
@@ -179,5 +203,8 @@ def test_missing_volume_or_snapshot_is_not_found(backend):
     backend.create(VolumeSpec("v", 64 * MiB))
     with pytest.raises(NotFound):
         backend.clone("v", "nope", VolumeSpec("c", 64 * MiB))
-    with pytest.raises(NotFound):
+    with pytest.raises(NotFound if backend.kind == "block" else InvalidInput):
         backend.changed_ranges("v", None, "nope")
+    with pytest.raises(NotFound):
+        with backend.read_snapshot("v", "nope"):
+            pass

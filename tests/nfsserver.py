@@ -1,0 +1,64 @@
+"""The kernel NFS server, on 127.0.0.1, inside the qemu lane's guest (tests/vm/run_in_vm.py).
+
+Exports live on a tmpfs (nfsd cannot export the guest's 9p or overlay directories), each
+with its own fsid. NFSv4 grace and lease times are cut to 10 s so that a restarted server
+serves again quickly.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+from pathlib import Path
+
+BASE = Path("/mnt/pyvol-nfs")
+
+
+def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=60)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed: {proc.stderr.strip()}")
+    return proc
+
+
+class NfsServer:
+    def __init__(self):
+        self._fsid = itertools.count(1)
+
+    @staticmethod
+    def unavailable_reason() -> str | None:
+        if os.environ.get("PYVOL_IN_VM") != "1":
+            return "the NFS server runs only in the qemu lane's kernel"
+        return None
+
+    def start(self) -> NfsServer:
+        BASE.mkdir(parents=True, exist_ok=True)
+        if subprocess.run(["mountpoint", "-q", str(BASE)]).returncode != 0:
+            sh("mount", "-t", "tmpfs", "-o", "size=1500m", "tmpfs", str(BASE))
+        sh("modprobe", "nfsd", check=False)
+        if subprocess.run(["mountpoint", "-q", "/proc/fs/nfsd"]).returncode != 0:
+            sh("mount", "-t", "nfsd", "nfsd", "/proc/fs/nfsd")
+        for knob in ("nfsv4gracetime", "nfsv4leasetime"):
+            Path(f"/proc/fs/nfsd/{knob}").write_text("10")
+        Path("/var/lib/nfs/rpc_pipefs").mkdir(parents=True, exist_ok=True)
+        Path("/run/rpcbind").mkdir(parents=True, exist_ok=True)
+        sh("rpcbind", "-w", check=False)
+        sh("rpc.mountd")
+        sh("rpc.nfsd", "8")
+        return self
+
+    def export(self, name: str, squash: bool = False) -> Path:
+        path = BASE / name
+        path.mkdir(parents=True, exist_ok=True)
+        opts = f"rw,{'root_squash' if squash else 'no_root_squash'},fsid={next(self._fsid)}," \
+               "insecure,no_subtree_check,sync"
+        sh("exportfs", "-o", opts, f"127.0.0.1:{path}")
+        return path
+
+    def stop_serving(self) -> None:
+        """nfsd stops answering; clients with a hard mount wait for it."""
+        sh("rpc.nfsd", "0")
+
+    def resume(self) -> None:
+        sh("rpc.nfsd", "8")

@@ -1,0 +1,133 @@
+"""The nfs backend through two daemons (two hosts) sharing one export of the kernel NFS
+server, inside the qemu lane."""
+
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from helpers import Daemon
+
+pytestmark = pytest.mark.nfs
+
+
+def host(workdir, name, export, **env) -> Daemon:
+    return Daemon(workdir / name, workdir / f"{name}.sock", env={
+        "PYVOL_NFS_SHARES": f"main=127.0.0.1:{export}", "PYVOL_BACKEND": "nfs",
+        "PYVOL_NFS_TIMEOUT": "4", **env}).start()
+
+
+@pytest.fixture
+def two_hosts(workdir, nfs_export):
+    a = host(workdir, "a", nfs_export, PYVOL_BACKENDS="nfs")
+    b = host(workdir, "b", nfs_export, PYVOL_BACKENDS="nfs")
+    yield a, b
+    for d in (a, b):
+        d.stop()
+
+
+def test_both_hosts_see_one_volume_and_its_data(two_hosts):
+    a, b = two_hosts
+    assert a.api.ok("/VolumeDriver.Capabilities")["Capabilities"]["Scope"] == "global"
+    a.api.ok("/VolumeDriver.Create", {"Name": "shared", "Opts": {"size": "2G"}})
+    got = b.api.ok("/VolumeDriver.Get", {"Name": "shared"})["Volume"]
+    assert got["Status"]["backend"] == "nfs" and got["Status"]["size"] == 2 << 30
+    assert [v["Name"] for v in b.api.ok("/VolumeDriver.List")["Volumes"]] == ["shared"]
+    err = b.api.err("/VolumeDriver.Create", {"Name": "shared"})
+    assert "already exists" in err
+    mp_a = a.api.ok("/VolumeDriver.Mount", {"Name": "shared", "ID": "c1"})["Mountpoint"]
+    with open(os.path.join(mp_a, "page"), "w") as f:
+        f.write("written on a\n")
+    os.chown(os.path.join(mp_a, "page"), 999, 998)
+    os.chmod(os.path.join(mp_a, "page"), 0o640)
+    mp_b = b.api.ok("/VolumeDriver.Mount", {"Name": "shared", "ID": "c2"})["Mountpoint"]
+    st = os.stat(os.path.join(mp_b, "page"))
+    assert open(os.path.join(mp_b, "page")).read() == "written on a\n"
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (999, 998, 0o640)
+    # remove is refused while the other host has it mounted, and names that host
+    b.api.ok("/VolumeDriver.Unmount", {"Name": "shared", "ID": "c2"})
+    err = b.api.err("/VolumeDriver.Remove", {"Name": "shared"})
+    assert "mounted on other hosts" in err and "lease clear" in err
+    a.api.ok("/VolumeDriver.Unmount", {"Name": "shared", "ID": "c1"})
+    b.api.ok("/VolumeDriver.Remove", {"Name": "shared"})
+    assert "no such volume" in a.api.err("/VolumeDriver.Get", {"Name": "shared"})
+    assert a.api.ok("/VolumeDriver.List")["Volumes"] == []
+
+
+def test_a_dead_hosts_lease_is_cleared_explicitly(two_hosts):
+    a, b = two_hosts
+    a.api.ok("/VolumeDriver.Create", {"Name": "orphan"})
+    b.api.ok("/VolumeDriver.Mount", {"Name": "orphan", "ID": "x"})
+    os.killpg(b.proc.pid, signal.SIGKILL)  # host b dies with the volume mounted
+    err = a.api.err("/VolumeDriver.Remove", {"Name": "orphan"})
+    assert "mounted on other hosts" in err
+    leases = json.loads(a.cli("lease", "ls", "orphan", "--json").stdout)
+    assert len(leases) == 1
+    a.cli("lease", "clear", "orphan", leases[0]["instance"])
+    a.api.ok("/VolumeDriver.Remove", {"Name": "orphan"})
+
+
+def test_snapshot_keeps_the_past_while_the_origin_changes(two_hosts):
+    a, b = two_hosts
+    a.api.ok("/VolumeDriver.Create", {"Name": "docs"})
+    mp = a.api.ok("/VolumeDriver.Mount", {"Name": "docs", "ID": "w"})["Mountpoint"]
+    os.makedirs(os.path.join(mp, "d"))
+    with open(os.path.join(mp, "d", "f"), "w") as f:
+        f.write("v1")
+    os.symlink("d/f", os.path.join(mp, "link"))
+    a.cli("snapshot", "create", "docs", "--name", "s1")
+    with open(os.path.join(mp, "d", "f"), "w") as f:
+        f.write("v2")
+    b.cli("create", "docs-then", "--from-snapshot", "docs@s1")
+    mp2 = b.api.ok("/VolumeDriver.Mount", {"Name": "docs-then", "ID": "r"})["Mountpoint"]
+    assert open(os.path.join(mp2, "d", "f")).read() == "v1"
+    assert os.readlink(os.path.join(mp2, "link")) == "d/f"
+    assert open(os.path.join(mp, "d", "f")).read() == "v2"
+
+
+def test_a_root_squashed_export_is_refused_with_what_to_change(workdir, nfs_server):
+    export = nfs_server.export("squashed", squash=True)
+    os.chmod(export, 0o777)
+    d = host(workdir, "s", export)
+    try:
+        info = json.loads(d.cli("info", "--json").stdout)["backends"]["nfs"]
+        assert info["available"] is False and "squashes root" in info["reason"]
+        assert "no_root_squash" in info["reason"]
+        err = d.api.err("/VolumeDriver.Create", {"Name": "v", "Opts": {"backend": "nfs"}})
+        assert "squashes root" in err
+        d.api.ok("/VolumeDriver.Create", {"Name": "v", "Opts": {"backend": "loop",
+                                                                "size": "64M"}})
+    finally:
+        d.stop()
+
+
+def test_a_stopped_server_gives_bounded_clear_errors_and_other_backends_serve(
+        workdir, nfs_export, nfs_server):
+    d = host(workdir, "h", nfs_export)
+    try:
+        d.api.ok("/VolumeDriver.Create", {"Name": "remote"})
+        nfs_server.stop_serving()
+        try:
+            started = time.monotonic()
+            err = d.api.err("/VolumeDriver.Mount", {"Name": "remote", "ID": "m"})
+            assert time.monotonic() - started < 20
+            assert "did not answer" in err and "127.0.0.1" in err
+            err = d.api.err("/VolumeDriver.Create", {"Name": "remote2"})
+            assert "did not answer" in err
+            # the daemon keeps serving everything else
+            d.api.ok("/VolumeDriver.Create", {"Name": "local", "Opts": {"backend": "loop",
+                                                                        "size": "64M"}})
+            d.api.ok("/VolumeDriver.Mount", {"Name": "local", "ID": "m"})
+            assert d.api.ok("/VolumeDriver.Capabilities")["Capabilities"]["Scope"] == "local"
+        finally:
+            nfs_server.resume()
+        deadline = time.monotonic() + 60
+        while True:  # the client reconnects once the server answers again
+            if not d.api.post("/VolumeDriver.Mount", {"Name": "remote", "ID": "m"}).get("Err"):
+                break
+            assert time.monotonic() < deadline, "nfs did not recover after the server came back"
+            time.sleep(2)
+    finally:
+        d.stop()
