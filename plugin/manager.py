@@ -219,13 +219,25 @@ class Manager:
             src_size, src_fs = restore.size, restore.fs
 
             def populate(backend, spec):
-                if backend.kind != "block":
+                if restore.kind == "block" and backend.kind != "block":
                     raise InvalidInput(f"backup {opts['from-backup']} is a block backup; "
-                                       f"backend {backend.name} holds files")
+                                       f"backend {backend.name} holds files: restore it into "
+                                       "a block backend (loop, devicemapper)")
                 backend.create(spec)
-                dev = backend.activate(spec.name)
+                if restore.kind == "tree" and backend.kind == "block":
+                    record = Volume(spec.name, backend.name, spec.size, fstype, "creating",
+                                    now(), opts)
+                    self._mkfs(backend, record)
+                    mp = self.mountpoint(spec.name)
+                    self._attach(backend, record, mp)
+                    try:
+                        restore.run(str(mp), job)
+                    finally:
+                        self._detach(record)
+                    return
+                target = backend.activate(spec.name)
                 try:
-                    restore.run(dev, job)
+                    restore.run(target, job)
                 finally:
                     backend.deactivate(spec.name)
         backend = self._pick_backend(opts)
@@ -274,7 +286,7 @@ class Manager:
             try:
                 if populate is not None:
                     populate(backend, spec)
-                    if size > src_size:
+                    if size > src_size and backend.kind == "block" and src_fs:
                         self._grow(backend, record)
                 else:
                     backend.create(spec)

@@ -1,7 +1,7 @@
 """The kernel NFS server, on 127.0.0.1, inside the qemu lane's guest (tests/vm/run_in_vm.py).
 
-Exports live on a tmpfs (nfsd cannot export the guest's 9p or overlay directories), each
-with its own fsid. NFSv4 grace and lease times are cut to 10 s so that a restarted server
+Exports live on an ext4 image (nfsd cannot export the guest's 9p or overlay directories, and
+this kernel's tmpfs has no user xattrs, which NFSv4.2 passes through), each with its own fsid. NFSv4 grace and lease times are cut to 10 s so that a restarted server
 serves again quickly.
 """
 
@@ -35,7 +35,11 @@ class NfsServer:
     def start(self) -> NfsServer:
         BASE.mkdir(parents=True, exist_ok=True)
         if subprocess.run(["mountpoint", "-q", str(BASE)]).returncode != 0:
-            sh("mount", "-t", "tmpfs", "-o", "size=1500m", "tmpfs", str(BASE))
+            image = Path("/mnt/pyvol-nfs.img")  # sparse, on the guest's tmpfs
+            with open(image, "wb") as f:
+                f.truncate(3 << 30)
+            sh("mkfs.ext4", "-q", "-F", str(image))
+            sh("mount", "-o", "loop", str(image), str(BASE))
         sh("modprobe", "nfsd", check=False)
         if subprocess.run(["mountpoint", "-q", "/proc/fs/nfsd"]).returncode != 0:
             sh("mount", "-t", "nfsd", "nfsd", "/proc/fs/nfsd")

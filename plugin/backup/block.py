@@ -145,7 +145,7 @@ def restore(repo: Repository, manifest: dict, device: str, job: Job, threads: in
 
 def verify(repo: Repository, manifest: dict, job: Job, threads: int) -> dict:
     """Read and check every chunk the manifest lists; report every bad one, not just the first."""
-    names = sorted({str(n) for _, n in manifest["chunks"]})
+    names = sorted({str(c[1]) for c in manifest["chunks"]})
     job.start("verify", len(names))
     bad: list[str] = []
     nbytes = [0]

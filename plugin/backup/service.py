@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from ..errors import InvalidInput, NotFound, PyvolError
 from ..log import event
-from . import block
+from . import block, tree
 from .blobs import CorruptObject, read_key_file
 from .job import Job
 from .leases import DEFAULT_LEASE, locked
@@ -44,13 +44,21 @@ class Restore:
         return int(self.manifest["source"]["size"])
 
     @property
-    def fs(self) -> str:
-        return self.manifest["source"].get("fs", "ext4")
+    def kind(self) -> str:
+        """"block": written into a device; "tree": extracted into a directory."""
+        return self.manifest["kind"]
 
-    def run(self, device: str, job: Job | None) -> dict:
+    @property
+    def fs(self) -> str | None:
+        """The filesystem a block backup holds; None for a tree, which goes into any."""
+        return self.manifest["source"].get("fs", "ext4") if self.kind == "block" else None
+
+    def run(self, target: str, job: Job | None) -> dict:
+        """Write into ``target``: a device for a block backup, a directory for a tree."""
         job = job or Job("restore")
+        engine = block if self.kind == "block" else tree
         with locked(self.repo, "shared", self.service.lease):
-            result = block.restore(self.repo, self.manifest, device, job, self.service.threads)
+            result = engine.restore(self.repo, self.manifest, target, job, self.service.threads)
         event(log, "backup restored", backup=self.manifest["url"], **result)
         return result
 
@@ -87,9 +95,6 @@ class Backups:
         m = self.manager
         v = m._ready(vol)
         backend = m._backend(v)
-        if backend.kind != "block":
-            raise InvalidInput(f"volume {vol} is on backend {backend.name}, which holds files; "
-                               "block backups need a block backend")
         repo = self._repo(dest, create=True)
         bid = new_backup_id()
         with locked(repo, "shared", self.lease):
@@ -111,6 +116,11 @@ class Backups:
                 raise
         event(log, "backup created", volume=vol, snapshot=snap, backup=url,
               incremental=manifest["incremental"], **manifest["stats"])
+        if auto and manifest["kind"] == "tree":
+            try:  # a tree backup is never a base for the next: its snapshot is not kept
+                m.snapshot_remove(vol, snap)
+            except PyvolError as e:
+                log.warning("could not remove snapshot %s@%s: %s", vol, snap, e)
         parent_snap = manifest.get("parent_snapshot")
         if parent_snap and parent_snap.startswith(AUTO_PREFIX) and parent_snap != snap:
             try:  # the new backup's snapshot is the base from now on
@@ -142,6 +152,8 @@ class Backups:
                       "mapped range is read (only new chunks are uploaded)")
 
     def _backup(self, repo, v, backend, snap: str, bid: str, job: Job) -> dict:
+        if backend.kind == "file":
+            return self._tree_backup(repo, v, backend, snap, bid, job)
         m = self.manager
         srec = m.store.snapshot(v.name, snap)
         parent, why_full = self._parent(repo, v.name)
@@ -177,6 +189,23 @@ class Backups:
             manifest["full_reason"] = why_full
         return manifest
 
+    def _tree_backup(self, repo, v, backend, snap: str, bid: str, job: Job) -> dict:
+        """A file backend's snapshot, archived; every backup reads it all and uploads only
+        the chunks the repository lacks (unchanged files give unchanged chunks)."""
+        m = self.manager
+        srec = m.store.snapshot(v.name, snap)
+        with backend.read_snapshot(v.name, snap) as directory:
+            chunks, stats = tree.backup(repo, directory, job, self.threads)
+        return {
+            "format": 1, "id": bid, "kind": "tree", "volume": v.name, "created": utcnow(),
+            "host": host_id(),
+            "source": {"backend": backend.name, "snapshot": snap, "size": srec.size,
+                       "stream": stats.pop("stream", 0), "snapshot_created": srec.created_at,
+                       "instance": m.instance_id()},
+            "parent": None, "incremental": False, "chunk_size": repo.chunk_size,
+            "chunks": chunks, "stats": stats,
+        }
+
     # reading
     def list(self, url, volume=None) -> list[dict]:
         from ..manager import check_name
@@ -192,9 +221,9 @@ class Backups:
 
     def prepare_restore(self, backup_url) -> Restore:
         repo, manifest = self._manifest(backup_url)
-        if manifest.get("kind") != "block":
+        if manifest.get("kind") not in ("block", "tree"):
             raise InvalidInput(f"backup {backup_url} is of kind {manifest.get('kind')!r}; "
-                               "this pyvol restores block backups")
+                               "this pyvol restores block and tree backups")
         return Restore(self, repo, manifest)
 
     def restore(self, backup_url, name, size=None, backend=None, job: Job | None = None):
