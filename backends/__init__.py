@@ -6,6 +6,7 @@ The default is the first available in PREFERENCE: dm-thin where the kernel has i
 
 from .base import Backend, VolumeSpec
 from .devicemapper import DevicemapperBackend
+from .ebs import EbsBackend
 from .loop import LoopBackend
 from .nfs import NfsBackend
 
@@ -13,6 +14,7 @@ BACKENDS: dict[str, type[Backend]] = {
     DevicemapperBackend.name: DevicemapperBackend,
     LoopBackend.name: LoopBackend,
     NfsBackend.name: NfsBackend,
+    EbsBackend.name: EbsBackend,
 }
 
 PREFERENCE = ["devicemapper", "loop"]

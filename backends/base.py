@@ -38,6 +38,8 @@ class Backend(ABC):
     change_granularity: ClassVar[int] = 4096
     #: mount with online discard, so deleted files give space back to the pool
     discard: ClassVar[bool] = False
+    #: sizes are whole multiples of this (EBS: GiB); the manager rounds requests up to it
+    size_unit: ClassVar[int] = 1
 
     def __init__(self, root: Path, settings: dict[str, str] | None = None):
         self.root = Path(root)

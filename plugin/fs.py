@@ -26,10 +26,9 @@ def check_fstype(fstype: str) -> str:
 
 def detect(device: str) -> str | None:
     """The filesystem on ``device``, or None when it has none (never reformat one that has)."""
-    try:
-        out = run(["blkid", "-p", "-o", "value", "-s", "TYPE", device], timeout=30)
-    except CommandFailed:
-        return None  # blkid exits 2 when it finds nothing
+    # blkid exits 2 when it finds nothing; any other failure (an I/O error) raises, so that a
+    # device that could not be read is never taken for an empty one
+    out = run(["blkid", "-p", "-o", "value", "-s", "TYPE", device], timeout=30, ok_codes=(0, 2))
     return out.strip() or None
 
 

@@ -118,8 +118,10 @@ class Manager:
         return [b for b in self.backends.values() if b.scope == "global"]
 
     def _adopt_record(self, backend: Backend, name: str, rec: dict) -> Volume:
-        v = Volume(name, backend.name, int(rec["size"]), backend.name, "ready",
-                   rec.get("created") or now(), dict(rec.get("options") or {}))
+        opts = dict(rec.get("options") or {})
+        fstype = backend.name if backend.kind == "file" else opts.get("fs", "ext4")
+        v = Volume(name, backend.name, int(rec["size"]), fstype, "ready",
+                   rec.get("created") or now(), opts)
         try:
             with self.store.tx():
                 if self.store.volume(name) is None:
@@ -265,19 +267,21 @@ class Manager:
         if size is None and backend.default_size:
             size = parse_size(backend.default_size, f"{backend.name} default_size")
         size = size or DEFAULT_SIZE
+        size = -(-size // backend.size_unit) * backend.size_unit  # EBS counts in GiB
         if size < MIN_SIZE.get(fstype, 0):
             raise InvalidInput(f"size {format_size(size)} is too small for {fstype}: "
                                f"accepted is at least {format_size(MIN_SIZE[fstype])}")
         spec = VolumeSpec(name, size, {k: opts[k] for k in backend.options if k in opts},
-                          dict(opts))
+                          {**opts, "fs": fstype})
         record = Volume(name, backend.name, size, fstype, "creating", now(), opts)
         with self._lock(*lock_names):
             if self.store.volume(name) is not None:
                 raise Conflict(f"volume {name} already exists")
-            if backend.scope == "global" and name in backend.list():
+            held = name in backend.list()
+            if held and backend.scope == "global":
                 raise Conflict(f"volume {name} already exists on backend {backend.name} "
                                "(another host made it): use it by name")
-            if name in backend.list():
+            if held:
                 # checked before the record exists, so the undo path can never delete it
                 raise Conflict(f"backend {backend.name} already holds storage named {name}, "
                                "which pyvol has no record of; move it away to reuse the name")
@@ -291,6 +295,14 @@ class Manager:
                 else:
                     backend.create(spec)
                     self._mkfs(backend, record)
+            except Conflict:
+                if backend.scope == "global":
+                    # another host holds the name on shared storage: it is theirs, keep it
+                    with self.store.tx():
+                        self.store.delete_volume(name)
+                else:
+                    self._undo_create(backend, name)
+                raise
             except BaseException:
                 self._undo_create(backend, name)
                 raise
@@ -387,6 +399,8 @@ class Manager:
         dev = backend.activate(v.name)
         try:
             if backend.kind == "block":
+                if getattr(backend, "may_lack_fs", False) and fs.detect(dev) is None:
+                    fs.mkfs(dev, v.fs, label=v.name)  # only ever on a device with no fs
                 fs.mount(dev, mp, v.fs, discard=backend.discard)
             else:
                 fs.bind(dev, mp)

@@ -31,6 +31,8 @@ def run(argv: list[str], timeout: float = DEFAULT_TIMEOUT, input: bytes | None =
         err = proc.stderr.decode(errors="replace").strip() or proc.stdout.decode(
             errors="replace"
         ).strip()
-        last = err.splitlines()[-1] if err else "no message"
+        # mount(8) ends with a hint about dmesg: the line before it says what went wrong
+        lines = [ln for ln in err.splitlines() if "dmesg(1) may have more" not in ln]
+        last = lines[-1].strip() if lines else "no message"
         raise CommandFailed(f"{argv[0]} failed (exit {proc.returncode}): {last}")
     return proc.stdout.decode(errors="replace")

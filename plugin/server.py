@@ -106,7 +106,8 @@ def build_manager(config: Config) -> Manager:
     # The default follows what the kernel can do, not whether setup worked: a dm-thin host
     # whose pool fails its check must refuse creates with the reason, not quietly put new
     # volumes on another backend.
-    default = config.default_backend or default_name()
+    default = config.default_backend or (
+        config.enabled_backends[0] if config.enabled_backends else default_name())
     if default is not None and default not in BACKENDS:
         raise PyvolError(f"unknown default backend {default!r}: accepted are "
                          f"{', '.join(sorted(BACKENDS))}")

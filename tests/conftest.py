@@ -148,3 +148,13 @@ def nfs_export(nfs_server, request):
     import secrets
 
     return nfs_server.export(f"x-{secrets.token_hex(4)}")
+
+
+@pytest.fixture
+def ebs_rig(moto, workdir):
+    """moto's EC2 with two instances and the data plane moto lacks (tests/ebsfake.py)."""
+    from ebsfake import EbsRig
+
+    rig = EbsRig(moto, workdir / "ebs")
+    yield rig
+    rig.close()

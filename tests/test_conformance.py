@@ -13,6 +13,7 @@ import pytest
 from helpers import read_at, write_at
 from pyvol.backends import VolumeSpec
 from pyvol.backends.devicemapper import DevicemapperBackend
+from pyvol.backends.ebs import EbsBackend
 from pyvol.backends.loop import LoopBackend
 from pyvol.backends.nfs import NfsBackend
 from pyvol.errors import InvalidInput, NotFound
@@ -25,8 +26,14 @@ FACTORIES = {
     "devicemapper": lambda root, request: DevicemapperBackend(root, {"data_size": "4G"}),
     "nfs": lambda root, request: NfsBackend(
         root, {"shares": f"main=127.0.0.1:{request.getfixturevalue('nfs_export')}"}),
+    "ebs": lambda root, request: EbsBackend(root, request.getfixturevalue("ebs_rig").settings(0)),
 }
 MARKS = {"devicemapper": [pytest.mark.devicemapper], "nfs": [pytest.mark.nfs]}
+
+
+def sz(backend, n: int) -> int:
+    """``n`` bytes, rounded up to what the backend can size (EBS: whole GiB)."""
+    return -(-n // backend.size_unit) * backend.size_unit
 
 
 def put(dev: str, offset: int, data: bytes) -> None:
@@ -62,8 +69,8 @@ def backend(make):
 
 
 def test_create_list_remove(backend):
-    backend.create(VolumeSpec("a", 64 * MiB))
-    backend.create(VolumeSpec("b", 64 * MiB))
+    backend.create(VolumeSpec("a", sz(backend, 64 * MiB)))
+    backend.create(VolumeSpec("b", sz(backend, 64 * MiB)))
     assert backend.list() == ["a", "b"]
     backend.remove("a")
     assert backend.list() == ["b"]
@@ -72,17 +79,17 @@ def test_create_list_remove(backend):
 
 
 def test_size_is_exact(backend):
-    backend.create(VolumeSpec("v", 80 * MiB))
-    assert backend.size("v") == 80 * MiB
+    backend.create(VolumeSpec("v", sz(backend, 80 * MiB)))
+    assert backend.size("v") == sz(backend, 80 * MiB)
     dev = backend.activate("v")
     if backend.kind == "block":
-        assert device_size(dev) == 80 * MiB
+        assert device_size(dev) == sz(backend, 80 * MiB)
     else:  # a directory: the size is the record (advisory where the server has no quota)
         assert os.path.isdir(dev) and os.listdir(dev) == []
 
 
 def test_activate_twice_gives_the_same_device(backend):
-    backend.create(VolumeSpec("v", 64 * MiB))
+    backend.create(VolumeSpec("v", sz(backend, 64 * MiB)))
     assert backend.active_device("v") is None
     first = backend.activate("v")
     assert backend.activate("v") == first
@@ -93,7 +100,7 @@ def test_activate_twice_gives_the_same_device(backend):
 
 
 def test_snapshot_content_is_frozen_at_snapshot_time(backend):
-    backend.create(VolumeSpec("v", 64 * MiB))
+    backend.create(VolumeSpec("v", sz(backend, 64 * MiB)))
     dev = backend.activate("v")
     put(dev, 0, b"A" * 65536)
     put(dev, 40 * MiB, b"a" * 4096)
@@ -108,12 +115,12 @@ def test_snapshot_content_is_frozen_at_snapshot_time(backend):
 
 
 def test_clone_from_snapshot_is_independent_and_may_be_larger(backend):
-    backend.create(VolumeSpec("v", 64 * MiB))
+    backend.create(VolumeSpec("v", sz(backend, 64 * MiB)))
     dev = backend.activate("v")
     put(dev, 1 * MiB, b"origin" * 1000)
     backend.snapshot("v", "s")
-    backend.clone("v", "s", VolumeSpec("c", 128 * MiB))
-    assert backend.size("c") == 128 * MiB
+    backend.clone("v", "s", VolumeSpec("c", sz(backend, 128 * MiB)))
+    assert backend.size("c") == sz(backend, 128 * MiB)
     clone = backend.activate("c")
     assert clone != dev
     assert get(clone, 1 * MiB, 6000) == b"origin" * 1000
@@ -124,7 +131,7 @@ def test_clone_from_snapshot_is_independent_and_may_be_larger(backend):
 
 
 def test_remove_snapshot(backend):
-    backend.create(VolumeSpec("v", 64 * MiB))
+    backend.create(VolumeSpec("v", sz(backend, 64 * MiB)))
     backend.snapshot("v", "s1")
     backend.snapshot("v", "s2")
     backend.remove_snapshot("v", "s1")
@@ -133,7 +140,7 @@ def test_remove_snapshot(backend):
 
 
 def test_remove_takes_the_snapshots_with_it(backend):
-    backend.create(VolumeSpec("v", 64 * MiB))
+    backend.create(VolumeSpec("v", sz(backend, 64 * MiB)))
     backend.activate("v")
     backend.snapshot("v", "s1")
     backend.remove("v")
@@ -141,13 +148,13 @@ def test_remove_takes_the_snapshots_with_it(backend):
     assert backend.snapshots("v") == []
     assert backend.active_device("v") is None
     # the name is free again, and the new volume starts empty
-    backend.create(VolumeSpec("v", 64 * MiB))
+    backend.create(VolumeSpec("v", sz(backend, 64 * MiB)))
     assert backend.snapshots("v") == []
 
 
 def test_recovery_after_restart_and_reboot(make):
     first = make()
-    first.create(VolumeSpec("v", 64 * MiB))
+    first.create(VolumeSpec("v", sz(first, 64 * MiB)))
     put(first.activate("v"), 5 * MiB, b"durable" * 100)
     first.snapshot("v", "s")
     first.teardown()  # devices and pool released, as at host shutdown
@@ -168,13 +175,13 @@ def _round_out(ranges, unit):
 
 def test_changed_ranges_between_snapshots_are_exact(backend):
     if backend.kind == "file":  # the contract: block backends only; file backends refuse
-        backend.create(VolumeSpec("v", 64 * MiB))
+        backend.create(VolumeSpec("v", sz(backend, 64 * MiB)))
         backend.snapshot("v", "a")
         with pytest.raises(InvalidInput, match="holds files"):
             backend.changed_ranges("v", None, "a")
         return
     unit = backend.change_granularity
-    backend.create(VolumeSpec("v", 64 * MiB))
+    backend.create(VolumeSpec("v", sz(backend, 64 * MiB)))
     dev = backend.activate("v")
     first = [(0, 8192), (20 * MiB, 3 * unit)]
     for off, n in first:
@@ -200,9 +207,9 @@ def test_missing_volume_or_snapshot_is_not_found(backend):
         backend.activate("nope")
     with pytest.raises(NotFound):
         backend.snapshot("nope", "s")
-    backend.create(VolumeSpec("v", 64 * MiB))
+    backend.create(VolumeSpec("v", sz(backend, 64 * MiB)))
     with pytest.raises(NotFound):
-        backend.clone("v", "nope", VolumeSpec("c", 64 * MiB))
+        backend.clone("v", "nope", VolumeSpec("c", sz(backend, 64 * MiB)))
     with pytest.raises(NotFound if backend.kind == "block" else InvalidInput):
         backend.changed_ranges("v", None, "nope")
     with pytest.raises(NotFound):

@@ -1,0 +1,434 @@
+"""The ebs backend: AWS EBS volumes that follow containers from instance to instance.
+
+A volume is an EBS volume tagged ``pyvol-name=NAME`` (options in ``pyvol-opt:KEY`` tags), made
+in this instance's zone. Every call looks the name up by tag, from any host, so no host keeps
+a stale idea of what exists. Mount attaches the volume here and waits for its block device;
+a volume attached to another instance is refused with that instance's id (``pyvol lease
+clear`` force-detaches a dead one). Snapshots are EBS snapshots, tagged. docs/ebs.md has the
+details, and what is emulated in the tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+from pyvol.errors import Conflict, InvalidInput, NotFound, PoolFull, PyvolError
+
+from .base import Backend, Range, VolumeSpec
+
+GiB = 1 << 30
+NAME_TAG, OPT_TAG, SNAP_VOL_TAG, SNAP_TAG, TEMP_TAG = (
+    "pyvol-name", "pyvol-opt:", "pyvol-volume", "pyvol-snapshot", "pyvol-temp")
+TYPES = ("gp3", "gp2", "io1", "io2", "st1", "sc1", "standard")
+DEVICE_LETTERS = "fghijklmnop"
+NVME_BY_ID = "/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_{}"
+GONE_STATES = ("deleting", "deleted", "error")
+
+
+class Imds:
+    """The instance metadata service, IMDSv2: a session token first, then the reads."""
+
+    def __init__(self, url: str, timeout: float = 2.0):
+        import httpx
+
+        self.url, self.http = url.rstrip("/"), httpx.Client(timeout=timeout)
+
+    def get(self, path: str) -> str:
+        import httpx
+
+        try:
+            token = self.http.put(f"{self.url}/latest/api/token", headers={
+                "X-aws-ec2-metadata-token-ttl-seconds": "300"})
+            token.raise_for_status()
+            r = self.http.get(f"{self.url}/latest/meta-data/{path}",
+                              headers={"X-aws-ec2-metadata-token": token.text})
+            r.raise_for_status()
+            return r.text.strip()
+        except httpx.HTTPError as e:
+            raise PyvolError(f"the instance metadata service at {self.url} did not answer "
+                             f"({type(e).__name__}): is this an EC2 instance? (set "
+                             "PYVOL_EBS_IMDS_URL if it lives elsewhere)") from None
+
+
+class EbsBackend(Backend):
+    name = "ebs"
+    kind = "block"
+    scope = "global"
+    may_lack_fs = True  # a volume from a foreign snapshot may hold no filesystem yet
+    size_unit = GiB
+    options = {
+        "type": f"EBS volume type: {', '.join(TYPES)} (default gp3)",
+        "iops": "provisioned IOPS (gp3, io1, io2)",
+        "throughput": "provisioned throughput in MiB/s (gp3)",
+        "encrypted": "true or false (default: the account's default)",
+        "kms-key-id": "KMS key for an encrypted volume",
+    }
+
+    def __init__(self, root: Path, settings: dict[str, str] | None = None):
+        super().__init__(root, settings)
+        s = self.settings
+        self.imds_url = s.get("imds_url", "http://169.254.169.254")
+        self.device_dir = s.get("device_dir")  # a test rig's stand-in for the device names
+        self.attach_timeout = float(s.get("attach_timeout", 120))
+        self.instance_id = self.zone = self.region = None
+        self._ec2 = None
+
+    def not_configured(self) -> str | None:
+        if self.settings.get("enable") != "1" and "imds_url" not in self.settings:
+            return "not enabled (on an EC2 instance, set PYVOL_EBS_ENABLE=1)"
+        return None
+
+    # AWS plumbing
+    def setup(self) -> None:
+        import boto3
+        import botocore.config
+
+        imds = Imds(self.imds_url)
+        self.instance_id = imds.get("instance-id")
+        self.zone = imds.get("placement/availability-zone")
+        self.region = os.environ.get("AWS_REGION") or os.environ.get(
+            "AWS_DEFAULT_REGION") or self.zone[:-1]
+        cfg = botocore.config.Config(
+            region_name=self.region, connect_timeout=float(self.settings.get("connect_timeout", 5)),
+            read_timeout=float(self.settings.get("read_timeout", 30)),
+            retries={"max_attempts": int(self.settings.get("max_attempts", 6)),
+                     "mode": "standard"})  # standard mode retries throttling with backoff
+        self._ec2 = boto3.session.Session().client("ec2", config=cfg)
+
+    def teardown(self) -> None:
+        self._ec2 = None
+
+    def _aws(self, op: str, **kw):
+        import botocore.exceptions as bx
+
+        try:
+            return getattr(self._ec2, op)(**kw)
+        except (bx.ClientError, bx.BotoCoreError) as e:
+            raise self._translate(op, e) from None
+
+    @staticmethod
+    def _translate(op: str, e: Exception) -> PyvolError:
+        """An AWS failure as a sentence: what was refused, and what to do about it."""
+        import botocore.exceptions as bx
+
+        if isinstance(e, bx.ClientError):
+            code = e.response.get("Error", {}).get("Code", "?")
+            msg = e.response.get("Error", {}).get("Message", "")
+            if code.endswith(".NotFound"):
+                return NotFound(f"EC2 {op}: {msg or code}")
+            if code in ("InvalidParameterValue", "InvalidParameterCombination",
+                        "InvalidParameter", "MissingParameter", "InvalidVolume.ZoneMismatch"):
+                return InvalidInput(f"EC2 refused {op}: {msg or code}")
+            if "LimitExceeded" in code or code == "InsufficientVolumeCapacity":
+                return PoolFull(f"EC2 refused {op}: {code}: {msg}; raise the account's limit "
+                                "or remove volumes and snapshots")
+            if code in ("UnauthorizedOperation", "AuthFailure", "AccessDenied",
+                        "InvalidClientTokenId"):
+                return PyvolError(f"EC2 refused {op} ({code}): the instance role or AWS "
+                                  "credentials lack permission for it")
+            if code in ("IncorrectState", "VolumeInUse"):
+                return Conflict(f"EC2 refused {op}: {msg or code}")
+            return PyvolError(f"EC2 {op} failed: {code}: {msg}")
+        return PyvolError(f"cannot reach EC2 for {op} ({type(e).__name__}); check the network "
+                          "and AWS_ENDPOINT_URL_EC2")
+
+    def _volumes(self, filters: list[dict]) -> list[dict]:
+        import botocore.exceptions as bx
+
+        out = []
+        try:
+            for page in self._ec2.get_paginator("describe_volumes").paginate(Filters=filters):
+                out += [v for v in page["Volumes"] if v["State"] not in GONE_STATES]
+        except (bx.ClientError, bx.BotoCoreError) as e:
+            raise self._translate("describe_volumes", e) from None
+        return out
+
+    def _by_name(self, name: str) -> list[dict]:
+        return sorted(self._volumes([{"Name": f"tag:{NAME_TAG}", "Values": [name]}]),
+                      key=lambda v: (v["CreateTime"], v["VolumeId"]))
+
+    def _find(self, name: str) -> dict:
+        found = self._by_name(name)
+        if not found:
+            raise NotFound(f"no EBS volume is tagged {NAME_TAG}={name}")
+        return found[0]
+
+    def _wait(self, what: str, check, timeout: float):
+        deadline = time.monotonic() + timeout
+        delay = 0.1
+        while True:
+            result = check()
+            if result:
+                return result
+            if time.monotonic() > deadline:
+                raise PyvolError(f"timed out after {timeout:g} s waiting for {what}")
+            time.sleep(delay)
+            delay = min(delay * 1.5, 2.0)
+
+    # records every host sees
+    def record(self, name: str) -> dict | None:
+        try:
+            return self._record(self._find(name))
+        except NotFound:
+            return None
+
+    def _record(self, v: dict) -> dict:
+        tags = {t["Key"]: t["Value"] for t in v.get("Tags", [])}
+        opts = {k[len(OPT_TAG):]: val for k, val in tags.items() if k.startswith(OPT_TAG)}
+        return {"size": v["Size"] * GiB, "options": opts, "volume_id": v["VolumeId"],
+                "created": v["CreateTime"].strftime("%Y-%m-%dT%H:%M:%SZ")}
+
+    def records(self) -> dict[str, dict]:
+        out = {}
+        for v in sorted(self._volumes([{"Name": "tag-key", "Values": [NAME_TAG]}]),
+                        key=lambda v: (v["CreateTime"], v["VolumeId"])):
+            name = {t["Key"]: t["Value"] for t in v.get("Tags", [])}.get(NAME_TAG)
+            if name and name not in out:
+                out[name] = self._record(v)
+        return out
+
+    def list(self) -> list[str]:
+        return sorted(self.records())
+
+    def size(self, name: str) -> int:
+        return self._find(name)["Size"] * GiB
+
+    # volumes
+    def _create_params(self, spec: VolumeSpec) -> dict:
+        o = spec.options
+        vtype = o.get("type", "gp3")
+        if vtype not in TYPES:
+            raise InvalidInput(f"invalid type {vtype!r}: accepted are {', '.join(TYPES)}")
+        params = {"AvailabilityZone": self.zone, "VolumeType": vtype,
+                  "Size": max(1, math.ceil(spec.size / GiB))}
+        for key, arg in (("iops", "Iops"), ("throughput", "Throughput")):
+            if key in o:
+                if not o[key].isdigit():
+                    raise InvalidInput(f"invalid {key} {o[key]!r}: accepted is a whole number")
+                params[arg] = int(o[key])
+        if "encrypted" in o:
+            if o["encrypted"] not in ("true", "false"):
+                raise InvalidInput(f"invalid encrypted {o['encrypted']!r}: accepted are true, "
+                                   "false")
+            params["Encrypted"] = o["encrypted"] == "true"
+        if "kms-key-id" in o:
+            params["KmsKeyId"] = o["kms-key-id"]
+            params["Encrypted"] = True
+        tags = [{"Key": NAME_TAG, "Value": spec.name}] + [
+            {"Key": OPT_TAG + k, "Value": str(v)[:255]} for k, v in sorted(spec.meta.items())]
+        # tagged in the same call: a volume never exists untagged, so never orphaned
+        params["TagSpecifications"] = [{"ResourceType": "volume", "Tags": tags}]
+        return params
+
+    def _create_unique(self, spec: VolumeSpec, **extra) -> None:
+        """Create, then settle a race by name: of all volumes with the name, the oldest
+        (then lowest id) is the volume; any other host's later one deletes itself."""
+        if self._by_name(spec.name):
+            raise Conflict(f"volume {spec.name} already exists in EBS (another host made it)")
+        vol = self._aws("create_volume", **self._create_params(spec), **extra)
+        winner = self._by_name(spec.name)[0]
+        if winner["VolumeId"] != vol["VolumeId"]:
+            self._aws("delete_volume", VolumeId=vol["VolumeId"])
+            raise Conflict(f"volume {spec.name} was created at the same moment by another host "
+                           f"({winner['VolumeId']}); use it by name")
+        self._wait(f"volume {vol['VolumeId']} to become available", lambda: self._aws(
+            "describe_volumes", VolumeIds=[vol["VolumeId"]])["Volumes"][0]["State"] ==
+            "available", self.attach_timeout)
+
+    def create(self, spec: VolumeSpec) -> None:
+        self._create_unique(spec)
+
+    def remove(self, name: str) -> None:
+        try:
+            v = self._find(name)
+        except NotFound:
+            return
+        others = [a["InstanceId"] for a in v["Attachments"] if a["InstanceId"] != self.instance_id]
+        if others:
+            raise Conflict(f"volume {name} is attached to instance {', '.join(others)}")
+        self.deactivate(name)
+        for snap in self._snapshots(name):
+            self._aws("delete_snapshot", SnapshotId=snap["SnapshotId"])
+        self._aws("delete_volume", VolumeId=v["VolumeId"])
+
+    # attachment
+    def _device(self, volume_id: str, device_name: str) -> str | None:
+        candidates = ([os.path.join(self.device_dir, volume_id)] if self.device_dir else [
+            NVME_BY_ID.format(volume_id.replace("-", "")), device_name,
+            device_name.replace("/dev/xvd", "/dev/sd")])
+        for c in candidates:
+            if os.path.exists(c):
+                return os.path.realpath(c)
+        return None
+
+    def _attachment(self, v: dict) -> dict | None:
+        return next((a for a in v["Attachments"] if a["InstanceId"] == self.instance_id), None)
+
+    def activate(self, name: str) -> str:
+        v = self._find(name)
+        mine = self._attachment(v)
+        others = [a["InstanceId"] for a in v["Attachments"] if a["InstanceId"] != self.instance_id]
+        if others:
+            raise Conflict(f"volume {name} ({v['VolumeId']}) is attached to instance "
+                           f"{', '.join(others)}; unmount it there first (if that instance is "
+                           f"dead: pyvol lease clear {name} {others[0]})")
+        if mine is None:
+            used = {a["Device"] for vol in self._volumes([{
+                "Name": "attachment.instance-id", "Values": [self.instance_id]}])
+                for a in vol["Attachments"]}
+            free = next((f"/dev/xvd{c}" for c in DEVICE_LETTERS if f"/dev/xvd{c}" not in used),
+                        None)
+            if free is None:
+                raise PoolFull(f"instance {self.instance_id} has no free device name for "
+                               f"{name}: unmount other ebs volumes first")
+            self._aws("attach_volume", VolumeId=v["VolumeId"], InstanceId=self.instance_id,
+                      Device=free)
+            mine = {"Device": free}
+        return self._wait(
+            f"the block device of {name} ({v['VolumeId']}) to appear on this instance",
+            lambda: self._device(v["VolumeId"], mine["Device"]), self.attach_timeout)
+
+    def deactivate(self, name: str) -> None:
+        try:
+            v = self._find(name)
+        except NotFound:
+            return
+        mine = self._attachment(v)
+        if mine is None:
+            return
+        self._aws("detach_volume", VolumeId=v["VolumeId"], InstanceId=self.instance_id)
+        self._wait(f"{name} ({v['VolumeId']}) to detach", lambda: self._attachment(self._aws(
+            "describe_volumes", VolumeIds=[v["VolumeId"]])["Volumes"][0]) is None,
+            self.attach_timeout)
+        self._wait(f"the block device of {name} to go", lambda: self._device(
+            v["VolumeId"], mine["Device"]) is None, self.attach_timeout)
+
+    def active_device(self, name: str) -> str | None:
+        try:
+            v = self._find(name)
+        except NotFound:
+            return None
+        mine = self._attachment(v)
+        return self._device(v["VolumeId"], mine["Device"]) if mine else None
+
+    def leases(self, name: str) -> list[dict]:
+        return [{"host": a["InstanceId"], "instance": a["InstanceId"],
+                 "since": a["AttachTime"].strftime("%Y-%m-%dT%H:%M:%SZ")}
+                for a in self._find(name)["Attachments"]]
+
+    def removal_blockers(self, name: str) -> list[str]:
+        return [x["instance"] for x in self.leases(name) if x["instance"] != self.instance_id]
+
+    def clear_lease(self, name: str, host: str) -> int:
+        """Force-detach the volume from a dead instance."""
+        v = self._find(name)
+        if not any(a["InstanceId"] == host for a in v["Attachments"]):
+            return 0
+        self._aws("detach_volume", VolumeId=v["VolumeId"], InstanceId=host, Force=True)
+        self._wait(f"{name} to detach from {host}", lambda: not any(
+            a["InstanceId"] == host for a in self._aws("describe_volumes", VolumeIds=[
+                v["VolumeId"]])["Volumes"][0]["Attachments"]), self.attach_timeout)
+        return 1
+
+    # snapshots
+    def _snapshots(self, name: str, snap: str | None = None) -> list[dict]:
+        filters = [{"Name": f"tag:{SNAP_VOL_TAG}", "Values": [name]}]
+        if snap:
+            filters.append({"Name": f"tag:{SNAP_TAG}", "Values": [snap]})
+        return self._aws("describe_snapshots", OwnerIds=["self"], Filters=filters)["Snapshots"]
+
+    def _snapshot_id(self, name: str, snap: str) -> dict:
+        found = self._snapshots(name, snap)
+        if not found:
+            raise NotFound(f"snapshot {name}@{snap} not found in EBS")
+        return found[0]
+
+    def snapshot(self, name: str, snap: str) -> None:
+        v = self._find(name)
+        self._aws("create_snapshot", VolumeId=v["VolumeId"], Description=f"pyvol {name}@{snap}",
+                  TagSpecifications=[{"ResourceType": "snapshot", "Tags": [
+                      {"Key": SNAP_VOL_TAG, "Value": name}, {"Key": SNAP_TAG, "Value": snap}]}])
+
+    def remove_snapshot(self, name: str, snap: str) -> None:
+        for s in self._snapshots(name, snap):
+            self._aws("delete_snapshot", SnapshotId=s["SnapshotId"])
+
+    def snapshots(self, name: str) -> list[str]:
+        return sorted({t["Value"] for s in self._snapshots(name) for t in s.get("Tags", [])
+                       if t["Key"] == SNAP_TAG})
+
+    def clone(self, name: str, snap: str, spec: VolumeSpec) -> None:
+        sid = self._snapshot_id(name, snap)
+        self._wait(f"snapshot {name}@{snap} to complete", lambda: self._aws(
+            "describe_snapshots", SnapshotIds=[sid["SnapshotId"]])["Snapshots"][0]["State"] ==
+            "completed", 3600)
+        self._create_unique(spec, SnapshotId=sid["SnapshotId"])
+
+    @contextlib.contextmanager
+    def read_snapshot(self, name: str, snap: str):
+        """A temporary volume from the snapshot, attached here while it is read."""
+        sid = self._snapshot_id(name, snap)
+        temp = f"{TEMP_TAG}-{sid['SnapshotId']}-{os.getpid()}-{time.monotonic_ns() % 10**6}"
+        params = {"AvailabilityZone": self.zone, "SnapshotId": sid["SnapshotId"],
+                  "VolumeType": "gp3", "TagSpecifications": [{"ResourceType": "volume", "Tags": [
+                      {"Key": NAME_TAG, "Value": temp}, {"Key": TEMP_TAG, "Value": "1"}]}]}
+        self._aws("create_volume", **params)
+        try:
+            yield self.activate(temp)
+        finally:
+            with contextlib.suppress(PyvolError):
+                self.deactivate(temp)
+            for v in self._by_name(temp):
+                self._aws("delete_volume", VolumeId=v["VolumeId"])
+
+    def changed_ranges(self, name: str, base: str | None, snap: str) -> list[Range]:
+        """Exact, by reading: the blocks whose bytes differ (or are not zero, with no base).
+
+        EBS direct APIs (ListChangedBlocks) would answer from metadata; they are not wired
+        yet (docs/ebs.md), so this reads the snapshot(s) in full.
+        """
+        unit = self.change_granularity
+        with contextlib.ExitStack() as stack:
+            new = stack.enter_context(self.read_snapshot(name, snap))
+            old = stack.enter_context(self.read_snapshot(name, base)) if base else None
+            return _differing(new, old, unit)
+
+    # space
+    def usage(self) -> dict:
+        return {"instance": self.instance_id, "zone": self.zone, "region": self.region}
+
+    def volume_usage(self, name: str) -> dict:
+        try:
+            v = self._find(name)
+        except PyvolError as e:
+            return {"error": str(e)}
+        return {"volume_id": v["VolumeId"], "type": v["VolumeType"], "zone":
+                v["AvailabilityZone"], "attached_to": [a["InstanceId"] for a in v["Attachments"]]}
+
+
+def _differing(new: str, old: str | None, unit: int) -> list[Range]:
+    ranges: list[list[int]] = []
+    step = 1 << 20
+    with open(new, "rb") as fn, (open(old, "rb") if old else contextlib.nullcontext()) as fo:
+        offset = 0
+        zero = bytes(step)
+        while True:
+            a = fn.read(step)
+            if not a:
+                break
+            b = fo.read(len(a)) if fo else zero[:len(a)]
+            if a != b:
+                for off in range(0, len(a), unit):
+                    if a[off:off + unit] != b[off:off + unit]:
+                        start = offset + off
+                        if ranges and ranges[-1][0] + ranges[-1][1] == start:
+                            ranges[-1][1] += unit
+                        else:
+                            ranges.append([start, unit])
+            offset += len(a)
+    return [(o, n) for o, n in ranges]

@@ -1,0 +1,218 @@
+"""An EC2 for the ebs backend: moto's server for the API, plus what moto cannot do.
+
+moto keeps EBS state (volumes, attachments, snapshots, tags) over real HTTP but holds no data
+and makes no devices appear. ``EbsDataPlane`` stands in front of it as an HTTP proxy and adds
+exactly that, at the narrowest seam: each volume id is a sparse file; AttachVolume makes a
+loop device of it appear, a moment later, as ``DEVICE_DIR/<instance>/<volume id>`` (where a
+Nitro host would show /dev/disk/by-id/nvme-...); DetachVolume makes it go; CreateSnapshot
+copies the file at that instant; CreateVolume from a snapshot starts from that copy.
+``Imds`` is one instance's metadata service (IMDSv2, token first).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import threading
+import time
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+
+GiB = 1 << 30
+
+
+def _serve(handler_cls) -> ThreadingHTTPServer:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler_cls)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+class EbsDataPlane:
+    def __init__(self, moto_endpoint: str, base: Path, attach_delay: float = 0.3):
+        self.upstream = moto_endpoint
+        self.base = Path(base)
+        self.blobs, self.snaps, self.devices = (self.base / "blobs", self.base / "snaps",
+                                                self.base / "devices")
+        for d in (self.blobs, self.snaps, self.devices):
+            d.mkdir(parents=True, exist_ok=True)
+        self.attach_delay = attach_delay
+        self.loops: dict[tuple[str, str], str] = {}
+        self.lock = threading.Lock()
+        plane = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in ("host", "content-length")}
+                resp = httpx.post(plane.upstream + self.path, content=body, headers=headers,
+                                  timeout=60)
+                if resp.status_code == 200:
+                    plane.after(dict(urllib.parse.parse_qsl(body.decode())), resp.text)
+                self.send_response(resp.status_code)
+                for k, v in resp.headers.items():
+                    if k.lower() not in ("content-length", "transfer-encoding", "connection",
+                                         "content-encoding"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(resp.content)))
+                self.end_headers()
+                self.wfile.write(resp.content)
+
+        self.server = _serve(Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_port}"
+
+    def device_dir(self, instance: str) -> Path:
+        d = self.devices / instance
+        d.mkdir(exist_ok=True)
+        return d
+
+    @staticmethod
+    def _tag(xml: str, tag: str) -> str | None:
+        m = re.search(rf"<{tag}>([^<]+)</{tag}>", xml)
+        return m.group(1) if m else None
+
+    def after(self, req: dict, xml: str) -> None:
+        action = req.get("Action")
+        if action == "CreateVolume":
+            vol, size = self._tag(xml, "volumeId"), int(self._tag(xml, "size"))
+            blob = self.blobs / f"{vol}.img"
+            if req.get("SnapshotId"):
+                subprocess.run(["cp", "--sparse=always", str(self.snaps / f"{req['SnapshotId']}.img"),
+                                str(blob)], check=True)
+            with open(blob, "ab") as f:
+                f.truncate(size * GiB)
+        elif action == "CreateSnapshot":
+            snap = self._tag(xml, "snapshotId")
+            subprocess.run(["sync"], check=True)
+            subprocess.run(["cp", "--sparse=always", str(self.blobs / f"{req['VolumeId']}.img"),
+                            str(self.snaps / f"{snap}.img")], check=True)
+        elif action == "AttachVolume":
+            vol, inst = req["VolumeId"], req["InstanceId"]
+            threading.Timer(self.attach_delay, self._appear, (vol, inst)).start()
+        elif action == "DetachVolume":
+            self._disappear(req["VolumeId"], req.get("InstanceId"))
+        elif action == "DeleteVolume":
+            (self.blobs / f"{req['VolumeId']}.img").unlink(missing_ok=True)
+        elif action == "DeleteSnapshot":
+            (self.snaps / f"{req['SnapshotId']}.img").unlink(missing_ok=True)
+
+    def _appear(self, vol: str, inst: str) -> None:
+        with self.lock:
+            dev = subprocess.run(["losetup", "--find", "--show", str(self.blobs / f"{vol}.img")],
+                                 capture_output=True, text=True, check=True).stdout.strip()
+            self.loops[(vol, inst)] = dev
+            link = self.device_dir(inst) / vol
+            link.unlink(missing_ok=True)
+            link.symlink_to(dev)
+
+    def _disappear(self, vol: str, inst: str | None) -> None:
+        with self.lock:
+            for (v, i), dev in list(self.loops.items()):
+                if v == vol and (inst is None or i == inst):
+                    (self.device_dir(i) / v).unlink(missing_ok=True)
+                    subprocess.run(["losetup", "-d", dev], capture_output=True)
+                    # gone for real (a detach of a device someone holds is deferred), so that
+                    # the next attach never picks a device that is about to vanish
+                    backing = Path(f"/sys/block/{Path(dev).name}/loop/backing_file")
+                    for _ in range(100):
+                        if not backing.exists():
+                            break
+                        time.sleep(0.05)
+                    del self.loops[(v, i)]
+
+    def close(self) -> None:
+        for vol, inst in list(self.loops):
+            self._disappear(vol, inst)
+        self.server.shutdown()
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+class Imds:
+    """One instance's metadata service: IMDSv2 (a PUT for a token, then reads with it)."""
+
+    def __init__(self, instance_id: str, zone: str):
+        token = os.urandom(8).hex()
+        meta = {"instance-id": instance_id, "placement/availability-zone": zone}
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _send(self, code: int, text: str):
+                self.send_response(code)
+                self.send_header("Content-Length", str(len(text)))
+                self.end_headers()
+                self.wfile.write(text.encode())
+
+            def do_PUT(self):
+                if self.path == "/latest/api/token":
+                    return self._send(200, token)
+                self._send(404, "")
+
+            def do_GET(self):
+                if self.headers.get("X-aws-ec2-metadata-token") != token:
+                    return self._send(401, "")
+                key = self.path.removeprefix("/latest/meta-data/")
+                self._send(200, meta[key]) if key in meta else self._send(404, "")
+
+        self.server = _serve(Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+class EbsRig:
+    """A fresh EC2 (moto, reset) with two running instances, each with its own IMDS and
+    device directory: two hosts for the ebs backend."""
+
+    ZONE = "us-east-1a"
+
+    def __init__(self, moto, base: Path):
+        import boto3
+
+        httpx.post(moto.endpoint + "/moto-api/reset", timeout=30)
+        self.plane = EbsDataPlane(moto.endpoint, base)
+        self.ec2 = boto3.client("ec2", endpoint_url=moto.endpoint, region_name="us-east-1",
+                                aws_access_key_id="pyvoltest", aws_secret_access_key="x")
+        image = self.ec2.describe_images()["Images"][0]["ImageId"]
+        run = self.ec2.run_instances(ImageId=image, MinCount=2, MaxCount=2,
+                                     Placement={"AvailabilityZone": self.ZONE})
+        self.instances = [i["InstanceId"] for i in run["Instances"]]
+        self.imds = [Imds(i, self.ZONE) for i in self.instances]
+        self.creds = {"AWS_ACCESS_KEY_ID": "pyvoltest", "AWS_SECRET_ACCESS_KEY": "x",
+                      "AWS_DEFAULT_REGION": "us-east-1",
+                      "AWS_ENDPOINT_URL_EC2": self.plane.endpoint}
+        self._saved = {k: os.environ.get(k) for k in self.creds}
+        os.environ.update(self.creds)  # for backends made in this process
+
+    def settings(self, host: int) -> dict:
+        return {"imds_url": self.imds[host].url, "attach_timeout": "20",
+                "device_dir": str(self.plane.device_dir(self.instances[host]))}
+
+    def env(self, host: int) -> dict:
+        return {**self.creds, **{f"PYVOL_EBS_{k.upper()}": v
+                                 for k, v in self.settings(host).items()}}
+
+    def volumes(self, name: str) -> list[dict]:
+        return self.ec2.describe_volumes(Filters=[{"Name": "tag:pyvol-name",
+                                                   "Values": [name]}])["Volumes"]
+
+    def close(self) -> None:
+        for imds in self.imds:
+            imds.close()
+        self.plane.close()
+        for k, v in self._saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -1,0 +1,140 @@
+"""The ebs backend through two daemons standing for two EC2 instances, on moto's EC2 over
+real HTTP plus the data plane moto lacks (tests/ebsfake.py: a volume id is a loop device)."""
+
+import hashlib
+import json
+import os
+import signal
+import threading
+
+import pytest
+
+from helpers import Daemon
+
+
+def ebs_host(workdir, rig, i: int, backends: str = "ebs") -> Daemon:
+    return Daemon(workdir / f"i{i}", workdir / f"i{i}.sock",
+                  env={**rig.env(i), "PYVOL_BACKENDS": backends}).start()
+
+
+@pytest.fixture
+def instances(workdir, ebs_rig):
+    a, b = ebs_host(workdir, ebs_rig, 0), ebs_host(workdir, ebs_rig, 1)
+    yield a, b
+    for d in (a, b):
+        d.stop()
+
+
+def test_a_volume_moves_from_instance_a_to_b_and_is_never_attached_twice(instances, ebs_rig):
+    a, b = instances
+    assert a.api.ok("/VolumeDriver.Capabilities")["Capabilities"]["Scope"] == "global"
+    a.api.ok("/VolumeDriver.Create", {"Name": "pg", "Opts": {"size": "1G", "type": "gp3"}})
+    vol = b.api.ok("/VolumeDriver.Get", {"Name": "pg"})["Volume"]
+    assert vol["Status"]["backend"] == "ebs" and vol["Status"]["size"] == 1 << 30
+    assert vol["Status"]["zone"] == "us-east-1a" and vol["Status"]["type"] == "gp3"
+    payload = os.urandom(5 << 20)
+    mp = a.api.ok("/VolumeDriver.Mount", {"Name": "pg", "ID": "c1"})["Mountpoint"]
+    with open(os.path.join(mp, "base"), "wb") as f:
+        f.write(payload)
+    # attached to a: b may not take it, and is told which instance has it
+    err = b.api.err("/VolumeDriver.Mount", {"Name": "pg", "ID": "c2"})
+    assert ebs_rig.instances[0] in err and "attached to instance" in err
+    assert ebs_rig.instances[0] in b.api.err("/VolumeDriver.Remove", {"Name": "pg"})
+    a.api.ok("/VolumeDriver.Unmount", {"Name": "pg", "ID": "c1"})  # last: detaches
+    assert ebs_rig.volumes("pg")[0]["Attachments"] == []
+    mp_b = b.api.ok("/VolumeDriver.Mount", {"Name": "pg", "ID": "c2"})["Mountpoint"]
+    with open(os.path.join(mp_b, "base"), "rb") as f:
+        assert f.read() == payload  # the same filesystem: found, not reformatted
+    assert [x["InstanceId"] for x in ebs_rig.volumes("pg")[0]["Attachments"]] == \
+        [ebs_rig.instances[1]]
+    b.api.ok("/VolumeDriver.Unmount", {"Name": "pg", "ID": "c2"})
+    a.api.ok("/VolumeDriver.Remove", {"Name": "pg"})
+    assert ebs_rig.volumes("pg") == []
+
+
+def test_two_instances_racing_to_create_one_name_make_one_volume(instances, ebs_rig):
+    results = {}
+
+    def create(d, key):
+        results[key] = d.api.post("/VolumeDriver.Create", {"Name": "race", "Opts": {"size": "1G"}})
+
+    threads = [threading.Thread(target=create, args=(d, i)) for i, d in enumerate(instances)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(ebs_rig.volumes("race")) == 1
+    errs = [r["Err"] for r in results.values() if r.get("Err")]
+    assert len(errs) <= 1 and all("already exists" in e or "same moment" in e for e in errs)
+    for d in instances:
+        d.api.ok("/VolumeDriver.Get", {"Name": "race"})
+
+
+def test_a_dead_instances_attachment_is_force_detached_on_request(instances, ebs_rig):
+    a, b = instances
+    a.api.ok("/VolumeDriver.Create", {"Name": "web", "Opts": {"size": "1G"}})
+    mp = a.api.ok("/VolumeDriver.Mount", {"Name": "web", "ID": "x"})["Mountpoint"]
+    with open(os.path.join(mp, "index.html"), "w") as f:
+        f.write("hello from a\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.killpg(a.proc.pid, signal.SIGKILL)  # instance a dies holding the volume
+    assert "attached to instance" in b.api.err("/VolumeDriver.Mount", {"Name": "web", "ID": "y"})
+    leases = json.loads(b.cli("lease", "ls", "web", "--json").stdout)
+    assert [x["instance"] for x in leases] == [ebs_rig.instances[0]]
+    b.cli("lease", "clear", "web", ebs_rig.instances[0])
+    mp_b = b.api.ok("/VolumeDriver.Mount", {"Name": "web", "ID": "y"})["Mountpoint"]
+    assert open(os.path.join(mp_b, "index.html")).read() == "hello from a\n"
+
+
+def test_snapshot_clone_and_backup_restore_into_loop(workdir, ebs_rig):
+    repo = workdir / "repo"
+    repo.mkdir()
+    d = ebs_host(workdir, ebs_rig, 0, backends="ebs,loop")
+    try:
+        d.api.ok("/VolumeDriver.Create", {"Name": "db", "Opts": {"size": "1G", "backend": "ebs"}})
+        mp = d.api.ok("/VolumeDriver.Mount", {"Name": "db", "ID": "w"})["Mountpoint"]
+        payload = os.urandom(6 << 20)
+        with open(os.path.join(mp, "table"), "wb") as f:
+            f.write(payload)
+            os.fsync(f.fileno())
+        d.cli("snapshot", "create", "db", "--name", "s1")
+        assert ebs_rig.ec2.describe_snapshots(Filters=[{"Name": "tag:pyvol-snapshot",
+                                                        "Values": ["s1"]}])["Snapshots"]
+        with open(os.path.join(mp, "table"), "wb") as f:
+            f.write(b"changed later")
+        d.cli("create", "db-copy", "--from-snapshot", "db@s1")
+        mp2 = d.api.ok("/VolumeDriver.Mount", {"Name": "db-copy", "ID": "r"})["Mountpoint"]
+        assert open(os.path.join(mp2, "table"), "rb").read() == payload
+        made = json.loads(d.cli("backup", "create", "db@s1", "--dest", f"file://{repo}",
+                                "--json").stdout)
+        assert made["stats"]["read"] < 200 << 20  # only blocks holding data, of 1 GiB
+        d.cli("restore", made["url"], "on-loop", "--backend", "loop")
+        mp3 = d.api.ok("/VolumeDriver.Mount", {"Name": "on-loop", "ID": "l"})["Mountpoint"]
+        got = open(os.path.join(mp3, "table"), "rb").read()
+        assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+    finally:
+        d.stop()
+
+
+def test_aws_errors_become_clear_errs_and_nothing_is_left(instances, ebs_rig):
+    a, _ = instances
+    err = a.api.err("/VolumeDriver.Create", {"Name": "bad", "Opts": {"type": "ssd"}})
+    assert "invalid type 'ssd': accepted are gp3" in err
+    err = a.api.err("/VolumeDriver.Create", {"Name": "bad", "Opts": {"iops": "lots"}})
+    assert "invalid iops" in err
+    assert ebs_rig.volumes("bad") == []
+    assert "no such volume" in a.api.err("/VolumeDriver.Get", {"Name": "bad"})
+
+
+def test_an_unreachable_ec2_endpoint_is_a_clear_err_in_bounded_time(workdir, ebs_rig):
+    env = {**ebs_rig.env(0), "PYVOL_BACKENDS": "ebs", "PYVOL_EBS_CONNECT_TIMEOUT": "1",
+           "PYVOL_EBS_MAX_ATTEMPTS": "2"}
+    d = Daemon(workdir / "x", workdir / "x.sock", env=env).start()
+    try:
+        ebs_rig.plane.server.shutdown()
+        ebs_rig.plane.server.server_close()
+        err = d.api.err("/VolumeDriver.Create", {"Name": "offline", "Opts": {"size": "1G"}})
+        assert "cannot reach EC2" in err
+    finally:
+        d.stop()
