@@ -53,6 +53,13 @@ def with_volume(d: Daemon, name: str, size: str = "256M", mount_id: str = "t") -
     return d.api.ok("/VolumeDriver.Mount", {"Name": name, "ID": mount_id})["Mountpoint"]
 
 
+@pytest.fixture
+def file_repo(workdir) -> str:
+    """An empty repository directory, as a file:// URL."""
+    (workdir / "repo").mkdir()
+    return f"file://{workdir / 'repo'}"
+
+
 @pytest.fixture(params=["moto", "seaweedfs", "file"])
 def repo(request, workdir):
     """(repository URL, daemon env) on each kind of target."""
@@ -98,79 +105,66 @@ def test_volume_written_on_a_is_restored_on_b_byte_for_byte(workdir, repo):
         stop(a, b)
 
 
-def test_restore_into_a_larger_volume_grows_its_filesystem(workdir):
-    (workdir / "repo").mkdir()
-    url = f"file://{workdir / 'repo'}"
-    d = Daemon(workdir / "root", workdir / "s.sock").start()
-    try:
-        mp = with_volume(d, "small", "128M")
-        digest = fill(f"{mp}/f", 8 * MiB)
-        made = backup(d, "small", url)
-        d.cli("restore", made["url"], "big", "--size", "1G")
-        mp2 = d.api.ok("/VolumeDriver.Mount", {"Name": "big", "ID": "t"})["Mountpoint"]
-        st = os.statvfs(mp2)
-        assert st.f_blocks * st.f_frsize > 900 * MiB
-        assert sha256(f"{mp2}/f") == digest
-        err = d.cli("restore", made["url"], "tiny", "--size", "64M", check=False)
-        assert err.returncode == 1 and "smaller than" in err.stderr and "accepted" in err.stderr
-    finally:
-        d.stop()
+def test_restore_into_a_larger_volume_grows_its_filesystem(workdir, daemon, file_repo):
+    d, url = daemon, file_repo
+    mp = with_volume(d, "small", "128M")
+    digest = fill(f"{mp}/f", 8 * MiB)
+    made = backup(d, "small", url)
+    d.cli("restore", made["url"], "big", "--size", "1G")
+    mp2 = d.api.ok("/VolumeDriver.Mount", {"Name": "big", "ID": "t"})["Mountpoint"]
+    st = os.statvfs(mp2)
+    assert st.f_blocks * st.f_frsize > 900 * MiB
+    assert sha256(f"{mp2}/f") == digest
+    err = d.cli("restore", made["url"], "tiny", "--size", "64M", check=False)
+    assert err.returncode == 1 and "smaller than" in err.stderr and "accepted" in err.stderr
 
 
-def test_incremental_backup_reads_and_uploads_about_the_changed_one_percent(workdir):
-    (workdir / "repo").mkdir()
-    url = f"file://{workdir / 'repo'}"
-    d = Daemon(workdir / "root", workdir / "s.sock").start()
-    try:
-        mp = with_volume(d, "db", "1G")
-        fill(f"{mp}/data", 400 * MiB)
-        full = backup(d, "db", url)
-        # only mapped ranges are read: the 600M never written are not
-        assert 400 * MiB <= full["stats"]["read"] < 440 * MiB, full["stats"]
-        with open(f"{mp}/data", "r+b") as f:  # 1% of the volume, rewritten in place
-            f.seek(123 * MiB)
-            f.write(os.urandom(10 * MiB + 240 * 1024))
-            os.fsync(f.fileno())
-        inc = backup(d, "db", url)
-        assert inc["incremental"] is True and inc["parent"] == full["id"]
-        one_percent = (1 << 30) // 100
-        print("incremental stats", inc["stats"])
-        assert one_percent <= inc["stats"]["read"] <= 2 * one_percent, inc["stats"]
-        assert one_percent <= inc["stats"]["uploaded"] <= 2 * one_percent, inc["stats"]
-        # the parent's snapshot is no longer needed: only the newest backup snapshot is kept
-        snaps = json.loads(d.cli("snapshot", "ls", "db", "--json").stdout)
-        assert [s["Name"] for s in snaps] == [inc["source"]["snapshot"]]
-        # a volume with the same content shares every chunk
-        d.cli("create", "twin", "--from-snapshot", f"db@{inc['source']['snapshot']}")
-        chunks_before = len(list((workdir / "repo" / "chunks").rglob("*")))
-        twin = backup(d, "twin", url)
-        assert twin["stats"]["chunks_new"] == 0 and twin["stats"]["uploaded"] == 0
-        assert len(list((workdir / "repo" / "chunks").rglob("*"))) == chunks_before
-        # the incremental restores to exactly the changed data
-        d.cli("restore", inc["url"], "again")
-        mp2 = d.api.ok("/VolumeDriver.Mount", {"Name": "again", "ID": "t"})["Mountpoint"]
-        assert sha256(f"{mp2}/data") == sha256(f"{mp}/data")
-    finally:
-        d.stop()
+def test_incremental_backup_reads_and_uploads_about_the_changed_one_percent(
+        workdir, daemon, file_repo):
+    d, url = daemon, file_repo
+    mp = with_volume(d, "db", "1G")
+    fill(f"{mp}/data", 400 * MiB)
+    full = backup(d, "db", url)
+    # only mapped ranges are read: the 600M never written are not
+    assert 400 * MiB <= full["stats"]["read"] < 440 * MiB, full["stats"]
+    with open(f"{mp}/data", "r+b") as f:  # 1% of the volume, rewritten in place
+        f.seek(123 * MiB)
+        f.write(os.urandom(10 * MiB + 240 * 1024))
+        os.fsync(f.fileno())
+    inc = backup(d, "db", url)
+    assert inc["incremental"] is True and inc["parent"] == full["id"]
+    one_percent = (1 << 30) // 100
+    print("incremental stats", inc["stats"])
+    assert one_percent <= inc["stats"]["read"] <= 2 * one_percent, inc["stats"]
+    assert one_percent <= inc["stats"]["uploaded"] <= 2 * one_percent, inc["stats"]
+    # the parent's snapshot is no longer needed: only the newest backup snapshot is kept
+    snaps = json.loads(d.cli("snapshot", "ls", "db", "--json").stdout)
+    assert [s["Name"] for s in snaps] == [inc["source"]["snapshot"]]
+    # a volume with the same content shares every chunk
+    d.cli("create", "twin", "--from-snapshot", f"db@{inc['source']['snapshot']}")
+    chunks_before = len(list((workdir / "repo" / "chunks").rglob("*")))
+    twin = backup(d, "twin", url)
+    assert twin["stats"]["chunks_new"] == 0 and twin["stats"]["uploaded"] == 0
+    assert len(list((workdir / "repo" / "chunks").rglob("*"))) == chunks_before
+    # the incremental restores to exactly the changed data
+    d.cli("restore", inc["url"], "again")
+    mp2 = d.api.ok("/VolumeDriver.Mount", {"Name": "again", "ID": "t"})["Mountpoint"]
+    assert sha256(f"{mp2}/data") == sha256(f"{mp}/data")
 
 
-def test_a_full_read_when_the_parent_snapshot_is_gone_still_uploads_only_new_chunks(workdir):
-    (workdir / "repo").mkdir()
-    url = f"file://{workdir / 'repo'}"
-    d = Daemon(workdir / "root", workdir / "s.sock").start()
-    try:
-        mp = with_volume(d, "v")
-        fill(f"{mp}/f", 24 * MiB)
-        first = backup(d, "v", url)
-        d.cli("snapshot", "rm", f"v@{first['source']['snapshot']}")
-        out = d.cli("backup", "create", "v", "--dest", url)
-        assert "full read" in out.stderr and "snapshot of the previous backup is gone" in out.stderr
-        second = json.loads(d.cli("backup", "inspect", out.stdout.strip(), "--json").stdout)
-        assert second["incremental"] is False
-        assert second["stats"]["read"] >= 24 * MiB
-        assert second["stats"]["chunks_new"] <= 2, second["stats"]  # journal/inode pieces only
-    finally:
-        d.stop()
+def test_a_full_read_when_the_parent_snapshot_is_gone_still_uploads_only_new_chunks(
+        workdir, daemon, file_repo):
+    d, url = daemon, file_repo
+    mp = with_volume(d, "v")
+    fill(f"{mp}/f", 24 * MiB)
+    first = backup(d, "v", url)
+    d.cli("snapshot", "rm", f"v@{first['source']['snapshot']}")
+    out = d.cli("backup", "create", "v", "--dest", url)
+    assert "full read" in out.stderr and "snapshot of the previous backup is gone" in out.stderr
+    second = json.loads(d.cli("backup", "inspect", out.stdout.strip(), "--json").stdout)
+    assert second["incremental"] is False
+    assert second["stats"]["read"] >= 24 * MiB
+    assert second["stats"]["chunks_new"] <= 2, second["stats"]  # journal/inode pieces only
 
 
 @pytest.fixture
@@ -195,58 +189,48 @@ def test_docker_volume_create_from_backup_on_another_host(workdir, moto, dockerd
     assert out.split()[0] == digest
 
 
-def test_gc_deletes_only_unreferenced_chunks_and_rm_needs_no_parent(workdir):
-    (workdir / "repo").mkdir()
-    url = f"file://{workdir / 'repo'}"
-    d = Daemon(workdir / "root", workdir / "s.sock").start()
-    try:
-        mp = with_volume(d, "v")
-        fill(f"{mp}/a", 16 * MiB)
-        first = backup(d, "v", url)
-        fill(f"{mp}/b", 16 * MiB)
-        second = backup(d, "v", url)
-        d.cli("backup", "rm", first["url"])
-        assert "no backup" in d.cli("backup", "inspect", first["url"], check=False).stderr
-        gc = json.loads(d.cli("backup", "gc", url, "--json").stdout)
-        # a's data is still used by the second backup; only pieces rewritten since
-        # (fs metadata) were the first backup's alone
-        assert gc["backups"] == 1 and gc["chunks_kept"] == second["chunk_count"]
-        assert gc["chunks_deleted"] >= 1 and gc["bytes_freed"] < 8 * MiB, gc
-        d.cli("backup", "verify", second["url"])  # a manifest needs no parent to be whole
-        d.cli("backup", "rm", second["url"])
-        gc = json.loads(d.cli("backup", "gc", url, "--json").stdout)
-        assert gc["chunks_deleted"] > 8 and gc["chunks_kept"] == 0
-        assert list((workdir / "repo" / "chunks").rglob("*.*")) == []
-    finally:
-        d.stop()
+def test_gc_deletes_only_unreferenced_chunks_and_rm_needs_no_parent(workdir, daemon, file_repo):
+    d, url = daemon, file_repo
+    mp = with_volume(d, "v")
+    fill(f"{mp}/a", 16 * MiB)
+    first = backup(d, "v", url)
+    fill(f"{mp}/b", 16 * MiB)
+    second = backup(d, "v", url)
+    d.cli("backup", "rm", first["url"])
+    assert "no backup" in d.cli("backup", "inspect", first["url"], check=False).stderr
+    gc = json.loads(d.cli("backup", "gc", url, "--json").stdout)
+    # a's data is still used by the second backup; only pieces rewritten since
+    # (fs metadata) were the first backup's alone
+    assert gc["backups"] == 1 and gc["chunks_kept"] == second["chunk_count"]
+    assert gc["chunks_deleted"] >= 1 and gc["bytes_freed"] < 8 * MiB, gc
+    d.cli("backup", "verify", second["url"])  # a manifest needs no parent to be whole
+    d.cli("backup", "rm", second["url"])
+    gc = json.loads(d.cli("backup", "gc", url, "--json").stdout)
+    assert gc["chunks_deleted"] > 8 and gc["chunks_kept"] == 0
+    assert list((workdir / "repo" / "chunks").rglob("*.*")) == []
 
 
-def test_a_corrupt_or_missing_chunk_fails_verify_and_restore_naming_it(workdir):
-    (workdir / "repo").mkdir()
-    url = f"file://{workdir / 'repo'}"
-    d = Daemon(workdir / "root", workdir / "s.sock").start()
-    try:
-        mp = with_volume(d, "v")
-        fill(f"{mp}/f", 20 * MiB)
-        made = backup(d, "v", url)
-        d.cli("backup", "verify", made["url"])
-        chunks = sorted(p for p in (workdir / "repo" / "chunks").rglob("*") if p.is_file())
-        victim = max(chunks, key=lambda p: p.stat().st_size)
-        blob = bytearray(victim.read_bytes())
-        blob[len(blob) // 2] ^= 0xFF
-        victim.write_bytes(bytes(blob))
-        bad = d.cli("backup", "verify", made["url"], check=False)
-        assert bad.returncode == 1 and victim.name in bad.stderr, bad.stderr
-        bad = d.cli("restore", made["url"], "copy", check=False)
-        assert bad.returncode == 1 and victim.name in bad.stderr, bad.stderr
-        assert "copy" not in d.cli("ls").stdout
-        assert not any(p.name.startswith("copy") for p in (workdir / "root").rglob("*.img"))
-        victim.unlink()
-        bad = d.cli("restore", made["url"], "copy", check=False)
-        assert bad.returncode == 1 and f"chunk {victim.name} is missing" in bad.stderr
-        assert "copy" not in d.cli("ls").stdout
-    finally:
-        d.stop()
+def test_a_corrupt_or_missing_chunk_fails_verify_and_restore_naming_it(workdir, daemon, file_repo):
+    d, url = daemon, file_repo
+    mp = with_volume(d, "v")
+    fill(f"{mp}/f", 20 * MiB)
+    made = backup(d, "v", url)
+    d.cli("backup", "verify", made["url"])
+    chunks = sorted(p for p in (workdir / "repo" / "chunks").rglob("*") if p.is_file())
+    victim = max(chunks, key=lambda p: p.stat().st_size)
+    blob = bytearray(victim.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    victim.write_bytes(bytes(blob))
+    bad = d.cli("backup", "verify", made["url"], check=False)
+    assert bad.returncode == 1 and victim.name in bad.stderr, bad.stderr
+    bad = d.cli("restore", made["url"], "copy", check=False)
+    assert bad.returncode == 1 and victim.name in bad.stderr, bad.stderr
+    assert "copy" not in d.cli("ls").stdout
+    assert not any(p.name.startswith("copy") for p in (workdir / "root").rglob("*.img"))
+    victim.unlink()
+    bad = d.cli("restore", made["url"], "copy", check=False)
+    assert bad.returncode == 1 and f"chunk {victim.name} is missing" in bad.stderr
+    assert "copy" not in d.cli("ls").stdout
 
 
 def test_encrypted_repository_hides_names_and_content_and_needs_its_key(workdir, moto):
