@@ -432,3 +432,95 @@ def _differing(new: str, old: str | None, unit: int) -> list[Range]:
                             ranges.append([start, unit])
             offset += len(a)
     return [(o, n) for o, n in ranges]
+
+
+# Backups as EBS snapshots: ebs://REGION/snap-ID. An independent copy (CopySnapshot), tagged
+# pyvol-backup, so that it outlives the volume and its own snapshots; in another region on
+# request. A restore makes a volume from it in this instance's zone (any zone of the region),
+# copying it into this region first when it lives elsewhere.
+BACKUP_TAG = "pyvol-backup"
+
+
+def parse_ebs_url(url: str) -> tuple[str, str | None]:
+    import re as _re
+
+    m = _re.match(r"^ebs://([a-z]{2}(?:-[a-z]+)+-\d)(?:/(snap-[0-9a-f]+))?/?$", url or "")
+    if not m:
+        raise InvalidInput(f"invalid EBS backup URL {url!r}: accepted are ebs://REGION (as a "
+                           "destination) and ebs://REGION/snap-ID")
+    return m.group(1), m.group(2)
+
+
+class EbsBackups:
+    """EBS-snapshot backups of the ebs backend's volumes."""
+
+    def __init__(self, backend: EbsBackend):
+        self.b = backend
+
+    def _client(self, region: str):
+        if region == self.b.region:
+            return self.b._ec2
+        import boto3
+
+        return boto3.session.Session().client("ec2", region_name=region,
+                                              config=self.b._ec2.meta.config)
+
+    def _call(self, region: str, op: str, **kw):
+        import botocore.exceptions as bx
+
+        try:
+            return getattr(self._client(region), op)(**kw)
+        except (bx.ClientError, bx.BotoCoreError) as e:
+            raise self.b._translate(op, e) from None
+
+    def _copy(self, src_region: str, snap_id: str, region: str, tags: list[dict],
+              what: str) -> str:
+        new = self._call(region, "copy_snapshot", SourceRegion=src_region,
+                         SourceSnapshotId=snap_id, Description=what,
+                         TagSpecifications=[{"ResourceType": "snapshot", "Tags": tags}])
+        sid = new["SnapshotId"]
+        self.b._wait(f"snapshot {sid} to complete in {region}", lambda: self._call(
+            region, "describe_snapshots", SnapshotIds=[sid])["Snapshots"][0]["State"] ==
+            "completed", 3600)
+        return sid
+
+    def create(self, name: str, snap: str, region: str, fs: str, size: int) -> dict:
+        src = self.b._snapshot_id(name, snap)
+        self.b._wait(f"snapshot {name}@{snap} to complete", lambda: self.b._aws(
+            "describe_snapshots", SnapshotIds=[src["SnapshotId"]])["Snapshots"][0]["State"] ==
+            "completed", 3600)
+        tags = [{"Key": BACKUP_TAG, "Value": name}, {"Key": "pyvol-fs", "Value": fs},
+                {"Key": "pyvol-size", "Value": str(size)}]
+        sid = self._copy(self.b.region, src["SnapshotId"], region, tags,
+                         f"pyvol backup of {name}@{snap}")
+        return self.describe(region, sid)
+
+    def describe(self, region: str, sid: str) -> dict:
+        found = self._call(region, "describe_snapshots", SnapshotIds=[sid])["Snapshots"]
+        if not found:
+            raise NotFound(f"no EBS snapshot {sid} in {region}")
+        s = found[0]
+        tags = {t["Key"]: t["Value"] for t in s.get("Tags", [])}
+        return {"url": f"ebs://{region}/{sid}", "kind": "ebs-snapshot",
+                "volume": tags.get(BACKUP_TAG), "region": region, "snapshot_id": sid,
+                "state": s["State"], "created": s["StartTime"].strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "source": {"backend": "ebs", "fs": tags.get("pyvol-fs", "ext4"),
+                           "size": int(tags.get("pyvol-size", s["VolumeSize"] * GiB))}}
+
+    def list(self, region: str, volume: str | None = None) -> list[dict]:
+        filters = [{"Name": f"tag:{BACKUP_TAG}", "Values": [volume]}] if volume else [
+            {"Name": "tag-key", "Values": [BACKUP_TAG]}]
+        snaps = self._call(region, "describe_snapshots", OwnerIds=["self"],
+                           Filters=filters)["Snapshots"]
+        return [self.describe(region, s["SnapshotId"]) for s in
+                sorted(snaps, key=lambda s: (s["StartTime"], s["SnapshotId"]))]
+
+    def remove(self, region: str, sid: str) -> None:
+        self.describe(region, sid)
+        self._call(region, "delete_snapshot", SnapshotId=sid)
+
+    def restore(self, region: str, sid: str, spec: VolumeSpec) -> None:
+        if region != self.b.region:  # snapshots are regional: bring it here first
+            sid = self._copy(region, sid, self.b.region, [{"Key": TEMP_TAG, "Value": "1"}],
+                             f"pyvol restore of {sid} from {region}")
+        self.b._create_unique(spec, SnapshotId=sid)

@@ -221,6 +221,9 @@ class Manager:
             src_size, src_fs = restore.size, restore.fs
 
             def populate(backend, spec):
+                if restore.kind == "ebs-snapshot":
+                    restore.make_volume(backend, spec)
+                    return
                 if restore.kind == "block" and backend.kind != "block":
                     raise InvalidInput(f"backup {opts['from-backup']} is a block backup; "
                                        f"backend {backend.name} holds files: restore it into "

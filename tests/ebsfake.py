@@ -95,6 +95,10 @@ class EbsDataPlane:
             subprocess.run(["sync"], check=True)
             subprocess.run(["cp", "--sparse=always", str(self.blobs / f"{req['VolumeId']}.img"),
                             str(self.snaps / f"{snap}.img")], check=True)
+        elif action == "CopySnapshot":
+            subprocess.run(["cp", "--sparse=always",
+                            str(self.snaps / f"{req['SourceSnapshotId']}.img"),
+                            str(self.snaps / f"{self._tag(xml, 'snapshotId')}.img")], check=True)
         elif action == "AttachVolume":
             vol, inst = req["VolumeId"], req["InstanceId"]
             threading.Timer(self.attach_delay, self._appear, (vol, inst)).start()
@@ -172,10 +176,10 @@ class Imds:
 
 
 class EbsRig:
-    """A fresh EC2 (moto, reset) with two running instances, each with its own IMDS and
-    device directory: two hosts for the ebs backend."""
+    """A fresh EC2 (moto, reset) with three running instances, each with its own IMDS and
+    device directory: hosts for the ebs backend (two in us-east-1a, one in us-east-1b)."""
 
-    ZONE = "us-east-1a"
+    ZONES = ("us-east-1a", "us-east-1a", "us-east-1b")
 
     def __init__(self, moto, base: Path):
         import boto3
@@ -185,10 +189,10 @@ class EbsRig:
         self.ec2 = boto3.client("ec2", endpoint_url=moto.endpoint, region_name="us-east-1",
                                 aws_access_key_id="pyvoltest", aws_secret_access_key="x")
         image = self.ec2.describe_images()["Images"][0]["ImageId"]
-        run = self.ec2.run_instances(ImageId=image, MinCount=2, MaxCount=2,
-                                     Placement={"AvailabilityZone": self.ZONE})
-        self.instances = [i["InstanceId"] for i in run["Instances"]]
-        self.imds = [Imds(i, self.ZONE) for i in self.instances]
+        self.instances = [self.ec2.run_instances(
+            ImageId=image, MinCount=1, MaxCount=1, Placement={"AvailabilityZone": zone})[
+            "Instances"][0]["InstanceId"] for zone in self.ZONES]
+        self.imds = [Imds(i, z) for i, z in zip(self.instances, self.ZONES)]
         self.creds = {"AWS_ACCESS_KEY_ID": "pyvoltest", "AWS_SECRET_ACCESS_KEY": "x",
                       "AWS_DEFAULT_REGION": "us-east-1",
                       "AWS_ENDPOINT_URL_EC2": self.plane.endpoint}

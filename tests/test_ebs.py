@@ -138,3 +138,42 @@ def test_an_unreachable_ec2_endpoint_is_a_clear_err_in_bounded_time(workdir, ebs
         assert "cannot reach EC2" in err
     finally:
         d.stop()
+
+
+def test_ebs_snapshot_backups_go_to_another_region_and_restore_in_another_zone(workdir,
+                                                                               ebs_rig):
+    import boto3
+
+    a = ebs_host(workdir, ebs_rig, 0)
+    c = ebs_host(workdir, ebs_rig, 2)  # an instance in us-east-1b
+    try:
+        a.api.ok("/VolumeDriver.Create", {"Name": "ledger", "Opts": {"size": "1G"}})
+        mp = a.api.ok("/VolumeDriver.Mount", {"Name": "ledger", "ID": "w"})["Mountpoint"]
+        payload = os.urandom(2 << 20)
+        with open(os.path.join(mp, "book"), "wb") as f:
+            f.write(payload)
+            os.fsync(f.fileno())
+        made = json.loads(a.cli("backup", "create", "ledger", "--dest", "ebs://us-west-2",
+                                "--json").stdout)
+        assert made["url"].startswith("ebs://us-west-2/snap-") and made["volume"] == "ledger"
+        west = boto3.client("ec2", region_name="us-west-2")
+        assert west.describe_snapshots(SnapshotIds=[made["snapshot_id"]])["Snapshots"]
+        listed = json.loads(c.cli("backup", "ls", "ebs://us-west-2", "--json").stdout)
+        assert [x["url"] for x in listed] == [made["url"]]
+        assert json.loads(a.cli("snapshot", "ls", "ledger", "--json").stdout) == []
+        a.api.ok("/VolumeDriver.Unmount", {"Name": "ledger", "ID": "w"})
+        a.api.ok("/VolumeDriver.Remove", {"Name": "ledger"})  # the backup outlives it
+        c.cli("restore", made["url"], "ledger", "--size", "2G")
+        vol = c.api.ok("/VolumeDriver.Get", {"Name": "ledger"})["Volume"]
+        assert vol["Status"]["zone"] == "us-east-1b" and vol["Status"]["size"] == 2 << 30
+        mp_c = c.api.ok("/VolumeDriver.Mount", {"Name": "ledger", "ID": "r"})["Mountpoint"]
+        assert open(os.path.join(mp_c, "book"), "rb").read() == payload
+        st = os.statvfs(mp_c)
+        assert st.f_blocks * st.f_frsize > 1800 << 20  # grown to the new size
+        err = c.cli("restore", made["url"], "elsewhere", "--backend", "loop", check=False)
+        assert err.returncode == 1
+        c.cli("backup", "rm", made["url"])
+        assert json.loads(c.cli("backup", "ls", "ebs://us-west-2", "--json").stdout) == []
+    finally:
+        a.stop()
+        c.stop()

@@ -63,6 +63,32 @@ class Restore:
         return result
 
 
+@dataclass
+class EbsRestore:
+    """An EBS-snapshot backup, restored by making an EBS volume from it (in this zone)."""
+
+    ebs: object
+    region: str
+    snapshot_id: str
+    description: dict
+    kind = "ebs-snapshot"
+
+    @property
+    def size(self) -> int:
+        return int(self.description["source"]["size"])
+
+    @property
+    def fs(self) -> str:
+        return self.description["source"]["fs"]
+
+    def make_volume(self, backend, spec) -> None:
+        if backend.name != "ebs":
+            raise InvalidInput(f"an ebs:// backup restores into the ebs backend, not "
+                               f"{backend.name} (back up into a pyvol repository to move "
+                               "between backends)")
+        self.ebs.restore(self.region, self.snapshot_id, spec)
+
+
 class Backups:
     def __init__(self, manager, config):
         self.manager = manager
@@ -95,6 +121,8 @@ class Backups:
         m = self.manager
         v = m._ready(vol)
         backend = m._backend(v)
+        if isinstance(dest, str) and dest.startswith("ebs://"):
+            return self._ebs_backup(v, backend, snap, dest)
         repo = self._repo(dest, create=True)
         bid = new_backup_id()
         with locked(repo, "shared", self.lease):
@@ -129,6 +157,38 @@ class Backups:
                 log.info("kept superseded backup snapshot %s@%s: %s", vol, parent_snap, e)
         manifest["url"] = url
         return _summary(manifest)
+
+    # EBS snapshots as backups (ebs://REGION): the ebs backend's own kind of backup
+    def _ebs(self, what: str):
+        from ..backends.ebs import EbsBackups
+
+        b = self.manager.backends.get("ebs")
+        if b is None:
+            raise InvalidInput(f"{what} needs the ebs backend, which is not available on this "
+                               f"host: {self.manager.unavailable.get('ebs', 'not configured')}")
+        return EbsBackups(b)
+
+    def _ebs_backup(self, v, backend, snap: str | None, dest: str) -> dict:
+        from ..backends.ebs import parse_ebs_url
+
+        region, sid = parse_ebs_url(dest)
+        if sid is not None or backend.name != "ebs":
+            raise InvalidInput(f"an ebs:// destination takes ebs volumes, as ebs://REGION; "
+                               f"volume {v.name} is on {backend.name}")
+        m = self.manager
+        auto = snap is None
+        if auto:
+            snap = m.snapshot_create(v.name, AUTO_PREFIX + new_backup_id())["Name"]
+        try:
+            result = self._ebs("an ebs:// backup").create(v.name, snap, region, v.fs, v.size)
+        finally:
+            if auto:  # the backup is an independent copy: the volume's snapshot can go
+                try:
+                    m.snapshot_remove(v.name, snap)
+                except PyvolError as e:
+                    log.warning("could not remove snapshot %s@%s: %s", v.name, snap, e)
+        event(log, "backup created", volume=v.name, backup=result["url"])
+        return result
 
     def _parent(self, repo: Repository, volume: str) -> tuple[dict | None, str]:
         """The latest backup of ``volume`` whose snapshot this daemon still holds."""
@@ -212,14 +272,33 @@ class Backups:
 
         if volume is not None:
             check_name(volume)
+        if isinstance(url, str) and url.startswith("ebs://"):
+            from ..backends.ebs import parse_ebs_url
+
+            return self._ebs("listing ebs:// backups").list(parse_ebs_url(url)[0], volume)
         repo = self._repo(url)
         return [_summary(repo.get_manifest(vk, bid)) for vk, bid in repo.backup_ids(volume)]
 
     def inspect(self, backup_url) -> dict:
+        if isinstance(backup_url, str) and backup_url.startswith("ebs://"):
+            return self._ebs("an ebs:// backup").describe(*self._ebs_ref(backup_url))
         _repo, manifest = self._manifest(backup_url)
         return _summary(manifest)
 
+    @staticmethod
+    def _ebs_ref(url: str) -> tuple[str, str]:
+        from ..backends.ebs import parse_ebs_url
+
+        region, sid = parse_ebs_url(url)
+        if sid is None:
+            raise InvalidInput(f"invalid EBS backup URL {url!r}: accepted is ebs://REGION/snap-ID")
+        return region, sid
+
     def prepare_restore(self, backup_url) -> Restore:
+        if isinstance(backup_url, str) and backup_url.startswith("ebs://"):
+            ebs = self._ebs("an ebs:// restore")
+            region, sid = self._ebs_ref(backup_url)
+            return EbsRestore(ebs, region, sid, ebs.describe(region, sid))
         repo, manifest = self._manifest(backup_url)
         if manifest.get("kind") not in ("block", "tree"):
             raise InvalidInput(f"backup {backup_url} is of kind {manifest.get('kind')!r}; "
@@ -248,6 +327,10 @@ class Backups:
 
     # changing the repository
     def remove(self, backup_url) -> dict:
+        if isinstance(backup_url, str) and backup_url.startswith("ebs://"):
+            self._ebs("an ebs:// backup").remove(*self._ebs_ref(backup_url))
+            event(log, "backup removed", backup=backup_url)
+            return {"removed": backup_url}
         repo_url, volkey, bid = split_backup_url(backup_url)
         repo = self._repo(repo_url)
         with locked(repo, "exclusive", self.lease):
