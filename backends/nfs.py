@@ -199,14 +199,15 @@ class NfsBackend(Backend):
 
     # shares
     def setup(self) -> None:
-        failed = []
+        """Mount every share. A server that does not answer now is not fatal (its share is
+        mounted at its next use); a share pyvol cannot work on (root squash) is."""
+        import logging
+
         for share in self.shares.values():
             try:
                 share.ensure_mounted()
-            except PyvolError as e:  # mounted again at its next use
-                failed.append(str(e))
-        if failed and len(failed) == len(self.shares):
-            raise PyvolError("; ".join(failed))
+            except ServerUnreachable as e:
+                logging.getLogger(__name__).warning("%s; retried at its next use", e)
 
     def teardown(self) -> None:
         for share in self.shares.values():
