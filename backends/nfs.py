@@ -451,8 +451,10 @@ class NfsBackend(Backend):
     def usage(self) -> dict:
         out = {}
         for share in self.shares.values():
+            if not share.mounted():  # info must stay fast: the next real use mounts it
+                out[share.name] = {"source": share.source, "mounted": False}
+                continue
             try:
-                share.ensure_mounted()
                 st = share.call(os.statvfs, share.mount_dir, what="a space query")
                 out[share.name] = {"source": share.source, "options": ",".join(share.options),
                                    "size": st.f_blocks * st.f_frsize,

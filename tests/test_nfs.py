@@ -216,3 +216,26 @@ def test_tree_backup_restores_into_nfs_and_loop_volumes_identically(workdir, nfs
         assert r.returncode == 1 and "block backup" in r.stderr
     finally:
         d.stop()
+
+
+def test_a_server_down_at_start_is_mounted_at_first_use_once_back(workdir, nfs_export,
+                                                                  nfs_server):
+    import threading
+
+    nfs_server.stop_serving()
+    back = threading.Timer(20, nfs_server.resume)  # while the daemon starts, or soon after
+    back.start()
+    try:
+        d = host(workdir, "late", nfs_export, PYVOL_BACKENDS="nfs")
+    finally:
+        back.join()
+    try:
+        info = json.loads(d.cli("info", "--json").stdout)["backends"]["nfs"]
+        assert info["available"] is True
+        deadline = time.monotonic() + 60
+        while d.api.post("/VolumeDriver.Create", {"Name": "after"}).get("Err"):
+            assert time.monotonic() < deadline, "the share was never mounted"
+            time.sleep(2)
+        d.api.ok("/VolumeDriver.Get", {"Name": "after"})
+    finally:
+        d.stop()
