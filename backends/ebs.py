@@ -289,9 +289,14 @@ class EbsBackend(Backend):
             self._aws("attach_volume", VolumeId=v["VolumeId"], InstanceId=self.instance_id,
                       Device=free)
             mine = {"Device": free}
-        return self._wait(
-            f"the block device of {name} ({v['VolumeId']}) to appear on this instance",
-            lambda: self._device(v["VolumeId"], mine["Device"]), self.attach_timeout)
+        try:
+            return self._wait(
+                f"the block device of {name} ({v['VolumeId']}) to appear on this instance",
+                lambda: self._device(v["VolumeId"], mine["Device"]), self.attach_timeout)
+        except PyvolError:
+            with contextlib.suppress(PyvolError):  # never leave it attached for nothing
+                self.deactivate(name)
+            raise
 
     def deactivate(self, name: str) -> None:
         try:

@@ -177,3 +177,20 @@ def test_ebs_snapshot_backups_go_to_another_region_and_restore_in_another_zone(w
     finally:
         a.stop()
         c.stop()
+
+
+def test_a_device_that_never_appears_fails_the_mount_clearly_and_detaches(workdir, ebs_rig):
+    """moto attaches at once and a real attach takes seconds; what is tested here is the
+    waiting itself: the data plane is told never to show the device."""
+    d = Daemon(workdir / "slow", workdir / "slow.sock",
+               env={**ebs_rig.env(0), "PYVOL_BACKENDS": "ebs",
+                    "PYVOL_EBS_ATTACH_TIMEOUT": "3"}).start()
+    try:
+        d.api.ok("/VolumeDriver.Create", {"Name": "stuck", "Opts": {"size": "1G"}})
+        ebs_rig.plane.attach_delay = 3600
+        err = d.api.err("/VolumeDriver.Mount", {"Name": "stuck", "ID": "m"})
+        assert "timed out after 3 s waiting for the block device of stuck" in err
+        assert ebs_rig.volumes("stuck")[0]["Attachments"] == []
+    finally:
+        ebs_rig.plane.attach_delay = 0.3
+        d.stop()
