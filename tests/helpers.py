@@ -161,6 +161,22 @@ def read_at(path, offset: int, length: int) -> bytes:
         os.close(fd)
 
 
+def make_netns(name: str) -> None:
+    """A network namespace with only loopback, up (pyroute2: netlink, no `ip` subprocess)."""
+    from pyroute2 import NetNS, netns
+
+    netns.create(name)
+    with NetNS(name) as ns:
+        ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
+
+
+def drop_netns(name: str) -> None:
+    from pyroute2 import netns
+
+    with contextlib.suppress(OSError):
+        netns.remove(name)
+
+
 # The engine's own client (Debian's docker.io); a newer client elsewhere on PATH may not match.
 DOCKER = "/usr/bin/docker" if os.path.exists("/usr/bin/docker") else "docker"
 
@@ -178,9 +194,7 @@ class Dockerd:
         if shutil.which("dockerd") is None:
             raise RuntimeError("dockerd is not installed: run scripts/test.sh, which installs it")
         self.base.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["ip", "netns", "add", self.netns], check=True)
-        subprocess.run(["ip", "netns", "exec", self.netns, "ip", "link", "set", "lo", "up"],
-                       check=True)
+        make_netns(self.netns)
         log = open(self.base / "dockerd.log", "ab")
         self.proc = subprocess.Popen(
             ["nsenter", f"--net=/run/netns/{self.netns}", "dockerd",
@@ -233,7 +247,7 @@ class Dockerd:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-        subprocess.run(["ip", "netns", "delete", self.netns], capture_output=True)
+        drop_netns(self.netns)
         for entry in reversed(mountinfo.under(self.base)):
             subprocess.run(["umount", "-l", entry.mount_point], capture_output=True)
 
