@@ -48,6 +48,7 @@ class NfsServer:
         Path("/var/lib/nfs/rpc_pipefs").mkdir(parents=True, exist_ok=True)
         Path("/run/rpcbind").mkdir(parents=True, exist_ok=True)
         sh("rpcbind", "-w", check=False)
+        sh("rpc.statd", check=False)  # NFSv3 locking (NLM), for the server and the client
         sh("rpc.mountd")
         sh("rpc.nfsd", "8")
         return self

@@ -239,3 +239,51 @@ def test_a_server_down_at_start_is_mounted_at_first_use_once_back(workdir, nfs_e
         d.api.ok("/VolumeDriver.Get", {"Name": "after"})
     finally:
         d.stop()
+
+
+def test_nfsv3_share_works_the_same(workdir, nfs_export):
+    a = host(workdir, "a3", nfs_export, PYVOL_BACKENDS="nfs", PYVOL_NFS_VERSION="3")
+    b = host(workdir, "b3", nfs_export, PYVOL_BACKENDS="nfs", PYVOL_NFS_VERSION="3")
+    try:
+        opts = json.loads(a.cli("info", "--json").stdout)["backends"]["nfs"]["shares"]["main"]
+        assert "vers=3" in opts["options"]
+        a.api.ok("/VolumeDriver.Create", {"Name": "v3"})
+        mp = a.api.ok("/VolumeDriver.Mount", {"Name": "v3", "ID": "a"})["Mountpoint"]
+        with open(os.path.join(mp, "f"), "w") as f:
+            f.write("over v3")
+        mp_b = b.api.ok("/VolumeDriver.Mount", {"Name": "v3", "ID": "b"})["Mountpoint"]
+        assert open(os.path.join(mp_b, "f")).read() == "over v3"
+        import fcntl
+        with open(os.path.join(mp_b, "f")) as f:  # locks work (statd/NLM)
+            fcntl.lockf(f, fcntl.LOCK_SH)
+    finally:
+        a.stop()
+        b.stop()
+
+
+@pytest.fixture
+def plugin_env(nfs_export):
+    """The dockerd-facing daemon (host a) uses the test's export."""
+    return {"PYVOL_NFS_SHARES": f"main=127.0.0.1:{nfs_export}", "PYVOL_BACKENDS": "nfs"}
+
+
+@pytest.mark.docker
+def test_a_file_a_container_writes_on_host_a_is_read_on_host_b(workdir, nfs_export, dockerd,
+                                                                plugin):
+    drv = plugin.driver
+    dockerd.run("run", "--rm", f"--volume-driver={drv}", "-v", "shared:/d", "busybox", "sh",
+                "-c", "echo from-a > /d/f && chown 123:456 /d/f && chmod 640 /d/f")
+    b = host(workdir, "b", nfs_export, PYVOL_BACKENDS="nfs")
+    try:
+        mp = b.api.ok("/VolumeDriver.Mount", {"Name": "shared", "ID": "b"})["Mountpoint"]
+        st = os.stat(os.path.join(mp, "f"))
+        assert open(os.path.join(mp, "f")).read() == "from-a\n"
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (123, 456, 0o640)
+        with open(os.path.join(mp, "g"), "w") as f:
+            f.write("from-b\n")
+        out = dockerd.run("run", "--rm", f"--volume-driver={drv}", "-v", "shared:/d", "busybox",
+                          "cat", "/d/g").stdout
+        assert out == "from-b\n"
+        b.api.ok("/VolumeDriver.Unmount", {"Name": "shared", "ID": "b"})
+    finally:
+        b.stop()
