@@ -636,6 +636,7 @@ class Manager:
                 self._recover_volume(backend, v)
             except Exception:
                 log.exception("recovery of volume %s failed; it is left as it was", v.name)
+        self._recover_backup_snapshots()
         known = {v.name for v in self.store.volumes()}
         for name, backend in self.backends.items():
             try:
@@ -646,6 +647,25 @@ class Manager:
             for o in sorted(orphans):
                 event(log, "backend holds a volume pyvol has no record of; left untouched",
                       backend=name, volume=o)
+
+    def _recover_backup_snapshots(self) -> None:
+        """A backup the daemon died in wrote no manifest; its own snapshot goes too."""
+        from .backup.service import PENDING
+
+        for key in self.store.meta_keys(PENDING):
+            volume, _, snap = key[len(PENDING):].partition("@")
+            v = self.store.volume(volume)
+            backend = self.backends.get(v.backend) if v else None
+            try:
+                if backend is not None and self.store.snapshot(volume, snap) is not None:
+                    event(log, "removing the snapshot of a backup interrupted by a crash",
+                          volume=volume, snapshot=snap)
+                    backend.remove_snapshot(volume, snap)
+                    self.store.delete_snapshot(volume, snap)
+                self.store.delete_meta(key)
+            except Exception:
+                log.exception("could not remove snapshot %s@%s of an interrupted backup",
+                              volume, snap)
 
     def _recover_volume(self, backend: Backend, v: Volume) -> None:
         mp = self.mountpoint(v.name)

@@ -123,6 +123,14 @@ class Store:
             "INSERT INTO meta(key, value) VALUES(?, ?) "
             "ON CONFLICT(key) DO UPDATE SET value=excluded.value", (key, value))
 
+    def delete_meta(self, key: str) -> None:
+        self._conn().execute("DELETE FROM meta WHERE key=?", (key,))
+
+    def meta_keys(self, prefix: str) -> list[str]:
+        rows = self._conn().execute("SELECT key FROM meta WHERE substr(key, 1, ?) = ?",
+                                    (len(prefix), prefix))
+        return [r["key"] for r in rows]
+
     # volumes
     def add_volume(self, v: Volume) -> None:
         self._conn().execute(

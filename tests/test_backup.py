@@ -361,6 +361,8 @@ def test_daemon_killed_mid_backup_leaves_no_backup_and_the_rerun_succeeds(proxie
     d.stop()
     assert moto.keys(bucket, "r/manifests/") == []
     d.start()
+    # the interrupted backup's snapshot was removed at start, as its manifest never came
+    assert json.loads(d.cli("snapshot", "ls", "v", "--json").stdout) == []
     rerun = backup(d, "v", url)
     assert rerun["stats"]["chunks_reused"] > 0
     d.cli("restore", rerun["url"], "back")

@@ -21,6 +21,7 @@ from .repo import Repository, host_id, new_backup_id, split_backup_url, utcnow
 log = logging.getLogger(__name__)
 
 AUTO_PREFIX = "backup-"  # snapshots a backup took itself, and may remove once superseded
+PENDING = "backup-snapshot:"  # meta key prefix: VOL@SNAP of a backup still running
 PARENT_LOOKBACK = 20     # how many recent backups are tried as the incremental parent
 
 
@@ -129,6 +130,8 @@ class Backups:
             auto = snap is None
             if auto:
                 snap = m.snapshot_create(vol, AUTO_PREFIX + bid)["Name"]
+                # if the daemon dies before this backup ends, recover() removes the snapshot
+                m.store.set_meta(f"{PENDING}{vol}@{snap}", bid)
             try:
                 with m.snapshot_reading(vol, snap):
                     manifest = self._backup(repo, v, backend, snap, bid, job)
@@ -142,6 +145,9 @@ class Backups:
                         log.warning("could not remove snapshot %s@%s of a failed backup: %s",
                                     vol, snap, e)
                 raise
+            finally:
+                if auto:
+                    m.store.delete_meta(f"{PENDING}{vol}@{snap}")
         event(log, "backup created", volume=vol, snapshot=snap, backup=url,
               incremental=manifest["incremental"], **manifest["stats"])
         if auto and manifest["kind"] == "tree":
