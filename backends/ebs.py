@@ -75,6 +75,7 @@ class EbsBackend(Backend):
         self.imds_url = s.get("imds_url", "http://169.254.169.254")
         self.device_dir = s.get("device_dir")  # a test rig's stand-in for the device names
         self.attach_timeout = float(s.get("attach_timeout", 120))
+        self.race_settle = float(s.get("race_settle", 2))
         self.instance_id = self.zone = self.region = None
         self._ec2 = None
 
@@ -231,6 +232,9 @@ class EbsBackend(Backend):
         if self._by_name(spec.name):
             raise Conflict(f"volume {spec.name} already exists in EBS (another host made it)")
         vol = self._aws("create_volume", **self._create_params(spec), **extra)
+        # Another host's create that passed the check above finishes within a moment: look
+        # again after it, so both hosts see both volumes and agree on the same winner.
+        time.sleep(self.race_settle)
         winner = self._by_name(spec.name)[0]
         if winner["VolumeId"] != vol["VolumeId"]:
             self._aws("delete_volume", VolumeId=vol["VolumeId"])
