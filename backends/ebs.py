@@ -11,7 +11,6 @@ details, and what is emulated in the tests.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import time

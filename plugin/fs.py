@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from . import mountinfo
-from .errors import CommandFailed, InvalidInput
+from .errors import InvalidInput
 from .run import run
 
 log = logging.getLogger(__name__)

@@ -4,7 +4,6 @@ import errno
 import os
 import time
 
-import pytest
 
 from helpers import Daemon
 

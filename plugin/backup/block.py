@@ -11,7 +11,6 @@ while memory stays at a few pieces per thread.
 from __future__ import annotations
 
 import os
-import threading
 from dataclasses import dataclass, field
 
 from .blobs import CorruptObject
@@ -57,8 +56,6 @@ def backup(repo: Repository, device: str, size: int, mapped: list[Range],
     stats = {"read": 0, "uploaded": 0, "chunks_new": 0, "chunks_reused": 0, "pieces_zero": 0,
              "pieces_read": len(to_read)}
     repo.known_chunks()  # list once, before the threads start
-    inflight: set[str] = set()
-    guard = threading.Lock()
     zero = bytes(cs)
     job.start("backup", sum(min(cs, size - i * cs) for i in to_read))
     fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
@@ -78,12 +75,7 @@ def backup(repo: Repository, device: str, size: int, mapped: list[Range],
         job.advance(length)
         if buf == (zero if length == cs else zero[:length]):
             return index, None, nread, 0, False
-        name = repo.codec.chunk_name(buf)
-        with guard:
-            fresh = not repo.has_chunk(name) and name not in inflight
-            if fresh:
-                inflight.add(name)
-        stored = repo.put_chunk(name, buf) if fresh else 0
+        name, stored, fresh = repo.store_chunk(buf)
         return index, name, nread, stored, fresh
 
     def collect(result):

@@ -55,6 +55,7 @@ class Repository:
         self.chunk_size = int(config["chunk_size"])
         self.url = target.url
         self._known: set[str] | None = None
+        self._uploading: set[str] = set()
         self._known_lock = threading.Lock()
 
     # opening
@@ -122,8 +123,22 @@ class Repository:
                 self._known = {k.rpartition("/")[2] for k, _ in self.target.list("chunks/")}
             return self._known
 
-    def has_chunk(self, name: str) -> bool:
-        return name in self.known_chunks()
+    def store_chunk(self, plaintext) -> tuple[str, int, bool]:
+        """Name a chunk and upload it unless the repository has it or another thread is
+        uploading it right now: (name, bytes stored, whether this call uploaded it)."""
+        name = self.codec.chunk_name(plaintext)
+        known = self.known_chunks()
+        with self._known_lock:
+            fresh = name not in known and name not in self._uploading
+            if fresh:
+                self._uploading.add(name)
+        if not fresh:
+            return name, 0, False
+        try:
+            return name, self.put_chunk(name, plaintext), True
+        finally:
+            with self._known_lock:
+                self._uploading.discard(name)
 
     def put_chunk(self, name: str, plaintext) -> int:
         """Seal and store a chunk; the number of bytes stored."""

@@ -130,18 +130,11 @@ def backup(repo: Repository, directory: str, job: Job, threads: int) -> tuple[li
 
     producer = threading.Thread(target=produce, name="tree-archive", daemon=True)
     producer.start()
-    inflight: set[str] = set()
-    guard = threading.Lock()
-    repo.known_chunks()
+    repo.known_chunks()  # list once, before the threads start
 
     def one(item):
         index, data = item
-        name = repo.codec.chunk_name(data)
-        with guard:
-            fresh = not repo.has_chunk(name) and name not in inflight
-            if fresh:
-                inflight.add(name)
-        return index, name, repo.put_chunk(name, data) if fresh else 0, fresh
+        return (index, *repo.store_chunk(data))
 
     def collect(result):
         index, name, stored, fresh = result
@@ -152,7 +145,8 @@ def backup(repo: Repository, directory: str, job: Job, threads: int) -> tuple[li
     try:
         bounded_map(one, items(), threads, job, collect)
     finally:
-        job.cancel() if failure else None
+        if failure:
+            job.cancel()
         while producer.is_alive():  # unblock a producer waiting on a full pipe
             try:
                 pipe.get(timeout=0.1)
