@@ -30,6 +30,7 @@ from pathlib import Path
 
 from pyvol import mountinfo
 from pyvol.errors import Conflict, InvalidInput, NotFound, PyvolError
+from pyvol.files import write_whole
 from pyvol.run import run
 
 from .base import Backend, Range, VolumeSpec
@@ -137,19 +138,9 @@ class Share:
 
 
 def _write_json(path: Path, doc: dict, exclusive: bool = False) -> None:
-    """Write ``doc`` whole: a temp file, fsync, then rename (or link, when it must be new)."""
-    tmp = path.parent / f".tmp-{path.name}-{os.getpid()}-{time.monotonic_ns()}"
-    with open(tmp, "w") as f:
-        json.dump(doc, f)
-        f.flush()
-        os.fsync(f.fileno())
-    try:
-        if exclusive:
-            os.link(tmp, path)
-        else:
-            os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """A record on the export, whole or absent; FileExistsError when ``exclusive`` loses."""
+    if not write_whole(path, json.dumps(doc).encode(), exclusive):
+        raise FileExistsError(path)
 
 
 class NfsBackend(Backend):

@@ -11,13 +11,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import secrets
 import urllib.parse
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import InvalidInput, NotFound, PyvolError
+from ..files import TEMP_PREFIX, write_whole
 
 ACCEPTED = "accepted are s3://BUCKET[/PREFIX] and file:///ABSOLUTE/PATH"
 
@@ -92,51 +92,17 @@ class FileTarget(Target):
         except OSError as e:
             raise TargetError(f"{self.url}: cannot read {key}: {e.strerror}") from None
 
-    def _write_temp(self, key: str, data: bytes) -> Path:
-        final = self._file(key)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.parent / f".tmp-{final.name}-{secrets.token_hex(4)}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    def _write(self, key: str, data: bytes, exclusive: bool) -> bool:
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
-            raise
-        os.close(fd)
-        return tmp
-
-    def _sync_dir(self, d: Path) -> None:
-        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            return write_whole(self._file(key), data, exclusive)
+        except OSError as e:
+            raise TargetError(f"{self.url}: cannot write {key}: {e.strerror}") from None
 
     def put(self, key: str, data: bytes) -> None:
-        try:
-            tmp = self._write_temp(key, data)
-            os.replace(tmp, self._file(key))
-            self._sync_dir(self._file(key).parent)
-        except OSError as e:
-            raise TargetError(f"{self.url}: cannot write {key}: {e.strerror}") from None
+        self._write(key, data, exclusive=False)
 
     def put_if_absent(self, key: str, data: bytes) -> bool:
-        try:
-            tmp = self._write_temp(key, data)
-            try:
-                os.link(tmp, self._file(key))  # atomic, and never replaces
-            except FileExistsError:
-                return False
-            finally:
-                tmp.unlink(missing_ok=True)
-            self._sync_dir(self._file(key).parent)
-            return True
-        except OSError as e:
-            raise TargetError(f"{self.url}: cannot write {key}: {e.strerror}") from None
+        return self._write(key, data, exclusive=True)
 
     def list(self, prefix: str) -> Iterator[tuple[str, int]]:
         base = self.path / prefix.rpartition("/")[0]
@@ -144,7 +110,7 @@ class FileTarget(Target):
             return
         for dirpath, _dirs, files in os.walk(base):
             for f in files:
-                if f.startswith(".tmp-"):
+                if f.startswith(TEMP_PREFIX):
                     continue
                 p = Path(dirpath) / f
                 key = str(p.relative_to(self.path))
