@@ -103,11 +103,12 @@ class EbsBackend(Backend):
     def teardown(self) -> None:
         self._ec2 = None
 
-    def _aws(self, op: str, **kw):
+    def _aws(self, op: str, client=None, **kw):
+        """One EC2 call (on this region's client unless another is given), errors as Errs."""
         import botocore.exceptions as bx
 
         try:
-            return getattr(self._ec2, op)(**kw)
+            return getattr(client or self._ec2, op)(**kw)
         except (bx.ClientError, bx.BotoCoreError) as e:
             raise self._translate(op, e) from None
 
@@ -474,12 +475,7 @@ class EbsBackups:
                                               config=self.b._ec2.meta.config)
 
     def _call(self, region: str, op: str, **kw):
-        import botocore.exceptions as bx
-
-        try:
-            return getattr(self._client(region), op)(**kw)
-        except (bx.ClientError, bx.BotoCoreError) as e:
-            raise self.b._translate(op, e) from None
+        return self.b._aws(op, client=self._client(region), **kw)
 
     def _copy(self, src_region: str, snap_id: str, region: str, tags: list[dict],
               what: str) -> str:

@@ -50,10 +50,6 @@ class Config:
         return self.root / "state.db"
 
 
-def socket_from_env() -> Path:
-    return Path(os.environ.get("PYVOL_SOCKET", DEFAULT_SOCKET))
-
-
 MANAGED_GLOB = "/run/docker/plugins/*/pyvol.sock"
 
 

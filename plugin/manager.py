@@ -214,13 +214,13 @@ class Manager:
             src_size, src_fs = src_snap.size, src_vol.fs
             lock_names.append(vol)
 
-            def populate(backend, spec):
+            def populate(backend, spec, record):
                 backend.clone(vol, snap, spec)
         elif "from-backup" in opts:
             restore = self.backups.prepare_restore(opts["from-backup"])
             src_size, src_fs = restore.size, restore.fs
 
-            def populate(backend, spec):
+            def populate(backend, spec, record):
                 if restore.kind == "ebs-snapshot":
                     restore.make_volume(backend, spec)
                     return
@@ -230,8 +230,6 @@ class Manager:
                                        "a block backend (loop, devicemapper)")
                 backend.create(spec)
                 if restore.kind == "tree" and backend.kind == "block":
-                    record = Volume(spec.name, backend.name, spec.size, fstype, "creating",
-                                    now(), opts)
                     self._mkfs(backend, record)
                     mp = self.mountpoint(spec.name)
                     self._attach(backend, record, mp)
@@ -292,7 +290,7 @@ class Manager:
                 self.store.add_volume(record)
             try:
                 if populate is not None:
-                    populate(backend, spec)
+                    populate(backend, spec, record)
                     if size > src_size and backend.kind == "block" and src_fs:
                         self._grow(backend, record)
                 else:
