@@ -138,7 +138,14 @@ def restore(repo: Repository, manifest: dict, device: str, job: Job, threads: in
 def verify(repo: Repository, manifest: dict, job: Job, threads: int) -> dict:
     """Read and check every chunk the manifest lists; report every bad one, not just the first."""
     names = sorted({str(c[1]) for c in manifest["chunks"]})
-    job.start("verify", len(names))
+    # progress in bytes, like every other job (the CLI shows bytes and a rate); a tree's
+    # chunks vary in length, so its total is unknown until read
+    total = 0
+    if manifest["kind"] == "block":
+        cs, size = int(manifest["chunk_size"]), int(manifest["source"]["size"])
+        lengths = {str(n): min(cs, size - int(i) * cs) for i, n in manifest["chunks"]}
+        total = sum(lengths.values())
+    job.start("verify", total)
     bad: list[str] = []
     nbytes = [0]
 
@@ -147,9 +154,8 @@ def verify(repo: Repository, manifest: dict, job: Job, threads: int) -> dict:
         try:
             n = len(repo.get_chunk(name))
         except CorruptObject as e:
-            job.advance(1)
             return name, str(e)
-        job.advance(1)
+        job.advance(n)
         return name, n
 
     def collect(result):
