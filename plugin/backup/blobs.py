@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import os
 import threading
 
@@ -48,6 +49,14 @@ def read_key_file(path: str) -> bytes:
     return key
 
 
+def canonical_config(config: dict) -> bytes:
+    """The bytes the config MAC covers: the config without its MAC, keys sorted, no spaces."""
+    body = {k: v for k, v in config.items()}
+    if isinstance(body.get("encryption"), dict):
+        body["encryption"] = {k: v for k, v in body["encryption"].items() if k != "config_mac"}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
 def _hkdf(key: bytes, salt: bytes, info: str) -> bytes:
     return HKDF(hashes.SHA256(), 32, salt, info.encode()).derive(key)
 
@@ -60,12 +69,20 @@ class Codec:
             salt = bytes.fromhex(repo_id)
             self._aead = AESGCM(_hkdf(key, salt, "pyvol/1 chunk encryption"))
             self._id_key = _hkdf(key, salt, "pyvol/1 chunk id")
+            self._config_key = _hkdf(key, salt, "pyvol/1 config mac")
             self.key_check = hmac.new(self._id_key, b"pyvol/1 key check",
                                       "sha256").digest()[:16].hex()
         else:
             self._aead = None
             self._id_key = None
+            self._config_key = None
             self.key_check = None
+
+    def config_mac(self, config: dict) -> str:
+        """What binds the repository's config to the key: a writer of the repository without
+        the key cannot switch encryption off or change how chunks are cut."""
+        assert self._config_key is not None
+        return hmac.new(self._config_key, canonical_config(config), "sha256").hexdigest()
 
     def _zstd(self):
         local = self._local
@@ -96,7 +113,13 @@ class Codec:
         nonce = os.urandom(12)
         return bytes([SEALED]) + nonce + self._aead.encrypt(nonce, inner, key.encode())
 
-    def open(self, key: str, blob: bytes, limit: int = 1 << 30) -> bytes:
+    def open(self, key: str, blob: bytes, limit: int) -> bytes:
+        """The plaintext of the object at ``key``, refusing more than ``limit`` bytes of it.
+
+        The limit is checked before anything is allocated: a zstd frame that declares its
+        content size is refused on that declaration, and one that does not is cut off at
+        the limit, so a small hostile blob cannot claim gigabytes of memory.
+        """
         if not blob:
             raise CorruptObject(f"object {key} is empty")
         kind = blob[0]
@@ -112,10 +135,29 @@ class Codec:
         elif self._aead is not None:
             raise CorruptObject(f"object {key} is not encrypted in an encrypted repository")
         if kind == RAW:
+            if len(blob) - 1 > limit:
+                raise CorruptObject(f"object {key} holds {len(blob) - 1} bytes, more than the "
+                                    f"{limit} an object of its kind may hold")
             return blob[1:]
         if kind == ZSTD:
-            try:
-                return self._zstd().d.decompress(blob[1:], max_output_size=limit)
-            except zstandard.ZstdError as e:
-                raise CorruptObject(f"object {key} does not decompress: {e}") from None
+            return self._decompress(key, blob[1:], limit)
         raise CorruptObject(f"object {key} has unknown type byte {kind:#04x}")
+
+    def _decompress(self, key: str, frame: bytes, limit: int) -> bytes:
+        try:
+            declared = zstandard.frame_content_size(frame)
+        except zstandard.ZstdError as e:
+            raise CorruptObject(f"object {key} does not decompress: {e}") from None
+        if declared > limit:
+            raise CorruptObject(f"object {key} declares {declared} bytes of content, more than "
+                                f"the {limit} an object of its kind may hold")
+        try:
+            # without a declared size, python-zstandard stops at max_output_size
+            out = self._zstd().d.decompress(frame, max_output_size=limit)
+        except zstandard.ZstdError as e:
+            raise CorruptObject(f"object {key} does not decompress within {limit} bytes: "
+                                f"{e}") from None
+        if len(out) > limit:
+            raise CorruptObject(f"object {key} decompresses past the {limit} bytes an object "
+                                "of its kind may hold")
+        return out

@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 
 from ..errors import Conflict, NotFound, PyvolError
 from ..log import event
-from .repo import Repository, host_id
+from .repo import LOCK_CAP, Repository, host_id
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class Lease:
             if key == self.key:
                 continue
             try:
-                doc = json.loads(self.repo.codec.open(key, self.repo.target.get(key)))
+                doc = json.loads(self.repo.read_object(key, LOCK_CAP))
                 expired = _parse(doc["expires"]) < time.time()
             except NotFound:
                 continue

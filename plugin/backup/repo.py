@@ -6,6 +6,7 @@ The repository is the only code that knows the key layout; the block engine asks
 
 from __future__ import annotations
 
+import hmac
 import json
 import re
 import secrets
@@ -21,9 +22,17 @@ from .targets import Target, open_target
 
 FORMAT = 1
 CHUNK_SIZE = 4 << 20
-BACKUP_ID_RE = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{8}$")
-VOLKEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-CHUNK_RE = re.compile(r"^[0-9a-f]{64}$")
+CHUNK_SIZES = (64 << 10, 64 << 20)  # what a config may say: anything else is refused
+# Largest plaintext of each kind of object (docs/backup-repository.md, "Objects"): a
+# repository is untrusted input, and nothing it holds may make a reader allocate more.
+CONFIG_CAP = 64 << 10
+MANIFEST_CAP = 256 << 20  # a 10 TiB volume of 4 MiB chunks lists 2.6M chunks: about 200 MiB
+LOCK_CAP = 64 << 10
+SEAL_OVERHEAD = 1 + 1 + 12 + 16  # type byte, inner type byte, nonce, GCM tag
+BACKUP_ID_RE = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{8}")
+VOLKEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+CHUNK_RE = re.compile(r"[0-9a-f]{64}")
+REPO_ID_RE = re.compile(r"[0-9a-f]{64}")
 
 
 def utcnow() -> str:
@@ -41,7 +50,7 @@ def split_backup_url(url) -> tuple[str, str, str]:
                            " as printed by `pyvol backup create` or `pyvol backup ls`")
     repo, frag = url.split("#")
     volkey, _, bid = urllib.parse.unquote(frag).partition("/")
-    if not VOLKEY_RE.match(volkey) or not BACKUP_ID_RE.match(bid):
+    if not VOLKEY_RE.fullmatch(volkey) or not BACKUP_ID_RE.fullmatch(bid):
         raise InvalidInput(f"invalid backup URL {url!r}: the part after '#' must be "
                            "VOLUME/YYYYmmddTHHMMSSZ-xxxxxxxx")
     return repo, volkey, bid
@@ -68,14 +77,12 @@ class Repository:
         """
         target = open_target(url, settings)
         try:
-            config = json.loads(target.get("config"))
+            config = _read_config(target)
         except NotFound:
             if not create:
                 raise NotFound(f"no pyvol repository at {target.url} (no config object); "
                                "`pyvol backup create` makes one") from None
             config = cls._init(target, key)
-        except ValueError:
-            raise CorruptObject(f"{target.url}: the config object is not JSON") from None
         return cls._checked(target, config, key)
 
     @staticmethod
@@ -83,28 +90,61 @@ class Repository:
         config = {"format": FORMAT, "id": secrets.token_hex(32), "created": utcnow(),
                   "chunk_size": CHUNK_SIZE, "compression": "zstd", "encryption": None}
         if key is not None:
+            codec = Codec(config["id"], key)
             config["encryption"] = {"cipher": "AES-256-GCM", "kdf": "HKDF-SHA256",
-                                    "key_check": Codec(config["id"], key).key_check}
+                                    "key_check": codec.key_check}
+            config["encryption"]["config_mac"] = codec.config_mac(config)
         if not target.put_if_absent("config", json.dumps(config, indent=1).encode()):
-            return json.loads(target.get("config"))  # another host initialised it first
+            return _read_config(target)  # another host initialised it first
         return config
 
     @classmethod
-    def _checked(cls, target: Target, config: dict, key: bytes | None) -> Repository:
+    def _checked(cls, target: Target, config, key: bytes | None) -> Repository:
+        """The config, checked field by field: it is the one object nobody can encrypt, so
+        whoever can write the repository can write it. With a key it must carry a MAC made
+        with that key, so encryption cannot be switched off, nor the chunk size changed."""
+        url = target.url
         if not isinstance(config, dict) or config.get("format") != FORMAT:
             found = config.get("format") if isinstance(config, dict) else None
-            raise PyvolError(f"{target.url}: repository format {found!r} is not one this pyvol "
+            raise PyvolError(f"{url}: repository format {found!r} is not one this pyvol "
                              f"reads (it reads format {FORMAT}); use a matching pyvol release")
+        if not isinstance(config.get("id"), str) or not REPO_ID_RE.fullmatch(config["id"]):
+            raise CorruptObject(f"{url}: the config object's id is not 64 hex characters")
+        cs = config.get("chunk_size")
+        if type(cs) is not int or not CHUNK_SIZES[0] <= cs <= CHUNK_SIZES[1]:
+            raise CorruptObject(f"{url}: the config object's chunk_size {cs!r} is not a whole "
+                                f"number from {CHUNK_SIZES[0]} to {CHUNK_SIZES[1]}")
+        if config.get("compression") != "zstd":
+            raise CorruptObject(f"{url}: the config object's compression "
+                                f"{config.get('compression')!r} is not one this pyvol reads "
+                                "(zstd)")
         enc = config.get("encryption")
         if enc is None:
+            if key is not None:
+                raise PyvolError(
+                    f"{url}: the repository's config object says it is not encrypted, but "
+                    "this daemon has a backup key (PYVOL_BACKUP_KEY_FILE), so it writes and "
+                    "reads only repositories encrypted with that key. Either the repository "
+                    "was made by a daemon without a key (use one without a key to read it), "
+                    "or someone who can write the repository switched its encryption off; "
+                    "refusing either way, so no backup goes out in plaintext")
             return cls(target, Codec(config["id"], None), config)
         if key is None:
-            raise PyvolError(f"{target.url} is an encrypted repository and this daemon has no "
+            raise PyvolError(f"{url} is an encrypted repository and this daemon has no "
                              "backup key: set PYVOL_BACKUP_KEY_FILE to the repository's key file")
+        if not isinstance(enc, dict) or enc.get("cipher") != "AES-256-GCM" or \
+                enc.get("kdf") != "HKDF-SHA256":
+            raise CorruptObject(f"{url}: the config object's encryption {enc!r} is not one this "
+                                "pyvol reads (AES-256-GCM with HKDF-SHA256)")
         codec = Codec(config["id"], key)
         if codec.key_check != enc.get("key_check"):
-            raise PyvolError(f"{target.url}: wrong key for this repository (the key file's check "
+            raise PyvolError(f"{url}: wrong key for this repository (the key file's check "
                              "value differs from the one the repository was created with)")
+        mac = enc.get("config_mac")
+        if not isinstance(mac, str) or not hmac.compare_digest(mac, codec.config_mac(config)):
+            raise CorruptObject(f"{url}: the config object was altered: its MAC does not match "
+                                "this repository's key (someone who can write the repository "
+                                "changed it); refusing to read or write this repository")
         return cls(target, codec, config)
 
     @property
@@ -150,14 +190,22 @@ class Repository:
                 self._known.add(name)
         return len(blob)
 
+    def read_object(self, key: str, cap: int) -> bytes:
+        """An object's plaintext, of at most ``cap`` bytes: the stored bytes are refused
+        before decoding when longer than any honest writer makes them."""
+        blob = self.target.get(key, cap + SEAL_OVERHEAD)
+        if len(blob) > cap + SEAL_OVERHEAD:
+            raise CorruptObject(f"object {key} in {self.url} is larger than any object of its "
+                                f"kind may be ({cap} bytes)")
+        return self.codec.open(key, blob, limit=cap)
+
     def get_chunk(self, name: str) -> bytes:
         """A chunk's plaintext, checked against its name."""
         key = self.chunk_key(name)
         try:
-            blob = self.target.get(key)
+            data = self.read_object(key, self.chunk_size)
         except NotFound:
             raise CorruptObject(f"chunk {name} is missing from {self.url}") from None
-        data = self.codec.open(key, blob, limit=self.chunk_size)
         if self.codec.chunk_name(data) != name:
             raise CorruptObject(f"chunk {name} in {self.url} is corrupt: its content does not "
                                 "hash to its name")
@@ -179,16 +227,17 @@ class Repository:
     def get_manifest(self, volkey: str, bid: str) -> dict:
         key = f"manifests/{volkey}/{bid}"
         try:
-            blob = self.target.get(key)
+            plain = self.read_object(key, MANIFEST_CAP)
         except NotFound:
             raise NotFound(f"no backup {volkey}/{bid} in {self.url}") from None
         try:
-            manifest = json.loads(self.codec.open(key, blob))
-        except ValueError:
+            manifest = json.loads(plain)
+        except (ValueError, RecursionError):
             raise CorruptObject(f"manifest {key} in {self.url} is not JSON") from None
-        if manifest.get("format") != FORMAT:
+        if isinstance(manifest, dict) and manifest.get("format") != FORMAT:
             raise PyvolError(f"backup {volkey}/{bid} has format {manifest.get('format')!r}; "
                              f"this pyvol reads format {FORMAT}")
+        check_manifest(manifest, f"manifest {key} in {self.url}", bid, self.chunk_size)
         manifest["url"] = self.backup_url(volkey, bid)
         return manifest
 
@@ -198,12 +247,74 @@ class Repository:
         out = []
         for key, _ in self.target.list(prefix):
             parts = key.split("/")
-            if len(parts) == 3 and BACKUP_ID_RE.match(parts[2]):
+            if len(parts) == 3 and VOLKEY_RE.fullmatch(parts[1]) and \
+                    BACKUP_ID_RE.fullmatch(parts[2]):
                 out.append((parts[1], parts[2]))
         return sorted(out, key=lambda p: (p[1], p[0]))
 
     def delete_manifest(self, volkey: str, bid: str) -> None:
         self.target.delete(f"manifests/{volkey}/{bid}")
+
+
+def _read_config(target: Target) -> dict:
+    blob = target.get("config", CONFIG_CAP)
+    if len(blob) > CONFIG_CAP:
+        raise CorruptObject(f"{target.url}: the config object is larger than {CONFIG_CAP} "
+                            "bytes; it is not a pyvol config")
+    try:
+        return json.loads(blob)
+    except (ValueError, RecursionError):
+        raise CorruptObject(f"{target.url}: the config object is not JSON") from None
+
+
+def check_manifest(m, what: str, bid: str, chunk_size: int) -> None:
+    """Every field a reader relies on, of the type and in the range it relies on: a manifest
+    is untrusted input (in a plain repository anyone who can write the repository wrote it)."""
+    def bad(why: str):
+        raise CorruptObject(f"{what} is malformed: {why}")
+
+    if not isinstance(m, dict):
+        bad("not a JSON object")
+    if m.get("id") != bid:
+        bad(f"its id {m.get('id')!r} is not the backup id {bid} it is stored under")
+    if m.get("kind") not in ("block", "tree"):
+        bad(f"kind {m.get('kind')!r} is neither 'block' nor 'tree'")
+    if not isinstance(m.get("volume"), str) or not VOLKEY_RE.fullmatch(m["volume"]):
+        bad("its volume is not a volume name")
+    src = m.get("source")
+    if not isinstance(src, dict):
+        bad("source is not an object")
+    size = src.get("size")
+    if type(size) is not int or not 0 < size < 1 << 63:
+        bad(f"source.size {size!r} is not a positive whole number of bytes")
+    if m["kind"] == "block":
+        if src.get("fs", "ext4") not in ("ext4", "xfs"):
+            bad(f"source.fs {src.get('fs')!r} is neither ext4 nor xfs")
+        if m.get("chunk_size") != chunk_size:
+            bad(f"chunk_size {m.get('chunk_size')!r} is not the repository's ({chunk_size})")
+    elif type(src.get("stream", 0)) is not int or src.get("stream", 0) < 0:
+        bad("source.stream is not a whole number of bytes")
+    chunks = m.get("chunks")
+    if not isinstance(chunks, list):
+        bad("chunks is not a list")
+    seen = set()
+    for c in chunks:
+        if not (isinstance(c, list) and len(c) == 2 and type(c[0]) is int and c[0] >= 0
+                and isinstance(c[1], str) and CHUNK_RE.fullmatch(c[1])):
+            bad(f"chunk entry {str(c)[:80]} is not [index, 64 hex characters]")
+        if c[0] in seen:
+            bad(f"chunk index {c[0]} is listed twice")
+        seen.add(c[0])
+        if m["kind"] == "block" and c[0] * chunk_size >= size:
+            bad(f"chunk index {c[0]} lies past the volume's end ({size} bytes)")
+    for key in ("snapshot", "snapshot_created", "instance", "backend"):
+        if src.get(key) is not None and not isinstance(src[key], str):
+            bad(f"source.{key} is not a string")
+    for key in ("parent", "parent_snapshot"):
+        if m.get(key) is not None and not isinstance(m[key], str):
+            bad(f"{key} is not a string")
+    if not isinstance(m.get("stats", {}), dict):
+        bad("stats is not an object")
 
 
 def host_id() -> str:

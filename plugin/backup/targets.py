@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 import urllib.parse
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -32,8 +33,10 @@ class Target(ABC):
     url: str
 
     @abstractmethod
-    def get(self, key: str) -> bytes:
-        """The object's bytes; NotFound if it does not exist."""
+    def get(self, key: str, limit: int) -> bytes:
+        """The object's bytes, at most ``limit`` + 1 of them (the caller refuses an object
+        longer than ``limit``: a repository's objects are untrusted); NotFound if it does not
+        exist."""
 
     @abstractmethod
     def put(self, key: str, data: bytes) -> None:
@@ -84,13 +87,25 @@ class FileTarget(Target):
     def _file(self, key: str) -> Path:
         return self.path / key
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, limit: int) -> bytes:
+        # never through a link, never from a device or a FIFO: whoever can write the
+        # directory must not make pyvol read /dev/zero or block on a pipe
         try:
-            return self._file(key).read_bytes()
+            fd = os.open(self._file(key), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+                         | os.O_CLOEXEC)
         except FileNotFoundError:
             raise NotFound(f"{self.url}: no object {key}") from None
         except OSError as e:
             raise TargetError(f"{self.url}: cannot read {key}: {e.strerror}") from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise TargetError(f"{self.url}: object {key} is not a regular file")
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                return f.read(limit + 1)
+        except OSError as e:
+            raise TargetError(f"{self.url}: cannot read {key}: {e.strerror}") from None
+        finally:
+            os.close(fd)
 
     def _write(self, key: str, data: bytes, exclusive: bool) -> bool:
         try:
@@ -189,12 +204,13 @@ class S3Target(Target):
         except (bx.BotoCoreError, bx.ClientError) as e:
             raise self._err(op, key, e) from None
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, limit: int) -> bytes:
         import botocore.exceptions as bx
 
         try:
             resp = self.s3.get_object(Bucket=self.bucket, Key=self.prefix + key)
-            return resp["Body"].read()
+            with contextlib.closing(resp["Body"]) as body:
+                return body.read(limit + 1)
         except bx.ClientError as e:
             if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 raise NotFound(f"{self.url}: no object {key}") from None
