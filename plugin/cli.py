@@ -184,8 +184,10 @@ def snapshot():
 
 
 def _snap_rows(snaps):
-    _table(["SNAPSHOT", "VOLUME", "SIZE", "CREATED"],
-           [(s["Ref"], s["Volume"], format_size(s["Size"]), s["CreatedAt"]) for s in snaps])
+    # ORIGIN: "backup" marks the snapshots pyvol took itself (and may remove); "user" the rest
+    _table(["SNAPSHOT", "VOLUME", "SIZE", "CREATED", "ORIGIN"],
+           [(s["Ref"], s["Volume"], format_size(s["Size"]), s["CreatedAt"], s.get("Origin", ""))
+            for s in snaps])
 
 
 @snapshot.command("create")

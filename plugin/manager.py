@@ -29,9 +29,10 @@ from .units import format_size, parse_size
 
 log = logging.getLogger(__name__)
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-SNAP_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-MOUNT_ID_RE = re.compile(r"^[\x21-\x7e]{0,256}$")
+# matched whole (fullmatch): '$' would also match before a trailing newline
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+SNAP_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+MOUNT_ID_RE = re.compile(r"[\x21-\x7e]{0,256}")
 DEFAULT_SIZE = 10 << 30
 MIN_SIZE = {"ext4": 16 << 20, "xfs": 300 << 20}
 
@@ -45,7 +46,7 @@ COMMON_OPTIONS = {
 
 
 def check_name(name, what: str = "volume name") -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise InvalidInput(
             f"invalid {what} {name!r}: accepted are 1-128 characters of letters, digits, "
             "'_', '.' and '-', starting with a letter or digit")
@@ -53,11 +54,18 @@ def check_name(name, what: str = "volume name") -> str:
 
 
 def check_snap_name(name) -> str:
-    if not isinstance(name, str) or not SNAP_RE.match(name):
+    if not isinstance(name, str) or not SNAP_RE.fullmatch(name):
         raise InvalidInput(
             f"invalid snapshot name {name!r}: accepted are 1-64 characters of letters, "
             "digits, '_', '.' and '-', starting with a letter or digit")
     return name
+
+
+def check_mount_id(mount_id) -> str:
+    if not isinstance(mount_id, str) or not MOUNT_ID_RE.fullmatch(mount_id):
+        raise InvalidInput("invalid mount ID: accepted is a string of up to 256 printable "
+                           "ASCII characters without spaces (Docker sends 64 hex characters)")
+    return mount_id
 
 
 def parse_snap_ref(ref) -> tuple[str, str]:
@@ -259,6 +267,9 @@ class Manager:
         else:
             fstype = fs.check_fstype(src_fs or opts.get("fs") or backend.default_fs or "ext4")
         size = parse_size(opts["size"]) if "size" in opts else None
+        if size is not None and size <= 0:
+            raise InvalidInput(f"invalid size {opts['size']!r}: accepted is a positive size, "
+                               "e.g. 512M or 10G")
         if src_size is not None:
             if size is not None and size < src_size:
                 what = opts.get("from-snapshot") or opts.get("from-backup")
@@ -382,9 +393,7 @@ class Manager:
 
     def mount(self, name, mount_id="") -> str:
         check_name(name)
-        if not isinstance(mount_id, str) or not MOUNT_ID_RE.match(mount_id):
-            raise InvalidInput("invalid mount ID: accepted is a string of up to 256 "
-                               "printable characters")
+        check_mount_id(mount_id)
         with self._lock(name):
             v = self._ready(name)
             backend = self._backend(v)
@@ -412,8 +421,7 @@ class Manager:
     def unmount(self, name, mount_id="") -> None:
         """Drop one count of ``mount_id``; unmount at the last. Unknown IDs succeed."""
         check_name(name)
-        if not isinstance(mount_id, str):
-            raise InvalidInput("invalid mount ID: accepted is a string")
+        check_mount_id(mount_id)
         with self._lock(name):
             v = self.store.volume(name)
             if v is None:
@@ -502,23 +510,25 @@ class Manager:
         return {"cleared": n}
 
     # snapshots
-    def snapshot_create(self, volume, snap=None) -> dict:
+    def snapshot_create(self, volume, snap=None, origin: str = "user") -> dict:
+        """Snapshot ``volume``; without a name, one made from the time, unique for the volume.
+
+        ``origin`` records who asked: pyvol later removes only snapshots it took itself.
+        """
         check_name(volume)
-        if snap is None or snap == "":
-            snap = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-            taken = {s.name for s in self.store.snapshots(volume)}
-            base, n = snap, 1
-            while snap in taken:
-                n += 1
-                snap = f"{base}-{n}"
-        check_snap_name(snap)
+        if snap is not None and snap != "":
+            check_snap_name(snap)
         with self._lock(volume):
             v = self._ready(volume)
             backend = self._backend(v)
+            if snap is None or snap == "":
+                # chosen under the volume's lock, so two unnamed snapshots never pick one name
+                snap = self._free_snap_name(volume, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
             if self.store.snapshot(volume, snap) is not None:
                 raise Conflict(f"snapshot {volume}@{snap} already exists")
             with self.store.tx():
-                self.store.add_snapshot(Snapshot(volume, snap, v.size, "creating", now()))
+                self.store.add_snapshot(Snapshot(volume, snap, v.size, "creating", now(),
+                                                 origin))
             try:
                 if backend.kind == "block":
                     with fs.frozen(self.mountpoint(volume)):
@@ -532,6 +542,14 @@ class Manager:
             self.store.set_snapshot_status(volume, snap, "ready")
         event(log, "snapshot created", volume=volume, snapshot=snap)
         return self.snapshot_get(volume, snap)
+
+    def _free_snap_name(self, volume: str, base: str) -> str:
+        taken = {s.name for s in self.store.snapshots(volume)}
+        snap, n = base, 1
+        while snap in taken:
+            n += 1
+            snap = f"{base}-{n}"
+        return snap
 
     def snapshot_remove(self, volume, snap) -> None:
         check_name(volume)
@@ -704,7 +722,7 @@ class Manager:
 
 def _describe_snap(s: Snapshot) -> dict:
     return {"Volume": s.volume, "Name": s.name, "Ref": f"{s.volume}@{s.name}",
-            "CreatedAt": s.created_at, "Size": s.size}
+            "CreatedAt": s.created_at, "Size": s.size, "Origin": s.origin}
 
 
 def _boot_id() -> str:

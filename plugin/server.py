@@ -24,6 +24,7 @@ from .state import Store
 
 log = logging.getLogger(__name__)
 
+SOCKET_UMASK = 0o117  # rw for root and the socket's group, nothing for others: mode 0660
 LOCK_WAIT = 30.0  # a SIGKILLed predecessor's workers notice and exit within a few seconds
 
 
@@ -151,13 +152,15 @@ def serve(config: Config) -> None:
         _die_with_parent()
 
     def when_ready(server):
-        os.chmod(config.socket, 0o660)
         event(log, "pyvol daemon ready", socket=str(config.socket), root=str(config.root),
               default_backend=manager.default_backend, backends=sorted(manager.backends),
               unavailable=manager.unavailable)
 
     options = {
         "bind": f"unix:{config.socket}",
+        # gunicorn binds under this umask (and restores its own after): the socket is 0660
+        # from the instant it exists, so no local user can connect in a window before a chmod
+        "umask": SOCKET_UMASK,
         "workers": config.workers,
         "threads": config.threads,
         "worker_class": "gthread",

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .errors import PyvolError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -37,6 +37,7 @@ CREATE TABLE IF NOT EXISTS snapshots (
     size       INTEGER NOT NULL,
     status     TEXT NOT NULL CHECK (status IN ('creating', 'ready', 'removing')),
     created_at TEXT NOT NULL,
+    origin     TEXT NOT NULL DEFAULT 'user',
     PRIMARY KEY (volume, name)
 );
 CREATE TABLE IF NOT EXISTS mounts (
@@ -64,6 +65,11 @@ class Volume:
     options: dict = field(default_factory=dict)
 
 
+# Who took a snapshot, and so who may remove it: pyvol removes only snapshots it took itself
+# ('backup': a backup's own snapshot); a user's ('user') is removed only when a user says so.
+ORIGINS = ("user", "backup")
+
+
 @dataclass
 class Snapshot:
     volume: str
@@ -71,6 +77,7 @@ class Snapshot:
     size: int
     status: str
     created_at: str
+    origin: str = "user"
 
 
 class Store:
@@ -99,15 +106,28 @@ class Store:
         """Create or check the schema; refuse a newer one rather than misread it."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = self._conn()
-        conn.executescript(_SCHEMA)
-        found = self.meta("schema_version")
-        if found is None:
-            self.set_meta("schema_version", str(SCHEMA_VERSION))
-        elif int(found) > SCHEMA_VERSION:
+        found = None
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE name='meta'").fetchone():
+            found = self.meta("schema_version")
+        if found is not None and int(found) > SCHEMA_VERSION:
             raise PyvolError(
                 f"state {self.path} has schema version {found}, newer than this pyvol "
                 f"understands ({SCHEMA_VERSION}): upgrade pyvol"
             )
+        if found is not None and int(found) < SCHEMA_VERSION:
+            self._migrate(int(found))
+        conn.executescript(_SCHEMA)
+        self.set_meta("schema_version", str(SCHEMA_VERSION))
+
+    def _migrate(self, found: int) -> None:
+        """Bring an older state up to SCHEMA_VERSION, one version at a time (docs/state.md)."""
+        with self.tx():
+            if found < 2:
+                # Before version 2 a backup's own snapshots were told apart by their name.
+                self._conn().execute(
+                    "ALTER TABLE snapshots ADD COLUMN origin TEXT NOT NULL DEFAULT 'user'")
+                self._conn().execute(
+                    "UPDATE snapshots SET origin='backup' WHERE substr(name, 1, 7)='backup-'")
 
     def tx(self):
         """An immediate transaction: the write lock is taken at BEGIN, so no upgrade deadlock."""
@@ -159,8 +179,9 @@ class Store:
     # snapshots
     def add_snapshot(self, s: Snapshot) -> None:
         self._conn().execute(
-            "INSERT INTO snapshots(volume, name, size, status, created_at) VALUES(?, ?, ?, ?, ?)",
-            (s.volume, s.name, s.size, s.status, s.created_at))
+            "INSERT INTO snapshots(volume, name, size, status, created_at, origin) "
+            "VALUES(?, ?, ?, ?, ?, ?)",
+            (s.volume, s.name, s.size, s.status, s.created_at, s.origin))
 
     def set_snapshot_status(self, volume: str, name: str, status: str) -> None:
         self._conn().execute(

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 AUTO_PREFIX = "backup-"  # snapshots a backup took itself, and may remove once superseded
 PENDING = "backup-snapshot:"  # meta key prefix: VOL@SNAP of a backup still running
+BASE = "backup-base:"  # meta key prefix: VOL@SNAP kept as the base of REPO's next backup
 PARENT_LOOKBACK = 20     # how many recent backups are tried as the incremental parent
 
 
@@ -129,7 +130,7 @@ class Backups:
         with locked(repo, "shared", self.lease):
             auto = snap is None
             if auto:
-                snap = m.snapshot_create(vol, AUTO_PREFIX + bid)["Name"]
+                snap = m.snapshot_create(vol, AUTO_PREFIX + bid, origin="backup")["Name"]
                 # if the daemon dies before this backup ends, recover() removes the snapshot
                 m.store.set_meta(f"{PENDING}{vol}@{snap}", bid)
             try:
@@ -139,11 +140,7 @@ class Backups:
                     url = repo.put_manifest(manifest)
             except BaseException:
                 if auto:
-                    try:
-                        m.snapshot_remove(vol, snap)
-                    except PyvolError as e:
-                        log.warning("could not remove snapshot %s@%s of a failed backup: %s",
-                                    vol, snap, e)
+                    self._drop_own_snapshot(vol, snap, "of a failed backup")
                 raise
             finally:
                 if auto:
@@ -151,18 +148,39 @@ class Backups:
         event(log, "backup created", volume=vol, snapshot=snap, backup=url,
               incremental=manifest["incremental"], **manifest["stats"])
         if auto and manifest["kind"] == "tree":
-            try:  # a tree backup is never a base for the next: its snapshot is not kept
-                m.snapshot_remove(vol, snap)
-            except PyvolError as e:
-                log.warning("could not remove snapshot %s@%s: %s", vol, snap, e)
-        parent_snap = manifest.get("parent_snapshot")
-        if parent_snap and parent_snap.startswith(AUTO_PREFIX) and parent_snap != snap:
-            try:  # the new backup's snapshot is the base from now on
-                m.snapshot_remove(vol, parent_snap)
-            except (NotFound, PyvolError) as e:
-                log.info("kept superseded backup snapshot %s@%s: %s", vol, parent_snap, e)
+            # a tree backup is never a base for the next: its snapshot is not kept
+            self._drop_own_snapshot(vol, snap, "of a tree backup")
+        elif auto:
+            m.store.set_meta(f"{BASE}{vol}@{snap}", repo.url)
+        self._drop_superseded(vol, snap, repo.url, manifest.get("parent_snapshot"))
         manifest["url"] = url
         return _summary(manifest)
+
+    def _drop_own_snapshot(self, vol: str, snap: str, why: str) -> bool:
+        """Remove a snapshot pyvol took itself (never a user's); False if it stays."""
+        s = self.manager.store.snapshot(vol, snap)
+        if s is None:
+            return True
+        if s.origin != "backup":
+            return False
+        try:
+            self.manager.snapshot_remove(vol, snap)
+            return True
+        except PyvolError as e:  # being read by another backup, say: it goes next time
+            log.info("kept snapshot %s@%s %s: %s", vol, snap, why, e)
+            return False
+
+    def _drop_superseded(self, vol: str, snap: str, repo_url: str, parent: str | None) -> None:
+        """The new backup's snapshot is the base of this repository's next backup: every
+        earlier base for the same repository (and the parent read this time) can go."""
+        store = self.manager.store
+        prefix = f"{BASE}{vol}@"
+        olds = {k[len(prefix):] for k in store.meta_keys(prefix) if store.meta(k) == repo_url}
+        if parent:
+            olds.add(parent)
+        for old in sorted(olds - {snap}):
+            if self._drop_own_snapshot(vol, old, "superseded by a newer backup"):
+                store.delete_meta(f"{prefix}{old}")
 
     # EBS snapshots as backups (ebs://REGION): the ebs backend's own kind of backup
     def _ebs(self, what: str):
@@ -184,15 +202,13 @@ class Backups:
         m = self.manager
         auto = snap is None
         if auto:
-            snap = m.snapshot_create(v.name, AUTO_PREFIX + new_backup_id())["Name"]
+            snap = m.snapshot_create(v.name, AUTO_PREFIX + new_backup_id(),
+                                     origin="backup")["Name"]
         try:
             result = self._ebs("an ebs:// backup").create(v.name, snap, region, v.fs, v.size)
         finally:
             if auto:  # the backup is an independent copy: the volume's snapshot can go
-                try:
-                    m.snapshot_remove(v.name, snap)
-                except PyvolError as e:
-                    log.warning("could not remove snapshot %s@%s: %s", v.name, snap, e)
+                self._drop_own_snapshot(v.name, snap, "of an ebs:// backup")
         event(log, "backup created", volume=v.name, backup=result["url"])
         return result
 

@@ -1,0 +1,51 @@
+"""The state schema upgrades in place: a version-1 state keeps every row and gains what
+version 2 records (docs/state.md, "Migrations")."""
+
+import sqlite3
+
+import pytest
+
+from pyvol.errors import PyvolError
+from pyvol.state import SCHEMA_VERSION, Store
+
+V1 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE volumes (name TEXT PRIMARY KEY, backend TEXT NOT NULL, size INTEGER NOT NULL,
+    fs TEXT NOT NULL, options TEXT NOT NULL DEFAULT '{}', status TEXT NOT NULL, created_at TEXT NOT NULL);
+CREATE TABLE snapshots (volume TEXT NOT NULL REFERENCES volumes(name) ON DELETE CASCADE,
+    name TEXT NOT NULL, size INTEGER NOT NULL, status TEXT NOT NULL, created_at TEXT NOT NULL,
+    PRIMARY KEY (volume, name));
+CREATE TABLE mounts (volume TEXT NOT NULL REFERENCES volumes(name) ON DELETE CASCADE,
+    mount_id TEXT NOT NULL, count INTEGER NOT NULL, first_at TEXT NOT NULL,
+    PRIMARY KEY (volume, mount_id));
+INSERT INTO meta VALUES ('schema_version', '1');
+INSERT INTO volumes VALUES ('db', 'loop', 1073741824, 'ext4', '{}', 'ready', '2026-11-25T20:00:00Z');
+INSERT INTO snapshots VALUES ('db', 'nightly', 1073741824, 'ready', '2026-11-25T21:00:00Z');
+INSERT INTO snapshots VALUES ('db', 'backup-20261125T210000Z-1a2b3c4d', 1073741824, 'ready',
+    '2026-11-25T21:00:00Z');
+INSERT INTO mounts VALUES ('db', 'abc', 2, '2026-11-25T20:00:00Z');
+"""
+
+
+def test_a_version_1_state_is_upgraded_keeping_every_row(tmp_path):
+    path = tmp_path / "state.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(V1)
+    conn.close()
+    store = Store(path)
+    store.init()
+    assert store.meta("schema_version") == str(SCHEMA_VERSION) == "2"
+    assert [v.name for v in store.volumes()] == ["db"]
+    origins = {s.name: s.origin for s in store.snapshots("db")}
+    assert origins == {"nightly": "user", "backup-20261125T210000Z-1a2b3c4d": "backup"}
+    assert store.mounts("db") == {"abc": 2}
+    store.init()  # a second start changes nothing
+    assert {s.name: s.origin for s in store.snapshots("db")} == origins
+
+
+def test_a_newer_state_is_refused(tmp_path):
+    store = Store(tmp_path / "state.db")
+    store.init()
+    store.set_meta("schema_version", "99")
+    with pytest.raises(PyvolError, match="newer than this pyvol"):
+        Store(tmp_path / "state.db").init()
