@@ -9,12 +9,16 @@ executable form; a backend is done when it passes that suite unchanged.
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
 Range = tuple[int, int]  # (offset, length) in bytes
+Quiesce = Callable[[], AbstractContextManager]  # see Backend.snapshot
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,13 @@ class Backend(ABC):
         """Global backends: one volume's record, or None."""
         return None
 
+    def created_here(self, name: str) -> bool:
+        """Whether storage named ``name`` was made by this host, so that an interrupted
+        create of it may be undone. Local storage is only ever made here; shared storage
+        may meanwhile hold another host's volume of the same name, which is never ours to
+        remove."""
+        return True
+
     def removal_blockers(self, name: str) -> list[str]:
         """Global backends: other hosts that have the volume mounted (removal is refused)."""
         return []
@@ -110,8 +121,14 @@ class Backend(ABC):
         """The device of an active volume, else None."""
 
     @abstractmethod
-    def snapshot(self, name: str, snap: str) -> None:
-        """Take a crash-consistent snapshot (the caller freezes a mounted filesystem)."""
+    def snapshot(self, name: str, snap: str, quiesce: Quiesce = contextlib.nullcontext) -> None:
+        """Take a crash-consistent snapshot.
+
+        ``quiesce()`` is a context that freezes the volume's mounted filesystem (a no-op for
+        a volume nobody has mounted). The backend takes every lock it needs first and enters
+        it only around the instant that makes the snapshot: a container's writes stop for
+        that instant, never while pyvol waits for a lock.
+        """
 
     @abstractmethod
     def remove_snapshot(self, name: str, snap: str) -> None:

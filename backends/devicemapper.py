@@ -30,7 +30,7 @@ from pyvol.run import run
 from pyvol.units import format_size, parse_size
 
 from . import loopdev
-from .base import Backend, Range, VolumeSpec
+from .base import Backend, Quiesce, Range, VolumeSpec
 
 SECTOR = 512
 DEFAULTS = {
@@ -318,7 +318,7 @@ class DevicemapperBackend(Backend):
     def _snap_dm_name(self, name: str, snap: str) -> str:
         return f"{self.prefix}-s-{name}--{snap}"
 
-    def snapshot(self, name: str, snap: str) -> None:
+    def snapshot(self, name: str, snap: str, quiesce: Quiesce = contextlib.nullcontext) -> None:
         with self._devices() as devices:
             vol = self._vol(name, devices)
             if snap in vol["snapshots"]:
@@ -327,13 +327,16 @@ class DevicemapperBackend(Backend):
             thin_id = self._new_id(devices)
             origin = self._dm_name(name)
             active = self._exists(origin)
-            if active:  # no I/O in flight while the mappings are shared; the manager has
-                dmsetup("suspend", "--nolockfs", origin)  # already frozen a mounted fs
-            try:
-                self._message("create_snap", str(thin_id), str(vol["id"]))
-            finally:
+            # the pool lock is held: freeze only now, and suspend (no I/O in flight while the
+            # mappings are shared) without freezing again
+            with quiesce():
                 if active:
-                    dmsetup("resume", origin)
+                    dmsetup("suspend", "--nolockfs", origin)
+                try:
+                    self._message("create_snap", str(thin_id), str(vol["id"]))
+                finally:
+                    if active:
+                        dmsetup("resume", origin)
             vol["snapshots"][snap] = {"id": thin_id, "size": vol["size"]}
 
     def remove_snapshot(self, name: str, snap: str) -> None:

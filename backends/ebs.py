@@ -18,11 +18,12 @@ from pathlib import Path
 
 from pyvol.errors import Conflict, InvalidInput, NotFound, PoolFull, PyvolError
 
-from .base import Backend, Range, VolumeSpec
+from .base import Backend, Quiesce, Range, VolumeSpec
 
 GiB = 1 << 30
 NAME_TAG, OPT_TAG, SNAP_VOL_TAG, SNAP_TAG, TEMP_TAG = (
     "pyvol-name", "pyvol-opt:", "pyvol-volume", "pyvol-snapshot", "pyvol-temp")
+CREATOR_TAG = "pyvol-creator"  # the instance that made the volume
 TYPES = ("gp3", "gp2", "io1", "io2", "st1", "sc1", "standard")
 DEVICE_LETTERS = "fghijklmnop"
 NVME_BY_ID = "/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_{}"
@@ -184,6 +185,10 @@ class EbsBackend(Backend):
         return {"size": v["Size"] * GiB, "options": opts, "volume_id": v["VolumeId"],
                 "created": v["CreateTime"].strftime("%Y-%m-%dT%H:%M:%SZ")}
 
+    def created_here(self, name: str) -> bool:
+        return all({t["Key"]: t["Value"] for t in v.get("Tags", [])}.get(CREATOR_TAG) ==
+                   self.instance_id for v in self._by_name(name))
+
     def records(self) -> dict[str, dict]:
         out = {}
         for v in sorted(self._volumes([{"Name": "tag-key", "Values": [NAME_TAG]}]),
@@ -220,7 +225,8 @@ class EbsBackend(Backend):
         if "kms-key-id" in o:
             params["KmsKeyId"] = o["kms-key-id"]
             params["Encrypted"] = True
-        tags = [{"Key": NAME_TAG, "Value": spec.name}] + [
+        tags = [{"Key": NAME_TAG, "Value": spec.name},
+                {"Key": CREATOR_TAG, "Value": self.instance_id}] + [
             {"Key": OPT_TAG + k, "Value": str(v)[:255]} for k, v in sorted(spec.meta.items())]
         # tagged in the same call: a volume never exists untagged, so never orphaned
         params["TagSpecifications"] = [{"ResourceType": "volume", "Tags": tags}]
@@ -357,11 +363,13 @@ class EbsBackend(Backend):
             raise NotFound(f"snapshot {name}@{snap} not found in EBS")
         return found[0]
 
-    def snapshot(self, name: str, snap: str) -> None:
+    def snapshot(self, name: str, snap: str, quiesce: Quiesce = contextlib.nullcontext) -> None:
         v = self._find(name)
-        self._aws("create_snapshot", VolumeId=v["VolumeId"], Description=f"pyvol {name}@{snap}",
-                  TagSpecifications=[{"ResourceType": "snapshot", "Tags": [
-                      {"Key": SNAP_VOL_TAG, "Value": name}, {"Key": SNAP_TAG, "Value": snap}]}])
+        with quiesce():  # an EBS snapshot is point-in-time at the call
+            self._aws("create_snapshot", VolumeId=v["VolumeId"],
+                      Description=f"pyvol {name}@{snap}",
+                      TagSpecifications=[{"ResourceType": "snapshot", "Tags": [
+                          {"Key": SNAP_VOL_TAG, "Value": name}, {"Key": SNAP_TAG, "Value": snap}]}])
 
     def remove_snapshot(self, name: str, snap: str) -> None:
         for s in self._snapshots(name, snap):

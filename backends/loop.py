@@ -26,7 +26,7 @@ from pyvol.run import run
 from pyvol.units import format_size, parse_size
 
 from . import extents, loopdev
-from .base import Backend, Range, VolumeSpec
+from .base import Backend, Quiesce, Range, VolumeSpec
 
 MIN_POOL = 1 << 30
 MAX_DEFAULT_POOL = 16 << 40
@@ -159,13 +159,14 @@ class LoopBackend(Backend):
         return loopdev.find(self._image(name))
 
     # snapshots
-    def snapshot(self, name: str, snap: str) -> None:
+    def snapshot(self, name: str, snap: str, quiesce: Quiesce = contextlib.nullcontext) -> None:
         image = self._need(self._image(name), f"volume {name}")
         self._check_space(0)
         target = self._snap(name, snap)
         target.parent.mkdir(exist_ok=True)
         tmp = self.tmp_dir / f"{name}@{snap}.img"
-        extents.reflink(image, tmp)
+        with quiesce():
+            extents.reflink(image, tmp)
         os.rename(tmp, target)
 
     def remove_snapshot(self, name: str, snap: str) -> None:

@@ -33,7 +33,7 @@ from pyvol.errors import Conflict, InvalidInput, NotFound, PyvolError
 from pyvol.files import write_whole
 from pyvol.run import run
 
-from .base import Backend, Range, VolumeSpec
+from .base import Backend, Quiesce, Range, VolumeSpec
 
 SHARE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 SOURCE_RE = re.compile(r"^[A-Za-z0-9_.:\[\]-]+:/[^\s,]*$")
@@ -260,6 +260,13 @@ class NfsBackend(Backend):
         except NotFound:
             return None
 
+    def created_here(self, name: str) -> bool:
+        try:
+            _, rec = self._find(name)
+        except NotFound:
+            return True  # nothing there: nothing another host could lose
+        return rec.get("created_by") == self.instance
+
     def removal_blockers(self, name: str) -> list[str]:
         return [f"{lease.get('host')} ({lease.get('instance')})" for lease in self.leases(name)
                 if lease.get("instance") != self.instance]
@@ -371,7 +378,9 @@ class NfsBackend(Backend):
     def _snapdir(self, share: Share, name: str, snap: str) -> Path:
         return share.base / "snapshots" / name / snap
 
-    def snapshot(self, name: str, snap: str) -> None:
+    def snapshot(self, name: str, snap: str, quiesce: Quiesce = contextlib.nullcontext) -> None:
+        # a directory copy takes as long as the data: nothing is frozen around it, so it is
+        # consistent per file, not across files (docs/nfs.md)
         share, _ = self._find(name)
         src, dst = share.base / "volumes" / name, self._snapdir(share, name, snap)
         share.call(self._copy_tree, share, src, dst, what=f"snapshotting {name}")

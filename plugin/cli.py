@@ -53,6 +53,10 @@ def _kv(data: dict, indent: str = "") -> None:
         if isinstance(v, dict):
             click.echo(f"{indent}{k}:")
             _kv(v, indent + "  ")
+        elif isinstance(v, list) and v and all(isinstance(i, dict) for i in v):
+            click.echo(f"{indent}{k}:")  # e.g. mount_ids: every field whole, one item each
+            for item in v:
+                click.echo(f"{indent}  - " + ", ".join(f"{ik}: {iv}" for ik, iv in item.items()))
         else:
             click.echo(f"{indent}{k}: {v}")
 
@@ -171,11 +175,19 @@ def mount(ctx, name, mount_id):
 
 @cli.command()
 @click.argument("name")
-@click.option("--id", "mount_id", default="pyvol-cli", show_default=True, help="Mount ID.")
+@click.option("--id", "mount_id", default="pyvol-cli", show_default=True,
+              help="Mount ID, in full, as `pyvol inspect` shows it under mount_ids.")
+@click.option("--all", "every", is_flag=True,
+              help="Drop every count of that ID, not just one.")
 @click.pass_context
-def umount(ctx, name, mount_id):
-    """Drop one mount of a volume (unmounted when the last goes)."""
-    _client(ctx).call("POST", f"/volumes/{name}/unmount", {"ID": mount_id})
+def umount(ctx, name, mount_id, every):
+    """Drop one count of a mount ID (the volume is unmounted when the last count goes).
+
+    Also how an operator clears a count that Docker will never release (its container is
+    gone but the count stayed): find the ID with `pyvol inspect NAME`, then
+    `pyvol umount NAME --id ID --all`.
+    """
+    _client(ctx).call("POST", f"/volumes/{name}/unmount", {"ID": mount_id, "All": every})
 
 
 @cli.group()

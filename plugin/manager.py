@@ -22,6 +22,7 @@ from pathlib import Path
 from . import fs, locks, mountinfo
 from .backends import Backend, VolumeSpec
 from .config import Config
+from .crashpoint import crashpoint
 from .errors import Conflict, InvalidInput, NotFound, PyvolError
 from .log import event
 from .state import Snapshot, Store, Volume, now
@@ -299,6 +300,7 @@ class Manager:
                                "which pyvol has no record of; move it away to reuse the name")
             with self.store.tx():
                 self.store.add_volume(record)
+            crashpoint("create.recorded")
             try:
                 if populate is not None:
                     populate(backend, spec, record)
@@ -306,7 +308,9 @@ class Manager:
                         self._grow(backend, record)
                 else:
                     backend.create(spec)
+                    crashpoint("create.storage")
                     self._mkfs(backend, record)
+                crashpoint("create.filled")
             except Conflict:
                 if backend.scope == "global":
                     # another host holds the name on shared storage: it is theirs, keep it
@@ -346,7 +350,11 @@ class Manager:
         try:
             if mountinfo.is_mounted(self.mountpoint(name)):
                 fs.umount(self.mountpoint(name))
-            backend.remove(name)
+            if backend.created_here(name):
+                backend.remove(name)
+            else:  # another host made a volume of this name since: it is theirs, keep it
+                event(log, "interrupted create undone without touching the storage: another "
+                      "host holds that name", volume=name, backend=backend.name)
         except Exception:
             log.exception("could not clean up failed create of %s", name)
             # leave the record as 'creating': recover() retries the cleanup at next start
@@ -357,11 +365,15 @@ class Manager:
         check_name(name)
         with self._lock(name):
             v = self._ready(name)
-            users = self.store.mounts(name)
+            users = self.store.mount_records(name)
             if users:
-                ids = ", ".join(i[:12] or "(none)" for i in users)
-                raise Conflict(f"volume {name} is in use ({sum(users.values())} mount(s), "
-                               f"ids {ids}): stop the containers using it first")
+                ids = "; ".join(f"{m['ID'] or '(empty id)'} since {m['Since']}"
+                                + (f" ({m['Count']} times)" if m["Count"] > 1 else "")
+                                for m in users)
+                raise Conflict(
+                    f"volume {name} is in use by {len(users)} mount ID(s): {ids}. Stop the "
+                    "containers using it first; a count no container holds any more (Docker "
+                    f"lost its Unmount) is dropped with `pyvol umount {name} --id ID`")
             backend = self._backend(v)
             others = backend.removal_blockers(name)
             if others:
@@ -376,6 +388,7 @@ class Manager:
                     raise Conflict(f"volume {name} is still mounted and busy: {e}") from None
             with self._no_readers(name, [sn.name for sn in self.store.snapshots(name)]):
                 self.store.set_volume_status(name, "removing")
+                crashpoint("remove.marked")
                 try:
                     self._finish_remove(backend, name)
                 except Conflict:  # another host mounted it meanwhile: nothing was removed
@@ -385,25 +398,50 @@ class Manager:
 
     def _finish_remove(self, backend: Backend, name: str) -> None:
         backend.remove(name)
+        crashpoint("remove.storage")
         try:
             self.mountpoint(name).rmdir()
         except FileNotFoundError:
             pass
         self.store.delete_volume(name)
 
-    def mount(self, name, mount_id="") -> str:
+    def mount(self, name, mount_id="", deadline: float | None = None) -> str:
+        """Mount (at the first count) and count ``mount_id`` once more.
+
+        ``deadline`` (time.monotonic()) is when the caller stops waiting: Docker gives up on
+        a plugin call after its timeout and then never sends the Unmount, so a Mount that
+        finishes later is undone instead of counted, and no count is left that nobody can
+        release.
+        """
         check_name(name)
         check_mount_id(mount_id)
         with self._lock(name):
             v = self._ready(name)
             backend = self._backend(v)
             mp = self.mountpoint(name)
-            if not mountinfo.is_mounted(mp):
+            self._check_deadline(name, deadline)  # the wait for the lock may have used it up
+            attached = not mountinfo.is_mounted(mp)
+            if attached:
                 self._attach(backend, v, mp)
+                crashpoint("mount.attached")
+            try:
+                self._check_deadline(name, deadline)
+            except PyvolError:
+                if attached:
+                    self._detach(v)
+                raise
             with self.store.tx():
                 self.store.add_mount(name, mount_id)
+            crashpoint("mount.counted")
         event(log, "volume mounted", volume=name, mount_id=mount_id, mountpoint=str(mp))
         return str(mp)
+
+    def _check_deadline(self, name: str, deadline: float | None) -> None:
+        if deadline is not None and time.monotonic() > deadline:
+            raise PyvolError(f"mounting volume {name} took longer than Docker waits for a "
+                             f"plugin ({self.config.docker_timeout:g} s), so it was undone "
+                             "rather than counted for a container that will never unmount it; "
+                             "retry")
 
     def _attach(self, backend: Backend, v: Volume, mp: Path) -> None:
         dev = backend.activate(v.name)
@@ -418,8 +456,9 @@ class Manager:
             backend.deactivate(v.name)
             raise
 
-    def unmount(self, name, mount_id="") -> None:
-        """Drop one count of ``mount_id``; unmount at the last. Unknown IDs succeed."""
+    def unmount(self, name, mount_id="", every: bool = False) -> None:
+        """Drop one count of ``mount_id`` (every count of it with ``every``); unmount at the
+        last. Unknown IDs succeed."""
         check_name(name)
         check_mount_id(mount_id)
         with self._lock(name):
@@ -428,11 +467,12 @@ class Manager:
                 log.info("unmount of unknown volume %s ignored", name)
                 return
             with self.store.tx():
-                known = self.store.drop_mount(name, mount_id)
+                known = self.store.drop_mount(name, mount_id, every=every is True)
                 remaining = sum(self.store.mounts(name).values())
             if not known:
                 event(log, "unmount of unknown mount id ignored", volume=name, mount_id=mount_id)
                 return
+            crashpoint("unmount.uncounted")
             if remaining == 0:
                 self._detach(v)
         event(log, "volume unmounted", volume=name, mount_id=mount_id, remaining=remaining)
@@ -470,12 +510,14 @@ class Manager:
         return [self._describe(v, mounted) for v in self.store.volumes("ready")]
 
     def _describe(self, v: Volume, mounted: set[str]) -> dict:
+        mounts = self.store.mount_records(v.name)
         status = {
             "backend": v.backend,
             "size": v.size,
             "size_human": format_size(v.size),
             "fs": v.fs,
-            "mounts": sum(self.store.mounts(v.name).values()),
+            "mounts": sum(m["Count"] for m in mounts),
+            "mount_ids": mounts,
             "snapshots": len(self.store.snapshots(v.name, status="ready")),
         }
         for key in ("from-snapshot", "from-backup"):
@@ -529,12 +571,12 @@ class Manager:
             with self.store.tx():
                 self.store.add_snapshot(Snapshot(volume, snap, v.size, "creating", now(),
                                                  origin))
+            crashpoint("snapshot.recorded")
+            mp = self.mountpoint(volume)
+            quiesce = (lambda: fs.frozen(mp)) if backend.kind == "block" else contextlib.nullcontext
             try:
-                if backend.kind == "block":
-                    with fs.frozen(self.mountpoint(volume)):
-                        backend.snapshot(volume, snap)
-                else:  # a directory copy: consistent per file, not across files
-                    backend.snapshot(volume, snap)
+                backend.snapshot(volume, snap, quiesce)
+                crashpoint("snapshot.taken")
             except BaseException:
                 backend.remove_snapshot(volume, snap)
                 self.store.delete_snapshot(volume, snap)
@@ -643,6 +685,7 @@ class Manager:
                 event(log, "host rebooted: clearing mount records", volumes=len(self.store.mounts()))
             self.store.clear_mounts()
             self.store.set_meta("boot_id", boot_id)
+        self._thaw_all()
         for v in self.store.volumes():
             backend = self.backends.get(v.backend)
             if backend is None:
@@ -663,6 +706,22 @@ class Manager:
             for o in sorted(orphans):
                 event(log, "backend holds a volume pyvol has no record of; left untouched",
                       backend=name, volume=o)
+
+    def _thaw_all(self) -> None:
+        """A daemon killed inside a snapshot's freeze left that filesystem frozen, and every
+        writer in its container hangs until someone thaws it: thaw every mounted block
+        volume (backends resumed their suspended devices in setup, so thawing cannot block)."""
+        mounted = {e.mount_point for e in mountinfo.entries()}
+        for v in self.store.volumes():
+            mp = self.mountpoint(v.name)
+            if v.fs not in fs.FILESYSTEMS or str(mp) not in mounted:
+                continue
+            try:
+                if fs.thaw(mp):
+                    event(log, "thawed a filesystem left frozen by a killed daemon",
+                          volume=v.name)
+            except PyvolError as e:
+                log.error("could not thaw volume %s at %s: %s", v.name, mp, e)
 
     def _recover_backup_snapshots(self) -> None:
         """A backup the daemon died in wrote no manifest; its own snapshot goes too."""

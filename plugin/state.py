@@ -213,14 +213,15 @@ class Store:
             "ON CONFLICT(volume, mount_id) DO UPDATE SET count = count + 1",
             (volume, mount_id, now()))
 
-    def drop_mount(self, volume: str, mount_id: str) -> bool:
-        """Take one count off; False when the id was unknown (a leaked or repeated Unmount)."""
+    def drop_mount(self, volume: str, mount_id: str, every: bool = False) -> bool:
+        """Take one count off (all of them with ``every``); False when the id was unknown
+        (a leaked or repeated Unmount)."""
         conn = self._conn()
         row = conn.execute("SELECT count FROM mounts WHERE volume=? AND mount_id=?",
                            (volume, mount_id)).fetchone()
         if row is None:
             return False
-        if row["count"] > 1:
+        if row["count"] > 1 and not every:
             conn.execute("UPDATE mounts SET count = count - 1 WHERE volume=? AND mount_id=?",
                          (volume, mount_id))
         else:
@@ -233,6 +234,14 @@ class Store:
             return {r["volume"]: r["n"] for r in rows}
         rows = self._conn().execute("SELECT mount_id, count FROM mounts WHERE volume=?", (volume,))
         return {r["mount_id"]: r["count"] for r in rows}
+
+    def mount_records(self, volume: str) -> list[dict]:
+        """Each mount ID of ``volume`` in full, with its count and since when, oldest first:
+        what an operator needs to find a count that Docker will never release."""
+        rows = self._conn().execute(
+            "SELECT mount_id, count, first_at FROM mounts WHERE volume=? ORDER BY first_at, "
+            "mount_id", (volume,))
+        return [{"ID": r["mount_id"], "Count": r["count"], "Since": r["first_at"]} for r in rows]
 
     def clear_mounts(self, volume: str | None = None) -> None:
         if volume is None:

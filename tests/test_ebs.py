@@ -194,3 +194,31 @@ def test_a_device_that_never_appears_fails_the_mount_clearly_and_detaches(workdi
     finally:
         ebs_rig.plane.attach_delay = 0.3
         d.stop()
+
+
+def test_recovery_of_a_create_killed_midway_never_removes_another_hosts_volume(
+        workdir, ebs_rig):
+    """Host a dies just after recording a create; host b then makes the same name. a's
+    start-up undoes its own half-made create without touching b's volume."""
+    a = Daemon(workdir / "i0", workdir / "i0.sock",
+               env={**ebs_rig.env(0), "PYVOL_BACKENDS": "ebs",
+                    "PYVOL_CRASH_AT": "create.recorded"}).start()
+    b = ebs_host(workdir, ebs_rig, 1)
+    try:
+        try:
+            a.api.post("/VolumeDriver.Create", {"Name": "twin", "Opts": {"size": "1G"}})
+        except Exception:  # noqa: BLE001 - the daemon dies mid-request: no answer
+            pass
+        a.proc.wait(timeout=30)
+        a.stop()
+        b.api.ok("/VolumeDriver.Create", {"Name": "twin", "Opts": {"size": "1G"}})
+        [theirs] = ebs_rig.volumes("twin")
+        a = ebs_host(workdir, ebs_rig, 0)  # recovery: undoes its own 'creating' record
+        assert "undone without touching the storage" in a.log()
+        assert [v["VolumeId"] for v in ebs_rig.volumes("twin")] == [theirs["VolumeId"]]
+        assert b.api.ok("/VolumeDriver.Get", {"Name": "twin"})["Volume"]["Name"] == "twin"
+        assert a.api.ok("/VolumeDriver.Get", {"Name": "twin"})["Volume"]["Name"] == "twin"
+        b.api.ok("/VolumeDriver.Remove", {"Name": "twin"})
+    finally:
+        a.stop()
+        b.stop()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from ..crashpoint import crashpoint
 from .blobs import CorruptObject
 from .job import Job, bounded_map
 from .repo import Repository
@@ -88,6 +89,8 @@ def backup(repo: Repository, device: str, size: int, mapped: list[Range],
         chunks[index] = name
         stats["uploaded"] += stored
         stats["chunks_new" if fresh else "chunks_reused"] += 1
+        if fresh:
+            crashpoint("backup.chunk")
 
     try:
         bounded_map(one, to_read, threads, job, collect)
@@ -126,6 +129,7 @@ def restore(repo: Repository, manifest: dict, device: str, job: Job, threads: in
 
     def collect(n):
         written[0] += n
+        crashpoint("restore.chunk")
 
     try:
         bounded_map(one, chunks, threads, job, collect)

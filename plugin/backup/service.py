@@ -10,6 +10,7 @@ import logging
 import os
 from dataclasses import dataclass
 
+from ..crashpoint import crashpoint
 from ..errors import InvalidInput, NotFound, PyvolError
 from ..log import event
 from . import block, tree
@@ -130,14 +131,22 @@ class Backups:
         with locked(repo, "shared", self.lease):
             auto = snap is None
             if auto:
-                snap = m.snapshot_create(vol, AUTO_PREFIX + bid, origin="backup")["Name"]
-                # if the daemon dies before this backup ends, recover() removes the snapshot
+                # recorded before the snapshot exists: if the daemon dies before this backup
+                # ends, recover() removes the snapshot, however far it got
+                snap = AUTO_PREFIX + bid
                 m.store.set_meta(f"{PENDING}{vol}@{snap}", bid)
+                try:
+                    m.snapshot_create(vol, snap, origin="backup")
+                except BaseException:
+                    m.store.delete_meta(f"{PENDING}{vol}@{snap}")
+                    raise
+                crashpoint("backup.snapshot")
             try:
                 with m.snapshot_reading(vol, snap):
                     manifest = self._backup(repo, v, backend, snap, bid, job)
                     job.check()  # a client that went away gets no backup at all
                     url = repo.put_manifest(manifest)
+                    crashpoint("backup.manifest")
             except BaseException:
                 if auto:
                     self._drop_own_snapshot(vol, snap, "of a failed backup")
