@@ -41,5 +41,9 @@ vm_rc=0
 wait "$vm_pid" || vm_rc=$?
 cat "$vm_log"
 rm -f "$vm_log"
+# With a selection (`test.sh tests/test_crashpoints.py`), one lane may have nothing to run:
+# pytest says so with exit 5, which is no failure as long as the other lane ran something.
+if [ $# -gt 0 ] && [ "$rc" = 5 ] && [ "$vm_rc" = 0 ]; then rc=0; fi
+if [ $# -gt 0 ] && [ "$vm_rc" = 5 ] && [ "$rc" = 0 ]; then vm_rc=0; fi
 [ "$vm_rc" = 0 ] || rc=$vm_rc
 exit $rc
