@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import os
 import re
 import secrets
 import socket
@@ -318,4 +319,113 @@ def check_manifest(m, what: str, bid: str, chunk_size: int) -> None:
 
 
 def host_id() -> str:
+    """This host's name, for people (manifests' and locks' ``host``). Names change and
+    repeat, so nothing is decided on it alone: holder_identity() says precisely who holds a
+    lock."""
     return socket.gethostname()
+
+
+# Who holds a repository lock (docs/backup-repository.md, "Locks"): a lock names its holder
+# precisely enough that a reader on the same host can tell, without waiting for the lease,
+# that the holder is dead.
+
+def _first_line(path: str) -> str | None:
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            return f.readline().strip() or None
+    except OSError:
+        return None
+
+
+def boot_id() -> str | None:
+    """The running kernel's random boot id: a new one at every boot, never shared by two
+    hosts."""
+    return _first_line("/proc/sys/kernel/random/boot_id")
+
+
+def machine_id() -> str:
+    """The host's identity: /etc/machine-id when it holds one (it survives renames and
+    reboots), else the boot id and hostname (which at least tell this boot from others)."""
+    mid = _first_line("/etc/machine-id")
+    if mid and re.fullmatch(r"[0-9a-f]{32}", mid) and mid != "0" * 32:
+        return mid
+    return f"boot-{boot_id() or 'unknown'}-{socket.gethostname()}"
+
+
+def pid_namespace() -> int | None:
+    """The inode of this process's pid namespace: a pid means the same process only to a
+    reader in the same namespace (a container sees other pids than its host)."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+
+
+def process_start(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks since boot (field 22 of /proc/PID/stat);
+    None if there is no such process, or only its zombie."""
+    try:
+        with open(f"/proc/{int(pid)}/stat", "rb") as f:
+            stat = f.read().decode("ascii", "replace")
+    except (OSError, ValueError):
+        return None
+    fields = stat[stat.rfind(")") + 2:].split()  # the name, in parentheses, may hold anything
+    try:
+        if fields[0] in ("Z", "X"):
+            return None
+        return int(fields[19])  # fields[0] is field 3 (the state)
+    except (IndexError, ValueError):
+        return None
+
+
+def holder_identity() -> dict:
+    """The fields that name this process as a lock's holder."""
+    pid = os.getpid()
+    return {"host": host_id(), "pid": pid, "machine": machine_id(), "boot": boot_id(),
+            "pidns": pid_namespace(), "start": process_start(pid)}
+
+
+def holder_dead(doc: dict) -> str | None:
+    """Why the holder a lock object names is certainly dead, or None when that cannot be
+    known here (another host, another pid namespace, fields missing): such a lock goes only
+    when its lease has expired.
+
+    Dead: on this machine, the boot it ran in is over (same machine id and hostname, another
+    boot id); or, in this very boot and pid namespace, its pid is gone or is another process
+    (another start time).
+    """
+    me = holder_identity()
+    if not isinstance(doc.get("machine"), str) or doc["machine"] != me["machine"]:
+        return None
+    boot = doc.get("boot")
+    if not isinstance(boot, str) or not me["boot"]:
+        return None
+    if boot != me["boot"]:
+        # a machine id copied into another host (a cloned image) must not make that host's
+        # locks look dead: the hostname must match too (a renamed host's locks just expire)
+        if doc.get("host") == me["host"]:
+            return f"host {me['host']} has rebooted since (boot {boot} is over)"
+        return None
+    pid, start = doc.get("pid"), doc.get("start")
+    if type(doc.get("pidns")) is not int or doc["pidns"] != me["pidns"] or \
+            type(pid) is not int or pid <= 0 or type(start) is not int:
+        return None
+    now = process_start(pid)
+    if now is None:
+        return f"process {pid} no longer exists on this host"
+    if now != start:
+        return (f"pid {pid} on this host is another process now (started at tick {now}, "
+                f"the holder at tick {start})")
+    return None
+
+
+def missing_chunks(repo: Repository, names) -> list[str]:
+    """The chunks among ``names`` that the repository does not hold now: listed afresh, not
+    taken from the set ``known_chunks`` listed when a backup began."""
+    want = set(names)
+    if want:
+        for key, _ in repo.target.list("chunks/"):
+            want.discard(key.rpartition("/")[2])
+            if not want:
+                break
+    return sorted(want)

@@ -16,8 +16,9 @@ from ..log import event
 from . import block, tree
 from .blobs import CorruptObject, read_key_file
 from .job import Job
-from .leases import DEFAULT_LEASE, locked
-from .repo import Repository, host_id, new_backup_id, split_backup_url, utcnow
+from .leases import DEFAULT_LEASE, held_until, locked, stamp
+from .repo import (Repository, host_id, missing_chunks, new_backup_id, split_backup_url,
+                   utcnow)
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,8 @@ class Backups:
             return self._ebs_backup(v, backend, snap, dest)
         repo = self._repo(dest, create=True)
         bid = new_backup_id()
-        with locked(repo, "shared", self.lease):
+        with locked(repo, "shared", self.lease) as lease:
+            lease.on_lost(job.cancel)  # the engine stops at its next step
             auto = snap is None
             if auto:
                 # recorded before the snapshot exists: if the daemon dies before this backup
@@ -143,9 +145,27 @@ class Backups:
                 crashpoint("backup.snapshot")
             try:
                 with m.snapshot_reading(vol, snap):
-                    manifest = self._backup(repo, v, backend, snap, bid, job)
-                    job.check()  # a client that went away gets no backup at all
-                    url = repo.put_manifest(manifest)
+                    try:
+                        manifest = self._backup(repo, v, backend, snap, bid, job)
+                        job.check()  # a client that went away gets no backup at all
+                    except PyvolError as e:
+                        if lease.lost is not None:  # the cause, not "the client went away"
+                            raise lease.lost_error() from e
+                        raise
+                    lease.check()  # renews first if this process was held up for long
+                    # chunks skipped as "already stored" were listed when the backup began:
+                    # anything that deleted one since (whatever honoured no lock) shows here
+                    missing = missing_chunks(repo, (n for _, n in manifest["chunks"]))
+                    if missing:
+                        raise PyvolError(
+                            f"backup of {vol} not written: {len(missing)} chunks it reuses "
+                            f"were deleted from {repo.url} while it ran (first: {missing[0]})"
+                            "; retry: the rerun uploads them again")
+                    # between two renewals: if the lock was broken meanwhile (this process
+                    # stalled past its lease and a gc ran), the manifest is taken back
+                    volkey = repo.volume_key(vol)
+                    url = lease.guarded(lambda: repo.put_manifest(manifest),
+                                        undo=lambda: repo.delete_manifest(volkey, bid))
                     crashpoint("backup.manifest")
             except BaseException:
                 if auto:
@@ -364,28 +384,39 @@ class Backups:
             return {"removed": backup_url}
         repo_url, volkey, bid = split_backup_url(backup_url)
         repo = self._repo(repo_url)
-        with locked(repo, "exclusive", self.lease):
+        with locked(repo, "exclusive", self.lease) as lease:
             repo.get_manifest(volkey, bid)  # NotFound, or unreadable with this key
+            lease.check()
             repo.delete_manifest(volkey, bid)
         event(log, "backup removed", backup=backup_url)
         return {"removed": backup_url}
 
     def gc(self, url) -> dict:
-        """Delete every chunk no manifest lists (docs/backup-repository.md)."""
+        """Delete every chunk no manifest lists (docs/backup-repository.md, "What garbage
+        collection may delete"): at once, unless a shared lock was broken by expiry less than
+        two leases ago; then the unreferenced chunks are only counted, left for a later gc."""
         repo = self._repo(url)
-        with locked(repo, "exclusive", self.lease):
+        with locked(repo, "exclusive", self.lease) as lease:
+            hold = held_until(repo, self.lease)  # before the manifests: the order matters
             live: set[str] = set()
             ids = repo.backup_ids()
             for vk, bid in ids:
                 live.update(n for _, n in repo.get_manifest(vk, bid)["chunks"])
-            deleted, freed, kept = 0, 0, 0
+            deleted, freed, kept, marked, marked_bytes = 0, 0, 0, 0, 0
             for key, size in list(repo.target.list("chunks/")):
                 if key.rpartition("/")[2] in live:
                     kept += 1
-                    continue
-                repo.target.delete(key)
-                deleted += 1
-                freed += size
-        event(log, "repository garbage collected", repo=repo.url, deleted=deleted, freed=freed)
+                elif hold is not None:
+                    marked += 1
+                    marked_bytes += size
+                else:
+                    lease.check()  # a gc that stalled past its lease deletes nothing more
+                    repo.target.delete(key)
+                    deleted += 1
+                    freed += size
+        after = stamp(hold) if hold is not None and marked else None
+        event(log, "repository garbage collected", repo=repo.url, deleted=deleted, freed=freed,
+              marked=marked, delete_after=after)
         return {"backups": len(ids), "chunks_kept": kept, "chunks_deleted": deleted,
-                "bytes_freed": freed}
+                "bytes_freed": freed, "chunks_marked": marked, "bytes_marked": marked_bytes,
+                "delete_after": after}
