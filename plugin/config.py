@@ -71,6 +71,13 @@ def find_socket() -> str:
     return DEFAULT_SOCKET
 
 
+def _real(path: str) -> Path:
+    """``path`` with every symlink resolved. Mounts are compared with /proc/self/mountinfo,
+    which shows only real paths: a root reached through a symlink would never be seen mounted,
+    so each start and each Mount would stack another mount that nothing ever takes down."""
+    return Path(os.path.realpath(path))
+
+
 def load(root: str | None = None, socket: str | None = None, backend: str | None = None,
          env: dict[str, str] | None = None) -> Config:
     """Build the configuration: flags win over ``PYVOL_*`` variables, which win over defaults.
@@ -82,13 +89,13 @@ def load(root: str | None = None, socket: str | None = None, backend: str | None
     # variable, empty unless the user sets it.
     env = {k: v for k, v in (os.environ if env is None else env).items() if v != ""}
     cfg = Config(
-        root=Path(root or env.get("PYVOL_ROOT", DEFAULT_ROOT)),
+        root=_real(root or env.get("PYVOL_ROOT", DEFAULT_ROOT)),
         socket=Path(socket or env.get("PYVOL_SOCKET", DEFAULT_SOCKET)),
         default_backend=backend or env.get("PYVOL_BACKEND") or None,
         workers=int(env.get("PYVOL_WORKERS", 2)),
         threads=int(env.get("PYVOL_THREADS", 8)),
         log_level=env.get("PYVOL_LOG_LEVEL", "info"),
-        mounts=Path(env["PYVOL_MOUNTS"]) if "PYVOL_MOUNTS" in env else None,
+        mounts=_real(env["PYVOL_MOUNTS"]) if "PYVOL_MOUNTS" in env else None,
         docker_timeout=float(env.get("PYVOL_DOCKER_TIMEOUT", 30)),
         enabled_backends=[b.strip() for b in env["PYVOL_BACKENDS"].split(",") if b.strip()]
         if "PYVOL_BACKENDS" in env else None,
@@ -100,6 +107,9 @@ def load(root: str | None = None, socket: str | None = None, backend: str | None
         cfg.backend_settings[name] = {
             k[len(prefix):].lower(): v for k, v in env.items() if k.startswith(prefix)
         }
+        for key, value in cfg.backend_settings[name].items():
+            if key.endswith("_file"):  # a pool's file (loop pool_file, devicemapper data_file)
+                cfg.backend_settings[name][key] = str(_real(value))
     cfg.backup_settings = {k[len("PYVOL_BACKUP_"):].lower(): v for k, v in env.items()
                            if k.startswith("PYVOL_BACKUP_")}
     return cfg
