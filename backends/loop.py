@@ -20,7 +20,6 @@ import os
 import shutil
 from pathlib import Path
 
-from pyvol import mountinfo
 from pyvol.errors import Conflict, InvalidInput, NotFound, PoolFull
 from pyvol.run import run
 from pyvol.units import format_size, parse_size
@@ -43,8 +42,12 @@ class LoopBackend(Backend):
 
     def __init__(self, root: Path, settings: dict[str, str] | None = None):
         super().__init__(root, settings)
+        # Real paths, resolved once (as config.load does for the daemon): mountinfo and
+        # sysfs only ever show real paths, so nothing compared with them may hold a symlink.
+        self.root = Path(os.path.realpath(self.root))
         self.base = self.root / "loop"
-        self.pool_file = Path(self.settings.get("pool_file") or self.base / "pool.img")
+        self.pool_file = Path(os.path.realpath(self.settings.get("pool_file")
+                                               or self.base / "pool.img"))
         self.pool = self.base / "pool"
         self.volumes_dir = self.pool / "volumes"
         self.snaps_dir = self.pool / "snapshots"
@@ -80,7 +83,7 @@ class LoopBackend(Backend):
                 f.truncate(self._pool_size())
             run(["mkfs.xfs", "-q", "-m", "reflink=1", "-L", "pyvol-pool", str(tmp)], timeout=300)
             os.rename(tmp, self.pool_file)
-        if not mountinfo.is_mounted(self.pool):
+        if self._mounted_pool() is None:
             self.pool.mkdir(parents=True, exist_ok=True)
             dev = loopdev.attach(self.pool_file, direct_io=False)
             run(["mount", "-t", "xfs", "-o", "noatime", dev, str(self.pool)], timeout=120)
@@ -89,10 +92,37 @@ class LoopBackend(Backend):
         for leftover in self.tmp_dir.iterdir():
             leftover.unlink()
 
+    def _mounted_pool(self) -> str | None:
+        """The device of our pool file if its filesystem is what the pool directory shows;
+        None if the directory shows no mount at all.
+
+        Decided by device numbers, not by the paths in mountinfo: a mount namespace can list
+        a mount at this very path that is hidden under another (a managed plugin's copy of the
+        host's mounts), and an older pyvol could mount another daemon's pool here, having
+        taken its loop device for ours. Someone else's filesystem here is refused: it holds
+        someone else's images.
+        """
+        try:
+            shown = os.stat(self.pool).st_dev
+        except FileNotFoundError:
+            return None
+        if shown == os.stat(self.base).st_dev:
+            return None
+        dev = loopdev.find(self.pool_file)
+        if dev is None or os.stat(dev).st_rdev != shown:
+            raise Conflict(f"{self.pool} has a filesystem mounted that is not the one in "
+                           f"{self.pool_file} (another daemon's pool?): unmount it "
+                           f"(umount {self.pool}) and start again")
+        return dev
+
     def teardown(self) -> None:
         for name in self.list():
             self.deactivate(name)
-        if mountinfo.is_mounted(self.pool):
+        try:
+            ours = self._mounted_pool()
+        except Conflict:
+            ours = None  # someone else's filesystem: not ours to unmount
+        if ours is not None:
             run(["umount", str(self.pool)], timeout=120)
         loopdev.detach(self.pool_file)
 

@@ -1,22 +1,80 @@
 """Loop devices: attach a file, find what a file is attached to, detach.
 
-Lookups read sysfs (exact, no subprocess); attach and detach go through losetup, which knows
-the kernel's races (LOOP_CTL_GET_FREE, LOOP_CONFIGURE) better than we would.
+A loop device is matched to its backing file by identity, never by path: LOOP_GET_STATUS64
+gives the device and inode numbers of the file it is bound to, compared with ``os.stat`` of
+ours. The path sysfs prints (``/sys/block/loopN/loop/backing_file``) is the file's path as
+seen from the *reader's* mount namespace; a file another daemon attached in another namespace
+can read exactly like ours (a managed plugin's ``/var/lib/pyvol/loop/pool.img`` and the host
+service's), and a renamed or replaced file reads like its successor. The path is only a hint
+for which devices to look at first. Device and inode numbers are exact while a device is bound:
+the bound device holds its file open, so neither the inode nor its filesystem's device number
+can be reused meanwhile.
+
+Attach goes through losetup, which knows the kernel's races (LOOP_CTL_GET_FREE,
+LOOP_CONFIGURE) better than we would; lookups and detach are ioctls on the device itself, so
+that the device checked is the device acted on.
 """
 
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
 import os
+import struct
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from pyvol.errors import CommandFailed
 from pyvol.run import run
+
+log = logging.getLogger(__name__)
 
 SYS_BLOCK = Path("/sys/block")
 
+# <linux/loop.h>
+LOOP_CLR_FD = 0x4C01
+LOOP_SET_STATUS64 = 0x4C04
+LOOP_GET_STATUS64 = 0x4C05
+LO_FLAGS_AUTOCLEAR = 4
+# struct loop_info64: lo_device, lo_inode, lo_rdevice, lo_offset, lo_sizelimit (u64);
+# lo_number, lo_encrypt_type, lo_encrypt_key_size, lo_flags (u32); lo_file_name[64],
+# lo_crypt_name[64], lo_encrypt_key[32]; lo_init[2] (u64). 232 bytes, no padding.
+_INFO64 = struct.Struct("=5Q4I64s64s32s2Q")
+_FLAGS = 8  # index of lo_flags in the unpacked tuple
+
+# How long detach waits for a short-lived opener (blkid, udev, another daemon's scan) to let
+# go of a device, so that a detached device is gone when detach returns.
+DETACH_WAIT = 2.0
+
+
+@dataclass(frozen=True)
+class Status:
+    """What the kernel says a bound loop device is bound to."""
+
+    st_dev: int  # device number of the backing file's filesystem
+    st_ino: int  # the backing file's inode
+    flags: int
+    name: str  # lo_file_name: the path given at attach time, truncated; for messages only
+
+    @property
+    def autoclear(self) -> bool:
+        """Detach pending: the device unbinds at its last close."""
+        return bool(self.flags & LO_FLAGS_AUTOCLEAR)
+
+
+def identity(path: str | Path) -> tuple[int, int]:
+    """(st_dev, st_ino) of ``path``, the key a loop device is matched by."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
 
 def attached() -> dict[str, str]:
-    """Map of /dev/loopN -> backing file, for every attached loop device.
+    """Map of /dev/loopN -> backing file *as this mount namespace prints it*, for every bound
+    loop device. A hint, for ordering and messages: never decide identity with it.
 
-    A device whose file was deleted keeps the path with " (deleted)" appended; it is listed
-    as such, so that a new file at the same path is never mistaken for it.
+    A device whose file was deleted shows the path with " (deleted)" appended.
     """
     result = {}
     for entry in SYS_BLOCK.glob("loop*"):
@@ -27,33 +85,135 @@ def attached() -> dict[str, str]:
     return result
 
 
-def find(path: Path) -> str | None:
-    """The device ``path`` is attached to, if any, ignoring devices on their way out.
+def _number(dev: str) -> int:
+    digits = dev[len("/dev/loop"):]
+    return int(digits) if digits.isdigit() else 1 << 30
 
-    `losetup -d` of a device that anyone holds open (even another losetup scanning devices)
-    only marks it autoclear and returns; it unbinds at the last close. Reusing such a device
-    would see it vanish under the next mount, so it counts as gone.
+
+def _candidates(path: str | Path) -> list[str]:
+    """Bound devices, those whose sysfs path reads like ``path`` first (the likely match)."""
+    hint = os.path.realpath(path)
+    return sorted(attached().items(), key=lambda kv: (kv[1] != hint, _number(kv[0])))
+
+
+def _open(dev: str, flags: int = 0) -> int | None:
+    """An fd on ``dev``, or None if it is no longer there or on its way out (ENXIO)."""
+    try:
+        return os.open(dev, os.O_RDONLY | os.O_CLOEXEC | flags)
+    except FileNotFoundError:
+        # bound (sysfs says so) but no node here: nothing this process could mount either
+        log.debug("loop device %s has no device node; not inspected", dev)
+        return None
+    except OSError as e:
+        if e.errno in (errno.ENXIO, errno.ENODEV):
+            return None
+        raise
+
+
+def _get_status(fd: int) -> tuple | None:
+    buf = bytearray(_INFO64.size)
+    try:
+        fcntl.ioctl(fd, LOOP_GET_STATUS64, buf)
+    except OSError as e:
+        if e.errno == errno.ENXIO:  # not bound (any more)
+            return None
+        raise
+    return _INFO64.unpack(buf)
+
+
+def _to_status(info: tuple) -> Status:
+    return Status(info[0], info[1], info[_FLAGS],
+                  info[9].split(b"\0", 1)[0].decode(errors="replace"))
+
+
+def status(dev: str) -> Status | None:
+    """What ``dev`` is bound to, or None when it is not bound."""
+    fd = _open(dev)
+    if fd is None:
+        return None
+    try:
+        info = _get_status(fd)
+    finally:
+        os.close(fd)
+    return None if info is None else _to_status(info)
+
+
+def bound() -> dict[str, Status]:
+    """Every bound loop device with what it is bound to (opens each device briefly)."""
+    result = {}
+    for dev, _ in sorted(attached().items(), key=lambda kv: _number(kv[0])):
+        st = status(dev)
+        if st is not None:
+            result[dev] = st
+    return result
+
+
+def find(path: Path) -> str | None:
+    """The device bound to the file at ``path`` (by device and inode), if any.
+
+    A device with a detach pending (autoclear) counts: it is still bound, and still the one
+    filesystem instance of that file; attaching a second device next to it would make two.
     """
-    target = os.path.realpath(path)
-    for dev, backing in sorted(attached().items()):
-        if backing == target and not _autoclear(dev):
+    try:
+        want = identity(path)
+    except FileNotFoundError:
+        return None
+    for dev, _ in _candidates(path):
+        st = status(dev)
+        if st is not None and (st.st_dev, st.st_ino) == want:
             return dev
     return None
 
 
-def _autoclear(dev: str) -> bool:
+def _reuse(path: Path, want: tuple[int, int]) -> str | None:
+    """The device already bound to ``want``, made to stay bound; None if there is none.
+
+    `losetup -d` only marks a device autoclear; it unbinds at the last close, so a device that
+    someone holds open (a mount in another mount namespace, a scan, blkid) stays bound with
+    the mark. Such a device is still the file's one device and must be reused; what must not
+    happen is that it unbinds between here and the mount that follows. So it is checked on an
+    fd held open (the kernel cannot unbind a device while it is open) and the pending detach is
+    cancelled on that same fd before letting go: from then on it stays bound until detach()
+    (the old holder may go at any time), and the mount that follows holds it open.
+    """
+    for dev, _ in _candidates(path):
+        fd = _open(dev)
+        if fd is None:
+            continue
+        try:
+            info = _get_status(fd)
+            if info is None or (info[0], info[1]) != want:
+                continue
+            if info[_FLAGS] & LO_FLAGS_AUTOCLEAR:
+                _cancel_autoclear(fd, dev, info)
+            return dev
+        finally:
+            os.close(fd)
+    return None
+
+
+def _cancel_autoclear(fd: int, dev: str, info: tuple) -> None:
+    fields = list(info)
+    fields[_FLAGS] &= ~LO_FLAGS_AUTOCLEAR
     try:
-        return (SYS_BLOCK / dev[len("/dev/"):] / "loop" / "autoclear").read_text().strip() == "1"
-    except OSError:
-        return True  # unbound between the two reads: gone
+        fcntl.ioctl(fd, LOOP_SET_STATUS64, _INFO64.pack(*fields))
+    except OSError as e:
+        # Kernels that refuse status changes under an exclusive holder: the holder is a mount
+        # of this very device, which keeps it bound; never attach a second device beside it.
+        log.warning("could not cancel the pending detach of %s (%s); reusing it while its "
+                    "other holder keeps it bound", dev, e)
+    else:
+        log.info("reusing %s, bound to %s with a detach pending; detach cancelled", dev,
+                 _to_status(info).name)
 
 
 def attach(path: Path, direct_io: bool = True) -> str:
-    """Attach ``path`` (or return the device it is already attached to)."""
-    existing = find(path)
+    """Attach ``path`` (or return the device it is already bound to)."""
+    want = identity(path)
+    existing = _reuse(path, want)
     if existing:
         return existing
-    # no --nooverlap: it opens every loop device to compare, holding others' detaches open
+    # no --nooverlap: it opens every loop device to compare, by path, holding others' detaches
     argv = ["losetup", "--find", "--show"]
     if direct_io:
         # The filesystem above already caches; caching the image file again doubles memory use.
@@ -61,11 +221,81 @@ def attach(path: Path, direct_io: bool = True) -> str:
         # DIO alignment, which XFS raises from 512 to 4096 once the file shares extents with a
         # snapshot, and an xfs volume made on 512-byte sectors then refuses to mount.
         argv += ["--direct-io=on", "--sector-size", "4096"]
-    return run(argv + [str(path)], timeout=60).strip()
+    dev = run(argv + [str(path)], timeout=60).strip()
+    st = status(dev)
+    if st is None or (st.st_dev, st.st_ino) != want:
+        # the path was replaced between the stat and losetup's open: not the file we checked
+        if st is not None:
+            _clear(dev, (st.st_dev, st.st_ino))
+        raise CommandFailed(f"losetup attached {dev} to something other than {path}, which "
+                            "changed meanwhile; try again")
+    return dev
 
 
 def detach(path: Path) -> None:
-    target = os.path.realpath(path)
-    for dev, backing in attached().items():
-        if backing in (target, target + " (deleted)"):
-            run(["losetup", "--detach", dev], timeout=60)
+    """Detach every device bound to the file at ``path``; a file not attached is no error.
+
+    Returns once each device is unbound, or is held by a mount or another exclusive user (it
+    then unbinds when that lets go).
+    """
+    try:
+        want = identity(path)
+    except FileNotFoundError:
+        return
+    for dev, _ in _candidates(path):
+        _clear(dev, want)
+
+
+def _clear(dev: str, want: tuple[int, int]) -> None:
+    """LOOP_CLR_FD on ``dev`` if, checked on the same fd, it is bound to ``want``."""
+    fd = _open(dev)
+    if fd is None:
+        return
+    try:
+        info = _get_status(fd)
+        if info is None or (info[0], info[1]) != want:
+            return
+        try:
+            # Marks autoclear; the device unbinds at its last close, ours if nobody else has it.
+            fcntl.ioctl(fd, LOOP_CLR_FD)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                return
+            raise CommandFailed(f"could not detach loop device {dev}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    _wait_unbound(dev, want)
+
+
+def _pending(dev: str) -> bool:
+    """Still bound with a detach pending (sysfs: no open of the device)."""
+    try:
+        return (SYS_BLOCK / dev[len("/dev/"):] / "loop" / "autoclear").read_text().strip() == "1"
+    except OSError:
+        return False  # unbound
+
+
+def _wait_unbound(dev: str, want: tuple[int, int]) -> None:
+    if not _pending(dev):
+        return
+    # Someone still has it open. A mount (or device-mapper) holds it exclusively and may keep
+    # it for long: it unbinds when that goes. Anything else is a passing opener: wait for it.
+    try:
+        fd = _open(dev, os.O_EXCL)
+    except OSError as e:
+        if e.errno == errno.EBUSY:
+            return
+        raise
+    if fd is None:
+        return
+    try:
+        info = _get_status(fd)
+    finally:
+        os.close(fd)  # may be the last close, which unbinds it
+    if info is None or (info[0], info[1]) != want:
+        return  # unbound meanwhile (and perhaps bound again, to another file)
+    deadline = time.monotonic() + DETACH_WAIT
+    while _pending(dev) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if _pending(dev):
+        log.warning("loop device %s still bound after detach; it unbinds at its last close", dev)

@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -49,9 +50,13 @@ class Api:
 class Daemon:
     """`pyvol daemon` as a child process with its own root and socket."""
 
-    def __init__(self, root: Path, socket: Path, env: dict | None = None):
+    def __init__(self, root: Path, socket: Path, env: dict | None = None,
+                 wrap: list[str] | None = None):
         self.root, self.socket = Path(root), Path(socket)
         self.env = {**os.environ, "PYVOL_LOOP_POOL_SIZE": "20G", **(env or {})}
+        # argv the daemon command is appended to (e.g. `unshare -m ...`); it must exec the
+        # daemon in the same process, so that the pid is the daemon's
+        self.wrap = list(wrap or [])
         self.proc: subprocess.Popen | None = None
         self.log_path = self.root.parent / f"{self.root.name}.daemon.log"
 
@@ -59,7 +64,7 @@ class Daemon:
         self.root.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pyvol", "--socket", str(self.socket), "daemon",
+            [*self.wrap, sys.executable, "-m", "pyvol", "--socket", str(self.socket), "daemon",
              "--root", str(self.root)], env=self.env, stdout=log, stderr=log,
             start_new_session=True)
         deadline = time.monotonic() + wait
@@ -140,8 +145,46 @@ def release(root: Path) -> None:
 
 
 def loop_devices_under(root: Path) -> dict[str, str]:
-    """Loop devices bound to files under ``root``, deleted ones included."""
-    return {d: b for d, b in loopdev.attached().items() if b.startswith(str(root) + "/")}
+    """Loop devices bound to files under ``root``, deleted ones included: /dev/loopN -> its
+    backing file as sysfs prints it here.
+
+    By identity, not by path (another namespace's file can print like one of ours): devices
+    bound to a file found under ``root``, then, transitively, devices bound to any file on a
+    filesystem that lives on one of those (a loop pool's images, deleted or not, mounted in
+    this namespace or only in another one).
+    """
+    root = os.path.realpath(root)
+    files, devs = set(), set()
+    for top, dirs, names in os.walk(root):
+        # a mounted filesystem's own files are covered by its device, below
+        dirs[:] = [d for d in dirs if not os.path.ismount(os.path.join(top, d))]
+        for n in names:
+            with contextlib.suppress(OSError):
+                st = os.lstat(os.path.join(top, n))
+                if stat.S_ISREG(st.st_mode):
+                    files.add((st.st_dev, st.st_ino))
+    found: dict[str, str] = {}
+    hints = loopdev.attached()
+    every = loopdev.bound()
+    while True:
+        more = {d: s for d, s in every.items() if d not in found
+                and ((s.st_dev, s.st_ino) in files or s.st_dev in devs)}
+        if not more:
+            return found
+        for d, st in more.items():
+            found[d] = hints.get(d, st.name)
+            with contextlib.suppress(OSError):
+                devs.add(os.stat(d).st_rdev)
+
+
+def in_mount_ns(pid: int, *argv: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``argv`` in the mount namespace of process ``pid`` (a daemon run under unshare)."""
+    proc = subprocess.run(["nsenter", f"--mount=/proc/{pid}/ns/mnt", "--", *argv],
+                          capture_output=True, text=True, timeout=60, check=False)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(argv)} in the mount namespace of {pid} failed "
+                             f"({proc.returncode}): {proc.stderr.strip()}")
+    return proc
 
 
 def write_at(device: str, offset: int, data: bytes) -> None:

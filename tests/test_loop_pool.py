@@ -1,11 +1,15 @@
 """The loop backend's pool: thin, auto-provisioned, and failing fast when full."""
 
 import errno
+import json
 import os
+import subprocess
+import threading
 import time
 
-
-from helpers import Daemon
+from helpers import Daemon, in_mount_ns, release
+from pyvol import mountinfo
+from pyvol.backends import loopdev
 
 
 def test_pool_is_sparse_and_provisioned_at_first_start(daemon):
@@ -58,3 +62,103 @@ def test_full_pool_fails_writes_fast_and_refuses_creates_clearly(workdir):
         api.ok("/VolumeDriver.Create", {"Name": "c", "Opts": {"size": "100M"}})
     finally:
         d.stop()
+
+
+def _bound_to(path) -> list[str]:
+    want = loopdev.identity(path)
+    return [d for d, s in loopdev.bound().items() if (s.st_dev, s.st_ino) == want]
+
+
+def test_a_bound_device_with_a_detach_pending_is_reused_not_doubled(workdir):
+    """`losetup -d` of a device someone holds open only marks it autoclear: it stays bound,
+    the file's one device. Attaching must reuse it (a second device would be a second
+    filesystem instance on the same file) and make sure it stays bound for the mount."""
+    image = workdir / "v.img"
+    with open(image, "wb") as f:
+        f.truncate(64 << 20)
+    dev = loopdev.attach(image)
+    holder = os.open(dev, os.O_RDONLY)  # as a mount in another namespace, or a scan, would
+    try:
+        subprocess.run(["losetup", "-d", dev], check=True)
+        assert loopdev.status(dev).autoclear, "the detach should be pending"
+        assert loopdev.find(image) == dev
+        assert loopdev.attach(image) == dev
+        assert _bound_to(image) == [dev]
+        assert not loopdev.status(dev).autoclear, "reused, so the pending detach is cancelled"
+    finally:
+        os.close(holder)
+    # the holder's close no longer unbinds it: still there for the mount that follows
+    assert loopdev.status(dev) is not None and loopdev.find(image) == dev
+    loopdev.detach(image)
+    assert loopdev.find(image) is None and _bound_to(image) == []
+
+
+def test_detach_outlasts_a_passing_opener(workdir):
+    """A scan holding the device open for a moment defers the unbind; detach waits it out,
+    so the device is gone when detach returns (and is never found again half-detached)."""
+    image = workdir / "v.img"
+    with open(image, "wb") as f:
+        f.truncate(64 << 20)
+    dev = loopdev.attach(image)
+    holder = os.open(dev, os.O_RDONLY)
+    threading.Timer(0.3, os.close, [holder]).start()
+    loopdev.detach(image)
+    assert loopdev.find(image) is None, f"{dev} still bound to the image after detach"
+
+
+def test_restart_in_a_new_mount_namespace_reuses_the_mounted_device(workdir):
+    """A managed plugin restarted with a container running: the new instance (a new mount
+    namespace) does not see the old mount, drops its count and detaches, which only marks the
+    device autoclear since the old mount holds it. The next Mount must use that same device:
+    one filesystem instance, so what either side writes the other reads at once."""
+    d = Daemon(workdir / "root", workdir / "pyvol.sock")
+    d.start()
+    try:
+        api = d.api
+        api.ok("/VolumeDriver.Create", {"Name": "v", "Opts": {"size": "64M"}})
+        mp = api.ok("/VolumeDriver.Mount", {"Name": "v", "ID": "c1"})["Mountpoint"]
+        image = d.root / "loop/pool/volumes/v.img"
+        dev = loopdev.find(image)
+        d.kill()
+        # the new instance's namespace lacks the old mount; the host keeps it
+        d.wrap = ["unshare", "--mount", "--propagation", "slave", "sh", "-c",
+                  f'umount "{mp}" && exec "$@"', "sh"]
+        d.start()
+        assert mountinfo.is_mounted(mp)
+        assert loopdev.status(dev).autoclear, "recovery's detach should be pending"
+        assert d.api.ok("/VolumeDriver.Mount", {"Name": "v", "ID": "c2"})["Mountpoint"] == mp
+        assert _bound_to(image) == [dev], "a second loop device on the same image"
+        with open(os.path.join(mp, "from-host"), "w") as f:
+            f.write("host")
+        assert in_mount_ns(d.proc.pid, "cat", f"{mp}/from-host").stdout == "host"
+        in_mount_ns(d.proc.pid, "sh", "-c", f'printf plugin > "{mp}/from-plugin"')
+        with open(os.path.join(mp, "from-plugin")) as f:
+            assert f.read() == "plugin"
+        d.api.ok("/VolumeDriver.Unmount", {"Name": "v", "ID": "c2"})
+        assert mountinfo.is_mounted(mp)  # the host's mount, the old container's, stays
+    finally:
+        d.stop()
+        subprocess.run(["umount", mp], check=False)
+
+
+def test_a_foreign_filesystem_on_the_pool_directory_is_refused(workdir):
+    """Whatever is mounted on ROOT/loop/pool must be the filesystem in ROOT/loop/pool.img (by
+    device numbers): another daemon's pool there, as an older pyvol could leave it, holds
+    another daemon's images, and the loop backend refuses to start on it."""
+    d = Daemon(workdir / "root", workdir / "pyvol.sock")
+    d.start()
+    d.stop()
+    release(workdir / "root")
+    pool = workdir / "root/loop/pool"
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "intruder", str(pool)], check=True)
+    try:
+        d.start()
+        reason = json.loads(d.cli("info", "--json").stdout)["backends"]["loop"]["reason"]
+        assert "not the one in" in reason and str(workdir / "root/loop/pool.img") in reason
+        d.api.err("/VolumeDriver.Create", {"Name": "v"})
+        d.stop()
+    finally:
+        subprocess.run(["umount", str(pool)], check=False)
+    d.start()  # once it is gone, the pool is mounted again
+    assert json.loads(d.cli("info", "--json").stdout)["backends"]["loop"]["available"]
+    d.stop()
