@@ -12,8 +12,8 @@ checks what a container and an operator must be able to count on:
 - the killed operation, run again, succeeds.
 
 Cases run in order on one root, so each restart also recovers whatever the earlier ones
-left. CI runs every named step and a few kills at random moments; the whole set (named steps
-and more than 50 kills in all) runs with:
+left. CI runs every named step and a few kills at random moments; the whole set (20 named steps
+and 60 kills in all) runs with:
 
     PYVOL_CRASH_ALL=1 .venv/bin/python -m pytest tests/test_crashpoints.py
 """
@@ -52,6 +52,7 @@ class World:
         self.url = f"file://{self.repo}"
         self.d: Daemon | None = None
         self.backup_url = ""
+        self.doomed = ""
 
     def start(self, crash_at: str | None = None) -> Daemon:
         env = {"PYVOL_CRASH_AT": crash_at} if crash_at else {}
@@ -225,6 +226,47 @@ def _after_restore(w):
     w.cli("rm", "restored", check=True)
 
 
+def _setup_backup_rm(w):
+    out = w.cli("backup", "create", "cold", "--dest", w.url, "--json", check=True)
+    w.doomed = json.loads(out.stdout)["url"]
+
+
+def _op_backup_rm(w):
+    return w.cli("backup", "rm", w.doomed)
+
+
+def _rerun_backup_rm(w):
+    out = w.cli("backup", "rm", w.doomed)
+    assert out.returncode == 0 or "no backup" in out.stderr, out.stderr
+
+
+def _after_backup_rm(w):
+    listed = [b["url"] for b in json.loads(w.cli("backup", "ls", w.url, "--json",
+                                                 check=True).stdout)]
+    assert w.doomed not in listed and w.backup_url in listed
+    own = [s for s in json.loads(w.cli("snapshot", "ls", "cold", "--json", check=True).stdout)
+           if s["Origin"] == "backup"]
+    assert len(own) <= 1, f"a removed backup's base snapshot leaked: {own}"
+
+
+def _setup_backup_rm_then_rm(w):
+    """Something for gc to delete: a backup of new data, removed."""
+    mp = w.cli("mount", "cold", "--id", "gc", check=True).stdout.strip()
+    Path(mp, "gc-junk").write_bytes(os.urandom(1 << 20))
+    w.cli("umount", "cold", "--id", "gc", check=True)
+    _setup_backup_rm(w)
+    w.cli("backup", "rm", w.doomed, check=True)
+
+
+def _op_gc(w):
+    return w.cli("backup", "gc", w.url)
+
+
+def _after_gc(w):
+    for b in json.loads(w.cli("backup", "ls", w.url, "--json", check=True).stdout):
+        w.cli("backup", "verify", b["url"], check=True)
+
+
 OPS = {
     "create": (None, _op_create, _rerun_create, _after_create),
     "remove": (_setup_remove, _op_remove, _rerun_remove, None),
@@ -233,6 +275,8 @@ OPS = {
     "snapshot": (None, _op_snapshot, _rerun_snapshot, _after_snapshot),
     "backup": (None, _op_backup, _op_backup, _after_backup),
     "restore": (None, _op_restore, _rerun_restore, _after_restore),
+    "backup_rm": (_setup_backup_rm, _op_backup_rm, _rerun_backup_rm, _after_backup_rm),
+    "gc": (_setup_backup_rm_then_rm, _op_gc, _op_gc, _after_gc),
 }
 
 NAMED = [
@@ -244,14 +288,16 @@ NAMED = [
     ("backup", "backup.snapshot"), ("backup", "frozen"), ("backup", "backup.chunk"),
     ("backup", "backup.manifest"),
     ("restore", "create.recorded"), ("restore", "restore.chunk"), ("restore", "create.filled"),
+    ("backup_rm", "backup_rm.locked"), ("gc", "gc.deleting"),
 ]
 
 _rng = random.Random(1126)
 RANDOM = [(op, round(_rng.uniform(0.05, 1.5), 2))
-          for op in ("create", "remove", "mount", "snapshot", "backup", "restore")
-          for _ in range(6)]
+          for op in ("create", "remove", "mount", "snapshot", "backup", "restore", "backup_rm",
+                     "gc")
+          for _ in range(5)]
 if not os.environ.get("PYVOL_CRASH_ALL"):
-    RANDOM = RANDOM[::9]  # four representative moments in CI
+    RANDOM = RANDOM[::8]  # five representative moments in CI
 
 
 def _run_case(w: World, op: str, crash, delay: float | None) -> None:
@@ -301,6 +347,8 @@ def _argv(op: str, w: World) -> list[str]:
         "snapshot": ["snapshot", "create", "keep", "--name", "s1"],
         "backup": ["backup", "create", "keep", "--dest", w.url],
         "restore": ["restore", w.backup_url, "restored"],
+        "backup_rm": ["backup", "rm", w.doomed],
+        "gc": ["backup", "gc", w.url],
     }[op]
 
 

@@ -385,11 +385,26 @@ class Backups:
         repo_url, volkey, bid = split_backup_url(backup_url)
         repo = self._repo(repo_url)
         with locked(repo, "exclusive", self.lease) as lease:
-            repo.get_manifest(volkey, bid)  # NotFound, or unreadable with this key
+            manifest = repo.get_manifest(volkey, bid)  # NotFound, or unreadable with this key
+            crashpoint("backup_rm.locked")
             lease.check()
             repo.delete_manifest(volkey, bid)
         event(log, "backup removed", backup=backup_url)
+        self._drop_base_of(manifest, repo.url)
         return {"removed": backup_url}
+
+    def _drop_base_of(self, manifest: dict, repo_url: str) -> None:
+        """A removed backup's own snapshot, kept here as the base of the next backup, is a
+        base of nothing any more (no manifest names it): it goes, or it holds space forever."""
+        src = manifest["source"]
+        vol, snap = manifest["volume"], src.get("snapshot")
+        m = self.manager
+        if src.get("instance") != m.instance_id() or not snap:
+            return
+        key = f"{BASE}{vol}@{snap}"
+        if m.store.meta(key) == repo_url and self._drop_own_snapshot(
+                vol, snap, "of a removed backup"):
+            m.store.delete_meta(key)
 
     def gc(self, url) -> dict:
         """Delete every chunk no manifest lists (docs/backup-repository.md, "What garbage
@@ -412,6 +427,7 @@ class Backups:
                 else:
                     lease.check()  # a gc that stalled past its lease deletes nothing more
                     repo.target.delete(key)
+                    crashpoint("gc.deleting")
                     deleted += 1
                     freed += size
         after = stamp(hold) if hold is not None and marked else None
