@@ -3,17 +3,21 @@
 No storage logic here: parse the body, check its shape, call the manager, turn errors into
 ``Err``. dockerd sends no Content-Type, so bodies are parsed from raw bytes; Opts may be null.
 Docker endpoints answer 200 with ``Err`` for every error a caller can cause; the control API
-uses HTTP status codes too. Nothing unexpected ever leaks a traceback: it is logged here and
-the caller gets a one-line ``Err``.
+uses HTTP status codes too. Whatever a caller sends (a body that cannot be read, JSON nested
+too deep, strings that are not Unicode, fields of the wrong type) is refused with a sentence
+saying what was wrong and what is accepted. Nothing unexpected ever leaks a traceback: it is
+logged here and the caller gets a one-line ``Err``.
 """
 
 import functools
 import json
 import logging
 import threading
+import time
 
 from flask import Flask, Response, request
-from werkzeug.exceptions import HTTPException
+from gunicorn.http.errors import ParseException
+from werkzeug.exceptions import ClientDisconnected, HTTPException
 
 from .backup.job import Job
 from .errors import InvalidInput, PyvolError
@@ -22,31 +26,83 @@ from .manager import Manager, parse_snap_ref
 log = logging.getLogger(__name__)
 
 MAX_BODY = 64 << 10
-
-DOCKER_ENDPOINTS = [
-    "/Plugin.Activate", "/VolumeDriver.Create", "/VolumeDriver.Remove", "/VolumeDriver.Mount",
-    "/VolumeDriver.Unmount", "/VolumeDriver.Path", "/VolumeDriver.Get", "/VolumeDriver.List",
-    "/VolumeDriver.Capabilities",
-]
+MAX_DEPTH = 32  # no request nests deeper than 3; the limit keeps reprs and walks shallow
+ACCEPTED_BODY = "accepted is a JSON object"
 
 
-def _json(payload, status=200) -> Response:
-    return Response(json.dumps(payload), status=status,
-                    mimetype="application/vnd.docker.plugins.v1+json")
+def _short(value) -> str:
+    """``value`` as a message may show it: repr'd, and cut if long."""
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"
+
+
+# errors raised while reading a body off the socket: the request's fault, never ours
+_READ_ERRORS = (ParseException, OSError, ValueError)
+
+
+def _read_body() -> bytes:
+    try:
+        return request.get_data(cache=False)
+    except ClientDisconnected:
+        raise InvalidInput("malformed request body: the request ended before its body did; "
+                           "accepted is a body as long as its Content-Length or chunks say"
+                           ) from None
+    except HTTPException:
+        raise  # a body too large: 413, said as such
+    except _READ_ERRORS as e:
+        raise InvalidInput(f"malformed request body: {e} ({type(e).__name__}); accepted is "
+                           "a body sent whole, with Content-Length or as well-formed chunks"
+                           ) from None
+
+
+def _check_decoded(body) -> None:
+    """Refuse what JSON can carry but no field accepts: deep nesting and lone surrogates.
+
+    Iterative, so the walk itself never runs out of stack.
+    """
+    stack = [(body, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            _check_text(value)
+        elif isinstance(value, (dict, list)):
+            if depth > MAX_DEPTH:
+                raise InvalidInput(f"invalid body: JSON nested more than {MAX_DEPTH} levels "
+                                   f"deep; {ACCEPTED_BODY} of the fields each endpoint takes")
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    _check_text(k)
+                    stack.append((v, depth + 1))
+            else:
+                stack.extend((v, depth + 1) for v in value)
+
+
+def _check_text(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidInput(
+            f"invalid string {_short(text)} in the body: it is not valid UTF-8 (a lone "
+            f"surrogate {text[e.start]!r} at character {e.start}); accepted are JSON strings "
+            "of Unicode characters") from None
 
 
 def _body() -> dict:
-    raw = request.get_data(cache=False)
+    raw = _read_body()
     if not raw.strip():
         return {}
     try:
         body = json.loads(raw)
+    except RecursionError:
+        raise InvalidInput(f"malformed JSON body: nested too deeply to read; {ACCEPTED_BODY} "
+                           f"nested at most {MAX_DEPTH} levels deep") from None
     except (ValueError, UnicodeDecodeError) as e:
-        raise InvalidInput(f"malformed JSON body: {e}; accepted is a JSON object") from None
+        raise InvalidInput(f"malformed JSON body: {e}; {ACCEPTED_BODY}") from None
     if body is None:
         return {}
     if not isinstance(body, dict):
-        raise InvalidInput("invalid body: accepted is a JSON object")
+        raise InvalidInput(f"invalid body: {ACCEPTED_BODY}")
+    _check_decoded(body)
     return body
 
 
@@ -56,6 +112,70 @@ def _field(body: dict, key: str, default=None, required: bool = True):
             raise InvalidInput(f"missing field {key!r} in the request body")
         return default
     return body[key]
+
+
+def _text(body: dict, key: str, accepted: str, required: bool = True) -> str | None:
+    """A field that must be a string (the manager checks what the string says)."""
+    value = _field(body, key, None, required)
+    if value is not None and not isinstance(value, str):
+        raise InvalidInput(f"invalid field {key!r}: {_short(value)} is a "
+                           f"{type(value).__name__}; accepted is a string: {accepted}")
+    return value
+
+
+def _json(payload, status=200) -> Response:
+    return Response(json.dumps(payload), status=status,
+                    mimetype="application/vnd.docker.plugins.v1+json")
+
+
+# Docker's VolumeDriver protocol: route -> (call with the manager and the body, reply field).
+# Every error becomes ``Err`` in a 200 answer; a success answers {field: result, "Err": ""}.
+
+def _docker_create(m: Manager, b: dict) -> None:
+    name, opts = _field(b, "Name"), b.get("Opts")
+    job = None
+    if isinstance(opts, dict) and opts.get("from-backup"):
+        # Docker gives up on a plugin call after 30 s; stop before it does, undo, and say
+        # how to do it instead, rather than finish a volume Docker no longer waits for.
+        timeout = m.config.docker_timeout
+        job = Job("restore", deadline=max(1.0, timeout - 5), late=(
+            f"restoring {opts['from-backup']} takes longer than Docker waits for a plugin "
+            f"({timeout:g} s), so it was stopped and nothing was created: run `pyvol restore "
+            f"'{opts['from-backup']}' {name}` (it shows progress), then use volume "
+            f"{name} in Docker by name"))
+    m.create(name, opts, job=job)
+
+
+def _docker_capabilities(m: Manager, _b: dict) -> dict:
+    scopes = {backend.scope for backend in m.backends.values()}
+    # global only when every backend's volumes are visible from every host
+    return {"Scope": "global" if scopes == {"global"} else "local"}
+
+
+def _docker_deadline(m: Manager) -> float:
+    """When Docker stops waiting for this call (its plugin timeout, less a margin for the
+    answer to reach it): a Mount done later would be counted for nobody."""
+    timeout = m.config.docker_timeout
+    return time.monotonic() + timeout - min(2.0, timeout / 4)
+
+
+def _mount_id(b: dict):
+    return _field(b, "ID", "", False)
+
+
+DOCKER_CALLS = {
+    "/Plugin.Activate": (lambda m, b: ["VolumeDriver"], "Implements"),
+    "/VolumeDriver.Create": (_docker_create, None),
+    "/VolumeDriver.Remove": (lambda m, b: m.remove(_field(b, "Name")), None),
+    "/VolumeDriver.Mount": (lambda m, b: m.mount(_field(b, "Name"), _mount_id(b),
+                                                 deadline=_docker_deadline(m)), "Mountpoint"),
+    "/VolumeDriver.Unmount": (lambda m, b: m.unmount(_field(b, "Name"), _mount_id(b)), None),
+    "/VolumeDriver.Path": (lambda m, b: m.path(_field(b, "Name")), "Mountpoint"),
+    "/VolumeDriver.Get": (lambda m, b: m.get(_field(b, "Name")), "Volume"),
+    "/VolumeDriver.List": (lambda m, b: m.mountpoints(), "Volumes"),
+    "/VolumeDriver.Capabilities": (_docker_capabilities, "Capabilities"),
+}
+DOCKER_ENDPOINTS = list(DOCKER_CALLS)
 
 
 def _streamed(what: str, work) -> Response:
@@ -101,73 +221,28 @@ def _streamed(what: str, work) -> Response:
 def create_app(manager: Manager) -> Flask:
     app = Flask("pyvol")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
+    # an empty path part ("/volumes//mount") is refused, not redirected with an HTML page
+    app.url_map.merge_slashes = False
 
-    def docker(path):
-        """A Docker protocol endpoint: every error becomes ``Err`` in a 200 answer."""
-        def wrap(fn):
-            @functools.wraps(fn)
-            def handler():
-                try:
-                    result = fn(_body())
-                except PyvolError as e:
-                    log.info("%s refused: %s", path, e)
-                    return _json({"Err": str(e)})
-                return _json({**result, "Err": ""} if path != "/Plugin.Activate" else result)
-            app.add_url_rule(path, fn.__name__, handler, methods=["POST"])
-            return fn
-        return wrap
+    def route(rule, endpoint, handler, methods):
+        # no automatic OPTIONS: it would answer 200 with an empty body, not JSON
+        app.add_url_rule(rule, endpoint, handler, methods=methods,
+                         provide_automatic_options=False)
 
-    @docker("/Plugin.Activate")
-    def activate(_):
-        return {"Implements": ["VolumeDriver"]}
+    def docker(path, call, field):
+        def handler():
+            try:
+                result = call(manager, _body())
+            except PyvolError as e:
+                log.info("%s refused: %s", path, e)
+                return _json({"Err": str(e)})
+            if path == "/Plugin.Activate":  # Docker's handshake: no Err field
+                return _json({field: result})
+            return _json({field: result, "Err": ""} if field else {"Err": ""})
+        route(path, path, handler, ["POST"])
 
-    @docker("/VolumeDriver.Capabilities")
-    def capabilities(_):
-        scopes = {b.scope for b in manager.backends.values()}
-        # global only when every backend's volumes are visible from every host
-        return {"Capabilities": {"Scope": "global" if scopes == {"global"} else "local"}}
-
-    @docker("/VolumeDriver.Create")
-    def create(b):
-        name, opts = _field(b, "Name"), b.get("Opts")
-        job = None
-        if isinstance(opts, dict) and opts.get("from-backup"):
-            # Docker gives up on a plugin call after 30 s; stop before it does, undo, and say
-            # how to do it instead, rather than finish a volume Docker no longer waits for.
-            timeout = manager.config.docker_timeout
-            job = Job("restore", deadline=max(1.0, timeout - 5), late=(
-                f"restoring {opts['from-backup']} takes longer than Docker waits for a plugin "
-                f"({timeout:g} s), so it was stopped and nothing was created: run `pyvol restore "
-                f"'{opts['from-backup']}' {name}` (it shows progress), then use volume "
-                f"{name} in Docker by name"))
-        manager.create(name, opts, job=job)
-        return {}
-
-    @docker("/VolumeDriver.Remove")
-    def remove(b):
-        manager.remove(_field(b, "Name"))
-        return {}
-
-    @docker("/VolumeDriver.Mount")
-    def mount(b):
-        return {"Mountpoint": manager.mount(_field(b, "Name"), _field(b, "ID", "", False))}
-
-    @docker("/VolumeDriver.Unmount")
-    def unmount(b):
-        manager.unmount(_field(b, "Name"), _field(b, "ID", "", False))
-        return {}
-
-    @docker("/VolumeDriver.Path")
-    def path(b):
-        return {"Mountpoint": manager.path(_field(b, "Name"))}
-
-    @docker("/VolumeDriver.Get")
-    def get(b):
-        return {"Volume": manager.get(_field(b, "Name"))}
-
-    @docker("/VolumeDriver.List")
-    def list_(_):
-        return {"Volumes": manager.mountpoints()}
+    for path, (call, field) in DOCKER_CALLS.items():
+        docker(path, call, field)
 
     # The control API, for the CLI: REST-ish, JSON in and out, errors as {"Err": ...}.
     def control(rule, methods):
@@ -182,7 +257,7 @@ def create_app(manager: Manager) -> Flask:
                 if isinstance(result, Response):
                     return result
                 return _json(result if result is not None else {})
-            app.add_url_rule("/pyvol/v1" + rule, "ctl_" + fn.__name__, handler, methods=methods)
+            route("/pyvol/v1" + rule, "ctl_" + fn.__name__, handler, methods)
             return fn
         return wrap
 
@@ -208,11 +283,11 @@ def create_app(manager: Manager) -> Flask:
 
     @control("/volumes/<name>/mount", ["POST"])
     def volume_mount(b, name):
-        return {"Mountpoint": manager.mount(name, _field(b, "ID", "", False))}
+        return {"Mountpoint": manager.mount(name, _mount_id(b))}
 
     @control("/volumes/<name>/unmount", ["POST"])
     def volume_unmount(b, name):
-        manager.unmount(name, _field(b, "ID", "", False))
+        manager.unmount(name, _mount_id(b), every=_field(b, "All", False, False) is True)
 
     @control("/snapshots", ["GET"])
     def snapshots(_):
@@ -283,8 +358,11 @@ def create_app(manager: Manager) -> Flask:
 
     @control("/restore", ["POST"])
     def restore(b):
-        url, name = _field(b, "Url"), _field(b, "Name")
-        size, backend = _field(b, "Size", None, False), _field(b, "Backend", None, False)
+        # strings, like Docker's Opts they become; each says what it takes
+        url = _text(b, "Url", "a backup URL, REPOSITORY#VOLUME/BACKUP-ID")
+        name = _field(b, "Name")
+        size = _text(b, "Size", "a size such as 10G, or none for the backed-up size", False)
+        backend = _text(b, "Backend", "a backend name, or none for the default", False)
         return _streamed("restore", lambda job: backups.restore(url, name, size, backend, job))
 
     @app.errorhandler(HTTPException)
@@ -295,7 +373,9 @@ def create_app(manager: Manager) -> Flask:
         elif e.code == 413:
             msg = f"request body too large: accepted is at most {MAX_BODY // 1024} KiB"
         elif e.code == 405:
-            msg = f"method {request.method} not allowed on {request.path}"
+            allowed = sorted(set(getattr(e, "valid_methods", None) or []) - {"HEAD"})
+            msg = f"method {request.method} not allowed on {request.path}" + (
+                f": accepted is {' or '.join(allowed)}" if allowed else "")
         else:
             msg = e.description or e.name
         return _json({"Err": msg}, e.code or 500)
