@@ -281,6 +281,9 @@ class Manager:
             size = parse_size(backend.default_size, f"{backend.name} default_size")
         size = size or DEFAULT_SIZE
         size = -(-size // backend.size_unit) * backend.size_unit  # EBS counts in GiB
+        if size >= 1 << 63:
+            raise InvalidInput(f"size {opts.get('size')!r} is too large: accepted is less than "
+                               "8 EiB")
         if size < MIN_SIZE.get(fstype, 0):
             raise InvalidInput(f"size {format_size(size)} is too small for {fstype}: "
                                f"accepted is at least {format_size(MIN_SIZE[fstype])}")

@@ -80,9 +80,9 @@ class FileTarget(Target):
     def __init__(self, path: Path):
         self.path = path
         self.url = "file://" + urllib.parse.quote(str(path))
-        if not path.is_dir():
-            raise TargetError(f"repository directory {path} does not exist or is not a "
-                              "directory; create it first")
+        if not path.is_dir():  # the caller's mistake, not the target's failure: a 4xx
+            raise InvalidInput(f"repository directory {path} does not exist or is not a "
+                               "directory; create it first")
 
     def _file(self, key: str) -> Path:
         return self.path / key
