@@ -4,15 +4,19 @@ A volume is an EBS volume tagged ``pyvol-name=NAME`` (options in ``pyvol-opt:KEY
 in this instance's zone. Every call looks the name up by tag, from any host, so no host keeps
 a stale idea of what exists. Mount attaches the volume here and waits for its block device;
 a volume attached to another instance is refused with that instance's id (``pyvol lease
-clear`` force-detaches a dead one). Snapshots are EBS snapshots, tagged. docs/ebs.md has the
-details, and what is emulated in the tests.
+clear`` force-detaches a dead one). Snapshots are EBS snapshots, tagged. A snapshot is read
+through a temporary volume that carries only temporary tags (never a name), so no host ever
+lists it; a daemon's start removes the ones its dead predecessors on this instance left.
+docs/ebs.md has the details, and what is emulated in the tests.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
+import secrets
 import time
 from pathlib import Path
 
@@ -24,10 +28,36 @@ GiB = 1 << 30
 NAME_TAG, OPT_TAG, SNAP_VOL_TAG, SNAP_TAG, TEMP_TAG = (
     "pyvol-name", "pyvol-opt:", "pyvol-volume", "pyvol-snapshot", "pyvol-temp")
 CREATOR_TAG = "pyvol-creator"  # the instance that made the volume
+# A temporary volume (a snapshot being read) or snapshot (a restore's copy from another
+# region) carries TEMP_TAG=a token of its own, CREATOR_TAG and OWNER_TAG (the daemon that
+# made it, see _process_token) and never NAME_TAG: no host lists it as a volume.
+OWNER_TAG = "pyvol-temp-owner"
 TYPES = ("gp3", "gp2", "io1", "io2", "st1", "sc1", "standard")
 DEVICE_LETTERS = "fghijklmnop"
 NVME_BY_ID = "/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_{}"
 GONE_STATES = ("deleting", "deleted", "error")
+
+log = logging.getLogger(__name__)
+
+
+def _tags(resource: dict) -> dict[str, str]:
+    return {t["Key"]: t["Value"] for t in resource.get("Tags", [])}
+
+
+def _process_token(pid: int) -> str | None:
+    """``BOOT-ID:PID:START-TICKS`` of a running process, or None: names one process for as
+    long as it lives, so neither a reboot nor a reused pid can pass for it."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return f"{boot}:{pid}:{stat[stat.rindex(')') + 2:].split()[19]}"
+
+
+def _owner_alive(owner: str) -> bool:
+    pid = owner.split(":")[1] if owner.count(":") == 2 else ""
+    return pid.isdigit() and _process_token(int(pid)) == owner
 
 
 class Imds:
@@ -76,7 +106,10 @@ class EbsBackend(Backend):
         self.device_dir = s.get("device_dir")  # a test rig's stand-in for the device names
         self.attach_timeout = float(s.get("attach_timeout", 120))
         self.race_settle = float(s.get("race_settle", 2))
+        self.snapshot_timeout = float(s.get("snapshot_timeout", 3600))
+        self.poll_delay = float(s.get("poll_delay", 2))  # between two looks of a waiter
         self.instance_id = self.zone = self.region = None
+        self.owner = None  # this daemon (its master process), for its temporary resources
         self._ec2 = None
 
     def not_configured(self) -> str | None:
@@ -100,6 +133,41 @@ class EbsBackend(Backend):
             retries={"max_attempts": int(self.settings.get("max_attempts", 6)),
                      "mode": "standard"})  # standard mode retries throttling with backoff
         self._ec2 = boto3.session.Session().client("ec2", config=cfg)
+        # the daemon's master, whose workers inherit this: every read it runs is tagged with it
+        self.owner = _process_token(int(os.environ.get("PYVOL_MASTER_PID", os.getpid())))
+        self._remove_leftovers()
+
+    def _remove_leftovers(self) -> None:
+        """Remove the temporary volumes and snapshots that daemons on this instance made and
+        left when they died (a crash in the middle of a read or a restore). Those of a daemon
+        still running (another root, or this process) are in use; other instances' are not
+        ours. A failure is logged: the daemon still starts, and the next start tries again."""
+        mine = [{"Name": f"tag:{CREATOR_TAG}", "Values": [self.instance_id]},
+                {"Name": "tag-key", "Values": [TEMP_TAG]}]
+        try:
+            vols = self._volumes(mine)
+            snaps = self._aws("describe_snapshots", OwnerIds=["self"], Filters=mine)["Snapshots"]
+        except PyvolError as e:
+            log.warning("cannot look for temporary EBS volumes left by a crash: %s", e)
+            return
+        for res, kind, rid in [(v, "volume", v["VolumeId"]) for v in vols] + [
+                (s, "snapshot", s["SnapshotId"]) for s in snaps]:
+            owner = _tags(res).get(OWNER_TAG, "")
+            if owner == self.owner or _owner_alive(owner):
+                continue
+            try:
+                if kind == "volume":
+                    self._remove_temp(res)
+                else:
+                    self._aws("delete_snapshot", SnapshotId=rid)
+                log.info("removed temporary EBS %s %s left by a daemon that is gone (%s)",
+                         kind, rid, owner or "no owner")
+            except PyvolError as e:
+                log.warning("cannot remove temporary EBS %s %s left by a crash: %s", kind, rid, e)
+
+    def _temp_tags(self, token: str) -> list[dict]:
+        return [{"Key": TEMP_TAG, "Value": token}, {"Key": CREATOR_TAG, "Value": self.instance_id},
+                {"Key": OWNER_TAG, "Value": self.owner or "?"}]
 
     def teardown(self) -> None:
         self._ec2 = None
@@ -150,9 +218,14 @@ class EbsBackend(Backend):
             raise self._translate("describe_volumes", e) from None
         return out
 
-    def _by_name(self, name: str) -> list[dict]:
-        return sorted(self._volumes([{"Name": f"tag:{NAME_TAG}", "Values": [name]}]),
+    def _named(self, filters: list[dict]) -> list[dict]:
+        """The users' volumes among those matching, oldest first: never a temporary one
+        (older pyvol versions gave those a name too)."""
+        return sorted((v for v in self._volumes(filters) if TEMP_TAG not in _tags(v)),
                       key=lambda v: (v["CreateTime"], v["VolumeId"]))
+
+    def _by_name(self, name: str) -> list[dict]:
+        return self._named([{"Name": f"tag:{NAME_TAG}", "Values": [name]}])
 
     def _find(self, name: str) -> dict:
         found = self._by_name(name)
@@ -161,16 +234,44 @@ class EbsBackend(Backend):
         return found[0]
 
     def _wait(self, what: str, check, timeout: float):
+        """Poll ``check`` with backoff until it gives something, for at most ``timeout`` s;
+        for what no EC2 waiter covers (a device node, one instance's attachment)."""
         deadline = time.monotonic() + timeout
         delay = 0.1
         while True:
             result = check()
             if result:
                 return result
-            if time.monotonic() > deadline:
+            left = deadline - time.monotonic()
+            if left <= 0:
                 raise PyvolError(f"timed out after {timeout:g} s waiting for {what}")
-            time.sleep(delay)
+            time.sleep(min(delay, left))
             delay = min(delay * 1.5, 2.0)
+
+    def _await(self, waiter: str, what: str, timeout: float, client=None, **kw) -> None:
+        """One of boto3's EC2 waiters (``snapshot_completed``, ``volume_available``), looking
+        every ``poll_delay`` s for at most ``timeout`` s. Giving up is an Err that says what
+        was waited for, how long, and the state EC2 last reported."""
+        import botocore.exceptions as bx
+
+        delay = max(self.poll_delay, 0.01)
+        config = {"Delay": delay, "MaxAttempts": max(1, math.ceil(timeout / delay)) + 1}
+        op = "describe_snapshots" if waiter.startswith("snapshot") else "describe_volumes"
+        try:
+            (client or self._ec2).get_waiter(waiter).wait(WaiterConfig=config, **kw)
+        except bx.WaiterError as e:
+            last = e.last_response or {}
+            if "Error" in last:  # the look itself was refused (gone, no permission)
+                raise self._translate(op, bx.ClientError(last, op)) from None
+            states = sorted({x.get("State", "?") for x in
+                             last.get("Snapshots", []) + last.get("Volumes", [])}) or ["unknown"]
+            state = ", ".join(states)
+            if "terminal failure" in (e.kwargs.get("reason") or ""):
+                raise PyvolError(f"gave up waiting for {what}: EC2 reports it {state}") from None
+            raise PyvolError(f"timed out after {timeout:g} s waiting for {what} (last state: "
+                             f"{state})") from None
+        except bx.BotoCoreError as e:
+            raise self._translate(op, e) from None
 
     # records every host sees
     def record(self, name: str) -> dict | None:
@@ -186,14 +287,12 @@ class EbsBackend(Backend):
                 "created": v["CreateTime"].strftime("%Y-%m-%dT%H:%M:%SZ")}
 
     def created_here(self, name: str) -> bool:
-        return all({t["Key"]: t["Value"] for t in v.get("Tags", [])}.get(CREATOR_TAG) ==
-                   self.instance_id for v in self._by_name(name))
+        return all(_tags(v).get(CREATOR_TAG) == self.instance_id for v in self._by_name(name))
 
     def records(self) -> dict[str, dict]:
         out = {}
-        for v in sorted(self._volumes([{"Name": "tag-key", "Values": [NAME_TAG]}]),
-                        key=lambda v: (v["CreateTime"], v["VolumeId"])):
-            name = {t["Key"]: t["Value"] for t in v.get("Tags", [])}.get(NAME_TAG)
+        for v in self._named([{"Name": "tag-key", "Values": [NAME_TAG]}]):
+            name = _tags(v).get(NAME_TAG)
             if name and name not in out:
                 out[name] = self._record(v)
         return out
@@ -246,9 +345,8 @@ class EbsBackend(Backend):
             self._aws("delete_volume", VolumeId=vol["VolumeId"])
             raise Conflict(f"volume {spec.name} was created at the same moment by another host "
                            f"({winner['VolumeId']}); use it by name")
-        self._wait(f"volume {vol['VolumeId']} to become available", lambda: self._aws(
-            "describe_volumes", VolumeIds=[vol["VolumeId"]])["Volumes"][0]["State"] ==
-            "available", self.attach_timeout)
+        self._await("volume_available", f"volume {spec.name} ({vol['VolumeId']}) to become "
+                    "available", self.attach_timeout, VolumeIds=[vol["VolumeId"]])
 
     def create(self, spec: VolumeSpec) -> None:
         self._create_unique(spec)
@@ -281,12 +379,16 @@ class EbsBackend(Backend):
 
     def activate(self, name: str) -> str:
         v = self._find(name)
-        mine = self._attachment(v)
         others = [a["InstanceId"] for a in v["Attachments"] if a["InstanceId"] != self.instance_id]
         if others:
             raise Conflict(f"volume {name} ({v['VolumeId']}) is attached to instance "
                            f"{', '.join(others)}; unmount it there first (if that instance is "
                            f"dead: pyvol lease clear {name} {others[0]})")
+        return self._attach(v, f"{name} ({v['VolumeId']})")
+
+    def _attach(self, v: dict, what: str) -> str:
+        """Attach volume ``v`` here (unless it is) and wait for its block device."""
+        mine = self._attachment(v)
         if mine is None:
             used = {a["Device"] for vol in self._volumes([{
                 "Name": "attachment.instance-id", "Values": [self.instance_id]}])
@@ -295,17 +397,18 @@ class EbsBackend(Backend):
                         None)
             if free is None:
                 raise PoolFull(f"instance {self.instance_id} has no free device name for "
-                               f"{name}: unmount other ebs volumes first")
+                               f"{what}: unmount other ebs volumes first")
             self._aws("attach_volume", VolumeId=v["VolumeId"], InstanceId=self.instance_id,
                       Device=free)
             mine = {"Device": free}
         try:
-            return self._wait(
-                f"the block device of {name} ({v['VolumeId']}) to appear on this instance",
-                lambda: self._device(v["VolumeId"], mine["Device"]), self.attach_timeout)
+            return self._wait(f"the block device of {what} to appear on this instance",
+                              lambda: self._device(v["VolumeId"], mine["Device"]),
+                              self.attach_timeout)
         except PyvolError:
             with contextlib.suppress(PyvolError):  # never leave it attached for nothing
-                self.deactivate(name)
+                self._detach(self._aws("describe_volumes", VolumeIds=[v["VolumeId"]])[
+                    "Volumes"][0], what)
             raise
 
     def deactivate(self, name: str) -> None:
@@ -313,14 +416,20 @@ class EbsBackend(Backend):
             v = self._find(name)
         except NotFound:
             return
+        self._detach(v, f"{name} ({v['VolumeId']})")
+
+    def _detach(self, v: dict, what: str) -> None:
+        """Detach volume ``v`` from this instance (if it is attached here) and wait until
+        EC2 lists no attachment here and the block device is gone. (No EC2 waiter waits for
+        one instance's attachment: volume_available would also wait for every other's.)"""
         mine = self._attachment(v)
         if mine is None:
             return
         self._aws("detach_volume", VolumeId=v["VolumeId"], InstanceId=self.instance_id)
-        self._wait(f"{name} ({v['VolumeId']}) to detach", lambda: self._attachment(self._aws(
+        self._wait(f"{what} to detach", lambda: self._attachment(self._aws(
             "describe_volumes", VolumeIds=[v["VolumeId"]])["Volumes"][0]) is None,
             self.attach_timeout)
-        self._wait(f"the block device of {name} to go", lambda: self._device(
+        self._wait(f"the block device of {what} to go", lambda: self._device(
             v["VolumeId"], mine["Device"]) is None, self.attach_timeout)
 
     def active_device(self, name: str) -> str | None:
@@ -379,29 +488,60 @@ class EbsBackend(Backend):
         return sorted({t["Value"] for s in self._snapshots(name) for t in s.get("Tags", [])
                        if t["Key"] == SNAP_TAG})
 
+    def _completed(self, name: str, snap: str) -> str:
+        """The snapshot's id, once EC2 reports it completed (a volume made from a pending
+        snapshot is refused, or would be read before its data is all there)."""
+        sid = self._snapshot_id(name, snap)["SnapshotId"]
+        self._await("snapshot_completed", f"snapshot {name}@{snap} ({sid}) to complete",
+                    self.snapshot_timeout, SnapshotIds=[sid])
+        return sid
+
     def clone(self, name: str, snap: str, spec: VolumeSpec) -> None:
-        sid = self._snapshot_id(name, snap)
-        self._wait(f"snapshot {name}@{snap} to complete", lambda: self._aws(
-            "describe_snapshots", SnapshotIds=[sid["SnapshotId"]])["Snapshots"][0]["State"] ==
-            "completed", 3600)
-        self._create_unique(spec, SnapshotId=sid["SnapshotId"])
+        self._create_unique(spec, SnapshotId=self._completed(name, snap))
 
     @contextlib.contextmanager
     def read_snapshot(self, name: str, snap: str):
-        """A temporary volume from the snapshot, attached here while it is read."""
-        sid = self._snapshot_id(name, snap)
-        temp = f"{TEMP_TAG}-{sid['SnapshotId']}-{os.getpid()}-{time.monotonic_ns() % 10**6}"
-        params = {"AvailabilityZone": self.zone, "SnapshotId": sid["SnapshotId"],
-                  "VolumeType": "gp3", "TagSpecifications": [{"ResourceType": "volume", "Tags": [
-                      {"Key": NAME_TAG, "Value": temp}, {"Key": TEMP_TAG, "Value": "1"}]}]}
-        self._aws("create_volume", **params)
+        """A temporary volume from the snapshot, attached here while it is read.
+
+        It carries only the temporary tags (found by its token, never by a name, so no host
+        lists it as a volume), and goes when the read ends; if this daemon dies first, its
+        next start removes it (_remove_leftovers)."""
+        sid = self._completed(name, snap)
+        token = f"{sid}-{secrets.token_hex(6)}"
         try:
-            yield self.activate(temp)
+            vid = self._aws("create_volume", AvailabilityZone=self.zone, SnapshotId=sid,
+                            VolumeType="gp3", TagSpecifications=[{
+                                "ResourceType": "volume", "Tags": self._temp_tags(token)}])[
+                "VolumeId"]
+            what = f"the temporary volume {vid} reading {name}@{snap}"
+            self._await("volume_available", f"{what} to become available",
+                        self.attach_timeout, VolumeIds=[vid])
+            yield self._attach({"VolumeId": vid, "Attachments": []}, what)
         finally:
-            with contextlib.suppress(PyvolError):
-                self.deactivate(temp)
-            for v in self._by_name(temp):
-                self._aws("delete_volume", VolumeId=v["VolumeId"])
+            self._drop_temp(token)
+
+    def _drop_temp(self, token: str) -> None:
+        """Remove every temporary volume tagged with ``token`` (even one whose create call
+        failed after EC2 made it). Never raises: a read's own error matters more, and a
+        volume left here is removed at the daemon's next start."""
+        try:
+            for v in self._volumes([{"Name": f"tag:{TEMP_TAG}", "Values": [token]}]):
+                try:
+                    self._remove_temp(v)
+                except PyvolError as e:
+                    log.warning("cannot remove temporary EBS volume %s (removed at the "
+                                "daemon's next start, or remove it by hand): %s",
+                                v["VolumeId"], e)
+        except PyvolError as e:
+            log.warning("cannot look for temporary EBS volume %s: %s", token, e)
+
+    def _remove_temp(self, v: dict) -> None:
+        what = f"the temporary volume {v['VolumeId']}"
+        if v["State"] == "creating":  # EC2 deletes only an available volume
+            self._await("volume_available", f"{what} to become available", self.attach_timeout,
+                        VolumeIds=[v["VolumeId"]])
+        self._detach(v, what)
+        self._aws("delete_volume", VolumeId=v["VolumeId"])
 
     def changed_ranges(self, name: str, base: str | None, snap: str) -> list[Range]:
         """Exact, by reading: the blocks whose bytes differ (or are not zero, with no base).
@@ -491,20 +631,21 @@ class EbsBackups:
                          SourceSnapshotId=snap_id, Description=what,
                          TagSpecifications=[{"ResourceType": "snapshot", "Tags": tags}])
         sid = new["SnapshotId"]
-        self.b._wait(f"snapshot {sid} to complete in {region}", lambda: self._call(
-            region, "describe_snapshots", SnapshotIds=[sid])["Snapshots"][0]["State"] ==
-            "completed", 3600)
+        try:
+            self.b._await("snapshot_completed", f"the copy {sid} of snapshot {snap_id} to "
+                          f"complete in {region}", self.b.snapshot_timeout,
+                          client=self._client(region), SnapshotIds=[sid])
+        except PyvolError:
+            with contextlib.suppress(PyvolError):  # a copy that never completed is no backup
+                self._call(region, "delete_snapshot", SnapshotId=sid)
+            raise
         return sid
 
     def create(self, name: str, snap: str, region: str, fs: str, size: int) -> dict:
-        src = self.b._snapshot_id(name, snap)
-        self.b._wait(f"snapshot {name}@{snap} to complete", lambda: self.b._aws(
-            "describe_snapshots", SnapshotIds=[src["SnapshotId"]])["Snapshots"][0]["State"] ==
-            "completed", 3600)
+        src = self.b._completed(name, snap)
         tags = [{"Key": BACKUP_TAG, "Value": name}, {"Key": "pyvol-fs", "Value": fs},
                 {"Key": "pyvol-size", "Value": str(size)}]
-        sid = self._copy(self.b.region, src["SnapshotId"], region, tags,
-                         f"pyvol backup of {name}@{snap}")
+        sid = self._copy(self.b.region, src, region, tags, f"pyvol backup of {name}@{snap}")
         return self.describe(region, sid)
 
     def describe(self, region: str, sid: str) -> dict:
@@ -532,7 +673,22 @@ class EbsBackups:
         self._call(region, "delete_snapshot", SnapshotId=sid)
 
     def restore(self, region: str, sid: str, spec: VolumeSpec) -> None:
-        if region != self.b.region:  # snapshots are regional: bring it here first
-            sid = self._copy(region, sid, self.b.region, [{"Key": TEMP_TAG, "Value": "1"}],
-                             f"pyvol restore of {sid} from {region}")
-        self.b._create_unique(spec, SnapshotId=sid)
+        if region == self.b.region:
+            self.b._await("snapshot_completed", f"backup snapshot {sid} to complete",
+                          self.b.snapshot_timeout, SnapshotIds=[sid])
+            self.b._create_unique(spec, SnapshotId=sid)
+            return
+        # Snapshots are regional: bring it here first, as a temporary copy that goes once
+        # the volume made from it is available (a volume needs its snapshot no longer), or
+        # the restore failed. A daemon that dies meanwhile leaves it to its successor.
+        copy = self._copy(region, sid, self.b.region,
+                          self.b._temp_tags(f"{sid}-{secrets.token_hex(6)}"),
+                          f"pyvol restore of {sid} from {region}")
+        try:
+            self.b._create_unique(spec, SnapshotId=copy)
+        finally:
+            try:
+                self.b._aws("delete_snapshot", SnapshotId=copy)
+            except PyvolError as e:
+                log.warning("cannot remove the temporary copy %s of backup %s (removed at the "
+                            "daemon's next start, or remove it by hand): %s", copy, sid, e)

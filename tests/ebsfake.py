@@ -5,7 +5,8 @@ and makes no devices appear. ``EbsDataPlane`` stands in front of it as an HTTP p
 exactly that, at the narrowest seam: each volume id is a sparse file; AttachVolume makes a
 loop device of it appear, a moment later, as ``DEVICE_DIR/<instance>/<volume id>`` (where a
 Nitro host would show /dev/disk/by-id/nvme-...); DetachVolume makes it go; CreateSnapshot
-copies the file at that instant; CreateVolume from a snapshot starts from that copy.
+copies the file at that instant; CreateVolume from a snapshot starts from that copy. moto
+completes a snapshot at once; ``pending`` makes one read as pending for a while.
 ``Imds`` is one instance's metadata service (IMDSv2, token first).
 """
 
@@ -42,6 +43,9 @@ class EbsDataPlane:
         for d in (self.blobs, self.snaps, self.devices):
             d.mkdir(parents=True, exist_ok=True)
         self.attach_delay = attach_delay
+        # snapshot id -> how many more DescribeSnapshots answers show it "pending" (as a real
+        # one is until EBS has stored it) before it reads "completed" again
+        self.pending: dict[str, int] = {}
         self.loops: dict[tuple[str, str], str] = {}
         self.lock = threading.Lock()
         plane = self
@@ -56,16 +60,20 @@ class EbsDataPlane:
                            if k.lower() not in ("host", "content-length")}
                 resp = httpx.post(plane.upstream + self.path, content=body, headers=headers,
                                   timeout=60)
+                content = resp.content
                 if resp.status_code == 200:
-                    plane.after(dict(urllib.parse.parse_qsl(body.decode())), resp.text)
+                    req = dict(urllib.parse.parse_qsl(body.decode()))
+                    plane.after(req, resp.text)
+                    if req.get("Action") == "DescribeSnapshots":
+                        content = plane.pending_view(resp.text).encode()
                 self.send_response(resp.status_code)
                 for k, v in resp.headers.items():
                     if k.lower() not in ("content-length", "transfer-encoding", "connection",
                                          "content-encoding"):
                         self.send_header(k, v)
-                self.send_header("Content-Length", str(len(resp.content)))
+                self.send_header("Content-Length", str(len(content)))
                 self.end_headers()
-                self.wfile.write(resp.content)
+                self.wfile.write(content)
 
         self.server = _serve(Handler)
         self.endpoint = f"http://127.0.0.1:{self.server.server_port}"
@@ -79,6 +87,19 @@ class EbsDataPlane:
     def _tag(xml: str, tag: str) -> str | None:
         m = re.search(rf"<{tag}>([^<]+)</{tag}>", xml)
         return m.group(1) if m else None
+
+    def pending_view(self, xml: str) -> str:
+        """DescribeSnapshots' answer with the still-pending snapshots' status rewritten."""
+        def status(m):
+            with self.lock:
+                left = self.pending.get(m.group(2), 0)
+                if left <= 0:
+                    return m.group(0)
+                self.pending[m.group(2)] = left - 1
+            return m.group(1) + "pending" + m.group(3)
+
+        return re.sub(r"(<snapshotId>(snap-[0-9a-f]+)</snapshotId>(?:(?!<snapshotId>).)*?"
+                      r"<status>)completed(</status>)", status, xml, flags=re.DOTALL)
 
     def after(self, req: dict, xml: str) -> None:
         action = req.get("Action")

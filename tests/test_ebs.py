@@ -5,7 +5,10 @@ import hashlib
 import json
 import os
 import signal
+import subprocess
 import threading
+import time
+from pathlib import Path
 
 import pytest
 
@@ -222,3 +225,154 @@ def test_recovery_of_a_create_killed_midway_never_removes_another_hosts_volume(
     finally:
         a.stop()
         b.stop()
+
+
+# issue 11: temporary volumes and snapshots, and waiting for EC2's states
+
+def _temp_volumes(ec2) -> list[dict]:
+    return [v for v in ec2.describe_volumes(Filters=[{"Name": "tag-key", "Values": [
+        "pyvol-temp"]}])["Volumes"] if v["State"] not in ("deleting", "deleted")]
+
+
+def _until(what: str, check, timeout: float = 30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = check()
+        if got:
+            return got
+        time.sleep(0.1)
+    raise AssertionError(f"{what} did not happen in {timeout} s")
+
+
+def test_issue11_a_snapshot_being_read_is_no_volume_on_any_host(instances, ebs_rig, workdir):
+    """A backup reads the snapshot through a temporary volume: while the read is held up
+    (its device takes seconds to appear), host b lists only the user's volume, and the
+    temporary one carries no name, only its temporary tags."""
+    a, b = instances
+    repo = workdir / "repo"
+    repo.mkdir()
+    a.api.ok("/VolumeDriver.Create", {"Name": "db", "Opts": {"size": "1G"}})
+    a.cli("snapshot", "create", "db", "--name", "s1")
+    ebs_rig.plane.attach_delay = 4
+    done = {}
+    reader = threading.Thread(target=lambda: done.update(proc=a.cli(
+        "backup", "create", "db@s1", "--dest", f"file://{repo}", "--json", check=False)))
+    reader.start()
+    try:
+        [temp] = _until("the read's temporary volume", lambda: _temp_volumes(ebs_rig.ec2))
+        tags = {t["Key"]: t["Value"] for t in temp["Tags"]}
+        assert "pyvol-name" not in tags and tags["pyvol-creator"] == ebs_rig.instances[0]
+        for d in (b, a):
+            assert [v["Name"] for v in d.api.ok("/VolumeDriver.List")["Volumes"]] == ["db"]
+    finally:
+        reader.join()
+        ebs_rig.plane.attach_delay = 0.3
+    assert done["proc"].returncode == 0, done["proc"].stderr
+    assert _temp_volumes(ebs_rig.ec2) == []  # each read removed its own
+
+
+def test_issue11_a_crashed_daemons_temporary_volumes_go_at_its_next_start(workdir, ebs_rig):
+    """Temporary volumes and snapshots of instance 0 whose daemon is gone (one still
+    attached, with its device) are removed when instance 0's daemon starts; instance 1's, and
+    those of a daemon of instance 0 that still runs, are left alone."""
+    import boto3
+
+    ec2 = boto3.client("ec2", region_name="us-east-1")  # through the data plane
+    boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    gone = subprocess.Popen(["true"])  # a pid that no longer runs
+    gone.wait()
+    stat = Path(f"/proc/{os.getpid()}/stat").read_text()
+    running = f"{boot}:{os.getpid()}:{stat[stat.rindex(')') + 2:].split()[19]}"
+    dead = f"{boot}:{gone.pid}:1"
+
+    def temp(instance: int, owner: str) -> str:
+        return ec2.create_volume(AvailabilityZone="us-east-1a", Size=1, TagSpecifications=[{
+            "ResourceType": "volume", "Tags": [
+                {"Key": "pyvol-temp", "Value": os.urandom(4).hex()},
+                {"Key": "pyvol-creator", "Value": ebs_rig.instances[instance]},
+                {"Key": "pyvol-temp-owner", "Value": owner}]}])["VolumeId"]
+
+    crashed, other, live = temp(0, dead), temp(1, dead), temp(0, running)
+    ec2.attach_volume(VolumeId=crashed, InstanceId=ebs_rig.instances[0], Device="/dev/xvdf")
+    device = ebs_rig.plane.device_dir(ebs_rig.instances[0]) / crashed
+    _until("the crashed read's device", device.exists)
+    copy = ec2.create_snapshot(VolumeId=other, TagSpecifications=[{
+        "ResourceType": "snapshot", "Tags": [
+            {"Key": "pyvol-temp", "Value": "x"},
+            {"Key": "pyvol-creator", "Value": ebs_rig.instances[0]},
+            {"Key": "pyvol-temp-owner", "Value": dead}]}])["SnapshotId"]
+    a = ebs_host(workdir, ebs_rig, 0)
+    try:
+        assert sorted(v["VolumeId"] for v in _temp_volumes(ec2)) == sorted([other, live])
+        assert not device.exists()
+        assert ec2.describe_snapshots(Filters=[{"Name": "tag-key", "Values": [
+            "pyvol-temp"]}])["Snapshots"] == []
+        log = a.log_path.read_text()
+        assert crashed in log and copy in log and other not in log and live not in log
+        assert a.api.ok("/VolumeDriver.List")["Volumes"] == []
+    finally:
+        a.stop()
+
+
+def test_issue11_a_pending_snapshot_is_waited_for_and_a_stuck_one_fails_in_bounded_time(
+        workdir, ebs_rig):
+    repo = workdir / "repo"
+    repo.mkdir()
+    d = Daemon(workdir / "w", workdir / "w.sock",
+               env={**ebs_rig.env(0), "PYVOL_BACKENDS": "ebs", "PYVOL_EBS_POLL_DELAY": "0.2",
+                    "PYVOL_EBS_SNAPSHOT_TIMEOUT": "3"}).start()
+    try:
+        d.api.ok("/VolumeDriver.Create", {"Name": "src", "Opts": {"size": "1G"}})
+
+        def snap(name: str) -> str:
+            d.cli("snapshot", "create", "src", "--name", name)
+            return ebs_rig.ec2.describe_snapshots(Filters=[{"Name": "tag:pyvol-snapshot",
+                                                            "Values": [name]}])[
+                "Snapshots"][0]["SnapshotId"]
+
+        sid = snap("s1")
+        ebs_rig.plane.pending[sid] = 8  # about 1.5 s of "pending" at 0.2 s a look
+        d.cli("create", "copy", "--from-snapshot", "src@s1")
+        assert ebs_rig.plane.pending[sid] == 0 and len(ebs_rig.volumes("copy")) == 1
+        ebs_rig.plane.pending[sid] = 8
+        d.cli("backup", "create", "src@s1", "--dest", f"file://{repo}")
+        assert ebs_rig.plane.pending[sid] == 0
+
+        stuck = snap("s2")
+        ebs_rig.plane.pending[stuck] = 10 ** 9
+        for args in (("create", "never", "--from-snapshot", "src@s2"),
+                     ("backup", "create", "src@s2", "--dest", f"file://{repo}")):
+            started = time.monotonic()
+            proc = d.cli(*args, check=False)
+            assert proc.returncode != 0 and time.monotonic() - started < 20
+            assert f"timed out after 3 s waiting for snapshot src@s2 ({stuck}) to complete " \
+                   "(last state: pending)" in proc.stdout + proc.stderr
+        assert ebs_rig.volumes("never") == [] and _temp_volumes(ebs_rig.ec2) == []
+    finally:
+        d.stop()
+
+
+def test_issue11_a_cross_region_restore_leaves_no_copy_of_the_snapshot(workdir, ebs_rig):
+    """The restore copies the backup into this region to make the volume; the copy goes once
+    the volume is made, and when the restore fails after copying."""
+    import boto3
+
+    a = ebs_host(workdir, ebs_rig, 0)
+    try:
+        a.api.ok("/VolumeDriver.Create", {"Name": "ledger", "Opts": {"size": "1G"}})
+        made = json.loads(a.cli("backup", "create", "ledger", "--dest", "ebs://us-west-2",
+                                "--json").stdout)
+        a.cli("restore", made["url"], "back")
+        assert len(ebs_rig.volumes("back")) == 1
+        # fails after the copy: the type is checked when the volume is made from it
+        err = a.api.err("/VolumeDriver.Create", {"Name": "bad", "Opts": {
+            "from-backup": made["url"], "type": "ssd"}})
+        assert "invalid type 'ssd'" in err and ebs_rig.volumes("bad") == []
+        for region in ("us-east-1", "us-west-2"):
+            ec2 = boto3.client("ec2", region_name=region)
+            assert ec2.describe_snapshots(OwnerIds=["self"], Filters=[{
+                "Name": "tag-key", "Values": ["pyvol-temp"]}])["Snapshots"] == [], region
+        west = boto3.client("ec2", region_name="us-west-2")
+        assert west.describe_snapshots(SnapshotIds=[made["snapshot_id"]])["Snapshots"]
+    finally:
+        a.stop()
