@@ -7,10 +7,13 @@ files under the root dir on loop devices (Convoy's setup, without the manual ste
     ROOT/devicemapper/metadata.img   sparse, default 1% of data (at least 64M, at most 16G)
     ROOT/devicemapper/devices.json   volume and snapshot names -> thin device ids
 
-The pool and its devices are named after the root dir, so two daemons never collide. A
-volume is a thin device; a snapshot is `create_snap` of it (metadata only: constant time);
-changed blocks between two snapshots come from `thin_delta` run on a reserved metadata
-snapshot, never on live metadata. docs/devicemapper.md explains the defaults.
+The pool and its devices are named after the root dir, so two daemons never collide, and a
+thin device's dm name is its thin id (`PREFIX-tID`): unique, short, whatever the volume is
+called. A volume is a thin device; a snapshot is `create_snap` of it (metadata only: constant
+time); changed blocks between two snapshots come from `thin_delta` run on a reserved metadata
+snapshot, never on live metadata. setup() repairs what a killed daemon leaves behind: suspended
+devices, a reserved metadata snapshot, devices named by an older scheme. docs/devicemapper.md
+explains the defaults, names and locks.
 """
 
 from __future__ import annotations
@@ -18,21 +21,37 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from pyvol import locks
-from pyvol.fs import device_size
 from pyvol.errors import Conflict, InvalidInput, NotFound, PoolFull, PyvolError
+from pyvol.fs import device_size
+from pyvol.log import event
 from pyvol.run import run
 from pyvol.units import format_size, parse_size
 
 from . import loopdev
 from .base import Backend, Quiesce, Range, VolumeSpec
 
+log = logging.getLogger(__name__)
+
 SECTOR = 512
+# A snapshot of a mounted volume runs inside its filesystem's freeze (pyvol.fs.frozen thaws
+# after FREEZE_LIMIT, 20 s): each dm step in that window has a timeout well inside it.
+SUSPEND_TIMEOUT = 8.0
+CREATE_SNAP_TIMEOUT = 8.0
+RESUME_TIMEOUT = 10.0
+# thin_dump/thin_delta may run up to DUMP_TIMEOUT under the metadata snapshot's lock; a second
+# dump (another backup) waits for the first rather than failing
+DUMP_TIMEOUT = 600.0
+METASNAP_WAIT = DUMP_TIMEOUT + 60
+POOL_LOCK = "devicemapper"
+METASNAP_LOCK = "devicemapper-metasnap"
 DEFAULTS = {
     "data_size": "100G",
     "block_size": "64K",        # see docs/devicemapper.md: small random writes after a snapshot
@@ -83,6 +102,7 @@ class DevicemapperBackend(Backend):
         self.prefix = f"pyvol-{tag}"
         self.pool = f"{self.prefix}-pool"
         self.devices_file = self.base / "devices.json"
+        self.locks_dir = self.root / "locks"
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -126,8 +146,12 @@ class DevicemapperBackend(Backend):
 
     @contextlib.contextmanager
     def _devices(self):
-        """Read-modify-write of devices.json under a lock shared by all workers."""
-        with locks.held(self.root / "locks", "devicemapper", "the devicemapper pool"):
+        """Read-modify-write of devices.json under the pool lock, shared by all workers.
+
+        Held for dm calls that take moments (create_thin, create_snap, dmsetup create), never
+        for a thin_dump: every Create and Mount on the host waits for it.
+        """
+        with locks.held(self.locks_dir, POOL_LOCK, "the devicemapper pool"):
             devices = self._load()
             yield devices
             self._save(devices)
@@ -181,6 +205,12 @@ class DevicemapperBackend(Backend):
             dmsetup("create", self.pool, "--table", table)
             if fresh:
                 self._save(self._load())
+        # what a daemon killed mid-operation leaves behind, repaired before anything else
+        # touches the pool (and before the manager thaws filesystems, which a suspended
+        # device would block)
+        self._resume_suspended()
+        self._release_stale_metadata_snapshot()
+        self._rename_old_devices()
         devices = self._load()
         for name, vol in devices["volumes"].items():
             if vol.get("active"):  # active before a reboot: active again
@@ -196,6 +226,96 @@ class DevicemapperBackend(Backend):
                 "(onto a spare device or file of the same size), check NEW_METADATA with "
                 "thin_check, then put it in place of the old metadata and restart pyvol"
             ) from None
+
+    def _dm_devices(self) -> dict[str, dict]:
+        """This pool's active dm devices, the pool included: name -> suspended, open, devno."""
+        out = dmsetup("info", "-c", "--noheadings", "-o", "suspended,open,major,minor,name",
+                      "--separator", ":", timeout=10)
+        found = {}
+        for line in out.splitlines():
+            parts = line.strip().split(":", 4)  # the name last: ':' is in no name we make
+            if len(parts) != 5:
+                continue  # "No devices found"
+            suspended, opened, major, minor, name = parts
+            if name == self.pool or name.startswith(self.prefix + "-"):
+                found[name] = {"suspended": suspended.strip().lower() == "suspended",
+                               "open": int(opened) if opened.strip().isdigit() else 0,
+                               "devno": f"{major.strip()}:{minor.strip()}"}
+        return found
+
+    def _resume_suspended(self) -> None:
+        """A daemon killed between `dmsetup suspend` and `resume` (in snapshot) left a device
+        suspended, and every writer in its container blocks until it is resumed: resume the
+        pool first, then each of its devices."""
+        found = self._dm_devices()
+        for dm_name in sorted(found, key=lambda n: (n != self.pool, n)):
+            if not found[dm_name]["suspended"]:
+                continue
+            try:
+                dmsetup("resume", dm_name, timeout=RESUME_TIMEOUT)
+            except PyvolError as e:
+                log.error("device %s is suspended and could not be resumed: %s", dm_name, e)
+                continue
+            event(log, "resumed a device-mapper device left suspended by a killed daemon",
+                  device=dm_name)
+
+    def _release_held_metadata_snapshot(self, why: str) -> None:
+        """Release a metadata snapshot the pool holds. Only with METASNAP_LOCK held: then no
+        one is reading it, so whoever reserved it died (a crash during thin_dump/thin_delta)
+        and every later reserve would fail until it is released."""
+        held = self._status()["held"]
+        if held != "-":
+            self._message("release_metadata_snap")
+            event(log, "released a devicemapper metadata snapshot left reserved",
+                  pool=self.pool, held=held, found=why)
+
+    def _release_stale_metadata_snapshot(self) -> None:
+        try:
+            # not waiting: a holder (an old worker still dumping) is using it; its own
+            # release follows
+            with locks.held(self.locks_dir, METASNAP_LOCK, "", wait=0):
+                self._release_held_metadata_snapshot("at start")
+        except Conflict:
+            pass
+        except PyvolError as e:
+            log.error("could not check the devicemapper pool's metadata snapshot: %s", e)
+
+    def _rename_old_devices(self) -> None:
+        """Devices activated by an older pyvol are named after volumes and snapshots
+        (PREFIX-v-NAME, PREFIX-s-NAME--SNAP). Rename each to its thin-id name, so that this
+        daemon never activates a second device for one thin id; `dmsetup rename` works on
+        an open or mounted device, which keeps its device number."""
+        found = self._dm_devices()
+        pool_devno = found.get(self.pool, {}).get("devno")
+        for dm_name in sorted(found):
+            if dm_name == self.pool or _THIN_NAME.fullmatch(dm_name[len(self.prefix) + 1:]):
+                continue
+            try:
+                table = dmsetup("table", dm_name, timeout=10).split()
+                if len(table) < 5 or table[2] != "thin" or not table[4].isdigit() or (
+                        pool_devno and table[3] != pool_devno):
+                    log.warning("device %s is not a thin device of pool %s; left as it is",
+                                dm_name, self.pool)
+                    continue
+                thin_id = int(table[4])
+                new = self._thin_name(thin_id)
+                if new in found:  # both names map the id: keep the one in use
+                    if not found[dm_name]["open"]:
+                        dmsetup("remove", "--retry", dm_name)
+                        event(log, "removed an unused second device of a thin id",
+                              device=dm_name, thin_id=thin_id)
+                        continue
+                    if found[new]["open"]:
+                        log.error("devices %s and %s both map thin id %d and both are open; "
+                                  "left as they are", dm_name, new, thin_id)
+                        continue
+                    dmsetup("remove", "--retry", new)
+                dmsetup("rename", dm_name, new)
+                found[new] = found[dm_name]
+                event(log, "renamed a device-mapper device to its thin-id name",
+                      device=dm_name, new_name=new, thin_id=thin_id)
+            except PyvolError as e:
+                log.error("could not rename device %s to its thin-id name: %s", dm_name, e)
 
     def teardown(self) -> None:
         for line in dmsetup("ls", timeout=10).splitlines():
@@ -217,10 +337,11 @@ class DevicemapperBackend(Backend):
         ud, td = (int(x) for x in f[5].split("/"))
         return {"meta_used": um * 4096, "meta_size": tm * 4096, "data_used": ud * self.block_size,
                 "data_size": td * self.block_size, "mode": f[7] if len(f) > 7 else "?",
+                "held": f[6] if len(f) > 6 else "-",  # the metadata snapshot's root, or "-"
                 "needs_check": "needs_check" in f}
 
-    def _message(self, *words: str) -> None:
-        dmsetup("message", self.pool, "0", *words)
+    def _message(self, *words: str, timeout: float = 60) -> None:
+        dmsetup("message", self.pool, "0", *words, timeout=timeout)
 
     def _check_space(self, devices: dict, extra: int) -> None:
         st = self._status()
@@ -248,10 +369,12 @@ class DevicemapperBackend(Backend):
         self._save(devices)
         return new
 
-    # volumes
-    def _dm_name(self, name: str) -> str:
-        return f"{self.prefix}-v-{name}"
+    # dm names: by thin id, unique per thin device and short whatever the volume's name
+    # (names made of volume and snapshot names collided and could pass the kernel's 127 bytes)
+    def _thin_name(self, thin_id: int) -> str:
+        return f"{self.prefix}-t{thin_id}"
 
+    # volumes
     def create(self, spec: VolumeSpec) -> None:
         with self._devices() as devices:
             if spec.name in devices["volumes"]:
@@ -267,12 +390,13 @@ class DevicemapperBackend(Backend):
             if vol is None:
                 return
             for snap, rec in list(vol["snapshots"].items()):
-                self._drop(self._snap_dm_name(name, snap), rec["id"])
+                self._drop(rec["id"])
                 del vol["snapshots"][snap]
-            self._drop(self._dm_name(name), vol["id"])
+            self._drop(vol["id"])
             del devices["volumes"][name]
 
-    def _drop(self, dm_name: str, thin_id: int) -> None:
+    def _drop(self, thin_id: int) -> None:
+        dm_name = self._thin_name(thin_id)
         if self._exists(dm_name):
             dmsetup("remove", "--retry", dm_name)
         try:
@@ -287,7 +411,8 @@ class DevicemapperBackend(Backend):
     def size(self, name: str) -> int:
         return self._vol(name)["size"]
 
-    def _activate(self, dm_name: str, thin_id: int, size: int, readonly: bool = False) -> str:
+    def _activate(self, thin_id: int, size: int, readonly: bool = False) -> str:
+        dm_name = self._thin_name(thin_id)
         dev = f"/dev/mapper/{dm_name}"
         if not self._exists(dm_name):
             args = ["create", dm_name] + (["--readonly"] if readonly else [])
@@ -299,25 +424,26 @@ class DevicemapperBackend(Backend):
     def activate(self, name: str) -> str:
         with self._devices() as devices:
             vol = self._vol(name, devices)
-            dev = self._activate(self._dm_name(name), vol["id"], vol["size"])
+            dev = self._activate(vol["id"], vol["size"])
             vol["active"] = True
         return dev
 
     def deactivate(self, name: str) -> None:
         with self._devices() as devices:
-            if self._exists(self._dm_name(name)):
-                dmsetup("remove", "--retry", self._dm_name(name))
             vol = devices["volumes"].get(name)
-            if vol is not None:
-                vol.pop("active", None)
+            if vol is None:
+                return
+            if self._exists(self._thin_name(vol["id"])):
+                dmsetup("remove", "--retry", self._thin_name(vol["id"]))
+            vol.pop("active", None)
 
     def active_device(self, name: str) -> str | None:
-        return f"/dev/mapper/{self._dm_name(name)}" if self._exists(self._dm_name(name)) else None
+        vol = self._load()["volumes"].get(name)
+        if vol is None or not self._exists(self._thin_name(vol["id"])):
+            return None
+        return f"/dev/mapper/{self._thin_name(vol['id'])}"
 
     # snapshots
-    def _snap_dm_name(self, name: str, snap: str) -> str:
-        return f"{self.prefix}-s-{name}--{snap}"
-
     def snapshot(self, name: str, snap: str, quiesce: Quiesce = contextlib.nullcontext) -> None:
         with self._devices() as devices:
             vol = self._vol(name, devices)
@@ -325,19 +451,46 @@ class DevicemapperBackend(Backend):
                 raise Conflict(f"snapshot {name}@{snap} already exists in the devicemapper pool")
             self._check_space(devices, 0)
             thin_id = self._new_id(devices)
-            origin = self._dm_name(name)
+            origin = self._thin_name(vol["id"])
             active = self._exists(origin)
-            # the pool lock is held: freeze only now, and suspend (no I/O in flight while the
-            # mappings are shared) without freezing again
-            with quiesce():
-                if active:
-                    dmsetup("suspend", "--nolockfs", origin)
-                try:
-                    self._message("create_snap", str(thin_id), str(vol["id"]))
-                finally:
-                    if active:
-                        dmsetup("resume", origin)
+            # The pool lock is held: freeze only now (a container's writes never wait for
+            # a lock), and suspend (no I/O in flight while the mappings are shared) without
+            # freezing again. Each step has a timeout inside the freeze's limit.
+            try:
+                with quiesce():
+                    try:
+                        if active:
+                            dmsetup("suspend", "--nolockfs", origin, timeout=SUSPEND_TIMEOUT)
+                        self._message("create_snap", str(thin_id), str(vol["id"]),
+                                      timeout=CREATE_SNAP_TIMEOUT)
+                    finally:
+                        if active:  # also after a suspend that timed out: it may have landed
+                            self._resume(origin)
+            except BaseException:
+                self._forget(thin_id)  # never recorded: it would leak its shared blocks
+                raise
             vol["snapshots"][snap] = {"id": thin_id, "size": vol["size"]}
+
+    def _resume(self, dm_name: str) -> None:
+        """Resume after a snapshot, once more if the first try fails: a device left
+        suspended blocks every writer in its container (the next start resumes it too)."""
+        try:
+            dmsetup("resume", dm_name, timeout=RESUME_TIMEOUT)
+        except PyvolError as e:
+            log.warning("resume of %s failed (%s); trying again", dm_name, e)
+            try:
+                dmsetup("resume", dm_name, timeout=RESUME_TIMEOUT * 3)
+            except PyvolError as e2:
+                raise PyvolError(f"device {dm_name} could not be resumed after a snapshot "
+                                 f"({e2}); its writers are blocked: run `dmsetup resume "
+                                 f"{dm_name}` or restart pyvol") from None
+
+    def _forget(self, thin_id: int) -> None:
+        """Best effort: delete a thin device a failed snapshot may have made."""
+        try:
+            self._message("delete", str(thin_id), timeout=30)
+        except PyvolError as e:
+            log.debug("thin id %d of a failed snapshot not deleted: %s", thin_id, e)
 
     def remove_snapshot(self, name: str, snap: str) -> None:
         with self._devices() as devices:
@@ -345,7 +498,7 @@ class DevicemapperBackend(Backend):
             rec = vol and vol["snapshots"].get(snap)
             if not rec:
                 return
-            self._drop(self._snap_dm_name(name, snap), rec["id"])
+            self._drop(rec["id"])
             del vol["snapshots"][snap]
 
     def snapshots(self, name: str) -> list[str]:
@@ -365,36 +518,43 @@ class DevicemapperBackend(Backend):
 
     @contextlib.contextmanager
     def _metadata_snapshot(self):
-        """thin tools read a reserved snapshot of the metadata, never the live copy."""
-        self._message("reserve_metadata_snap")
-        try:
-            yield self._pool_devices()[1]
-        finally:
-            self._message("release_metadata_snap")
+        """thin tools read a reserved snapshot of the metadata, never the live copy.
+
+        The pool holds one metadata snapshot at most, so it has a lock of its own (not the
+        pool's: a dump may take minutes). With that lock held nobody else uses a snapshot
+        the pool still holds, so it is a dead holder's, and it is released first.
+        """
+        with locks.held(self.locks_dir, METASNAP_LOCK,
+                        "the devicemapper pool's metadata snapshot", wait=METASNAP_WAIT):
+            self._release_held_metadata_snapshot("before a reserve")
+            self._message("reserve_metadata_snap")
+            try:
+                yield self._pool_devices()[1]
+            finally:
+                self._message("release_metadata_snap")
 
     def changed_ranges(self, name: str, base: str | None, snap: str) -> list[Range]:
-        with locks.held(self.root / "locks", "devicemapper", "the devicemapper pool"):
+        with locks.held(self.locks_dir, POOL_LOCK, "the devicemapper pool"):  # moments only
             devices = self._load()
             new = self._snap_rec(name, snap, devices)["id"]
             old = self._snap_rec(name, base, devices)["id"] if base else None
-            with self._metadata_snapshot() as meta:
-                if old is None:
-                    xml = run(["thin_dump", "--metadata-snap", "--dev-id", str(new), meta],
-                              timeout=600)
-                else:
-                    xml = run(["thin_delta", "--metadata-snap", "--snap1", str(old),
-                               "--snap2", str(new), meta], timeout=600)
+        with self._metadata_snapshot() as meta:
+            if old is None:
+                xml = run(["thin_dump", "--metadata-snap", "--dev-id", str(new), meta],
+                          timeout=DUMP_TIMEOUT)
+            else:
+                xml = run(["thin_delta", "--metadata-snap", "--snap1", str(old),
+                           "--snap2", str(new), meta], timeout=DUMP_TIMEOUT)
         return _ranges_from_xml(xml, self.block_size, delta=old is not None)
 
     @contextlib.contextmanager
     def read_snapshot(self, name: str, snap: str):
         rec = self._snap_rec(name, snap)
-        dm_name = self._snap_dm_name(name, snap)
-        dev = self._activate(dm_name, rec["id"], rec["size"], readonly=True)
+        dev = self._activate(rec["id"], rec["size"], readonly=True)
         try:
             yield dev
         finally:
-            dmsetup("remove", "--retry", dm_name)
+            dmsetup("remove", "--retry", self._thin_name(rec["id"]))
 
     # space
     def usage(self) -> dict:
@@ -408,11 +568,15 @@ class DevicemapperBackend(Backend):
     def volume_usage(self, name: str) -> dict:
         st = self._status()
         out = {"pool_used": st["data_used"], "pool_size": st["data_size"]}
-        if self._exists(self._dm_name(name)):
-            f = dmsetup("status", self._dm_name(name), timeout=10).split()
+        vol = self._load()["volumes"].get(name)
+        if vol is not None and self._exists(self._thin_name(vol["id"])):
+            f = dmsetup("status", self._thin_name(vol["id"]), timeout=10).split()
             if len(f) > 3 and f[3].isdigit():
                 out["allocated"] = int(f[3]) * SECTOR
         return out
+
+
+_THIN_NAME = re.compile(r"t[0-9]+")  # after PREFIX-: the name of a thin device
 
 
 def _ranges_from_xml(xml: str, block: int, delta: bool) -> list[Range]:

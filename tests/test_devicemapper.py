@@ -3,13 +3,22 @@
 import json
 import os
 import subprocess
+import threading
 import time
+from pathlib import Path
 
 import pytest
 
-from helpers import Daemon, seed_demo
+from helpers import Daemon, read_at, seed_demo, write_at
+from pyvol import fs, locks
+from pyvol.backends import VolumeSpec
+from pyvol.backends import devicemapper as dm
+from pyvol.backends.devicemapper import DevicemapperBackend, dmsetup
 
 pytestmark = pytest.mark.devicemapper
+
+MiB = 1 << 20
+BLOCK = 64 << 10  # the pool's default block: changed ranges come in these
 
 
 def _pool(d: Daemon) -> dict:
@@ -197,3 +206,239 @@ def test_a_block_backup_restores_across_backends_loop_to_devicemapper_and_back(d
         assert hashlib.sha256(f.read()).hexdigest() == digest
     with open(os.path.join(mp3, "more"), "rb") as f:
         assert f.read() == b"y" * (1 << 20) + b"x" * (2 << 20)
+
+
+# What a daemon killed mid-operation leaves behind, and what the next start repairs
+
+START_WAIT = 240  # a daemon's first start in the emulated guest, on a busy host, is slow
+
+
+@pytest.fixture
+def dm_daemon(workdir):
+    """The ``daemon`` fixture's daemon, with time for a cold start under emulation."""
+    d = Daemon(workdir / "root", workdir / "pyvol.sock").start(wait=START_WAIT)
+    yield d
+    d.stop()
+
+
+def _backend(root: Path) -> DevicemapperBackend:
+    """An instance on ``root``, as another worker or the next start makes."""
+    return DevicemapperBackend(root, {"data_size": "1G"})
+
+
+def _write_completes(path: str, within: float = 5.0) -> bool:
+    """Append to ``path`` and fsync it (a buffered write alone never waits for the device);
+    True if that finished within ``within`` seconds. A writer blocked on a suspended device
+    or a frozen filesystem is left to finish once the test has released it."""
+    done = threading.Event()
+
+    def write():
+        with open(path, "ab") as f:
+            f.write(os.urandom(8192))
+            f.flush()
+            os.fsync(f.fileno())
+        done.set()
+
+    threading.Thread(target=write, daemon=True).start()
+    return done.wait(within)
+
+
+def _suspended(dm_name: str) -> bool:
+    return dmsetup("info", "-c", "--noheadings", "-o", "suspended", dm_name).strip() == "Suspended"
+
+
+def _held(b: DevicemapperBackend) -> str:
+    """The pool's metadata snapshot (its root block), or "-" when none is reserved."""
+    return dmsetup("status", b.pool).split()[6]
+
+
+def _thin_ids(b: DevicemapperBackend) -> dict[str, int]:
+    """Every active device of the pool (pool excluded) -> the thin id its table maps."""
+    out = {}
+    for line in dmsetup("table").splitlines():
+        name, _, table = line.partition(": ")
+        f = table.split()
+        if name.startswith(b.prefix + "-") and len(f) >= 5 and f[2] == "thin":
+            out[name] = int(f[4])
+    return out
+
+
+def test_a_device_left_suspended_by_a_killed_daemon_is_resumed_at_start(dm_daemon):
+    daemon = dm_daemon
+    api = daemon.api
+    api.ok("/VolumeDriver.Create", {"Name": "susp", "Opts": {"size": "256M"}})
+    mp = api.ok("/VolumeDriver.Mount", {"Name": "susp", "ID": "w"})["Mountpoint"]
+    dev = _backend(daemon.root).active_device("susp")
+    dm_name = os.path.basename(dev)
+    # as a daemon killed between `dmsetup suspend` and `resume` in snapshot leaves it
+    dmsetup("suspend", "--nolockfs", dm_name)
+    daemon.kill()
+    try:
+        assert _suspended(dm_name)
+        daemon.start(wait=START_WAIT)
+        assert not _suspended(dm_name)
+        assert _write_completes(os.path.join(mp, "after-restart")), \
+            "a write into the volume still blocks after the restart"
+        events = [line for line in daemon.log_path.read_text().splitlines()
+                  if "left suspended" in line]
+        assert any(dm_name in line for line in events), events
+    finally:
+        subprocess.run(["dmsetup", "resume", dm_name], check=False, capture_output=True)
+    api = daemon.api
+    api.ok("/VolumeDriver.Unmount", {"Name": "susp", "ID": "w"})
+    api.ok("/VolumeDriver.Remove", {"Name": "susp"})
+
+
+def test_a_metadata_snapshot_left_reserved_is_released(workdir):
+    b = _backend(workdir / "root")
+    b.setup()
+    b.create(VolumeSpec("v", 64 * MiB))
+    dev = b.activate("v")
+    write_at(dev, 0, b"1" * BLOCK)
+    b.snapshot("v", "a")
+    write_at(dev, 2 * MiB, b"2" * BLOCK)
+    b.snapshot("v", "b")
+    # as a daemon killed during thin_dump/thin_delta leaves it: every later reserve failed
+    dmsetup("message", b.pool, "0", "reserve_metadata_snap")
+    assert _held(b) != "-"
+    assert b.changed_ranges("v", "a", "b") == [(2 * MiB, BLOCK)]
+    assert _held(b) == "-"
+    # and a start releases one too
+    dmsetup("message", b.pool, "0", "reserve_metadata_snap")
+    again = _backend(workdir / "root")
+    again.setup()
+    assert _held(again) == "-"
+    assert again.changed_ranges("v", None, "a") == [(0, BLOCK)]
+
+
+def test_a_slow_changed_ranges_leaves_the_pool_to_creates_and_mounts(workdir, monkeypatch):
+    b = _backend(workdir / "root")
+    b.setup()
+    b.create(VolumeSpec("v", 64 * MiB))
+    write_at(b.activate("v"), 0, b"1" * BLOCK)
+    b.snapshot("v", "s")
+    in_dump, finish = threading.Event(), threading.Event()
+    real_run = dm.run
+
+    def slow_run(argv, *args, **kwargs):  # a dump of a big pool: minutes
+        if argv[0] in ("thin_dump", "thin_delta"):
+            in_dump.set()
+            finish.wait(120)
+        return real_run(argv, *args, **kwargs)
+
+    monkeypatch.setattr(dm, "run", slow_run)
+    result = {}
+    dumper = threading.Thread(target=lambda: result.update(ranges=b.changed_ranges("v", None, "s")))
+    dumper.start()
+    try:
+        assert in_dump.wait(60)
+        other = _backend(workdir / "root")  # another worker, serving a Create and a Mount
+        started = time.monotonic()
+        other.create(VolumeSpec("w", 64 * MiB))
+        other.activate("w")
+        took = time.monotonic() - started
+        assert took < 10, f"a create and an activate waited {took:.0f}s for a dump"
+        assert not result, "the dump ended before the create: nothing was shown"
+    finally:
+        finish.set()
+        dumper.join(180)
+    assert result["ranges"] == [(0, BLOCK)]
+
+
+def test_dm_names_are_thin_ids_so_names_neither_collide_nor_overflow(workdir):
+    b = _backend(workdir / "root")
+    b.setup()
+    # a--b@c and a@b--c were both PREFIX-s-a--b--c
+    b.create(VolumeSpec("a--b", 64 * MiB))
+    b.create(VolumeSpec("a", 64 * MiB))
+    write_at(b.activate("a--b"), 0, b"X" * 4096)
+    write_at(b.activate("a"), 0, b"Y" * 4096)
+    b.snapshot("a--b", "c")
+    b.snapshot("a", "b--c")
+    with b.read_snapshot("a--b", "c") as one, b.read_snapshot("a", "b--c") as two:
+        assert one != two
+        assert read_at(one, 0, 4096) == b"X" * 4096
+        assert read_at(two, 0, 4096) == b"Y" * 4096
+    # the longest names the API accepts: 128 and 64 characters (the kernel's limit is 127
+    # bytes for a whole dm name)
+    long, snap = "v" * 128, "s" * 64
+    b.create(VolumeSpec(long, 64 * MiB))
+    dev = b.activate(long)
+    write_at(dev, MiB, b"L" * 4096)
+    b.snapshot(long, snap)
+    write_at(dev, MiB, b"M" * 4096)
+    with b.read_snapshot(long, snap) as path:
+        assert read_at(path, MiB, 4096) == b"L" * 4096
+    b.clone(long, snap, VolumeSpec("c" * 128, 64 * MiB))
+    assert read_at(b.activate("c" * 128), MiB, 4096) == b"L" * 4096
+    assert b.active_device(long) == dev and read_at(dev, MiB, 4096) == b"M" * 4096
+    names = _thin_ids(b)
+    assert len(set(names.values())) == len(names) == 4  # a, a--b, the long one, its clone
+    assert all(len(n) < 40 for n in names), names
+
+
+def test_a_device_named_by_the_old_scheme_is_renamed_at_start(workdir):
+    b = _backend(workdir / "root")
+    b.setup()
+    b.create(VolumeSpec("old", 64 * MiB))
+    b.activate("old")  # recorded active: the next start activates it
+    thin_id = b._vol("old")["id"]
+    # as an older pyvol named it, mounted and in use
+    dmsetup("remove", b._thin_name(thin_id))
+    old_name = f"{b.prefix}-v-old"
+    dmsetup("create", old_name, "--table",
+            f"0 {(64 * MiB) // 512} thin /dev/mapper/{b.pool} {thin_id}")
+    mp = workdir / "mnt"
+    fs.mkfs(f"/dev/mapper/{old_name}", "ext4")
+    fs.mount(f"/dev/mapper/{old_name}", mp, "ext4")
+    try:
+        (mp / "before").write_text("written through the old name")
+        again = _backend(workdir / "root")
+        again.setup()
+        assert [n for n, i in _thin_ids(again).items() if i == thin_id] == \
+            [again._thin_name(thin_id)], "one device per thin id, named by it"
+        assert again.active_device("old") == f"/dev/mapper/{again._thin_name(thin_id)}"
+        assert _write_completes(str(mp / "after"))
+        assert (mp / "before").read_text() == "written through the old name"
+    finally:
+        fs.umount(mp)
+    assert fs.detect(again.active_device("old")) == "ext4"
+
+
+def test_a_snapshot_waiting_for_the_pool_lock_leaves_the_filesystem_writable(dm_daemon):
+    daemon = dm_daemon
+    api = daemon.api
+    api.ok("/VolumeDriver.Create", {"Name": "frz", "Opts": {"size": "256M"}})
+    mp = api.ok("/VolumeDriver.Mount", {"Name": "frz", "ID": "w"})["Mountpoint"]
+    lock_file = str(daemon.root / "locks" / "devicemapper.lock")
+
+    def waiting_for_the_pool() -> bool:  # a daemon process has the lock's file open
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            if int(pid) == os.getpid():
+                continue
+            try:
+                fds = os.listdir(f"/proc/{pid}/fd")
+                if any(os.readlink(f"/proc/{pid}/fd/{fd}") == lock_file for fd in fds):
+                    return True
+            except OSError:
+                continue
+        return False
+
+    result = {}
+    with locks.held(daemon.root / "locks", "devicemapper", "the test"):
+        snapper = threading.Thread(target=lambda: result.update(
+            proc=daemon.cli("snapshot", "create", "frz", "--name", "s", check=False)))
+        snapper.start()
+        deadline = time.monotonic() + 60
+        while not waiting_for_the_pool() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert waiting_for_the_pool(), "the snapshot never reached the pool lock"
+        for i in range(2):
+            assert _write_completes(os.path.join(mp, f"while-waiting-{i}")), \
+                "the filesystem is frozen while the snapshot waits for the pool lock"
+        assert snapper.is_alive(), "the snapshot did not wait for the pool lock"
+    snapper.join(120)
+    assert result["proc"].returncode == 0, result["proc"].stderr
+    assert "s" in _backend(daemon.root).snapshots("frz")
+    api.ok("/VolumeDriver.Unmount", {"Name": "frz", "ID": "w"})
+    api.ok("/VolumeDriver.Remove", {"Name": "frz"})
