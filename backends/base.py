@@ -42,8 +42,11 @@ class Backend(ABC):
     change_granularity: ClassVar[int] = 4096
     #: mount with online discard, so deleted files give space back to the pool
     discard: ClassVar[bool] = False
-    #: sizes are whole multiples of this (EBS: GiB); the manager rounds requests up to it
+    #: sizes are whole multiples of this (EBS: GiB); a create rounds requests up to it
     size_unit: ClassVar[int] = 1
+    #: block: a device may come without a filesystem (an EBS volume from a foreign snapshot);
+    #: a mount makes one, only ever on a device that has none
+    may_lack_fs: ClassVar[bool] = False
 
     def __init__(self, root: Path, settings: dict[str, str] | None = None):
         self.root = Path(root)

@@ -1,6 +1,7 @@
 """HTTP: Docker's VolumeDriver protocol, and the control API the ``pyvol`` CLI speaks.
 
-No storage logic here: parse the body, check its shape, call the manager, turn errors into
+No storage logic here: parse the body, check its shape, call the part that does it (the
+volume lifecycle, snapshots, backups), turn errors into
 ``Err``. dockerd sends no Content-Type, so bodies are parsed from raw bytes; Opts may be null.
 Docker endpoints answer 200 with ``Err`` for every error a caller can cause; the control API
 uses HTTP status codes too. Whatever a caller sends (a body that cannot be read, JSON nested
@@ -21,7 +22,8 @@ from werkzeug.exceptions import ClientDisconnected, HTTPException
 
 from .backup.job import Job
 from .errors import InvalidInput, PyvolError
-from .manager import Manager, parse_snap_ref
+from .names import parse_snap_ref
+from .parts import Parts
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +117,7 @@ def _field(body: dict, key: str, default=None, required: bool = True):
 
 
 def _text(body: dict, key: str, accepted: str, required: bool = True) -> str | None:
-    """A field that must be a string (the manager checks what the string says)."""
+    """A field that must be a string (the part it goes to checks what the string says)."""
     value = _field(body, key, None, required)
     if value is not None and not isinstance(value, str):
         raise InvalidInput(f"invalid field {key!r}: {_short(value)} is a "
@@ -128,34 +130,34 @@ def _json(payload, status=200) -> Response:
                     mimetype="application/vnd.docker.plugins.v1+json")
 
 
-# Docker's VolumeDriver protocol: route -> (call with the manager and the body, reply field).
+# Docker's VolumeDriver protocol: route -> (call with the parts and the body, reply field).
 # Every error becomes ``Err`` in a 200 answer; a success answers {field: result, "Err": ""}.
 
-def _docker_create(m: Manager, b: dict) -> None:
+def _docker_create(p: Parts, b: dict) -> None:
     name, opts = _field(b, "Name"), b.get("Opts")
     job = None
     if isinstance(opts, dict) and opts.get("from-backup"):
         # Docker gives up on a plugin call after 30 s; stop before it does, undo, and say
         # how to do it instead, rather than finish a volume Docker no longer waits for.
-        timeout = m.config.docker_timeout
+        timeout = p.host.config.docker_timeout
         job = Job("restore", deadline=max(1.0, timeout - 5), late=(
             f"restoring {opts['from-backup']} takes longer than Docker waits for a plugin "
             f"({timeout:g} s), so it was stopped and nothing was created: run `pyvol restore "
             f"'{opts['from-backup']}' {name}` (it shows progress), then use volume "
             f"{name} in Docker by name"))
-    m.create(name, opts, job=job)
+    p.volumes.create(name, opts, job=job)
 
 
-def _docker_capabilities(m: Manager, _b: dict) -> dict:
-    scopes = {backend.scope for backend in m.backends.values()}
+def _docker_capabilities(p: Parts, _b: dict) -> dict:
+    scopes = {backend.scope for backend in p.host.backends.values()}
     # global only when every backend's volumes are visible from every host
     return {"Scope": "global" if scopes == {"global"} else "local"}
 
 
-def _docker_deadline(m: Manager) -> float:
+def _docker_deadline(p: Parts) -> float:
     """When Docker stops waiting for this call (its plugin timeout, less a margin for the
     answer to reach it): a Mount done later would be counted for nobody."""
-    timeout = m.config.docker_timeout
+    timeout = p.host.config.docker_timeout
     return time.monotonic() + timeout - min(2.0, timeout / 4)
 
 
@@ -164,15 +166,16 @@ def _mount_id(b: dict):
 
 
 DOCKER_CALLS = {
-    "/Plugin.Activate": (lambda m, b: ["VolumeDriver"], "Implements"),
+    "/Plugin.Activate": (lambda p, b: ["VolumeDriver"], "Implements"),
     "/VolumeDriver.Create": (_docker_create, None),
-    "/VolumeDriver.Remove": (lambda m, b: m.remove(_field(b, "Name")), None),
-    "/VolumeDriver.Mount": (lambda m, b: m.mount(_field(b, "Name"), _mount_id(b),
-                                                 deadline=_docker_deadline(m)), "Mountpoint"),
-    "/VolumeDriver.Unmount": (lambda m, b: m.unmount(_field(b, "Name"), _mount_id(b)), None),
-    "/VolumeDriver.Path": (lambda m, b: m.path(_field(b, "Name")), "Mountpoint"),
-    "/VolumeDriver.Get": (lambda m, b: m.get(_field(b, "Name")), "Volume"),
-    "/VolumeDriver.List": (lambda m, b: m.mountpoints(), "Volumes"),
+    "/VolumeDriver.Remove": (lambda p, b: p.volumes.remove(_field(b, "Name")), None),
+    "/VolumeDriver.Mount": (lambda p, b: p.volumes.mount(
+        _field(b, "Name"), _mount_id(b), deadline=_docker_deadline(p)), "Mountpoint"),
+    "/VolumeDriver.Unmount": (lambda p, b: p.volumes.unmount(_field(b, "Name"), _mount_id(b)),
+                              None),
+    "/VolumeDriver.Path": (lambda p, b: p.volumes.path(_field(b, "Name")), "Mountpoint"),
+    "/VolumeDriver.Get": (lambda p, b: p.volumes.get(_field(b, "Name")), "Volume"),
+    "/VolumeDriver.List": (lambda p, b: p.volumes.mountpoints(), "Volumes"),
     "/VolumeDriver.Capabilities": (_docker_capabilities, "Capabilities"),
 }
 DOCKER_ENDPOINTS = list(DOCKER_CALLS)
@@ -218,7 +221,8 @@ def _streamed(what: str, work) -> Response:
     return Response(lines(), mimetype="application/x-ndjson")
 
 
-def create_app(manager: Manager) -> Flask:
+def create_app(parts: Parts) -> Flask:
+    volumes, snapshots = parts.volumes, parts.snapshots
     app = Flask("pyvol")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     # an empty path part ("/volumes//mount") is refused, not redirected with an HTML page
@@ -232,7 +236,7 @@ def create_app(manager: Manager) -> Flask:
     def docker(path, call, field):
         def handler():
             try:
-                result = call(manager, _body())
+                result = call(parts, _body())
             except PyvolError as e:
                 log.info("%s refused: %s", path, e)
                 return _json({"Err": str(e)})
@@ -263,66 +267,66 @@ def create_app(manager: Manager) -> Flask:
 
     @control("/info", ["GET"])
     def info(_):
-        return manager.info()
+        return parts.host.info()
 
     @control("/volumes", ["GET"])
-    def volumes(_):
-        return manager.list()
+    def volume_list(_):
+        return volumes.list()
 
     @control("/volumes", ["POST"])
     def volume_create(b):
-        return manager.create(_field(b, "Name"), b.get("Opts"))
+        return volumes.create(_field(b, "Name"), b.get("Opts"))
 
     @control("/volumes/<name>", ["GET"])
     def volume_get(_, name):
-        return manager.get(name)
+        return volumes.get(name)
 
     @control("/volumes/<name>", ["DELETE"])
     def volume_remove(_, name):
-        manager.remove(name)
+        volumes.remove(name)
 
     @control("/volumes/<name>/mount", ["POST"])
     def volume_mount(b, name):
-        return {"Mountpoint": manager.mount(name, _mount_id(b))}
+        return {"Mountpoint": volumes.mount(name, _mount_id(b))}
 
     @control("/volumes/<name>/unmount", ["POST"])
     def volume_unmount(b, name):
-        manager.unmount(name, _mount_id(b), every=_field(b, "All", False, False) is True)
+        volumes.unmount(name, _mount_id(b), every=_field(b, "All", False, False) is True)
 
     @control("/snapshots", ["GET"])
-    def snapshots(_):
-        return manager.snapshot_list(request.args.get("volume"))
+    def snapshot_list(_):
+        return snapshots.list(request.args.get("volume"))
 
     @control("/volumes/<name>/snapshots", ["POST"])
     def snapshot_create(b, name):
-        return manager.snapshot_create(name, _field(b, "Name", None, False))
+        return snapshots.create(name, _field(b, "Name", None, False))
 
     @control("/snapshots/<ref>", ["GET"])
     def snapshot_get(_, ref):
-        return manager.snapshot_get(*parse_snap_ref(ref))
+        return snapshots.get(*parse_snap_ref(ref))
 
     @control("/snapshots/<ref>", ["DELETE"])
     def snapshot_remove(_, ref):
-        manager.snapshot_remove(*parse_snap_ref(ref))
+        snapshots.remove(*parse_snap_ref(ref))
 
     @control("/volumes/<name>/changes", ["GET"])
     def volume_changes(_, name):
         base, snap = request.args.get("base") or None, request.args.get("snap")
         if not snap:
             raise InvalidInput("missing query parameter 'snap'")
-        return [list(r) for r in manager.changed_ranges(name, base, snap)]
+        return [list(r) for r in snapshots.changed_ranges(name, base, snap)]
 
     @control("/volumes/<name>/leases", ["GET"])
     def volume_leases(_, name):
-        return manager.leases(name)
+        return parts.catalogue.claims(name)
 
     @control("/volumes/<name>/leases/clear", ["POST"])
     def volume_lease_clear(b, name):
-        return manager.clear_lease(name, _field(b, "Host"))
+        return parts.catalogue.clear_claim(name, _field(b, "Host"))
 
     # backups: long work streams progress (see _streamed); a backup URL goes in the body or
     # the query string because it holds '/' and '#'
-    backups = manager.backups
+    backups = parts.backups
 
     def _arg(name: str) -> str:
         value = request.args.get(name)
@@ -363,7 +367,10 @@ def create_app(manager: Manager) -> Flask:
         name = _field(b, "Name")
         size = _text(b, "Size", "a size such as 10G, or none for the backed-up size", False)
         backend = _text(b, "Backend", "a backend name, or none for the default", False)
-        return _streamed("restore", lambda job: backups.restore(url, name, size, backend, job))
+        # a restore is a create whose source is the backup
+        opts = {"from-backup": url, **({"size": size} if size else {}),
+                **({"backend": backend} if backend else {})}
+        return _streamed("restore", lambda job: volumes.create(name, opts, job=job))
 
     @app.errorhandler(HTTPException)
     def http_error(e: HTTPException):

@@ -19,7 +19,9 @@ from .backends import BACKENDS, default_name
 from .config import Config
 from .errors import PyvolError
 from .log import event
-from .manager import Manager
+from .host import Host
+from .parts import Parts, wire
+from .reconcile import reconcile
 from .state import Store
 
 log = logging.getLogger(__name__)
@@ -95,8 +97,9 @@ def _set_up(config: Config, name: str, cls, backends: dict) -> str | None:
     return None
 
 
-def build_manager(config: Config) -> Manager:
-    """Set up every backend this host can run; one that fails does not stop the others."""
+def build(config: Config) -> Parts:
+    """Set up every backend this host can run (one that fails does not stop the others), and
+    wire the daemon's parts over them."""
     store = Store(config.state_path)
     store.init()
     backends, unavailable = {}, {}
@@ -114,7 +117,14 @@ def build_manager(config: Config) -> Manager:
                          f"{', '.join(sorted(BACKENDS))}")
     if default in unavailable:
         log.error("default backend %s is unavailable: %s", default, unavailable[default])
-    return Manager(config, backends, store, default, unavailable)
+    return wire(Host(config, store, backends, default, unavailable))
+
+
+def start_up(parts: Parts) -> None:
+    """Make records and reality agree before any request is served (``reconcile``), then
+    let the backups finish or undo what a crash interrupted of theirs."""
+    reconcile(parts.host, parts.volumes)
+    parts.backups.recover()
 
 
 class _Gunicorn(BaseApplication):
@@ -140,9 +150,9 @@ def serve(config: Config) -> None:
     os.chmod(config.root, 0o700)
     lock_fd = _take_daemon_lock(config)
     os.environ["PYVOL_MASTER_PID"] = str(os.getpid())  # lets `info` name the daemon's pid
-    manager = build_manager(config)
-    manager.recover()
-    manager.store.close()  # workers open their own connections after the fork
+    parts = build(config)
+    start_up(parts)
+    parts.host.store.close()  # workers open their own connections after the fork
     config.socket.parent.mkdir(parents=True, exist_ok=True)
 
     def post_fork(server, worker):
@@ -153,8 +163,8 @@ def serve(config: Config) -> None:
 
     def when_ready(server):
         event(log, "pyvol daemon ready", socket=str(config.socket), root=str(config.root),
-              default_backend=manager.default_backend, backends=sorted(manager.backends),
-              unavailable=manager.unavailable)
+              default_backend=parts.host.default_backend,
+              backends=sorted(parts.host.backends), unavailable=parts.host.unavailable)
 
     options = {
         "bind": f"unix:{config.socket}",
@@ -176,4 +186,4 @@ def serve(config: Config) -> None:
         "when_ready": when_ready,
         "proc_name": "pyvol",
     }
-    _Gunicorn(create_app(manager), options).run()
+    _Gunicorn(create_app(parts), options).run()

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from pyvol.api import DOCKER_ENDPOINTS
 from pyvol.errors import InvalidInput
-from pyvol.manager import NAME_RE
+from pyvol.names import NAME_RE
 from pyvol.units import parse_size
 
 CASES = [

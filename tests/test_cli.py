@@ -80,5 +80,5 @@ def test_every_line_the_daemon_writes_is_one_json_event(daemon):
     events = [json.loads(ln) for ln in lines]  # fails on any line that is not JSON
     assert all({"ts", "level", "logger", "msg"} <= set(e) for e in events)
     loggers = {e["logger"] for e in events}
-    assert "gunicorn.error" in loggers and "pyvol.manager" in loggers
+    assert "gunicorn.error" in loggers and "pyvol.volumes" in loggers
     assert any(e["msg"] == "snapshot created" and e["volume"] == "logged" for e in events)

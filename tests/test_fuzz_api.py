@@ -161,7 +161,7 @@ METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD", "FOO"]
 
 def app_routes() -> dict[str, list[str]]:
     """Every rule the app serves, with its methods (HEAD is implied by GET)."""
-    app = create_app(types.SimpleNamespace(backups=None))
+    app = create_app(types.SimpleNamespace(volumes=None, snapshots=None, backups=None))
     routes: dict[str, list[str]] = {}
     for rule in app.url_map.iter_rules():
         if rule.endpoint != "static":

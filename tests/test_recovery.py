@@ -10,7 +10,7 @@ from helpers import loop_devices_under, release
 from pyvol import config as pyvol_config
 from pyvol import fs, mountinfo
 from pyvol.errors import CommandFailed
-from pyvol.server import build_manager
+from pyvol.server import build
 
 
 def test_sigkill_with_a_mounted_volume_keeps_the_mount_and_its_count(daemon):
@@ -94,21 +94,22 @@ def test_failed_mkfs_leaves_no_record_and_no_image(workdir, monkeypatch):
     """In-process: the one fault injected is the narrowest seam, mkfs itself failing."""
     cfg = pyvol_config.load(root=str(workdir / "root"), socket=str(workdir / "s.sock"),
                             env={"PYVOL_LOOP_POOL_SIZE": "4G"})
-    manager = build_manager(cfg)
+    parts = build(cfg)
+    loop = parts.host.backends["loop"]
 
     def broken_mkfs(*a, **kw):
         raise CommandFailed("mkfs.ext4 failed (exit 1): injected")
 
     monkeypatch.setattr(fs, "mkfs", broken_mkfs)
     with pytest.raises(CommandFailed, match="injected"):
-        manager.create("doomed", {"size": "64M"})
-    assert manager.store.volume("doomed") is None
-    assert manager.backends["loop"].list() == []
+        parts.volumes.create("doomed", {"size": "64M"})
+    assert parts.host.store.volume("doomed") is None
+    assert loop.list() == []
     assert list(loop_devices_under(workdir / "root").values()) == [
         str(workdir / "root/loop/pool.img")]
     monkeypatch.undo()
-    assert manager.create("doomed", {"size": "64M"})["Name"] == "doomed"
-    manager.backends["loop"].teardown()
+    assert parts.volumes.create("doomed", {"size": "64M"})["Name"] == "doomed"
+    loop.teardown()
 
 
 def test_orphaned_image_is_never_overwritten(daemon):

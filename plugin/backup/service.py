@@ -1,18 +1,25 @@
-"""Backups as the daemon offers them: the glue between the manager's volumes and a repository.
+"""Backups as the daemon offers them: the glue between this host's volumes and a repository.
 
-The manager owns volumes and snapshots; the repository owns objects. This module decides which
-snapshot a backup reads, which earlier backup it is incremental to, and what the manifest says.
+The volumes' side owns volumes and snapshots, and this module reaches it only through the
+narrow ``VolumeAccess`` (wired in server.py); the repository owns objects. This module decides
+which snapshot a backup reads, which earlier backup it is incremental to, and what the
+manifest says.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Protocol
 
+from ..backends import Backend
 from ..crashpoint import crashpoint
 from ..errors import InvalidInput, NotFound, PyvolError
+from ..names import check_name, parse_snap_ref
 from ..log import event
+from ..state import Snapshot, Volume
 from . import block, tree
 from .blobs import CorruptObject, read_key_file
 from .job import Job
@@ -35,6 +42,25 @@ def _summary(m: dict) -> dict:
     return out
 
 
+class VolumeAccess(Protocol):
+    """All that backups need of the volumes: find one, snapshot it, read a snapshot, release
+    it, and a few notes kept in the state (docs/state.md, meta keys ``backup-*``)."""
+
+    def volume(self, name: str) -> Volume: ...
+    def backend(self, v: Volume) -> Backend: ...
+    def backend_named(self, name: str, what: str) -> Backend: ...
+    def archive(self, backend: Backend) -> str: ...
+    def take_snapshot(self, volume: str, snap: str, origin: str) -> None: ...
+    def drop_snapshot(self, volume: str, snap: str) -> None: ...
+    def snapshot(self, volume: str, snap: str) -> Snapshot | None: ...
+    def reading(self, volume: str, snap: str) -> AbstractContextManager: ...
+    def instance_id(self) -> str: ...
+    def note(self, key: str) -> str | None: ...
+    def set_note(self, key: str, value: str) -> None: ...
+    def drop_note(self, key: str) -> None: ...
+    def notes(self, prefix: str) -> list[str]: ...
+
+
 @dataclass
 class Restore:
     """A backup ready to be written into a new volume (its manifest already read)."""
@@ -48,19 +74,27 @@ class Restore:
         return int(self.manifest["source"]["size"])
 
     @property
-    def kind(self) -> str:
+    def archive(self) -> str:
         """"block": written into a device; "tree": extracted into a directory."""
         return self.manifest["kind"]
 
     @property
+    def url(self) -> str:
+        return self.manifest["url"]
+
+    @property
     def fs(self) -> str | None:
         """The filesystem a block backup holds; None for a tree, which goes into any."""
-        return self.manifest["source"].get("fs", "ext4") if self.kind == "block" else None
+        return self.manifest["source"].get("fs", "ext4") if self.archive == "block" else None
+
+    def fill(self, kind, backend, spec, v, mp, job) -> None:
+        """Make the new volume's storage and write this backup into it (the kind knows how)."""
+        kind.receive(backend, spec, v, mp, self, job)
 
     def run(self, target: str, job: Job | None) -> dict:
         """Write into ``target``: a device for a block backup, a directory for a tree."""
         job = job or Job("restore")
-        engine = block if self.kind == "block" else tree
+        engine = block if self.archive == "block" else tree
         with locked(self.repo, "shared", self.service.lease):
             result = engine.restore(self.repo, self.manifest, target, job, self.service.threads)
         event(log, "backup restored", backup=self.manifest["url"], **result)
@@ -75,7 +109,6 @@ class EbsRestore:
     region: str
     snapshot_id: str
     description: dict
-    kind = "ebs-snapshot"
 
     @property
     def size(self) -> int:
@@ -85,7 +118,7 @@ class EbsRestore:
     def fs(self) -> str:
         return self.description["source"]["fs"]
 
-    def make_volume(self, backend, spec) -> None:
+    def fill(self, kind, backend, spec, v, mp, job) -> None:
         if backend.name != "ebs":
             raise InvalidInput(f"an ebs:// backup restores into the ebs backend, not "
                                f"{backend.name} (back up into a pyvol repository to move "
@@ -94,8 +127,8 @@ class EbsRestore:
 
 
 class Backups:
-    def __init__(self, manager, config):
-        self.manager = manager
+    def __init__(self, access: VolumeAccess, config):
+        self.access = access
         self.settings = dict(config.backup_settings)
         self.key_file = self.settings.pop("key_file", None) or None
         try:
@@ -116,15 +149,13 @@ class Backups:
     # backup
     def create(self, ref, dest, job: Job | None = None) -> dict:
         """Back up ``VOLUME`` (from a new snapshot) or ``VOLUME@SNAPSHOT`` into ``dest``."""
-        from ..manager import check_name, parse_snap_ref
-
         job = job or Job("backup")
         if not isinstance(ref, str):
             raise InvalidInput("invalid volume: accepted is VOLUME or VOLUME@SNAPSHOT")
         vol, snap = parse_snap_ref(ref) if "@" in ref else (check_name(ref), None)
-        m = self.manager
-        v = m._ready(vol)
-        backend = m._backend(v)
+        m = self.access
+        v = m.volume(vol)
+        backend = m.backend(v)
         if isinstance(dest, str) and dest.startswith("ebs://"):
             return self._ebs_backup(v, backend, snap, dest)
         repo = self._repo(dest, create=True)
@@ -136,15 +167,15 @@ class Backups:
                 # recorded before the snapshot exists: if the daemon dies before this backup
                 # ends, recover() removes the snapshot, however far it got
                 snap = AUTO_PREFIX + bid
-                m.store.set_meta(f"{PENDING}{vol}@{snap}", bid)
+                m.set_note(f"{PENDING}{vol}@{snap}", bid)
                 try:
-                    m.snapshot_create(vol, snap, origin="backup")
+                    m.take_snapshot(vol, snap, origin="backup")
                 except BaseException:
-                    m.store.delete_meta(f"{PENDING}{vol}@{snap}")
+                    m.drop_note(f"{PENDING}{vol}@{snap}")
                     raise
                 crashpoint("backup.snapshot")
             try:
-                with m.snapshot_reading(vol, snap):
+                with m.reading(vol, snap):
                     try:
                         manifest = self._backup(repo, v, backend, snap, bid, job)
                         job.check()  # a client that went away gets no backup at all
@@ -173,27 +204,43 @@ class Backups:
                 raise
             finally:
                 if auto:
-                    m.store.delete_meta(f"{PENDING}{vol}@{snap}")
+                    m.drop_note(f"{PENDING}{vol}@{snap}")
         event(log, "backup created", volume=vol, snapshot=snap, backup=url,
               incremental=manifest["incremental"], **manifest["stats"])
         if auto and manifest["kind"] == "tree":
             # a tree backup is never a base for the next: its snapshot is not kept
             self._drop_own_snapshot(vol, snap, "of a tree backup")
         elif auto:
-            m.store.set_meta(f"{BASE}{vol}@{snap}", repo.url)
+            m.set_note(f"{BASE}{vol}@{snap}", repo.url)
         self._drop_superseded(vol, snap, repo.url, manifest.get("parent_snapshot"))
         manifest["url"] = url
         return _summary(manifest)
 
+    def recover(self) -> None:
+        """At start: a backup the daemon died in wrote no manifest (or one whose snapshot is
+        no base any more); the snapshot it took for itself goes."""
+        m = self.access
+        for key in m.notes(PENDING):
+            volume, _, snap = key[len(PENDING):].partition("@")
+            try:
+                if m.snapshot(volume, snap) is not None:
+                    event(log, "removing the snapshot of a backup interrupted by a crash",
+                          volume=volume, snapshot=snap)
+                    m.drop_snapshot(volume, snap)
+                m.drop_note(key)
+            except Exception:
+                log.exception("could not remove snapshot %s@%s of an interrupted backup",
+                              volume, snap)
+
     def _drop_own_snapshot(self, vol: str, snap: str, why: str) -> bool:
         """Remove a snapshot pyvol took itself (never a user's); False if it stays."""
-        s = self.manager.store.snapshot(vol, snap)
+        s = self.access.snapshot(vol, snap)
         if s is None:
             return True
         if s.origin != "backup":
             return False
         try:
-            self.manager.snapshot_remove(vol, snap)
+            self.access.drop_snapshot(vol, snap)
             return True
         except PyvolError as e:  # being read by another backup, say: it goes next time
             log.info("kept snapshot %s@%s %s: %s", vol, snap, why, e)
@@ -202,24 +249,20 @@ class Backups:
     def _drop_superseded(self, vol: str, snap: str, repo_url: str, parent: str | None) -> None:
         """The new backup's snapshot is the base of this repository's next backup: every
         earlier base for the same repository (and the parent read this time) can go."""
-        store = self.manager.store
+        m = self.access
         prefix = f"{BASE}{vol}@"
-        olds = {k[len(prefix):] for k in store.meta_keys(prefix) if store.meta(k) == repo_url}
+        olds = {k[len(prefix):] for k in m.notes(prefix) if m.note(k) == repo_url}
         if parent:
             olds.add(parent)
         for old in sorted(olds - {snap}):
             if self._drop_own_snapshot(vol, old, "superseded by a newer backup"):
-                store.delete_meta(f"{prefix}{old}")
+                m.drop_note(f"{prefix}{old}")
 
     # EBS snapshots as backups (ebs://REGION): the ebs backend's own kind of backup
     def _ebs(self, what: str):
         from ..backends.ebs import EbsBackups
 
-        b = self.manager.backends.get("ebs")
-        if b is None:
-            raise InvalidInput(f"{what} needs the ebs backend, which is not available on this "
-                               f"host: {self.manager.unavailable.get('ebs', 'not configured')}")
-        return EbsBackups(b)
+        return EbsBackups(self.access.backend_named("ebs", what))
 
     def _ebs_backup(self, v, backend, snap: str | None, dest: str) -> dict:
         from ..backends.ebs import parse_ebs_url
@@ -228,11 +271,11 @@ class Backups:
         if sid is not None or backend.name != "ebs":
             raise InvalidInput(f"an ebs:// destination takes ebs volumes, as ebs://REGION; "
                                f"volume {v.name} is on {backend.name}")
-        m = self.manager
+        m = self.access
         auto = snap is None
         if auto:
-            snap = m.snapshot_create(v.name, AUTO_PREFIX + new_backup_id(),
-                                     origin="backup")["Name"]
+            snap = AUTO_PREFIX + new_backup_id()
+            m.take_snapshot(v.name, snap, origin="backup")
         try:
             result = self._ebs("an ebs:// backup").create(v.name, snap, region, v.fs, v.size)
         finally:
@@ -243,7 +286,7 @@ class Backups:
 
     def _parent(self, repo: Repository, volume: str) -> tuple[dict | None, str]:
         """The latest backup of ``volume`` whose snapshot this daemon still holds."""
-        m = self.manager
+        m = self.access
         recent = repo.backup_ids(volume)[-PARENT_LOOKBACK:]
         if not recent:
             return None, "first backup of this volume in this repository"
@@ -255,7 +298,7 @@ class Backups:
             src = man.get("source", {})
             if src.get("instance") != m.instance_id():
                 continue
-            s = m.store.snapshot(volume, src.get("snapshot", ""))
+            s = m.snapshot(volume, src.get("snapshot", ""))
             if s is not None and s.status == "ready" and s.created_at == src.get(
                     "snapshot_created"):
                 return man, ""
@@ -263,10 +306,10 @@ class Backups:
                       "mapped range is read (only new chunks are uploaded)")
 
     def _backup(self, repo, v, backend, snap: str, bid: str, job: Job) -> dict:
-        if backend.kind == "file":
+        if self.access.archive(backend) == "tree":
             return self._tree_backup(repo, v, backend, snap, bid, job)
-        m = self.manager
-        srec = m.store.snapshot(v.name, snap)
+        m = self.access
+        srec = m.snapshot(v.name, snap)
         parent, why_full = self._parent(repo, v.name)
         mapped = backend.changed_ranges(v.name, None, snap)
         changed, chain = None, {}
@@ -303,8 +346,8 @@ class Backups:
     def _tree_backup(self, repo, v, backend, snap: str, bid: str, job: Job) -> dict:
         """A file backend's snapshot, archived; every backup reads it all and uploads only
         the chunks the repository lacks (unchanged files give unchanged chunks)."""
-        m = self.manager
-        srec = m.store.snapshot(v.name, snap)
+        m = self.access
+        srec = m.snapshot(v.name, snap)
         with backend.read_snapshot(v.name, snap) as directory:
             chunks, stats = tree.backup(repo, directory, job, self.threads)
         return {
@@ -319,8 +362,6 @@ class Backups:
 
     # reading
     def list(self, url, volume=None) -> list[dict]:
-        from ..manager import check_name
-
         if volume is not None:
             check_name(volume)
         if isinstance(url, str) and url.startswith("ebs://"):
@@ -356,14 +397,6 @@ class Backups:
                                "this pyvol restores block and tree backups")
         return Restore(self, repo, manifest)
 
-    def restore(self, backup_url, name, size=None, backend=None, job: Job | None = None):
-        opts = {"from-backup": backup_url}
-        if size:
-            opts["size"] = size
-        if backend:
-            opts["backend"] = backend
-        return self.manager.create(name, opts, job=job)
-
     def verify(self, backup_url, job: Job | None = None) -> dict:
         job = job or Job("verify")
         repo, manifest = self._manifest(backup_url)
@@ -398,13 +431,13 @@ class Backups:
         base of nothing any more (no manifest names it): it goes, or it holds space forever."""
         src = manifest["source"]
         vol, snap = manifest["volume"], src.get("snapshot")
-        m = self.manager
+        m = self.access
         if src.get("instance") != m.instance_id() or not snap:
             return
         key = f"{BASE}{vol}@{snap}"
-        if m.store.meta(key) == repo_url and self._drop_own_snapshot(
+        if m.note(key) == repo_url and self._drop_own_snapshot(
                 vol, snap, "of a removed backup"):
-            m.store.delete_meta(key)
+            m.drop_note(key)
 
     def gc(self, url) -> dict:
         """Delete every chunk no manifest lists (docs/backup-repository.md, "What garbage

@@ -1,0 +1,129 @@
+"""Which volumes exist, as Docker and the CLI see them.
+
+On this host's backends, this host's records are the truth. On shared backends (scope
+global: nfs, ebs) the shared storage's records are, and every host answers Get and List from
+them alike: a volume another host made is listed here too, and one another host removed is
+gone here too (unless it is still mounted here).
+
+Lookups only read. A row for another host's volume is written (``adopt``) only when this
+host is about to change something that refers to it (a mount count, a snapshot); a row left
+for a volume removed elsewhere is hidden by lookups and deleted by the next change to that
+name (``forget_if_removed``) or at start.
+
+A record another host wrote is untrusted input: one that does not describe a usable volume
+is left out with a warning, never raised to the caller.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .backends import Backend
+from .errors import InvalidInput, NotFound, PyvolError
+from .host import Host
+from .names import check_name
+from .state import Snapshot, Volume, now
+
+log = logging.getLogger(__name__)
+
+
+class Catalogue:
+    def __init__(self, host: Host):
+        self.host = host
+        self.store = host.store
+
+    # lookups
+    def find(self, name: str) -> Volume | None:
+        v = self.store.volume(name)
+        if v is not None:
+            return v if v.status == "ready" and not self._removed_elsewhere(v) else None
+        for b in self.host.shared_backends():
+            rec = b.record(name)
+            if rec is not None:
+                return self._volume_of(b, name, rec)
+        return None
+
+    def ready(self, name) -> Volume:
+        v = self.find(check_name(name))
+        if v is None:
+            raise NotFound(f"no such volume: {name}")
+        return v
+
+    def all(self) -> list[Volume]:
+        """Every volume, by name: this host's rows and the shared storage's records."""
+        vols = {v.name: v for v in self.store.volumes("ready")}
+        for b in self.host.shared_backends():
+            try:
+                recs = b.records()
+            except PyvolError as e:
+                log.warning("cannot list volumes of backend %s: %s", b.name, e)
+                continue
+            for name, v in list(vols.items()):
+                if v.backend == b.name and name not in recs and not self.store.mounts(name):
+                    del vols[name]  # removed by another host
+            for name, rec in recs.items():
+                if name not in vols and (v := self._volume_of(b, name, rec)) is not None:
+                    vols[name] = v
+        return [vols[n] for n in sorted(vols)]
+
+    def snapshot(self, v: Volume, snap: str) -> Snapshot | None:
+        """The snapshot's record; on shared storage, also one another host took."""
+        s = self.store.snapshot(v.name, snap)
+        b = self.host.backends.get(v.backend)
+        if s is None and b is not None and b.scope == "global" and snap in b.snapshots(v.name):
+            return Snapshot(v.name, snap, v.size, "ready", now())
+        return s
+
+    # changes
+    def adopt(self, v: Volume) -> Volume:
+        """Give a shared volume a row here before changing anything that refers to it."""
+        with self.store.tx():  # BEGIN IMMEDIATE: two workers cannot both insert
+            if self.store.volume(v.name) is None:
+                self.store.add_volume(v)
+        return self.store.volume(v.name)
+
+    def adopt_snapshot(self, s: Snapshot) -> Snapshot:
+        with self.store.tx():
+            if self.store.snapshot(s.volume, s.name) is None:
+                self.store.add_snapshot(s)
+        return self.store.snapshot(s.volume, s.name)
+
+    def forget_if_removed(self, name: str) -> None:
+        """Delete this host's row of a shared volume that another host removed."""
+        v = self.store.volume(name)
+        if v is not None and v.status == "ready" and self._removed_elsewhere(v):
+            with self.store.tx():
+                self.store.delete_volume(name)
+
+    # claims: the hosts that hold a shared volume (mounted there), which removal respects
+    def claims(self, name) -> list[dict]:
+        return self._shared_backend_of(name).leases(name)
+
+    def clear_claim(self, name: str, host: str) -> int:
+        return self._shared_backend_of(name).clear_lease(name, host)
+
+    def _shared_backend_of(self, name) -> Backend:
+        b = self.host.backend(self.ready(name))
+        if b.scope != "global":
+            raise InvalidInput(f"volume {name} is on backend {b.name}, which has no claims of "
+                               "other hosts (only shared backends such as nfs and ebs do)")
+        return b
+
+    def _removed_elsewhere(self, v: Volume) -> bool:
+        b = self.host.backends.get(v.backend)
+        if b is None or b.scope != "global" or self.store.mounts(v.name):
+            return False
+        return b.record(v.name) is None
+
+    def _volume_of(self, b: Backend, name: str, rec: dict) -> Volume | None:
+        try:
+            opts = {str(k): str(val) for k, val in dict(rec.get("options") or {}).items()}
+            size = int(rec["size"])
+            fstype = self.host.kind(b).fstype(b, opts.get("fs"), None)
+            if check_name(name) != name or size <= 0:
+                raise ValueError(f"size {size}")
+        except (PyvolError, KeyError, TypeError, ValueError) as e:
+            log.warning("backend %s holds a record of %r that describes no usable volume "
+                        "(%s); left out", b.name, name, e)
+            return None
+        return Volume(name, b.name, size, fstype, "ready", str(rec.get("created") or now()), opts)

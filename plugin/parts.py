@@ -1,0 +1,35 @@
+"""The daemon's parts, and how they are wired: one place that says who depends on whom.
+
+    api ──► volumes (Docker's lifecycle) ──► sources ──► backups (through VolumeAccess)
+        ├─► snapshots                    ├─► kinds (block or directory, once per backend)
+        ├─► catalogue (shared volumes)   └─► backends
+        └─► backups ──► VolumeAccess (snapshots.SnapshotAccess) ──► snapshots, catalogue
+    reconcile: at start, before any request, over volumes and host
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .backup.service import Backups
+from .catalogue import Catalogue
+from .host import Host
+from .snapshots import SnapshotAccess, Snapshots
+from .volumes import Volumes
+
+
+@dataclass
+class Parts:
+    host: Host
+    catalogue: Catalogue
+    snapshots: Snapshots
+    volumes: Volumes
+    backups: Backups
+
+
+def wire(host: Host) -> Parts:
+    catalogue = Catalogue(host)
+    snapshots = Snapshots(host, catalogue)
+    backups = Backups(SnapshotAccess(host, catalogue, snapshots), host.config)
+    volumes = Volumes(host, catalogue, snapshots, backups)
+    return Parts(host, catalogue, snapshots, volumes, backups)

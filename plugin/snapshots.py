@@ -1,0 +1,175 @@
+"""Snapshots of volumes: taken in constant time by the backend, with the volume's filesystem
+frozen only for the instant that makes them consistent (the volume's kind says how).
+
+A snapshot records who took it (``origin``): pyvol removes on its own only the snapshots it
+took itself (a backup's), never a user's. A snapshot a backup is reading cannot be removed
+until the backup ends (``reading``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+
+from . import locks
+from .catalogue import Catalogue
+from .crashpoint import crashpoint
+from .errors import Conflict, InvalidInput, NotFound
+from .host import Host
+from .log import event
+from .names import check_name, check_snap_name
+from .state import Snapshot, now
+
+log = logging.getLogger(__name__)
+
+
+class Snapshots:
+    def __init__(self, host: Host, catalogue: Catalogue):
+        self.host, self.catalogue, self.store = host, catalogue, host.store
+
+    def create(self, volume, snap=None, origin: str = "user") -> dict:
+        """Snapshot ``volume``; without a name, one made from the time, unique for the volume."""
+        check_name(volume)
+        if snap is not None and snap != "":
+            check_snap_name(snap)
+        with self.host.lock(volume):
+            v = self.catalogue.adopt(self.catalogue.ready(volume))
+            backend = self.host.backend(v)
+            if snap is None or snap == "":
+                # chosen under the volume's lock, so two unnamed snapshots never pick one name
+                snap = self._free_name(volume, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
+            if self.store.snapshot(volume, snap) is not None:
+                raise Conflict(f"snapshot {volume}@{snap} already exists")
+            with self.store.tx():
+                self.store.add_snapshot(Snapshot(volume, snap, v.size, "creating", now(),
+                                                 origin))
+            crashpoint("snapshot.recorded")
+            quiesce = self.host.kind(backend).quiesce(self.host.mountpoint(volume))
+            try:
+                backend.snapshot(volume, snap, quiesce)
+                crashpoint("snapshot.taken")
+            except BaseException:
+                backend.remove_snapshot(volume, snap)
+                self.store.delete_snapshot(volume, snap)
+                raise
+            self.store.set_snapshot_status(volume, snap, "ready")
+        event(log, "snapshot created", volume=volume, snapshot=snap)
+        return self.get(volume, snap)
+
+    def _free_name(self, volume: str, base: str) -> str:
+        taken = {s.name for s in self.store.snapshots(volume)}
+        snap, n = base, 1
+        while snap in taken:
+            n += 1
+            snap = f"{base}-{n}"
+        return snap
+
+    def remove(self, volume, snap) -> None:
+        check_name(volume)
+        check_snap_name(snap)
+        with self.host.lock(volume):
+            v = self.catalogue.adopt(self.catalogue.ready(volume))
+            s = self.catalogue.snapshot(v, snap)
+            if s is None:
+                raise NotFound(f"no such snapshot: {volume}@{snap}")
+            self.catalogue.adopt_snapshot(s)
+            with self.no_readers(volume, [snap]):
+                self.store.set_snapshot_status(volume, snap, "removing")
+                self.host.backend(v).remove_snapshot(volume, snap)
+                self.store.delete_snapshot(volume, snap)
+        event(log, "snapshot removed", volume=volume, snapshot=snap)
+
+    def record(self, volume: str, snap: str) -> Snapshot | None:
+        return self.store.snapshot(volume, snap)
+
+    def get(self, volume, snap) -> dict:
+        check_name(volume)
+        check_snap_name(snap)
+        s = self.catalogue.snapshot(self.catalogue.ready(volume), snap)
+        if s is None or s.status != "ready":
+            raise NotFound(f"no such snapshot: {volume}@{snap}")
+        return describe(s)
+
+    def list(self, volume=None) -> list[dict]:
+        if volume is not None:
+            self.catalogue.ready(volume)
+        return [describe(s) for s in self.store.snapshots(volume, status="ready")]
+
+    def changed_ranges(self, volume, base, snap) -> list[tuple[int, int]]:
+        v = self.catalogue.ready(volume)
+        for s in [base, snap] if base else [snap]:
+            self.get(volume, s)
+        return self.host.backend(v).changed_ranges(volume, base, snap)
+
+    # a backup reading a snapshot
+    def reading(self, volume: str, snap: str):
+        """Held while a backup reads ``volume@snap``: removing it meanwhile is refused."""
+        return locks.held(self.host.config.locks_dir, f"snap.{volume}@{snap}", "", wait=0,
+                          shared=True)
+
+    def no_readers(self, volume: str, snaps: list[str]):
+        """Refuse, at once, to remove snapshots a backup is reading."""
+        stack = contextlib.ExitStack()
+        for snap in snaps:
+            stack.enter_context(locks.held(
+                self.host.config.locks_dir, f"snap.{volume}@{snap}", "", wait=0,
+                busy=f"snapshot {volume}@{snap} is being read by a running backup; "
+                     "remove it when the backup ends"))
+        return stack
+
+
+def describe(s: Snapshot) -> dict:
+    return {"Volume": s.volume, "Name": s.name, "Ref": f"{s.volume}@{s.name}",
+            "CreatedAt": s.created_at, "Size": s.size, "Origin": s.origin}
+
+
+class SnapshotAccess:
+    """The volumes as the backup service sees them (``backup.service.VolumeAccess``): what it
+    may do to a volume, and nothing more. Wired in server.py."""
+
+    def __init__(self, host: Host, catalogue: Catalogue, snapshots: Snapshots):
+        self.host, self.catalogue, self.snapshots = host, catalogue, snapshots
+
+    def volume(self, name):
+        return self.catalogue.ready(check_name(name))
+
+    def backend(self, v):
+        return self.host.backend(v)
+
+    def backend_named(self, name: str, what: str):
+        b = self.host.backends.get(name)
+        if b is None:
+            raise InvalidInput(f"{what} needs the {name} backend, which is not available on "
+                               f"this host: {self.host.unavailable.get(name, 'not configured')}")
+        return b
+
+    def archive(self, backend) -> str:
+        return self.host.kind(backend).archive
+
+    def take_snapshot(self, volume, snap, origin):
+        self.snapshots.create(volume, snap, origin=origin)
+
+    def drop_snapshot(self, volume, snap):
+        self.snapshots.remove(volume, snap)
+
+    def snapshot(self, volume, snap):
+        return self.snapshots.record(volume, snap)
+
+    def reading(self, volume, snap):
+        return self.snapshots.reading(volume, snap)
+
+    def instance_id(self):
+        return self.host.instance_id()
+
+    def note(self, key):
+        return self.host.store.meta(key)
+
+    def set_note(self, key, value):
+        self.host.store.set_meta(key, value)
+
+    def drop_note(self, key):
+        self.host.store.delete_meta(key)
+
+    def notes(self, prefix):
+        return self.host.store.meta_keys(prefix)

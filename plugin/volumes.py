@@ -1,0 +1,323 @@
+"""The volume lifecycle Docker drives: create, remove, mount, unmount, path, get, list.
+
+Every change to a volume happens under that volume's lock, so Docker's calls, the CLI's and
+several gunicorn workers never interleave on one volume. Records go to ``state`` before and
+after each step with a status ('creating', 'ready', 'removing'), so a crash at any point is
+finished or undone at the next start (``reconcile``): nothing half-made is ever listed.
+
+Mounts are counted per Docker mount ID, and the same ID may mount twice (``docker cp`` on a
+running container does): the filesystem is mounted at the first Mount and unmounted when the
+last count goes, never under a container that still uses it. What differs between block and
+directory volumes is the volume's kind (``kinds``); where a new volume's data comes from is
+its source (``sources``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from . import fs, mountinfo
+from .backends import Backend, VolumeSpec
+from .catalogue import Catalogue
+from .crashpoint import crashpoint
+from .errors import Conflict, InvalidInput, PyvolError
+from .host import Host
+from .log import event
+from .names import check_mount_id, check_name
+from .snapshots import Snapshots
+from .sources import source_for
+from .state import Volume, now
+from .units import format_size, parse_size
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SIZE = 10 << 30
+
+COMMON_OPTIONS = {
+    "size": "volume size, a number with a K/M/G/T suffix (default 10G)",
+    "fs": "filesystem: ext4 (default) or xfs",
+    "backend": "storage backend (default: the best this host offers)",
+    "from-snapshot": "VOLUME@SNAPSHOT: start with that snapshot's data",
+    "from-backup": "REPOSITORY#VOLUME/BACKUP-ID: start with that backup's data",
+}
+
+
+class Volumes:
+    def __init__(self, host: Host, catalogue: Catalogue, snapshots: Snapshots, backups):
+        self.host, self.catalogue, self.snapshots, self.backups = (
+            host, catalogue, snapshots, backups)
+        self.store = host.store
+
+    # create
+    def create(self, name, opts=None, job=None) -> dict:
+        """Create a volume; on any failure nothing of it remains, in records or storage.
+
+        A source in the options (``from-snapshot``, ``from-backup``) fills it with that data
+        and fixes its fs; ``job`` reports a restore's progress and can cancel it.
+        """
+        check_name(name)
+        opts = dict(_check_options(opts))
+        source = source_for(opts, self.catalogue, self.backups)
+        backend = self._pick_backend(opts)
+        kind = self.host.kind(backend)
+        accepted = {**COMMON_OPTIONS, **backend.options}
+        unknown = sorted(set(opts) - set(accepted))
+        if unknown:
+            raise InvalidInput(f"unknown option {', '.join(unknown)}: accepted are "
+                               f"{', '.join(sorted(accepted))}")
+        if source.fs and opts.get("fs", source.fs) != source.fs:
+            raise InvalidInput(f"a volume made from {source.fs} data keeps fs {source.fs}, "
+                               f"not {opts['fs']}")
+        fstype = kind.fstype(backend, opts.get("fs"), source.fs)
+        size = self._size(opts, backend, source, kind.min_size(fstype), fstype)
+        spec = VolumeSpec(name, size, {k: opts[k] for k in backend.options if k in opts},
+                          {**opts, "fs": fstype})
+        record = Volume(name, backend.name, size, fstype, "creating", now(), opts)
+        with self.host.lock(name, *source.locks):
+            self.catalogue.forget_if_removed(name)
+            if self.store.volume(name) is not None:
+                raise Conflict(f"volume {name} already exists")
+            held = name in backend.list()
+            if held and backend.scope == "global":
+                raise Conflict(f"volume {name} already exists on backend {backend.name} "
+                               "(another host made it): use it by name")
+            if held:
+                # checked before the record exists, so the undo path can never delete it
+                raise Conflict(f"backend {backend.name} already holds storage named {name}, "
+                               "which pyvol has no record of; move it away to reuse the name")
+            with self.store.tx():
+                self.store.add_volume(record)
+            crashpoint("create.recorded")
+            try:
+                source.fill(self.host, backend, spec, record, job)
+                if source.size is not None and size > source.size and source.fs:
+                    kind.grow(backend, record, self.host.mountpoint(name))
+                crashpoint("create.filled")
+            except BaseException:
+                self.undo_create(backend, name)
+                raise
+            self.store.set_volume_status(name, "ready")
+        event(log, "volume created", volume=name, backend=backend.name, size=size, fs=fstype,
+              source=source.label or None)
+        return self.get(name)
+
+    def _size(self, opts, backend: Backend, source, min_size: int, fstype: str) -> int:
+        size = parse_size(opts["size"]) if "size" in opts else None
+        if size is not None and size <= 0:
+            raise InvalidInput(f"invalid size {opts['size']!r}: accepted is a positive size, "
+                               "e.g. 512M or 10G")
+        if source.size is not None:
+            if size is not None and size < source.size:
+                raise InvalidInput(f"size {format_size(size)} is smaller than {source.label} "
+                                   f"({format_size(source.size)}); accepted: that size or "
+                                   "larger")
+            size = size or source.size
+        if size is None and backend.default_size:
+            size = parse_size(backend.default_size, f"{backend.name} default_size")
+        size = size or DEFAULT_SIZE
+        size = -(-size // backend.size_unit) * backend.size_unit  # EBS counts in GiB
+        if size >= 1 << 63:
+            raise InvalidInput(f"size {opts.get('size')!r} is too large: accepted is less than "
+                               "8 EiB")
+        if size < min_size:
+            raise InvalidInput(f"size {format_size(size)} is too small for {fstype}: "
+                               f"accepted is at least {format_size(min_size)}")
+        return size
+
+    def _pick_backend(self, opts: dict[str, str]) -> Backend:
+        name = opts.get("backend") or self.host.default_backend
+        if name in self.host.backends:
+            return self.host.backends[name]
+        if name in self.host.unavailable:
+            raise InvalidInput(f"backend {name} is not available on this host: "
+                               f"{self.host.unavailable[name]}")
+        raise InvalidInput(
+            f"invalid backend {name!r}: accepted are "
+            f"{', '.join(sorted(self.host.backends)) or 'none (no backend is available)'}")
+
+    def undo_create(self, backend: Backend, name: str) -> None:
+        """Remove what a failed or interrupted create made; the record goes last."""
+        mp = self.host.mountpoint(name)
+        try:
+            if mountinfo.is_mounted(mp):
+                fs.umount(mp)
+            if backend.created_here(name):
+                backend.remove(name)
+            else:  # another host made a volume of this name since: it is theirs, keep it
+                event(log, "interrupted create undone without touching the storage: another "
+                      "host holds that name", volume=name, backend=backend.name)
+        except Exception:
+            log.exception("could not clean up failed create of %s", name)
+            # leave the record as 'creating': the next start retries the cleanup
+            return
+        self.store.delete_volume(name)
+
+    # remove
+    def remove(self, name) -> None:
+        check_name(name)
+        with self.host.lock(name):
+            v = self.catalogue.adopt(self.catalogue.ready(name))
+            users = self.store.mount_records(name)
+            if users:
+                ids = "; ".join(f"{m['ID'] or '(empty id)'} since {m['Since']}"
+                                + (f" ({m['Count']} times)" if m["Count"] > 1 else "")
+                                for m in users)
+                raise Conflict(
+                    f"volume {name} is in use by {len(users)} mount ID(s): {ids}. Stop the "
+                    "containers using it first; a count no container holds any more (Docker "
+                    f"lost its Unmount) is dropped with `pyvol umount {name} --id ID`")
+            backend = self.host.backend(v)
+            others = backend.removal_blockers(name)
+            if others:
+                raise Conflict(f"volume {name} is mounted on other hosts ({', '.join(others)}):"
+                               f" unmount it there first; if a host is dead, `pyvol lease "
+                               f"clear {name} HOST` drops its claim")
+            mp = self.host.mountpoint(name)
+            if mountinfo.is_mounted(mp):
+                try:
+                    fs.umount(mp)
+                except PyvolError as e:
+                    raise Conflict(f"volume {name} is still mounted and busy: {e}") from None
+            with self.snapshots.no_readers(name, [s.name for s in self.store.snapshots(name)]):
+                self.store.set_volume_status(name, "removing")
+                crashpoint("remove.marked")
+                try:
+                    self.finish_remove(backend, name)
+                except Conflict:  # another host mounted it meanwhile: nothing was removed
+                    self.store.set_volume_status(name, "ready")
+                    raise
+        event(log, "volume removed", volume=name)
+
+    def finish_remove(self, backend: Backend, name: str) -> None:
+        backend.remove(name)
+        crashpoint("remove.storage")
+        try:
+            self.host.mountpoint(name).rmdir()
+        except FileNotFoundError:
+            pass
+        self.store.delete_volume(name)
+
+    # mount
+    def mount(self, name, mount_id="", deadline: float | None = None) -> str:
+        """Mount (at the first count) and count ``mount_id`` once more.
+
+        ``deadline`` (time.monotonic()) is when the caller stops waiting: Docker gives up on
+        a plugin call after its timeout and then never sends the Unmount, so a Mount that
+        finishes later is undone instead of counted, and no count is left that nobody can
+        release.
+        """
+        check_name(name)
+        check_mount_id(mount_id)
+        with self.host.lock(name):
+            v = self.catalogue.adopt(self.catalogue.ready(name))
+            backend = self.host.backend(v)
+            kind = self.host.kind(backend)
+            mp = self.host.mountpoint(name)
+            self._check_deadline(name, deadline)  # the wait for the lock may have used it up
+            attached = not mountinfo.is_mounted(mp)
+            if attached:
+                kind.attach(backend, v, mp)
+                crashpoint("mount.attached")
+            try:
+                self._check_deadline(name, deadline)
+            except PyvolError:
+                if attached:
+                    kind.detach(backend, v, mp)
+                raise
+            with self.store.tx():
+                self.store.add_mount(name, mount_id)
+            crashpoint("mount.counted")
+        event(log, "volume mounted", volume=name, mount_id=mount_id, mountpoint=str(mp))
+        return str(mp)
+
+    def _check_deadline(self, name: str, deadline: float | None) -> None:
+        if deadline is not None and time.monotonic() > deadline:
+            raise PyvolError(f"mounting volume {name} took longer than Docker waits for a "
+                             f"plugin ({self.host.config.docker_timeout:g} s), so it was "
+                             "undone rather than counted for a container that will never "
+                             "unmount it; retry")
+
+    def unmount(self, name, mount_id="", every: bool = False) -> None:
+        """Drop one count of ``mount_id`` (every count of it with ``every``); unmount at the
+        last. Unknown IDs succeed."""
+        check_name(name)
+        check_mount_id(mount_id)
+        with self.host.lock(name):
+            v = self.store.volume(name)
+            if v is None:
+                log.info("unmount of unknown volume %s ignored", name)
+                return
+            with self.store.tx():
+                known = self.store.drop_mount(name, mount_id, every=every is True)
+                remaining = sum(self.store.mounts(name).values())
+            if not known:
+                event(log, "unmount of unknown mount id ignored", volume=name, mount_id=mount_id)
+                return
+            crashpoint("unmount.uncounted")
+            if remaining == 0:
+                self.detach(v)
+        event(log, "volume unmounted", volume=name, mount_id=mount_id, remaining=remaining)
+
+    def detach(self, v: Volume) -> None:
+        backend = self.host.backend(v)
+        self.host.kind(backend).detach(backend, v, self.host.mountpoint(v.name))
+
+    # what Docker and the CLI read
+    def path(self, name) -> str:
+        self.catalogue.ready(name)
+        mp = self.host.mountpoint(name)
+        return str(mp) if mountinfo.is_mounted(mp) else ""
+
+    def get(self, name) -> dict:
+        v = self.catalogue.ready(name)
+        return self._describe(v, _mounted())
+
+    def mountpoints(self) -> list[dict]:
+        """Name and Mountpoint of every volume: all Docker's List needs, so it costs one query
+        and one read of mountinfo, not a backend call per volume."""
+        mounted = _mounted()
+        return [{"Name": v.name, "Mountpoint": self._shown_mountpoint(v.name, mounted)}
+                for v in self.catalogue.all()]
+
+    def list(self) -> list[dict]:
+        mounted = _mounted()
+        return [self._describe(v, mounted) for v in self.catalogue.all()]
+
+    def _shown_mountpoint(self, name: str, mounted: set[str]) -> str:
+        """The mountpoint Docker should see: the path while mounted, else empty."""
+        mp = str(self.host.mountpoint(name))
+        return mp if mp in mounted else ""
+
+    def _describe(self, v: Volume, mounted: set[str]) -> dict:
+        mounts = self.store.mount_records(v.name)
+        status = {
+            "backend": v.backend,
+            "size": v.size,
+            "size_human": format_size(v.size),
+            "fs": v.fs,
+            "mounts": sum(m["Count"] for m in mounts),
+            "mount_ids": mounts,
+            "snapshots": len(self.store.snapshots(v.name, status="ready")),
+        }
+        for key in ("from-snapshot", "from-backup"):
+            if key in v.options:
+                status["source"] = v.options[key]
+        backend = self.host.backends.get(v.backend)
+        if backend is not None:
+            status.update(backend.volume_usage(v.name))
+        return {"Name": v.name, "Mountpoint": self._shown_mountpoint(v.name, mounted),
+                "CreatedAt": v.created_at, "Status": status}
+
+
+def _mounted() -> set[str]:
+    return {e.mount_point for e in mountinfo.entries()}
+
+
+def _check_options(opts) -> dict[str, str]:
+    if opts is None:
+        return {}
+    if not isinstance(opts, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in opts.items()):
+        raise InvalidInput("invalid options: accepted is a map of option names to strings")
+    return opts
