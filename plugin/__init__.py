@@ -1,9 +1,9 @@
 """pyvol: a Docker volume plugin daemon.
 
 The request path reads top to bottom: ``api`` (HTTP, Docker protocol and the CLI's control
-API) calls ``manager`` (volume lifecycle, locks, mount refcounts), which keeps its records in
-``state`` and drives a backend from ``pyvol.backends``; ``fs`` holds the filesystem work
-(mkfs, mount, freeze, grow) shared by every block backend.
+API) calls ``volumes`` (Docker's lifecycle, mount counts), ``snapshots`` or ``backup``, which
+keep their records in ``state`` and drive a backend from ``pyvol.backends`` through the
+volume's kind (``kinds``: block or directory). docs/architecture.md draws it.
 """
 
 __version__ = "0.1.0"

@@ -1,7 +1,7 @@
 """pyvol's records: volumes, their snapshots, and who has them mounted.
 
-SQLite in WAL mode, one file under the root dir; docs/state.md is the schema's contract. The
-manager is the only writer. Each thread of each worker opens its own connection (sqlite
+SQLite in WAL mode, one file under the root dir; docs/state.md is the schema's contract.
+Only the lifecycle parts write it, each change under the volume's lock. Each thread of each worker opens its own connection (sqlite
 connections must not cross a fork or be shared between threads).
 """
 
