@@ -20,6 +20,7 @@ import secrets
 import time
 from pathlib import Path
 
+from pyvol import clock
 from pyvol.errors import Conflict, InvalidInput, NotFound, PoolFull, PyvolError
 
 from .base import Backend, Quiesce, Range, VolumeSpec
@@ -284,7 +285,7 @@ class EbsBackend(Backend):
         tags = {t["Key"]: t["Value"] for t in v.get("Tags", [])}
         opts = {k[len(OPT_TAG):]: val for k, val in tags.items() if k.startswith(OPT_TAG)}
         return {"size": v["Size"] * GiB, "options": opts, "volume_id": v["VolumeId"],
-                "created": v["CreateTime"].strftime("%Y-%m-%dT%H:%M:%SZ")}
+                "created": clock.stamp(v["CreateTime"])}
 
     def created_here(self, name: str) -> bool:
         return all(_tags(v).get(CREATOR_TAG) == self.instance_id for v in self._by_name(name))
@@ -442,7 +443,7 @@ class EbsBackend(Backend):
 
     def leases(self, name: str) -> list[dict]:
         return [{"host": a["InstanceId"], "instance": a["InstanceId"],
-                 "since": a["AttachTime"].strftime("%Y-%m-%dT%H:%M:%SZ")}
+                 "since": clock.stamp(a["AttachTime"])}
                 for a in self._find(name)["Attachments"]]
 
     def removal_blockers(self, name: str) -> list[str]:
@@ -656,7 +657,7 @@ class EbsBackups:
         tags = {t["Key"]: t["Value"] for t in s.get("Tags", [])}
         return {"url": f"ebs://{region}/{sid}", "kind": "ebs-snapshot",
                 "volume": tags.get(BACKUP_TAG), "region": region, "snapshot_id": sid,
-                "state": s["State"], "created": s["StartTime"].strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "state": s["State"], "created": clock.stamp(s["StartTime"]),
                 "source": {"backend": "ebs", "fs": tags.get("pyvol-fs", "ext4"),
                            "size": int(tags.get("pyvol-size", s["VolumeSize"] * GiB))}}
 

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 
-from . import locks
+from . import clock, locks
 from .catalogue import Catalogue
 from .crashpoint import crashpoint
 from .errors import Conflict, InvalidInput, NotFound
@@ -38,7 +37,7 @@ class Snapshots:
             backend = self.host.backend(v)
             if snap is None or snap == "":
                 # chosen under the volume's lock, so two unnamed snapshots never pick one name
-                snap = self._free_name(volume, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
+                snap = self._free_name(volume, clock.compact())
             if self.store.snapshot(volume, snap) is not None:
                 raise Conflict(f"snapshot {volume}@{snap} already exists")
             with self.store.tx():

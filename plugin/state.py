@@ -9,10 +9,10 @@ import json
 import os
 import sqlite3
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .clock import stamp
 from .errors import PyvolError
 
 SCHEMA_VERSION = 2
@@ -51,7 +51,7 @@ CREATE TABLE IF NOT EXISTS mounts (
 
 
 def now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return stamp()
 
 
 @dataclass

@@ -29,8 +29,8 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
 
+from .. import clock
 from ..errors import Conflict, NotFound, PyvolError
 from ..log import event
 from .repo import LOCK_CAP, Repository, holder_dead, holder_identity, host_id
@@ -47,8 +47,7 @@ class LostLock(Conflict):
     """The lease ended under its holder: someone broke the lock, or it could not be renewed."""
 
 
-def _ts(t: float) -> str:
-    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+_ts = clock.stamp
 
 
 def _ts_up(t: float) -> str:
@@ -59,8 +58,7 @@ def _ts_up(t: float) -> str:
 stamp = _ts_up  # for callers that report a time from here
 
 
-def _parse(ts: str) -> float:
-    return datetime.strptime(ts, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp()
+_parse = clock.parse
 
 
 def _seconds(v, hi: float = MAX_LEASE) -> float | None:

@@ -13,10 +13,9 @@ import re
 import secrets
 import socket
 import threading
-import time
 import urllib.parse
-from datetime import datetime, timezone
 
+from .. import clock
 from ..errors import InvalidInput, NotFound, PyvolError
 from .blobs import Codec, CorruptObject
 from .targets import Target, open_target
@@ -37,11 +36,11 @@ REPO_ID_RE = re.compile(r"[0-9a-f]{64}")
 
 
 def utcnow() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return clock.stamp()
 
 
 def new_backup_id() -> str:
-    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(4)
+    return clock.compact() + "-" + secrets.token_hex(4)
 
 
 def split_backup_url(url) -> tuple[str, str, str]:
