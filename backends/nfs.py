@@ -8,29 +8,41 @@ lives on the export, so every host sees the same volumes:
     EXPORT/pyvol/meta/NAME.json            its record: size, options, created, status
     EXPORT/pyvol/leases/NAME/INSTANCE.json one per host that has it mounted
     EXPORT/pyvol/snapshots/NAME/SNAP/      point-in-time copies (reflink where the server can)
-    EXPORT/pyvol/tmp/                      work in progress
+    EXPORT/pyvol/tmp/INSTANCE.*            copies in progress
+    EXPORT/pyvol/trash/INSTANCE.*          removed trees, being deleted
 
-Every touch of an export runs in a guarded thread with a timeout: a server that stops
-answering makes calls fail with a clear message in bounded time, and a thread stuck in the
-kernel never stops the daemon (docs/nfs.md).
+Every quick touch of an export (a record, a lease, a rename) runs in a guarded thread with a
+short timeout: a server that stops answering makes calls fail with a clear message in bounded
+time, and a thread stuck in the kernel never stops the daemon. Work that takes as long as the
+data (copying a tree, deleting one) first checks that the server answers, then runs as a
+killable process bounded by the much longer copy timeout; what it leaves behind when it fails
+or the daemon dies is named with this host's instance id and removed at the next start
+(docs/nfs.md).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import math
 import os
 import re
+import secrets
 import shutil
 import socket
+import subprocess
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 
 from pyvol import mountinfo
-from pyvol.errors import Conflict, InvalidInput, NotFound, PyvolError
+from pyvol.crashpoint import crashpoint
+from pyvol.errors import CommandFailed, Conflict, InvalidInput, NotFound, PyvolError
 from pyvol.files import write_whole
+from pyvol.log import event
 from pyvol.run import run
 
 from .base import Backend, Quiesce, Range, VolumeSpec
@@ -44,6 +56,10 @@ ALLOWED_OPTIONS = {"hard", "soft", "timeo", "retrans", "rsize", "wsize", "proto"
                    "nolock", "noac", "actimeo", "sec", "nconnect", "noresvport", "lookupcache",
                    "vers", "async", "sync"}
 DEFAULT_OPTIONS = ["hard", "timeo=100", "retrans=3"]
+# another host's trash older than this is its leftover from a crash: any host may empty it
+TRASH_AGE = 24 * 3600
+
+log = logging.getLogger(__name__)
 
 
 class ServerUnreachable(PyvolError):
@@ -124,7 +140,7 @@ class Share:
         self.call(self._layout, what="setting up pyvol's directories")
 
     def _layout(self) -> None:
-        for d in ("volumes", "meta", "leases", "snapshots", "tmp"):
+        for d in ("volumes", "meta", "leases", "snapshots", "tmp", "trash"):
             (self.base / d).mkdir(parents=True, exist_ok=True)
         probe = self.base / "tmp" / f".probe-{os.getpid()}"
         probe.write_text("")
@@ -143,6 +159,18 @@ def _write_json(path: Path, doc: dict, exclusive: bool = False) -> None:
         raise FileExistsError(path)
 
 
+def _seconds(settings: dict[str, str], key: str, default: float) -> float:
+    text = settings.get(key, str(default))
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value > 0 and math.isfinite(value)):
+        raise InvalidInput(f"invalid PYVOL_NFS_{key.upper()} {text!r}: accepted is a positive "
+                           "number of seconds")
+    return value
+
+
 class NfsBackend(Backend):
     name = "nfs"
     kind = "file"
@@ -153,13 +181,19 @@ class NfsBackend(Backend):
         super().__init__(root, settings)
         self.shares: dict[str, Share] = {}
         self._instance: str | None = self.settings.get("instance")
+        # copying or deleting a tree takes as long as the data: bounded by this, not by the
+        # short guard that notices a dead server
+        self.copy_timeout = _seconds(self.settings, "copy_timeout", 3600)
+        self._deleters: set[threading.Thread] = set()
+        self._rm_procs: set[subprocess.Popen] = set()
+        self._closed = False
         text = self.settings.get("shares", "")
         if text:
             version = self.settings.get("version", "4.2")
             if version not in VERSIONS:
                 raise InvalidInput(f"invalid PYVOL_NFS_VERSION {version}: accepted are "
                                    f"{', '.join(VERSIONS)}")
-            timeout = float(self.settings.get("timeout", 10))
+            timeout = _seconds(self.settings, "timeout", 10)
             for name, (source, opts) in parse_shares(text).items():
                 self.shares[name] = Share(name, source, opts, self.root / "nfs" / name,
                                           version, timeout)
@@ -190,17 +224,51 @@ class NfsBackend(Backend):
 
     # shares
     def setup(self) -> None:
-        """Mount every share. A server that does not answer now is not fatal (its share is
-        mounted at its next use); a share pyvol cannot work on (root squash) is."""
-        import logging
-
+        """Mount every share and start emptying what an earlier run left behind. A server
+        that does not answer now is not fatal (its share is mounted at its next use, and its
+        leftovers go at a later start); a share pyvol cannot work on (root squash) is."""
         for share in self.shares.values():
             try:
                 share.ensure_mounted()
+                old = share.call(self._leftovers, share, self.instance,
+                                 what="a look for leftovers of an earlier run")
             except ServerUnreachable as e:
-                logging.getLogger(__name__).warning("%s; retried at its next use", e)
+                log.warning("%s; retried at its next use", e)
+                continue
+            if old:
+                event(log, "emptying leftovers of earlier runs from the nfs trash",
+                      share=share.name, entries=len(old))
+                self._empty_later(share, old)
+
+    @staticmethod
+    def _leftovers(share: Share, instance: str) -> list[Path]:
+        """Trash entries to delete now: this host's, whatever their age (nothing of this
+        host runs yet: setup comes before serving), and other hosts' older than TRASH_AGE
+        (their owner died before emptying them). This host's copies that a crash
+        interrupted are moved from tmp/ into the trash first; other hosts' tmp/ entries are
+        theirs, possibly copies in progress, and are never touched."""
+        tmp, trash = share.base / "tmp", share.base / "trash"
+        trash.mkdir(exist_ok=True)
+        mine = f"{instance}."
+        for p in tmp.iterdir():
+            if p.name.startswith(mine):
+                with contextlib.suppress(FileNotFoundError):
+                    os.rename(p, trash / f"{mine}tmp-{p.name[len(mine):]}")
+        out, old = [], time.time() - TRASH_AGE
+        for p in trash.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                if p.name.startswith(mine) or p.lstat().st_mtime < old:
+                    out.append(p)
+        return out
 
     def teardown(self) -> None:
+        # as at host shutdown: deletions stop, and the next setup finishes them
+        self._closed = True
+        for proc in list(self._rm_procs):
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+        for t in list(self._deleters):
+            t.join(timeout=30)
         for share in self.shares.values():
             if share.mounted():
                 run(["umount", "-f", str(share.mount_dir)], timeout=share.timeout + 5)
@@ -216,7 +284,7 @@ class NfsBackend(Backend):
         return share
 
     def _find(self, volume: str) -> tuple[Share, dict]:
-        """The share holding ``volume`` and its record."""
+        """The share holding ``volume`` and its record (whatever its status)."""
         for share in self.shares.values():
             try:
                 share.ensure_mounted()
@@ -233,6 +301,80 @@ class NfsBackend(Backend):
             return json.loads((share.base / "meta" / f"{volume}.json").read_text())
         except FileNotFoundError:
             return None
+
+    # the trash: a tree is renamed there at once (quick, under the guard), then deleted by a
+    # killable process bounded by the copy timeout, off the caller's path
+    @staticmethod
+    def _to_trash(share: Share, instance: str, label: str, paths) -> Path | None:
+        """Move ``paths`` (those that exist) into one new trash entry named for this host;
+        None when there was nothing to move."""
+        entry = share.base / "trash" / f"{instance}.{label}.{secrets.token_hex(4)}"
+        entry.parent.mkdir(exist_ok=True)  # exports laid out by an older pyvol have none
+        entry.mkdir()
+        moved = False
+        for i, p in enumerate(paths):
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(p, entry / f"{i}-{p.parent.name}")
+                moved = True
+        if not moved:
+            entry.rmdir()
+            return None
+        return entry
+
+    def _discard(self, share: Share, label: str, *paths: Path) -> None:
+        """Throw away what a failed copy left; never raises (if the server does not answer,
+        the next start removes it: it is named for this host)."""
+        try:
+            entry = share.call(self._to_trash, share, self.instance, label, paths,
+                               what="moving a failed copy to the trash")
+        except (PyvolError, OSError) as e:
+            log.warning("could not move %s to the trash of nfs share %s: %s; the next start "
+                        "removes it", ", ".join(map(str, paths)), share.name, e)
+            return
+        if entry is not None:
+            self._empty_later(share, [entry])
+
+    def _empty_later(self, share: Share, entries: list[Path]) -> None:
+        t = threading.Thread(target=self._empty, args=(share, entries), daemon=True,
+                             name=f"nfs-trash-{share.name}")
+        self._deleters.add(t)
+        t.start()
+
+    def _empty(self, share: Share, entries: list[Path]) -> None:
+        # Popen rather than pyvol.run: teardown must be able to kill a deletion in progress
+        proc = None
+        try:
+            if self._closed:
+                return
+            proc = subprocess.Popen(
+                ["rm", "-rf", "--one-file-system", "--", *map(str, entries)],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            self._rm_procs.add(proc)
+            try:
+                _, err = proc.communicate(timeout=self.copy_timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+                log.warning("emptying the trash of nfs share %s did not finish within %g s "
+                            "(PYVOL_NFS_COPY_TIMEOUT); the rest goes at the next start",
+                            share.name, self.copy_timeout)
+                return
+            if proc.returncode != 0 and not self._closed:
+                log.warning("emptying the trash of nfs share %s: rm failed: %s; the rest goes "
+                            "at the next start", share.name,
+                            err.decode(errors="replace").strip()[-500:])
+        except Exception:
+            log.exception("emptying the trash of nfs share %s failed", share.name)
+        finally:
+            self._rm_procs.discard(proc)
+            self._deleters.discard(threading.current_thread())
+
+    def wait_for_trash(self, timeout: float) -> bool:
+        """Wait until no deletion runs (for tests and tools); False if one still does."""
+        deadline = time.monotonic() + timeout
+        for t in list(self._deleters):
+            t.join(max(0.0, deadline - time.monotonic()))
+        return not self._deleters
 
     # records every host sees
     def records(self) -> dict[str, dict]:
@@ -255,10 +397,13 @@ class NfsBackend(Backend):
 
     # volumes
     def record(self, name: str) -> dict | None:
+        """A ready volume's record: one another host is still creating or already removing
+        is not there for Get (as for List)."""
         try:
-            return self._find(name)[1]
+            rec = self._find(name)[1]
         except NotFound:
             return None
+        return rec if rec.get("status") == "ready" else None
 
     def created_here(self, name: str) -> bool:
         try:
@@ -271,39 +416,59 @@ class NfsBackend(Backend):
         return [f"{lease.get('host')} ({lease.get('instance')})" for lease in self.leases(name)
                 if lease.get("instance") != self.instance]
 
+    def _new_record(self, share: Share, spec: VolumeSpec) -> dict:
+        return {"name": spec.name, "share": share.name, "size": spec.size,
+                "options": dict(spec.meta), "created": time.strftime(
+                    "%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "created_by": self.instance,
+                "status": "creating"}
+
     def create(self, spec: VolumeSpec) -> None:
         share = self._share(spec.options.get("share"))
-        rec = {"name": spec.name, "share": share.name, "size": spec.size,
-               "options": dict(spec.meta), "created": time.strftime(
-                   "%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "created_by": self.instance,
-               "status": "creating"}
-        share.call(self._create, share, spec.name, rec, what=f"creating {spec.name}")
+        share.call(self._create, share, spec.name, self._new_record(share, spec), None,
+                   what=f"creating {spec.name}")
 
     @staticmethod
-    def _create(share: Share, name: str, rec: dict) -> None:
+    def _create(share: Share, name: str, rec: dict, filled: Path | None) -> None:
+        """Claim ``name`` and make its directory: empty, or ``filled`` (a complete copy in
+        tmp/) renamed into place, so a volume never shows half its data."""
         meta = share.base / "meta" / f"{name}.json"
         try:
             _write_json(meta, rec, exclusive=True)  # the claim: one host wins a name
         except FileExistsError:
             raise Conflict(f"volume {name} already exists on nfs share {share.name} "
                            "(made by another host)") from None
+        target, placed = share.base / "volumes" / name, False
         try:
-            (share.base / "volumes" / name).mkdir()
+            if filled is None:
+                target.mkdir()
+            else:
+                os.rename(filled, target)
+            placed = True
             _write_json(meta, {**rec, "status": "ready"})
         except BaseException:
-            shutil.rmtree(share.base / "volumes" / name, ignore_errors=True)
+            if placed and filled is None:
+                with contextlib.suppress(OSError):
+                    target.rmdir()
+            elif placed:  # back where the caller discards it
+                with contextlib.suppress(OSError):
+                    os.rename(target, filled)
             meta.unlink(missing_ok=True)
             raise
 
     def remove(self, name: str) -> None:
+        """Quick whatever the volume holds: its trees are renamed into the trash and its
+        record deleted under the guard, which frees the name at once; the trash is deleted
+        afterwards, in the background."""
         try:
             share, _ = self._find(name)
         except NotFound:
             return
-        share.call(self._remove, share, name, self.instance, what=f"removing {name}")
+        entry = share.call(self._remove, share, name, self.instance, what=f"removing {name}")
+        if entry is not None:
+            self._empty_later(share, [entry])
 
     @staticmethod
-    def _remove(share: Share, name: str, instance: str) -> None:
+    def _remove(share: Share, name: str, instance: str) -> Path | None:
         others = [p for p in (share.base / "leases" / name).glob("*.json")
                   if p.stem != instance]
         if others:
@@ -313,11 +478,12 @@ class NfsBackend(Backend):
         meta = share.base / "meta" / f"{name}.json"
         with contextlib.suppress(FileNotFoundError):
             rec = json.loads(meta.read_text())
-            _write_json(meta, {**rec, "status": "removing"})
-        for d in (share.base / "snapshots" / name, share.base / "volumes" / name,
-                  share.base / "leases" / name):
-            shutil.rmtree(d, ignore_errors=True)
+            _write_json(meta, {**rec, "status": "removing"})  # other hosts stop seeing it
+        entry = NfsBackend._to_trash(share, instance, f"volume-{name}", [
+            share.base / "volumes" / name, share.base / "snapshots" / name,
+            share.base / "leases" / name])
         meta.unlink(missing_ok=True)
+        return entry
 
     def list(self) -> list[str]:
         return sorted(self.records())
@@ -382,28 +548,57 @@ class NfsBackend(Backend):
         # a directory copy takes as long as the data: nothing is frozen around it, so it is
         # consistent per file, not across files (docs/nfs.md)
         share, _ = self._find(name)
-        src, dst = share.base / "volumes" / name, self._snapdir(share, name, snap)
-        share.call(self._copy_tree, share, src, dst, what=f"snapshotting {name}")
+        tmp = self._copy(share, share.base / "volumes" / name, f"snapshotting {name}")
+        try:
+            share.call(self._place, tmp, self._snapdir(share, name, snap),
+                       what=f"recording snapshot {name}@{snap}")
+        except BaseException:
+            self._discard(share, "copy", tmp)
+            raise
 
     @staticmethod
-    def _copy_tree(share: Share, src: Path, dst: Path) -> None:
-        """cp -a with reflinks where the server can: owners, modes, xattrs, links kept."""
-        tmp = share.base / "tmp" / f"{dst.name}-{os.getpid()}-{time.monotonic_ns()}"
+    def _place(tmp: Path, dst: Path) -> None:
         dst.parent.mkdir(parents=True, exist_ok=True)
+        if dst.exists():
+            raise Conflict(f"{dst.parent.name}@{dst.name} already exists on the nfs share")
+        os.rename(tmp, dst)
+
+    def _copy(self, share: Share, src: Path, what: str) -> Path:
+        """A complete copy of ``src`` in a new tmp/ directory named for this host, made with
+        cp -a (reflinks where the server can; owners, modes, xattrs, links kept). The short
+        guard only checks that the server answers; the copy itself is bounded by the copy
+        timeout. On any failure the partial copy goes to the trash."""
+        tmp = share.base / "tmp" / f"{self.instance}.{secrets.token_hex(6)}"
+        share.call(self._copy_ready, share, src, what=f"{what} (a check that it answers)")
         try:
-            run(["cp", "-a", "--reflink=auto", "--sparse=always", f"{src}/.", str(tmp)],
-                timeout=3600)
-            os.rename(tmp, dst)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            run(["cp", "-a", "--reflink=auto", "--sparse=always", "--", f"{src}/.", str(tmp)],
+                timeout=self.copy_timeout)
+            crashpoint("nfs.copied")
+        except CommandFailed as e:
+            self._discard(share, "copy", tmp)
+            raise PyvolError(f"{what} on nfs share {share.name} failed: {e} (a copy may take "
+                             f"up to PYVOL_NFS_COPY_TIMEOUT, {self.copy_timeout:g} s)") from None
+        except BaseException:
+            self._discard(share, "copy", tmp)
+            raise
+        return tmp
+
+    @staticmethod
+    def _copy_ready(share: Share, src: Path) -> None:
+        if not src.is_dir():
+            raise NotFound(f"{src.parent.name}/{src.name} not found on nfs share {share.name}")
+        (share.base / "tmp").mkdir(exist_ok=True)
 
     def remove_snapshot(self, name: str, snap: str) -> None:
         try:
             share, _ = self._find(name)
         except NotFound:
             return
-        share.call(shutil.rmtree, self._snapdir(share, name, snap), True,
-                   what=f"removing snapshot {name}@{snap}")
+        entry = share.call(self._to_trash, share, self.instance, f"snapshot-{name}@{snap}",
+                           [self._snapdir(share, name, snap)],
+                           what=f"removing snapshot {name}@{snap}")
+        if entry is not None:
+            self._empty_later(share, [entry])
 
     def snapshots(self, name: str) -> list[str]:
         try:
@@ -421,22 +616,20 @@ class NfsBackend(Backend):
         return d
 
     def clone(self, name: str, snap: str, spec: VolumeSpec) -> None:
+        """The copy is made first, outside the short guard; the name is claimed and the
+        complete copy renamed into place at the end, in one quick guarded call."""
         share, _ = self._find(name)
-        self._need_snap(share, name, snap)
+        src = self._need_snap(share, name, snap)
         if spec.options.get("share", share.name) != share.name:
             raise InvalidInput(f"from-snapshot makes the volume on the snapshot's share "
                                f"({share.name})")
-        self.create(VolumeSpec(spec.name, spec.size, {**spec.options, "share": share.name},
-                               spec.meta))
-        target = share.base / "volumes" / spec.name
-
-        def fill():
-            os.rmdir(target)
-            self._copy_tree(share, self._snapdir(share, name, snap), target)
+        tmp = self._copy(share, src, f"copying {name}@{snap}")
+        rec = self._new_record(share, VolumeSpec(
+            spec.name, spec.size, {**spec.options, "share": share.name}, spec.meta))
         try:
-            share.call(fill, what=f"copying {name}@{snap}")
+            share.call(self._create, share, spec.name, rec, tmp, what=f"creating {spec.name}")
         except BaseException:
-            self.remove(spec.name)
+            self._discard(share, "copy", tmp)
             raise
 
     def changed_ranges(self, name: str, base: str | None, snap: str) -> list[Range]:
@@ -464,22 +657,17 @@ class NfsBackend(Backend):
         return {"shares": out, "size_enforced": False}
 
     def volume_usage(self, name: str) -> dict:
+        """What Get shows, so it must stay cheap however many files the volume holds
+        (Docker calls Get all the time): the share's free space from one statvfs, never a
+        walk of the volume's tree. The size is advisory (docs/nfs.md)."""
         try:
-            share, rec = self._find(name)
+            share, _ = self._find(name)
         except PyvolError as e:
             return {"error": str(e)}
         out = {"share": share.name, "size_enforced": False}
         try:
-            out["used"] = share.call(_du, share.base / "volumes" / name, what="a space count")
+            st = share.call(os.statvfs, share.mount_dir, what="a space query")
+            out["share_free"] = st.f_bavail * st.f_frsize
         except ServerUnreachable as e:
             out["error"] = str(e)
         return out
-
-
-def _du(path: Path) -> int:
-    total = 0
-    for dirpath, dirs, files in os.walk(path):
-        for f in files + dirs:
-            with contextlib.suppress(FileNotFoundError):
-                total += os.lstat(os.path.join(dirpath, f)).st_blocks * 512
-    return total

@@ -4,19 +4,24 @@ server, inside the qemu lane."""
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from helpers import Daemon
+from pyvol.backends import VolumeSpec
 
 pytestmark = pytest.mark.nfs
 
 
 def host(workdir, name, export, **env) -> Daemon:
+    # a generous start: under TCG, with the lane's CPUs shared, imports alone can take a minute
     return Daemon(workdir / name, workdir / f"{name}.sock", env={
         "PYVOL_NFS_SHARES": f"main=127.0.0.1:{export}", "PYVOL_BACKEND": "nfs",
-        "PYVOL_NFS_TIMEOUT": "4", **env}).start()
+        "PYVOL_NFS_TIMEOUT": "4", **env}).start(wait=180)
 
 
 @pytest.fixture
@@ -287,3 +292,187 @@ def test_a_file_a_container_writes_on_host_a_is_read_on_host_b(workdir, nfs_expo
         b.api.ok("/VolumeDriver.Unmount", {"Name": "shared", "ID": "b"})
     finally:
         b.stop()
+
+
+# issue 11: work as slow as the data is bounded by PYVOL_NFS_COPY_TIMEOUT, not by the short
+# guard (PYVOL_NFS_TIMEOUT) that notices a dead server; what it leaves behind goes
+
+def fill_on_server(export, volume: str, n: int) -> Path:
+    """``n`` small files in the volume, written on the server's own filesystem (quick even
+    under TCG); the client has never listed the directory, so it reads them from the server."""
+    tree = Path(export) / "pyvol" / "volumes" / volume / "tree"
+    for i in range(n):
+        d = tree / f"d{i // 500:02d}"
+        if i % 500 == 0:
+            d.mkdir(parents=True)
+        (d / f"f{i:05d}").write_bytes(b"%05d" % i * 20)
+    return tree
+
+
+def count_files(path) -> int:
+    return sum(len(files) for _, _, files in os.walk(path))
+
+
+def entries(export, area: str) -> list[str]:
+    d = Path(export) / "pyvol" / area
+    return sorted(os.listdir(d)) if d.exists() else []
+
+
+def wait_until(what: str, ok, limit: float = 120) -> None:
+    deadline = time.monotonic() + limit
+    while not ok():
+        assert time.monotonic() < deadline, f"{what}: not within {limit:g} s"
+        time.sleep(0.5)
+
+
+def test_snapshot_clone_and_remove_of_a_volume_slower_to_copy_than_the_guard(
+        workdir, nfs_export, report):
+    # a 2 s guard: every quick call must fit in it even on the lane's loaded, emulated CPUs;
+    # copying these files takes several times as long there
+    n = 600
+    d = host(workdir, "h", nfs_export, PYVOL_BACKENDS="nfs", PYVOL_NFS_TIMEOUT="2")
+    try:
+        d.api.ok("/VolumeDriver.Create", {"Name": "big"})
+        fill_on_server(nfs_export, "big", n)
+        started = time.monotonic()
+        d.cli("snapshot", "create", "big", "--name", "s1")
+        took = time.monotonic() - started
+        # the premise: this copy takes longer than the guard, which used to cap it
+        assert took > 2, f"the copy took {took:.1f} s: not slower than the 2 s guard"
+        report(f"nfs: a snapshot of {n} files took {took:.1f} s, under a 2 s guard")
+        snap = Path(nfs_export) / "pyvol" / "snapshots" / "big" / "s1"
+        assert count_files(snap) == n
+        d.cli("create", "big-copy", "--from-snapshot", "big@s1")
+        copy = Path(nfs_export) / "pyvol" / "volumes" / "big-copy"
+        assert count_files(copy) == n
+        assert (copy / "tree" / "d01" / "f00517").read_bytes() == b"00517" * 20
+        assert [e for e in entries(nfs_export, "tmp") if not e.startswith(".")] == []
+        # remove: the trees go to the trash and the record goes under the guard; the name is
+        # free at once, though deleting the files takes longer than the guard
+        d.api.ok("/VolumeDriver.Remove", {"Name": "big"})
+        d.api.ok("/VolumeDriver.Create", {"Name": "big"})
+        mp = d.api.ok("/VolumeDriver.Mount", {"Name": "big", "ID": "m"})["Mountpoint"]
+        assert os.listdir(mp) == []
+        assert d.cli("snapshot", "ls", "big", "--json").stdout.strip() == "[]"
+        d.api.ok("/VolumeDriver.Unmount", {"Name": "big", "ID": "m"})
+        wait_until("the trash emptied", lambda: entries(nfs_export, "trash") == [])
+    finally:
+        d.stop()
+
+
+def test_a_copy_killed_midway_leaves_nothing_after_a_restart(workdir, nfs_export):
+    d = host(workdir, "h", nfs_export, PYVOL_BACKENDS="nfs")
+    try:
+        d.api.ok("/VolumeDriver.Create", {"Name": "big"})
+        fill_on_server(nfs_export, "big", 1000)
+        instance = (workdir / "h" / "nfs" / "instance-id").read_text().strip()
+        tmp = Path(nfs_export) / "pyvol" / "tmp"
+        cli = subprocess.Popen([sys.executable, "-m", "pyvol", "--socket", str(d.socket),
+                                "snapshot", "create", "big", "--name", "s1"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            def copying():
+                return [p for p in tmp.glob(f"{instance}.*") if count_files(p) > 100]
+            wait_until("a copy in progress", copying, limit=60)
+            os.killpg(d.proc.pid, signal.SIGKILL)  # the daemon and its cp die mid-copy
+            d.proc.wait(timeout=30)
+        finally:
+            cli.wait(timeout=60)
+        left = copying()
+        assert left and count_files(left[0]) < 1000, "the copy was not killed midway"
+        d = host(workdir, "h", nfs_export, PYVOL_BACKENDS="nfs")
+        wait_until("the partial copy removed",
+                   lambda: not list(tmp.glob(f"{instance}.*"))
+                   and entries(nfs_export, "trash") == [])
+        assert d.cli("snapshot", "ls", "big", "--json").stdout.strip() == "[]"
+        assert entries(nfs_export, "snapshots/big") == []
+        d.cli("snapshot", "create", "big", "--name", "s1")  # nothing in the way
+        assert count_files(Path(nfs_export) / "pyvol" / "snapshots" / "big" / "s1") == 1000
+    finally:
+        d.stop()
+
+
+def test_a_copy_over_its_time_fails_clearly_and_leaves_no_directory(workdir, nfs_export):
+    d = host(workdir, "h", nfs_export, PYVOL_BACKENDS="nfs", PYVOL_NFS_COPY_TIMEOUT="0.5")
+    try:
+        d.api.ok("/VolumeDriver.Create", {"Name": "big"})
+        fill_on_server(nfs_export, "big", 600)
+        instance = (workdir / "h" / "nfs").joinpath("instance-id").read_text().strip()
+        r = d.cli("snapshot", "create", "big", "--name", "s1", check=False)
+        assert r.returncode != 0 and "PYVOL_NFS_COPY_TIMEOUT" in r.stderr, r.stderr
+        # the partial copy left tmp/ before the error came back (its deletion may outlast
+        # the same short bound: the next start finishes it)
+        assert not list((Path(nfs_export) / "pyvol" / "tmp").glob(f"{instance}.*"))
+        assert d.cli("snapshot", "ls", "big", "--json").stdout.strip() == "[]"
+        assert entries(nfs_export, "snapshots/big") == []
+    finally:
+        d.stop()
+    d = host(workdir, "h", nfs_export, PYVOL_BACKENDS="nfs")
+    try:
+        wait_until("the trash emptied", lambda: entries(nfs_export, "trash") == [])
+    finally:
+        d.stop()
+
+
+def test_trash_and_copies_left_by_a_crash_are_emptied_at_the_next_start(workdir, nfs_export):
+    # made on the server before this host first mounts the export (so no listing of it is
+    # cached by the client): what a crashed earlier run of this host, and other hosts, left
+    mine = "0123456789abcdef"
+    (workdir / "h" / "nfs").mkdir(parents=True)
+    (workdir / "h" / "nfs" / "instance-id").write_text(mine)
+    base = Path(nfs_export) / "pyvol"
+    left = {
+        "trash": {f"{mine}.volume-a.00000001": True,  # this host's: gone whatever its age
+                  "fedcba9876543210.volume-b.00000002": False,  # another host's, fresh: kept
+                  "fedcba9876543210.volume-c.00000003": True},  # another host's, 2 days old
+        "tmp": {f"{mine}.0000000000aa": True,  # this host's interrupted copy
+                "fedcba9876543210.0000000000bb": False},  # another host's copy in progress
+    }
+    for area, names in left.items():
+        for name in names:
+            d2 = base / area / name / "0-volumes" / "sub"
+            d2.mkdir(parents=True)
+            (d2 / "file").write_text("left behind")
+    two_days = time.time() - 2 * 86400
+    os.utime(base / "trash" / "fedcba9876543210.volume-c.00000003", (two_days, two_days))
+    d = host(workdir, "h", nfs_export, PYVOL_BACKENDS="nfs")
+    try:
+        wait_until("leftovers emptied", lambda: entries(nfs_export, "trash") == [
+            "fedcba9876543210.volume-b.00000002"])
+        assert [e for e in entries(nfs_export, "tmp") if not e.startswith(".")] == [
+            "fedcba9876543210.0000000000bb"]
+    finally:
+        d.stop()
+
+
+def test_get_never_walks_the_volume(workdir, nfs_export, monkeypatch):
+    """Docker calls Get all the time: its usage figures must not cost a walk of the tree."""
+    from pyvol.backends.nfs import NfsBackend
+
+    b = NfsBackend(workdir / "root", {"shares": f"main=127.0.0.1:{nfs_export}"})
+    b.setup()
+    try:
+        b.create(VolumeSpec("many", 1 << 30))
+        fill_on_server(nfs_export, "many", 5000)
+        vol = str(b.shares["main"].base / "volumes" / "many")
+        touched = []
+
+        def watch(fn):
+            def wrapped(path=".", *a, **kw):
+                if str(os.fspath(path) if not isinstance(path, int) else "").startswith(vol):
+                    touched.append((fn.__name__, path))
+                return fn(path, *a, **kw)
+            return wrapped
+        for fn in ("walk", "scandir", "listdir", "lstat", "stat"):
+            monkeypatch.setattr(os, fn, watch(getattr(os, fn)))
+        started = time.monotonic()
+        usage = b.volume_usage("many")
+        took = time.monotonic() - started
+        monkeypatch.undo()
+        assert touched == []
+        assert "used" not in usage and "error" not in usage, usage
+        assert usage["share"] == "main" and usage["share_free"] > 0
+        assert usage["size_enforced"] is False
+        assert took < 5, f"volume_usage took {took:.1f} s"
+    finally:
+        b.teardown()
