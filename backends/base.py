@@ -64,24 +64,15 @@ class Backend(ABC):
         """None when the settings give the backend enough to run (e.g. nfs needs shares)."""
         return None
 
-    def records(self) -> dict[str, dict]:
-        """Global backends: every volume the shared storage holds, with its record
-        (``size``, ``options``, ``created``), so that every host can answer Get and List."""
-        return {}
-
-    def record(self, name: str) -> dict | None:
-        """Global backends: one volume's record, or None."""
-        return None
-
     def created_here(self, name: str) -> bool:
         """Whether storage named ``name`` was made by this host, so that an interrupted
-        create of it may be undone. Local storage is only ever made here; shared storage
-        may meanwhile hold another host's volume of the same name, which is never ours to
-        remove."""
+        create of it may be undone. Local storage is only ever made here; a shared
+        backend's (backends/shared.py) may meanwhile hold another host's volume."""
         return True
 
     def removal_blockers(self, name: str) -> list[str]:
-        """Global backends: other hosts that have the volume mounted (removal is refused)."""
+        """Other hosts that have the volume mounted, so removal is refused; none for local
+        storage (shared backends: backends/shared.py)."""
         return []
 
     @abstractmethod

@@ -23,7 +23,8 @@ from pathlib import Path
 from pyvol import clock
 from pyvol.errors import Conflict, InvalidInput, NotFound, PoolFull, PyvolError
 
-from .base import Backend, Quiesce, Range, VolumeSpec
+from .base import Quiesce, Range, VolumeSpec
+from .shared import SharedBackend
 
 GiB = 1 << 30
 NAME_TAG, OPT_TAG, SNAP_VOL_TAG, SNAP_TAG, TEMP_TAG = (
@@ -86,7 +87,7 @@ class Imds:
                              "PYVOL_EBS_IMDS_URL if it lives elsewhere)") from None
 
 
-class EbsBackend(Backend):
+class EbsBackend(SharedBackend):
     name = "ebs"
     kind = "block"
     scope = "global"
@@ -441,15 +442,20 @@ class EbsBackend(Backend):
         mine = self._attachment(v)
         return self._device(v["VolumeId"], mine["Device"]) if mine else None
 
-    def leases(self, name: str) -> list[dict]:
+    # claims: an instance claims a volume by having it attached
+    @property
+    def instance(self) -> str:
+        return self.instance_id
+
+    def claims(self, name: str) -> list[dict]:
         return [{"host": a["InstanceId"], "instance": a["InstanceId"],
                  "since": clock.stamp(a["AttachTime"])}
                 for a in self._find(name)["Attachments"]]
 
     def removal_blockers(self, name: str) -> list[str]:
-        return [x["instance"] for x in self.leases(name) if x["instance"] != self.instance_id]
+        return [x["instance"] for x in self.claims(name) if x["instance"] != self.instance_id]
 
-    def clear_lease(self, name: str, host: str) -> int:
+    def clear_claim(self, name: str, host: str) -> int:
         """Force-detach the volume from a dead instance."""
         v = self._find(name)
         if not any(a["InstanceId"] == host for a in v["Attachments"]):

@@ -45,7 +45,8 @@ from pyvol.files import write_whole
 from pyvol.log import event
 from pyvol.run import run
 
-from .base import Backend, Quiesce, Range, VolumeSpec
+from .base import Quiesce, Range, VolumeSpec
+from .shared import SharedBackend
 
 SHARE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 SOURCE_RE = re.compile(r"^[A-Za-z0-9_.:\[\]-]+:/[^\s,]*$")
@@ -171,7 +172,7 @@ def _seconds(settings: dict[str, str], key: str, default: float) -> float:
     return value
 
 
-class NfsBackend(Backend):
+class NfsBackend(SharedBackend):
     name = "nfs"
     kind = "file"
     scope = "global"
@@ -200,7 +201,7 @@ class NfsBackend(Backend):
 
     @property
     def instance(self) -> str:
-        """This daemon's id in leases: random, kept under its root (hostnames repeat)."""
+        """This daemon's id in claims: random, kept under its root (hostnames repeat)."""
         if self._instance is None:
             path = self.root / "nfs" / "instance-id"
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -412,10 +413,6 @@ class NfsBackend(Backend):
             return True  # nothing there: nothing another host could lose
         return rec.get("created_by") == self.instance
 
-    def removal_blockers(self, name: str) -> list[str]:
-        return [f"{lease.get('host')} ({lease.get('instance')})" for lease in self.leases(name)
-                if lease.get("instance") != self.instance]
-
     def _new_record(self, share: Share, spec: VolumeSpec) -> dict:
         return {"name": spec.name, "share": share.name, "size": spec.size,
                 "options": dict(spec.meta), "created": time.strftime(
@@ -474,7 +471,7 @@ class NfsBackend(Backend):
         if others:
             holders = ", ".join(json.loads(p.read_text()).get("host", p.stem) for p in others)
             raise Conflict(f"volume {name} is mounted on other hosts ({holders}); unmount it "
-                           f"there first, or if a host is dead: pyvol lease clear {name} HOST")
+                           f"there first, or if a host is dead: pyvol claim clear {name} HOST")
         meta = share.base / "meta" / f"{name}.json"
         with contextlib.suppress(FileNotFoundError):
             rec = json.loads(meta.read_text())
@@ -521,13 +518,15 @@ class NfsBackend(Backend):
             return str(share.base / "volumes" / name)
         return None
 
-    def leases(self, name: str) -> list[dict]:
+    # claims: a host claims a volume with a file under leases/ (the export's layout keeps
+    # that directory's name) while it has the volume active
+    def claims(self, name: str) -> list[dict]:
         share, _ = self._find(name)
         return share.call(lambda: [json.loads(p.read_text()) for p in sorted(
-            (share.base / "leases" / name).glob("*.json"))], what=f"reading leases of {name}")
+            (share.base / "leases" / name).glob("*.json"))], what=f"reading claims on {name}")
 
-    def clear_lease(self, name: str, host: str) -> int:
-        """Drop the leases of a dead ``host`` (its hostname or instance id)."""
+    def clear_claim(self, name: str, host: str) -> int:
+        """Drop the claims of a dead ``host`` (its hostname or instance id)."""
         share, _ = self._find(name)
 
         def clear():
@@ -538,7 +537,7 @@ class NfsBackend(Backend):
                     p.unlink(missing_ok=True)
                     n += 1
             return n
-        return share.call(clear, what=f"clearing leases of {name}")
+        return share.call(clear, what=f"clearing claims on {name}")
 
     # snapshots
     def _snapdir(self, share: Share, name: str, snap: str) -> Path:

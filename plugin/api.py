@@ -316,12 +316,12 @@ def create_app(parts: Parts) -> Flask:
             raise InvalidInput("missing query parameter 'snap'")
         return [list(r) for r in snapshots.changed_ranges(name, base, snap)]
 
-    @control("/volumes/<name>/leases", ["GET"])
-    def volume_leases(_, name):
+    @control("/volumes/<name>/claims", ["GET"])
+    def volume_claims(_, name):
         return parts.catalogue.claims(name)
 
-    @control("/volumes/<name>/leases/clear", ["POST"])
-    def volume_lease_clear(b, name):
+    @control("/volumes/<name>/claims/clear", ["POST"])
+    def volume_claim_clear(b, name):
         return parts.catalogue.clear_claim(name, _field(b, "Host"))
 
     # backups: long work streams progress (see _streamed); a backup URL goes in the body or

@@ -19,8 +19,10 @@ from __future__ import annotations
 import logging
 
 from .backends import Backend
+from .backends.shared import SharedBackend
 from .errors import InvalidInput, NotFound, PyvolError
 from .host import Host
+from .log import event
 from .names import check_name
 from .state import Snapshot, Volume, now
 
@@ -70,7 +72,7 @@ class Catalogue:
         """The snapshot's record; on shared storage, also one another host took."""
         s = self.store.snapshot(v.name, snap)
         b = self.host.backends.get(v.backend)
-        if s is None and b is not None and b.scope == "global" and snap in b.snapshots(v.name):
+        if s is None and isinstance(b, SharedBackend) and snap in b.snapshots(v.name):
             return Snapshot(v.name, snap, v.size, "ready", now())
         return s
 
@@ -97,21 +99,31 @@ class Catalogue:
 
     # claims: the hosts that hold a shared volume (mounted there), which removal respects
     def claims(self, name) -> list[dict]:
-        return self._shared_backend_of(name).leases(name)
+        return self._shared_backend_of(name).claims(name)
 
-    def clear_claim(self, name: str, host: str) -> int:
-        return self._shared_backend_of(name).clear_lease(name, host)
+    def clear_claim(self, name: str, host) -> dict:
+        """Drop a dead host's claim on a shared volume, so that it can be removed."""
+        if not isinstance(host, str) or not host:
+            raise InvalidInput("missing host: accepted is the hostname or instance id shown by "
+                               "`pyvol claim ls`")
+        b = self._shared_backend_of(name)
+        with self.host.lock(name):
+            n = b.clear_claim(name, host)
+        if n == 0:
+            raise NotFound(f"volume {name} has no claim of host {host}")
+        event(log, "claim cleared", volume=name, host=host, claims=n)
+        return {"cleared": n}
 
-    def _shared_backend_of(self, name) -> Backend:
+    def _shared_backend_of(self, name) -> SharedBackend:
         b = self.host.backend(self.ready(name))
-        if b.scope != "global":
+        if not isinstance(b, SharedBackend):
             raise InvalidInput(f"volume {name} is on backend {b.name}, which has no claims of "
                                "other hosts (only shared backends such as nfs and ebs do)")
         return b
 
     def _removed_elsewhere(self, v: Volume) -> bool:
         b = self.host.backends.get(v.backend)
-        if b is None or b.scope != "global" or self.store.mounts(v.name):
+        if not isinstance(b, SharedBackend) or self.store.mounts(v.name):
             return False
         return b.record(v.name) is None
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from . import locks
 from .backends import Backend
+from .backends.shared import SharedBackend
 from .config import Config
 from .errors import PyvolError
 from .kinds import VolumeKind, kind_of
@@ -43,8 +44,8 @@ class Host:
     def kind(self, backend: Backend) -> VolumeKind:
         return self.kinds[backend.name]
 
-    def shared_backends(self) -> list[Backend]:
-        return [b for b in self.backends.values() if b.scope == "global"]
+    def shared_backends(self) -> list[SharedBackend]:
+        return [b for b in self.backends.values() if isinstance(b, SharedBackend)]
 
     def lock(self, *names: str):
         """Every change to a volume holds its lock, across workers, threads and restarts."""

@@ -19,6 +19,7 @@ import time
 
 from . import fs, mountinfo
 from .backends import Backend, VolumeSpec
+from .backends.shared import SharedBackend
 from .catalogue import Catalogue
 from .crashpoint import crashpoint
 from .errors import Conflict, InvalidInput, PyvolError
@@ -79,7 +80,7 @@ class Volumes:
             if self.store.volume(name) is not None:
                 raise Conflict(f"volume {name} already exists")
             held = name in backend.list()
-            if held and backend.scope == "global":
+            if held and isinstance(backend, SharedBackend):
                 raise Conflict(f"volume {name} already exists on backend {backend.name} "
                                "(another host made it): use it by name")
             if held:
@@ -171,7 +172,7 @@ class Volumes:
             others = backend.removal_blockers(name)
             if others:
                 raise Conflict(f"volume {name} is mounted on other hosts ({', '.join(others)}):"
-                               f" unmount it there first; if a host is dead, `pyvol lease "
+                               f" unmount it there first; if a host is dead, `pyvol claim "
                                f"clear {name} HOST` drops its claim")
             mp = self.host.mountpoint(name)
             if mountinfo.is_mounted(mp):

@@ -83,9 +83,9 @@ def test_a_dead_instances_attachment_is_force_detached_on_request(instances, ebs
         os.fsync(f.fileno())
     os.killpg(a.proc.pid, signal.SIGKILL)  # instance a dies holding the volume
     assert "attached to instance" in b.api.err("/VolumeDriver.Mount", {"Name": "web", "ID": "y"})
-    leases = json.loads(b.cli("lease", "ls", "web", "--json").stdout)
+    leases = json.loads(b.cli("claim", "ls", "web", "--json").stdout)
     assert [x["instance"] for x in leases] == [ebs_rig.instances[0]]
-    b.cli("lease", "clear", "web", ebs_rig.instances[0])
+    b.cli("lease", "clear", "web", ebs_rig.instances[0])  # the commands' earlier name
     mp_b = b.api.ok("/VolumeDriver.Mount", {"Name": "web", "ID": "y"})["Mountpoint"]
     assert open(os.path.join(mp_b, "index.html")).read() == "hello from a\n"
 

@@ -54,7 +54,7 @@ def test_both_hosts_see_one_volume_and_its_data(two_hosts):
     # remove is refused while the other host has it mounted, and names that host
     b.api.ok("/VolumeDriver.Unmount", {"Name": "shared", "ID": "c2"})
     err = b.api.err("/VolumeDriver.Remove", {"Name": "shared"})
-    assert "mounted on other hosts" in err and "lease clear" in err
+    assert "mounted on other hosts" in err and "claim clear" in err
     a.api.ok("/VolumeDriver.Unmount", {"Name": "shared", "ID": "c1"})
     b.api.ok("/VolumeDriver.Remove", {"Name": "shared"})
     assert "no such volume" in a.api.err("/VolumeDriver.Get", {"Name": "shared"})
