@@ -30,6 +30,7 @@ from pathlib import Path
 
 from pyvol import locks
 from pyvol.errors import Conflict, InvalidInput, NotFound, PoolFull, PyvolError
+from pyvol.files import write_whole
 from pyvol.fs import device_size
 from pyvol.log import event
 from pyvol.run import run
@@ -132,17 +133,7 @@ class DevicemapperBackend(Backend):
             return {"version": 1, "next_id": 1, "volumes": {}}
 
     def _save(self, devices: dict) -> None:
-        tmp = self.devices_file.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump(devices, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, self.devices_file)
-        fd = os.open(self.base, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_whole(self.devices_file, json.dumps(devices, indent=1, sort_keys=True).encode())
 
     @contextlib.contextmanager
     def _devices(self):

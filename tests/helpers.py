@@ -302,3 +302,19 @@ def seed_demo(dockerd: "Dockerd", driver: str) -> None:
     out = dockerd.run("run", "--rm", f"--volume-driver={driver}", "-v", "test_volume:/sample",
                       "busybox", "cat", "/sample/test").stdout
     assert out == "hi\n"
+
+
+def slow_backup(d: "Daemon", proxy, url: str, requests: int = 12) -> subprocess.Popen:
+    """Start `pyvol backup create v --dest URL` through a slowed FaultProxy (tests/s3servers.py)
+    and return once ``requests`` more requests have passed it: chunks are flowing."""
+    proxy.set("pass", delay=0.3)
+    before = proxy.requests
+    cli = subprocess.Popen([sys.executable, "-m", "pyvol", "--socket", str(d.socket), "backup",
+                            "create", "v", "--dest", url], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while proxy.requests < before + requests:
+        assert cli.poll() is None, cli.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    return cli

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import Daemon
+from helpers import Daemon, slow_backup
 from s3servers import FaultProxy
 
 MiB = 1 << 20
@@ -313,16 +313,7 @@ def test_a_broken_endpoint_fails_in_bounded_time_and_writes_no_manifest(proxied,
 
 def _kill_midway(d: Daemon, proxy: FaultProxy, url: str, kill) -> subprocess.Popen:
     """Start a slow backup through the proxy and call ``kill(cli)`` once chunks are flowing."""
-    proxy.set("pass", delay=0.3)
-    before = proxy.requests
-    cli = subprocess.Popen([sys.executable, "-m", "pyvol", "--socket", str(d.socket), "backup",
-                            "create", "v", "--dest", url], stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while proxy.requests < before + 12:
-        assert cli.poll() is None, cli.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    cli = slow_backup(d, proxy, url, 12)
     kill(cli)
     cli.wait(30)
     proxy.set("pass")

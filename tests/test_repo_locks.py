@@ -10,10 +10,10 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import datetime, timezone
 
 import pytest
-from helpers import Daemon
+from helpers import Daemon, slow_backup
+from pyvol import clock
 from pyvol.backup import leases
 from pyvol.backup.repo import Repository, holder_identity
 from pyvol.errors import Conflict, PyvolError
@@ -209,23 +209,6 @@ def test_a_holder_learns_that_its_lock_was_broken_and_writes_nothing_more(repo):
     assert lock_objects(repo) == []
 
 
-def _parse(ts: str) -> float:
-    return datetime.strptime(ts, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp()
-
-
-def _slow_backup(d: Daemon, proxy: FaultProxy, url: str, requests: int) -> subprocess.Popen:
-    """Start `backup create v` through the slowed proxy; return once chunks are flowing."""
-    proxy.set("pass", delay=0.3)
-    before = proxy.requests
-    cli = subprocess.Popen([sys.executable, "-m", "pyvol", "--socket", str(d.socket), "backup",
-                            "create", "v", "--dest", url], stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while proxy.requests < before + requests:
-        assert cli.poll() is None, cli.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    return cli
 
 
 def test_gc_on_another_host_never_deletes_chunks_a_stalled_backup_needs(workdir, moto):
@@ -247,7 +230,7 @@ def test_gc_on_another_host_never_deletes_chunks_a_stalled_backup_needs(workdir,
         first = backup(a, "v", url)
         a.cli("backup", "rm", first["url"])  # its chunks stay until a gc: unreferenced now
         fill(f"{mp}/new", 64 * MiB)  # the next backup uploads these and reuses the old ones
-        cli = _slow_backup(a, proxy, url, 12)
+        cli = slow_backup(a, proxy, url, 12)
         os.killpg(a.proc.pid, signal.SIGSTOP)
         stopped, stop_time = True, time.monotonic()
         # its lock holds until its lease and the allowance are over: then gc breaks it, and
@@ -266,7 +249,7 @@ def test_gc_on_another_host_never_deletes_chunks_a_stalled_backup_needs(workdir,
         assert gc["backups"] == 1 and gc["delete_after"], gc
         # two leases later, a gc deletes every unreferenced chunk: the ones the stalled
         # backup skipped as already stored among them
-        time.sleep(max(0.0, _parse(gc["delete_after"]) - time.time()) + 1)
+        time.sleep(max(0.0, clock.parse(gc["delete_after"]) - time.time()) + 1)
         gc2 = json.loads(b.cli("backup", "gc", url, "--json").stdout)
         assert gc2["chunks_marked"] == 0 and gc2["chunks_deleted"] >= gc["chunks_marked"], gc2
         os.killpg(a.proc.pid, signal.SIGCONT)
@@ -307,7 +290,7 @@ def test_a_backup_whose_reused_chunks_vanish_while_it_runs_writes_no_manifest(wo
         d.cli("backup", "rm", first["url"])
         old = moto.keys(bucket, "r/chunks/")
         fill(f"{mp}/new", 48 * MiB)
-        cli = _slow_backup(d, proxy, url, 12)
+        cli = slow_backup(d, proxy, url, 12)
         s3 = moto.client()
         for key in old:
             s3.delete_object(Bucket=bucket, Key=key)
