@@ -48,6 +48,9 @@ class Snapshots:
             try:
                 backend.snapshot(volume, snap, quiesce)
                 crashpoint("snapshot.taken")
+            except Conflict:  # the storage holds that name already (another host's, on
+                self.store.delete_snapshot(volume, snap)  # shared storage): never ours to undo
+                raise
             except BaseException:
                 backend.remove_snapshot(volume, snap)
                 self.store.delete_snapshot(volume, snap)
