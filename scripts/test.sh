@@ -31,7 +31,7 @@ venv="$here/.venv"
 vm_log=$(mktemp /tmp/pyvol-vm-lane.XXXXXX)
 (
     echo "test.sh: devicemapper and nfs tests, inside Debian's kernel under qemu"
-    "$venv/bin/python" tests/vm/run_in_vm.py -- \
+    "$venv/bin/python" tests/vm/run_in_vm.py --timeout 3600 -- \
         "$venv/bin/python" -m pytest -p no:cacheprovider --color=no -m "devicemapper or nfs" "$@"
 ) >"$vm_log" 2>&1 &
 vm_pid=$!

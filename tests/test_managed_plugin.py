@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import textwrap
 import time
@@ -23,7 +24,7 @@ DRIVER = "pyvol:latest"
 
 def _scripts_env(dockerd) -> dict:
     return {**os.environ, "DOCKER": DOCKER, "DOCKER_HOST": f"unix://{dockerd.sock}",
-            "PYTHON": os.environ.get("PYVOL_TEST_PYTHON", "python3")}
+            "PYTHON": os.environ.get("PYVOL_TEST_PYTHON", sys.executable)}
 
 
 def _enable(dockerd, state: Path) -> None:
@@ -65,9 +66,10 @@ def managed(dockerd, report):
 
 
 def cli(dockerd, *args) -> subprocess.CompletedProcess:
-    """The pyvol CLI as a user runs it: no --socket, it finds the managed plugin's."""
+    """The pyvol CLI as a user runs it: no --socket, it finds the managed plugin's. It runs
+    from the environment the test command made, never a pyvol the host may have elsewhere."""
     env = {k: v for k, v in os.environ.items() if k != "PYVOL_SOCKET"}
-    proc = subprocess.run(["python3", "-m", "pyvol", *args], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "pyvol", *args], capture_output=True, text=True,
                           env=env, timeout=180)
     assert proc.returncode == 0, proc.stderr
     return proc
