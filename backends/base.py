@@ -80,13 +80,6 @@ class Backend(ABC):
         """Provision or re-attach the backend's storage; idempotent; run once at daemon start."""
 
     @abstractmethod
-    def teardown(self) -> None:
-        """Release host resources (devices, pool mounts) as a host shutdown would; keep data.
-
-        setup() on a fresh instance must bring every volume and snapshot back.
-        """
-
-    @abstractmethod
     def create(self, spec: VolumeSpec) -> None:
         """Make an empty volume of ``spec.size`` bytes; leave nothing behind if it fails."""
 
@@ -99,20 +92,12 @@ class Backend(ABC):
         """Names of the volumes the storage holds (for recovery and reconciliation)."""
 
     @abstractmethod
-    def size(self, name: str) -> int:
-        """The volume's size in bytes."""
-
-    @abstractmethod
     def activate(self, name: str) -> str:
         """Make the volume usable and return its device (or directory); twice gives the same."""
 
     @abstractmethod
     def deactivate(self, name: str) -> None:
         """Release what activate() took; idempotent."""
-
-    @abstractmethod
-    def active_device(self, name: str) -> str | None:
-        """The device of an active volume, else None."""
 
     @abstractmethod
     def snapshot(self, name: str, snap: str, quiesce: Quiesce = contextlib.nullcontext) -> None:

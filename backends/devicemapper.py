@@ -308,17 +308,6 @@ class DevicemapperBackend(Backend):
             except PyvolError as e:
                 log.error("could not rename device %s to its thin-id name: %s", dm_name, e)
 
-    def teardown(self) -> None:
-        for line in dmsetup("ls", timeout=10).splitlines():
-            dm_name = line.split()[0] if line.strip() else ""
-            if dm_name.startswith(self.prefix + "-") and dm_name != self.pool:
-                dmsetup("remove", "--retry", dm_name)
-        if self._exists(self.pool):
-            dmsetup("remove", "--retry", self.pool)
-        if not self.data_device:
-            loopdev.detach(self.data_file)
-            loopdev.detach(self.metadata_file)
-
     def _status(self) -> dict:
         # "0 LEN thin-pool TRANS USED_META/TOTAL_META USED_DATA/TOTAL_DATA HELD MODE ..."
         f = dmsetup("status", self.pool, timeout=10).split()
@@ -399,9 +388,6 @@ class DevicemapperBackend(Backend):
     def list(self) -> list[str]:
         return sorted(self._load()["volumes"])
 
-    def size(self, name: str) -> int:
-        return self._vol(name)["size"]
-
     def _activate(self, thin_id: int, size: int, readonly: bool = False) -> str:
         dm_name = self._thin_name(thin_id)
         dev = f"/dev/mapper/{dm_name}"
@@ -427,12 +413,6 @@ class DevicemapperBackend(Backend):
             if self._exists(self._thin_name(vol["id"])):
                 dmsetup("remove", "--retry", self._thin_name(vol["id"]))
             vol.pop("active", None)
-
-    def active_device(self, name: str) -> str | None:
-        vol = self._load()["volumes"].get(name)
-        if vol is None or not self._exists(self._thin_name(vol["id"])):
-            return None
-        return f"/dev/mapper/{self._thin_name(vol['id'])}"
 
     # snapshots
     def snapshot(self, name: str, snap: str, quiesce: Quiesce = contextlib.nullcontext) -> None:

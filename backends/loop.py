@@ -115,17 +115,6 @@ class LoopBackend(Backend):
                            f"(umount {self.pool}) and start again")
         return dev
 
-    def teardown(self) -> None:
-        for name in self.list():
-            self.deactivate(name)
-        try:
-            ours = self._mounted_pool()
-        except Conflict:
-            ours = None  # someone else's filesystem: not ours to unmount
-        if ours is not None:
-            run(["umount", str(self.pool)], timeout=120)
-        loopdev.detach(self.pool_file)
-
     # paths
     def _image(self, name: str) -> Path:
         return self.volumes_dir / f"{name}.img"
@@ -176,17 +165,11 @@ class LoopBackend(Backend):
     def list(self) -> list[str]:
         return sorted(p.name[:-4] for p in self.volumes_dir.glob("*.img"))
 
-    def size(self, name: str) -> int:
-        return self._need(self._image(name), f"volume {name}").stat().st_size
-
     def activate(self, name: str) -> str:
         return loopdev.attach(self._need(self._image(name), f"volume {name}"))
 
     def deactivate(self, name: str) -> None:
         loopdev.detach(self._image(name))
-
-    def active_device(self, name: str) -> str | None:
-        return loopdev.find(self._image(name))
 
     # snapshots
     def snapshot(self, name: str, snap: str, quiesce: Quiesce = contextlib.nullcontext) -> None:

@@ -262,18 +262,6 @@ class NfsBackend(SharedBackend):
                     out.append(p)
         return out
 
-    def teardown(self) -> None:
-        # as at host shutdown: deletions stop, and the next setup finishes them
-        self._closed = True
-        for proc in list(self._rm_procs):
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-        for t in list(self._deleters):
-            t.join(timeout=30)
-        for share in self.shares.values():
-            if share.mounted():
-                run(["umount", "-f", str(share.mount_dir)], timeout=share.timeout + 5)
-
     def _share(self, name: str | None) -> Share:
         if name is None:
             return next(iter(self.shares.values()))
@@ -485,9 +473,6 @@ class NfsBackend(SharedBackend):
     def list(self) -> list[str]:
         return sorted(self.records())
 
-    def size(self, name: str) -> int:
-        return int(self._find(name)[1]["size"])
-
     def activate(self, name: str) -> str:
         """The volume's directory; this host's lease says it has the volume mounted."""
         share, _ = self._find(name)
@@ -508,15 +493,6 @@ class NfsBackend(SharedBackend):
             return
         share.call(lambda: (share.base / "leases" / name / f"{self.instance}.json").unlink(
             missing_ok=True), what=f"releasing the mount of {name}")
-
-    def active_device(self, name: str) -> str | None:
-        try:
-            share, _ = self._find(name)
-        except NotFound:
-            return None
-        if share.call((share.base / "leases" / name / f"{self.instance}.json").exists):
-            return str(share.base / "volumes" / name)
-        return None
 
     # claims: a host claims a volume with a file under leases/ (the export's layout keeps
     # that directory's name) while it has the volume active

@@ -11,10 +11,13 @@
 
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import backend_probes
 from pyvol import fs
 from pyvol.backends import VolumeSpec
 from pyvol.backends.devicemapper import DevicemapperBackend
@@ -72,7 +75,7 @@ def main():
               f"{statistics.median(t100) / statistics.median(t1):.2f}")
         print(f"pool after the run: {b.usage()}")
     finally:
-        b.teardown()
+        backend_probes.teardown(b)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import backend_probes
 import httpx
-
 from pyvol import mountinfo
 from pyvol.backends import loopdev
 from pyvol.backends.devicemapper import DevicemapperBackend
@@ -129,7 +129,7 @@ def release(root: Path) -> None:
             for entry in reversed(mountinfo.under(root)):
                 subprocess.run(["umount", entry.mount_point], capture_output=True)
             with contextlib.suppress(Exception):
-                DevicemapperBackend(candidate).teardown()
+                backend_probes.teardown(DevicemapperBackend(candidate))
     for _ in range(6):
         mounts = mountinfo.under(root)
         devs = loop_devices_under(root)

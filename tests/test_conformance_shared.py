@@ -5,8 +5,8 @@ Each test speaks only the ``SharedBackend`` interface; a new shared backend join
 factory to FACTORIES (nfs runs in the qemu lane, ebs on moto's EC2 with tests/ebsfake.py).
 """
 
+import backend_probes as probe
 import pytest
-
 from pyvol.backends import VolumeSpec
 from pyvol.backends.ebs import EbsBackend
 from pyvol.backends.nfs import NfsBackend
@@ -34,10 +34,7 @@ def hosts(request, workdir):
         made.append(b)
     yield made
     for b in made:
-        try:
-            b.teardown()
-        except Exception:
-            pass
+        probe.quietly_teardown(b)
 
 
 def spec(name: str) -> VolumeSpec:

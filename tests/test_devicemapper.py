@@ -7,8 +7,8 @@ import threading
 import time
 from pathlib import Path
 
+import backend_probes as probe
 import pytest
-
 from helpers import Daemon, read_at, seed_demo, write_at
 from pyvol import fs, locks
 from pyvol.backends import VolumeSpec
@@ -123,7 +123,7 @@ def test_kill_restart_and_pool_reactivation_keep_every_volume(daemon):
     from pyvol.backends.devicemapper import DevicemapperBackend
 
     backend = DevicemapperBackend(daemon.root)
-    backend.teardown()
+    probe.teardown(backend)
     assert not [line for line in subprocess.run(["dmsetup", "ls"], capture_output=True,
                                                 text=True).stdout.splitlines()
                 if line.startswith(backend.prefix + "-")]
@@ -147,14 +147,14 @@ def test_corrupt_metadata_is_refused_with_the_repair_step(workdir):
     from pyvol.backends import VolumeSpec
 
     b.create(VolumeSpec("v", 64 << 20))
-    b.teardown()
+    probe.teardown(b)
     with open(b.metadata_file, "r+b") as f:  # smash the superblock
         f.write(os.urandom(4096))
     again = DevicemapperBackend(workdir / "root", {"data_size": "1G"})
     with pytest.raises(PyvolError, match="thin_check.*thin_repair"):
         again.setup()
     assert not again._exists(again.pool), "a pool with bad metadata must not be activated"
-    again.teardown()
+    probe.teardown(again)
 
 
 def test_seed_demo_through_dockerd_in_the_guest(dockerd, plugin):
@@ -268,7 +268,7 @@ def test_a_device_left_suspended_by_a_killed_daemon_is_resumed_at_start(dm_daemo
     api = daemon.api
     api.ok("/VolumeDriver.Create", {"Name": "susp", "Opts": {"size": "256M"}})
     mp = api.ok("/VolumeDriver.Mount", {"Name": "susp", "ID": "w"})["Mountpoint"]
-    dev = _backend(daemon.root).active_device("susp")
+    dev = probe.active_device(_backend(daemon.root), "susp")
     dm_name = os.path.basename(dev)
     # as a daemon killed between `dmsetup suspend` and `resume` in snapshot leaves it
     dmsetup("suspend", "--nolockfs", dm_name)
@@ -371,7 +371,7 @@ def test_dm_names_are_thin_ids_so_names_neither_collide_nor_overflow(workdir):
         assert read_at(path, MiB, 4096) == b"L" * 4096
     b.clone(long, snap, VolumeSpec("c" * 128, 64 * MiB))
     assert read_at(b.activate("c" * 128), MiB, 4096) == b"L" * 4096
-    assert b.active_device(long) == dev and read_at(dev, MiB, 4096) == b"M" * 4096
+    assert probe.active_device(b, long) == dev and read_at(dev, MiB, 4096) == b"M" * 4096
     names = _thin_ids(b)
     assert len(set(names.values())) == len(names) == 4  # a, a--b, the long one, its clone
     assert all(len(n) < 40 for n in names), names
@@ -397,12 +397,12 @@ def test_a_device_named_by_the_old_scheme_is_renamed_at_start(workdir):
         again.setup()
         assert [n for n, i in _thin_ids(again).items() if i == thin_id] == \
             [again._thin_name(thin_id)], "one device per thin id, named by it"
-        assert again.active_device("old") == f"/dev/mapper/{again._thin_name(thin_id)}"
+        assert probe.active_device(again, "old") == f"/dev/mapper/{again._thin_name(thin_id)}"
         assert _write_completes(str(mp / "after"))
         assert (mp / "before").read_text() == "written through the old name"
     finally:
         fs.umount(mp)
-    assert fs.detect(again.active_device("old")) == "ext4"
+    assert fs.detect(probe.active_device(again, "old")) == "ext4"
 
 
 def test_a_snapshot_waiting_for_the_pool_lock_leaves_the_filesystem_writable(dm_daemon):

@@ -9,8 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import backend_probes as probe
 import pytest
-
 from helpers import Daemon
 from pyvol.backends import VolumeSpec
 
@@ -475,4 +475,4 @@ def test_get_never_walks_the_volume(workdir, nfs_export, monkeypatch):
         assert usage["size_enforced"] is False
         assert took < 5, f"volume_usage took {took:.1f} s"
     finally:
-        b.teardown()
+        probe.teardown(b)

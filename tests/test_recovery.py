@@ -4,8 +4,8 @@ import os
 import sqlite3
 import subprocess
 
+import backend_probes as probe
 import pytest
-
 from helpers import loop_devices_under, release
 from pyvol import config as pyvol_config
 from pyvol import fs, mountinfo
@@ -109,7 +109,7 @@ def test_failed_mkfs_leaves_no_record_and_no_image(workdir, monkeypatch):
         str(workdir / "root/loop/pool.img")]
     monkeypatch.undo()
     assert parts.volumes.create("doomed", {"size": "64M"})["Name"] == "doomed"
-    loop.teardown()
+    probe.teardown(loop)
 
 
 def test_orphaned_image_is_never_overwritten(daemon):
