@@ -267,7 +267,10 @@ def create_app(parts: Parts) -> Flask:
 
     @control("/info", ["GET"])
     def info(_):
-        return parts.host.info()
+        data = parts.host.info()
+        if request.args.get("backups") == "1":  # `pyvol info`; boto3's setup costs, so asked
+            data["backups"] = parts.backups.info()
+        return data
 
     @control("/volumes", ["GET"])
     def volume_list(_):
@@ -359,6 +362,11 @@ def create_app(parts: Parts) -> Flask:
     @control("/repository/gc", ["POST"])
     def repository_gc(b):
         return backups.gc(_field(b, "Repo"))
+
+    @control("/repository/init", ["POST"])
+    def repository_init(b):
+        return backups.init(_text(b, "Repo", "a repository URL, s3://BUCKET[/PREFIX] or "
+                                             "file:///PATH"))
 
     @control("/restore", ["POST"])
     def restore(b):

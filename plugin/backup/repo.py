@@ -16,7 +16,7 @@ import threading
 import urllib.parse
 
 from .. import clock
-from ..errors import InvalidInput, NotFound, PyvolError
+from ..errors import Conflict, InvalidInput, NotFound, PyvolError
 from .blobs import Codec, CorruptObject
 from .targets import Target, open_target
 
@@ -81,12 +81,35 @@ class Repository:
         except NotFound:
             if not create:
                 raise NotFound(f"no pyvol repository at {target.url} (no config object); "
+                               f"`pyvol backup init {target.url}` or the first "
                                "`pyvol backup create` makes one") from None
             config = cls._init(target, key)
         return cls._checked(target, config, key)
 
+    @classmethod
+    def init(cls, url: str, key: bytes | None,
+             settings: dict[str, str] | None = None) -> Repository:
+        """Create a repository at ``url`` (``pyvol backup init``), a file:// target's
+        directory too; refused where there is one already. Encrypted exactly when a key is
+        configured."""
+        target = open_target(url, settings, make=True)
+        try:
+            found = _read_config(target)
+        except NotFound:
+            config = cls._new_config(key)
+            if target.put_if_absent("config", json.dumps(config, indent=1).encode()):
+                return cls._checked(target, config, key)
+            found = _read_config(target)  # another host initialised it at the same moment
+        except CorruptObject:
+            raise Conflict(f"{target.url} holds an object named config that is not a pyvol "
+                           "repository's: refusing to initialise over it") from None
+        ident = found.get("id") if isinstance(found, dict) else None
+        raise Conflict(f"{target.url} is a pyvol repository already (id {str(ident)[:64]}); "
+                       "nothing was changed: back up into it with `pyvol backup create VOLUME "
+                       f"--dest {target.url}`")
+
     @staticmethod
-    def _init(target: Target, key: bytes | None) -> dict:
+    def _new_config(key: bytes | None) -> dict:
         config = {"format": FORMAT, "id": secrets.token_hex(32), "created": utcnow(),
                   "chunk_size": CHUNK_SIZE, "compression": "zstd", "encryption": None}
         if key is not None:
@@ -94,6 +117,11 @@ class Repository:
             config["encryption"] = {"cipher": "AES-256-GCM", "kdf": "HKDF-SHA256",
                                     "key_check": codec.key_check}
             config["encryption"]["config_mac"] = codec.config_mac(config)
+        return config
+
+    @classmethod
+    def _init(cls, target: Target, key: bytes | None) -> dict:
+        config = cls._new_config(key)
         if not target.put_if_absent("config", json.dumps(config, indent=1).encode()):
             return _read_config(target)  # another host initialised it first
         return config

@@ -26,6 +26,7 @@ from .job import Job
 from .leases import DEFAULT_LEASE, held_until, locked, stamp
 from .repo import (Repository, host_id, missing_chunks, new_backup_id, split_backup_url,
                    utcnow)
+from .targets import s3_environment
 
 log = logging.getLogger(__name__)
 
@@ -409,7 +410,29 @@ class Backups:
                                 + "; ".join(result["bad"][:5]))
         return result
 
+    def info(self) -> dict:
+        """What backups use here, for ``pyvol info``: the S3 endpoint, region and credential
+        provider of this daemon's environment, and its key file (never a key or secret)."""
+        out = {"s3": s3_environment(), "key_file": self.key_file}
+        if self.key_file:
+            try:
+                read_key_file(self.key_file)
+            except PyvolError as e:
+                out["key_file_error"] = str(e)
+        return out
+
     # changing the repository
+    def init(self, url) -> dict:
+        """Create an empty repository at ``url`` (``pyvol backup init``)."""
+        if isinstance(url, str) and url.startswith("ebs://"):
+            raise InvalidInput("an ebs:// destination holds EBS snapshots, not a repository: "
+                               "there is nothing to initialise; back up into it directly")
+        repo = Repository.init(url, read_key_file(self.key_file) if self.key_file else None,
+                               self.settings)
+        event(log, "repository initialised", repo=repo.url, encrypted=repo.encrypted)
+        return {"url": repo.url, "id": repo.config["id"], "created": repo.config["created"],
+                "encrypted": repo.encrypted, "key_file": self.key_file if repo.encrypted else None}
+
     def remove(self, backup_url) -> dict:
         if isinstance(backup_url, str) and backup_url.startswith("ebs://"):
             self._ebs("an ebs:// backup").remove(*self._ebs_ref(backup_url))

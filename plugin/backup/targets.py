@@ -55,7 +55,9 @@ class Target(ABC):
         """Delete the object; one already gone is not an error."""
 
 
-def open_target(url, settings: dict[str, str] | None = None) -> Target:
+def open_target(url, settings: dict[str, str] | None = None, make: bool = False) -> Target:
+    """The target ``url`` names; with ``make`` (``pyvol backup init``), a file:// directory
+    that does not exist yet is made."""
     if not isinstance(url, str) or "://" not in url:
         raise InvalidInput(f"invalid repository URL {url!r}: {ACCEPTED}")
     parsed = urllib.parse.urlsplit(url)
@@ -64,7 +66,7 @@ def open_target(url, settings: dict[str, str] | None = None) -> Target:
     if parsed.scheme == "file":
         if parsed.netloc not in ("", "localhost") or not parsed.path.startswith("/"):
             raise InvalidInput(f"invalid repository URL {url!r}: {ACCEPTED}")
-        return FileTarget(Path(urllib.parse.unquote(parsed.path)))
+        return FileTarget(Path(urllib.parse.unquote(parsed.path)), make)
     if parsed.scheme == "s3":
         if not parsed.netloc:
             raise InvalidInput(f"invalid repository URL {url!r}: no bucket; {ACCEPTED}")
@@ -77,12 +79,22 @@ class FileTarget(Target):
     """A directory, local or NFS-mounted: each object a file, written to a temporary name,
     fsynced, then renamed (or hard-linked, for a put that must not replace)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, make: bool = False):
         self.path = path
         self.url = "file://" + urllib.parse.quote(str(path))
-        if not path.is_dir():  # the caller's mistake, not the target's failure: a 4xx
-            raise InvalidInput(f"repository directory {path} does not exist or is not a "
-                               "directory; create it first")
+        if make and not path.exists():
+            try:
+                path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            except OSError as e:
+                raise TargetError(f"cannot make the repository directory {path}: "
+                                  f"{e.strerror}") from None
+        # the caller's mistake, not the target's failure: a 4xx
+        if path.exists() and not path.is_dir():
+            raise InvalidInput(f"repository path {path} is not a directory; accepted is "
+                               "file:// and a directory's absolute path")
+        if not path.is_dir():
+            raise InvalidInput(f"repository directory {path} does not exist: make it and the "
+                               f"repository with `pyvol backup init {self.url}`")
 
     def _file(self, key: str) -> Path:
         return self.path / key
@@ -141,6 +153,27 @@ class FileTarget(Target):
         except OSError as e:
             if e.errno != errno.ENOENT:
                 raise TargetError(f"{self.url}: cannot delete {key}: {e.strerror}") from None
+
+
+def s3_environment() -> dict:
+    """What this process's S3 targets use, for ``pyvol info``: the endpoint and region the
+    client resolves from the environment, and the name of the botocore provider that found
+    credentials ("env", "shared-credentials-file", "iam-role", ...; None when none did).
+    Never a key or a secret."""
+    import boto3
+    import botocore.exceptions as bx
+
+    try:
+        session = boto3.session.Session()
+        client = session.client("s3")
+        creds = session.get_credentials()
+    except (bx.BotoCoreError, ValueError) as e:
+        return {"error": f"the daemon's AWS configuration cannot be used: {e}"}
+    endpoint = urllib.parse.urlsplit(client.meta.endpoint_url)
+    if endpoint.password is not None or endpoint.username is not None:  # never shown
+        endpoint = endpoint._replace(netloc=endpoint.netloc.rpartition("@")[2])
+    return {"endpoint": endpoint.geturl(), "region": client.meta.region_name,
+            "credentials": creds.method if creds is not None else None}
 
 
 class S3Target(Target):
