@@ -1,28 +1,35 @@
 """``pyvol``: the daemon, and a client for people (tables) and scripts (``--json``).
 
-Every client command talks to the daemon over its socket (``--socket`` or PYVOL_SOCKET), so
-the CLI works the same against a host service and a managed plugin. Errors print the daemon's
-message on stderr and exit 1; no traceback.
+Every client command talks to the daemon over its socket (``--socket``, before or after the
+command, or PYVOL_SOCKET; else found: client.find_socket), so the CLI works the same against a
+host service and a managed plugin. Errors print the daemon's message on stderr and exit 1; no
+traceback. Tables never cut a value (see _table); ``--json`` is the interface for scripts.
 """
 
 import contextlib
 import json
 import os
 import secrets
+import shutil
 import sys
+import textwrap
 
 import click
 from rich.console import Console
-from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                           TransferSpeedColumn)
-from rich.table import Table
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 
 from . import config as pyvol_config
-from .client import Client
+from .client import Client, find_socket
 from .errors import PyvolError
 from .units import format_size
 
-out = Console()
 err = Console(stderr=True)
 
 
@@ -30,8 +37,28 @@ def json_option(fn):
     return click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")(fn)
 
 
+SOCKET_HELP = ("The daemon's socket, before or after the command (env PYVOL_SOCKET; default: "
+               f"the host service's {pyvol_config.DEFAULT_SOCKET}, else the managed plugin's).")
+
+
+def _keep_socket(ctx, _param, value):
+    # ctx.meta is shared by the group's and the command's contexts: the option after the
+    # command is read after the one before it (and after PYVOL_SOCKET), so it wins
+    if value:
+        ctx.meta["pyvol.socket"] = value
+
+
+def _socket_option(**kw) -> click.Option:
+    return click.Option(["--socket"], metavar="PATH", default=None, expose_value=False,
+                        callback=_keep_socket, help=SOCKET_HELP, **kw)
+
+
+def _named_socket(ctx) -> str | None:
+    return ctx.meta.get("pyvol.socket")
+
+
 def _client(ctx) -> Client:
-    return Client(ctx.obj["socket"] or pyvol_config.find_socket())
+    return Client(_named_socket(ctx) or find_socket(lambda line: click.echo(line, err=True)))
 
 
 def _print(data, as_json: bool, render) -> None:
@@ -41,11 +68,75 @@ def _print(data, as_json: bool, render) -> None:
         render(data)
 
 
+# Columns a terminal never folds: URLs and timestamps are copied whole, off one line
+WHOLE = frozenset({"BACKUP", "CREATED", "SINCE"})
+GAP = "  "
+FOLD_FLOOR = 8  # a folding column keeps at least this many characters (or its header's)
+
+
+def _cell(value) -> str:
+    text = "" if value is None else " ".join(str(value).split("\n"))
+    return text.replace("\t", " ") or "-"
+
+
 def _table(columns, rows) -> None:
-    t = Table(*columns, box=None, pad_edge=False, header_style="bold")
-    for r in rows:
-        t.add_row(*[str(c) for c in r])
-    out.print(t)
+    """Print a table with every value whole; never an ellipsis.
+
+    Not to a terminal (a pipe, a file): columns as wide as their longest value, one line per
+    row, whatever the length. To a terminal: the same when it fits its width; else the columns
+    other than WHOLE ones fold (a value continues on the next lines of its column); and when
+    even the WHOLE columns do not fit, one block of ``COLUMN value`` lines per row (as psql's
+    expanded display), where a value longer than the screen is left to the terminal to wrap.
+    """
+    columns = list(columns)
+    cells = [[_cell(c) for c in r] for r in rows]
+    natural = [max(map(len, col)) for col in zip(columns, *cells)]
+    if not sys.stdout.isatty():
+        _print_rows(columns, cells, natural, bold=False)
+        return
+    room = shutil.get_terminal_size().columns - len(GAP) * (len(columns) - 1)
+    widths = _fit(columns, natural, room)
+    if widths is None:
+        _print_records(columns, cells)
+    else:
+        _print_rows(columns, cells, widths, bold=True)
+
+
+def _fit(columns, natural, room) -> list[int] | None:
+    """Column widths that fit ``room``, the widest folding column narrowed first; None when
+    the WHOLE columns and the others at their floor do not fit."""
+    widths = list(natural)
+    floors = [n if h in WHOLE else min(n, max(len(h), FOLD_FLOOR))
+              for h, n in zip(columns, natural)]
+    excess = sum(widths) - room
+    while excess > 0:
+        narrowable = [i for i, w in enumerate(widths) if w > floors[i]]
+        if not narrowable:
+            return None
+        i = max(narrowable, key=widths.__getitem__)
+        widths[i] -= 1
+        excess -= 1
+    return widths
+
+
+def _print_rows(columns, cells, widths, bold: bool) -> None:
+    for n, row in enumerate([columns, *cells]):
+        # long values fold into their column: at spaces where they have some, else anywhere
+        parts = [[v] if len(v) <= w else textwrap.wrap(v, w, break_on_hyphens=False) or [v]
+                 for v, w in zip(row, widths)]
+        for k in range(max(map(len, parts))):
+            line = GAP.join((p[k] if k < len(p) else "").ljust(w)
+                            for p, w in zip(parts, widths)).rstrip()
+            click.echo(click.style(line, bold=True) if bold and n == 0 else line)
+
+
+def _print_records(columns, cells) -> None:
+    label = max(map(len, columns))
+    for n, row in enumerate(cells):
+        if n:
+            click.echo()
+        for h, v in zip(columns, row):
+            click.echo(click.style(h.ljust(label), bold=True) + GAP + v)
 
 
 def _kv(data: dict, indent: str = "") -> None:
@@ -80,14 +171,9 @@ class _Group(click.Group):
             sys.exit(1)
 
 
-@click.group(cls=_Group)
-@click.option("--socket", envvar="PYVOL_SOCKET", default=None,
-              help="The daemon's socket (env PYVOL_SOCKET; default: the host service's "
-                   f"{pyvol_config.DEFAULT_SOCKET}, else the managed plugin's).")
-@click.pass_context
-def cli(ctx, socket):
+@click.group(cls=_Group, params=[_socket_option(envvar="PYVOL_SOCKET")])
+def cli():
     """pyvol: thin volumes, snapshots and backups for Docker."""
-    ctx.obj = {"socket": socket}
 
 
 @cli.command()
@@ -102,7 +188,7 @@ def daemon(ctx, root, backend, workers, log_level):
     """Run the daemon in the foreground."""
     from .server import serve
 
-    cfg = pyvol_config.load(root=root, socket=ctx.obj["socket"], backend=backend)
+    cfg = pyvol_config.load(root=root, socket=_named_socket(ctx), backend=backend)
     if workers:
         cfg.workers = workers
     if log_level:
@@ -253,14 +339,38 @@ def _info(data):
         else:
             rows.append((name, "no", "-", b.get("reason", "")))
     _table(["BACKEND", "AVAILABLE", "SCOPE", "POOL"], rows)
+    if "backups" in data:
+        _backups_info(data["backups"])
+
+
+def _backups_info(b: dict) -> None:
+    click.echo("backups: the daemon reads and writes repositories itself, with its own "
+               "environment (AWS_* in /etc/default/pyvol, or `docker plugin set`)")
+    s3 = b.get("s3", {})
+    if s3.get("error"):
+        click.echo(f"  S3:             {s3['error']}")
+    else:
+        click.echo(f"  S3 endpoint:    {s3.get('endpoint')}")
+        click.echo(f"  S3 region:      {s3.get('region')}")
+        creds = s3.get("credentials")
+        click.echo(f"  S3 credentials: {creds} (the AWS credential provider that found them)"
+                   if creds else "  S3 credentials: none found in the daemon's environment")
+    key = b.get("key_file")
+    if not key:
+        click.echo("  key file:       none (PYVOL_BACKUP_KEY_FILE unset): new repositories are "
+                   "not encrypted")
+    elif b.get("key_file_error"):
+        click.echo(f"  key file:       {key}: {b['key_file_error']}")
+    else:
+        click.echo(f"  key file:       {key}: new repositories are encrypted with it")
 
 
 @cli.command()
 @json_option
 @click.pass_context
 def info(ctx, as_json):
-    """Show the daemon, its backends and pool usage."""
-    _print(_client(ctx).call("GET", "/info"), as_json, _info)
+    """Show the daemon, its backends and pool usage, and what backups use."""
+    _print(_client(ctx).call("GET", "/info", params={"backups": "1"}), as_json, _info)
 
 
 @contextlib.contextmanager
@@ -323,6 +433,23 @@ def _backup_rows(items):
     _table(["BACKUP", "VOLUME", "CREATED", "SIZE", "CHUNKS", "INCREMENTAL"],
            [(b["url"], b["volume"], b["created"], format_size(b["source"]["size"]),
              b["chunk_count"], "yes" if b["incremental"] else "no") for b in items])
+
+
+@backup.command("init")
+@click.argument("url", metavar="REPOSITORY")
+@json_option
+@click.pass_context
+def backup_init(ctx, url, as_json):
+    """Create an empty repository (and, for file://, its directory); print its id.
+
+    Encrypted when the daemon has a key file (PYVOL_BACKUP_KEY_FILE). Refused where a
+    repository exists already.
+    """
+    r = _client(ctx).call("POST", "/repository/init", {"Repo": url})
+    _print(r, as_json, lambda r: click.echo(
+        f"created repository {r['url']}\nid:        {r['id']}\nencrypted: "
+        + (f"yes, with the key file {r['key_file']}" if r["encrypted"] else
+           "no (the daemon has no PYVOL_BACKUP_KEY_FILE)")))
 
 
 @backup.command("create")
@@ -416,6 +543,24 @@ def restore(ctx, url, name, size, backend, as_json):
     with _progress(as_json) as show:
         v = _client(ctx).stream("POST", "/restore", body, show)
     _print(v, as_json, lambda v: click.echo(v["Name"]))
+
+
+def _socket_everywhere(group: click.Group) -> None:
+    """``--socket`` after any command too: ``pyvol ls --socket S``, ``pyvol daemon --socket S``,
+    ``pyvol snapshot ls --socket S``."""
+    seen: set[int] = set()
+    todo = list(group.commands.values())
+    while todo:
+        cmd = todo.pop()
+        if id(cmd) in seen:  # `lease` shares its commands with `claim`
+            continue
+        seen.add(id(cmd))
+        cmd.params.append(_socket_option())
+        if isinstance(cmd, click.Group):
+            todo.extend(cmd.commands.values())
+
+
+_socket_everywhere(cli)
 
 
 def main():

@@ -1,9 +1,14 @@
-"""The CLI's side of the control API: HTTP over the daemon's Unix socket (httpx)."""
+"""The CLI's side of the control API: HTTP over the daemon's Unix socket (httpx), and which
+socket that is when none is named."""
 
+import glob
 import json
+import os
+import socket as _socket
 
 import httpx
 
+from .config import DEFAULT_SOCKET, MANAGED_GLOB
 from .errors import PyvolError
 
 
@@ -62,3 +67,41 @@ class Client:
         if outcome.get("Err"):
             raise PyvolError(outcome["Err"])
         return outcome["result"]
+
+
+def _answers(path: str) -> bool:
+    """Whether something listens on the socket ``path`` (a dead daemon leaves its file)."""
+    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    s.settimeout(2)
+    try:
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def find_socket(note) -> str:
+    """The socket to use when neither --socket nor PYVOL_SOCKET names one.
+
+    Looked for: the host service's (DEFAULT_SOCKET) and each managed plugin's
+    (``/run/docker/plugins/<plugin id>/pyvol.sock``), counting only those that accept a
+    connection. One found: that one. Several: the host service's, and ``note`` (a line for
+    stderr) says so and lists the others; several managed plugins and no host service: refused,
+    asking for --socket. None: the host service's path, so the error names where it looked.
+    """
+    found = [p for p in [DEFAULT_SOCKET, *sorted(glob.glob(MANAGED_GLOB))]
+             if os.path.exists(p) and _answers(p)]
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        return DEFAULT_SOCKET
+    if found[0] == DEFAULT_SOCKET:
+        note(f"note: {len(found)} pyvol daemons answer on this host ({', '.join(found)}); "
+             f"using the host service's {DEFAULT_SOCKET}. Name another with --socket or "
+             "PYVOL_SOCKET")
+        return DEFAULT_SOCKET
+    raise PyvolError(f"{len(found)} managed pyvol plugins answer on this host "
+                     f"({', '.join(found)}) and no host service does: name one with --socket "
+                     "or PYVOL_SOCKET")
