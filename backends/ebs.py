@@ -62,29 +62,53 @@ def _owner_alive(owner: str) -> bool:
     return pid.isdigit() and _process_token(int(pid)) == owner
 
 
-class Imds:
-    """The instance metadata service, IMDSv2: a session token first, then the reads."""
+def _aws_session():
+    """A botocore session for EC2 and IMDS: the usual AWS settings (env, config files), but
+    IMDS's timeout defaults to pyvol's 2 s, not botocore's 1."""
+    import botocore.session
 
-    def __init__(self, url: str, timeout: float = 2.0):
-        import httpx
+    name, env, _, cast = botocore.session.Session.SESSION_VARIABLES["metadata_service_timeout"]
+    return botocore.session.Session(session_vars={"metadata_service_timeout": (
+        name, env, 2, cast)})
 
-        self.url, self.http = url.rstrip("/"), httpx.Client(timeout=timeout)
 
-    def get(self, path: str) -> str:
-        import httpx
+def _identity(url: str | None, session) -> tuple[str, str]:
+    """This instance's id and availability zone, through botocore's IMDS client (IMDSv2: a
+    session token first). ``url`` (PYVOL_EBS_IMDS_URL) says where the service is; unset, the
+    session's settings do (AWS_EC2_METADATA_SERVICE_ENDPOINT or its IPv6 mode, else
+    169.254.169.254), as they say the timeout (AWS_METADATA_SERVICE_TIMEOUT, 2 s), the
+    attempts (AWS_METADATA_SERVICE_NUM_ATTEMPTS, 1) and whether IMDSv1 may be the fallback
+    of a refused token (AWS_EC2_METADATA_V1_DISABLED)."""
+    import botocore.exceptions as bx
+    from botocore import utils
 
-        try:
-            token = self.http.put(f"{self.url}/latest/api/token", headers={
-                "X-aws-ec2-metadata-token-ttl-seconds": "300"})
-            token.raise_for_status()
-            r = self.http.get(f"{self.url}/latest/meta-data/{path}",
-                              headers={"X-aws-ec2-metadata-token": token.text})
-            r.raise_for_status()
-            return r.text.strip()
-        except httpx.HTTPError as e:
-            raise PyvolError(f"the instance metadata service at {self.url} did not answer "
-                             f"({type(e).__name__}): is this an EC2 instance? (set "
-                             "PYVOL_EBS_IMDS_URL if it lives elsewhere)") from None
+    class Fetcher(utils.IMDSFetcher):  # as botocore's own fetchers extend it
+        def read(self, *paths: str) -> list[str]:
+            token = self._fetch_metadata_token()
+            return [self._get_request(f"latest/meta-data/{p}", None, token).text.strip()
+                    for p in paths]
+
+    timeout = session.get_config_variable("metadata_service_timeout")
+    attempts = session.get_config_variable("metadata_service_num_attempts")
+    where = url or "169.254.169.254"
+    try:
+        fetcher = Fetcher(
+            timeout=timeout, num_attempts=attempts, base_url=url or utils.METADATA_BASE_URL,
+            config={"ec2_metadata_service_endpoint": session.get_config_variable(
+                        "ec2_metadata_service_endpoint"),
+                    "ec2_metadata_service_endpoint_mode": utils.resolve_imds_endpoint_mode(
+                        session),
+                    "ec2_metadata_v1_disabled": session.get_config_variable(
+                        "ec2_metadata_v1_disabled")})
+        where = fetcher.get_base_url().rstrip("/")
+        instance_id, zone = fetcher.read("instance-id", "placement/availability-zone")
+    except (utils._RetriesExceededError, utils.BadIMDSRequestError, bx.BotoCoreError) as e:
+        why = str(e) if isinstance(e, bx.BotoCoreError) else f"{attempts} attempt(s) of " \
+            f"{timeout:g} s"
+        raise PyvolError(f"the instance metadata service at {where} did not answer ({why}): "
+                         "is this an EC2 instance? (set PYVOL_EBS_IMDS_URL if it lives "
+                         "elsewhere)") from None
+    return instance_id, zone
 
 
 class EbsBackend(SharedBackend):
@@ -104,7 +128,7 @@ class EbsBackend(SharedBackend):
     def __init__(self, root: Path, settings: dict[str, str] | None = None):
         super().__init__(root, settings)
         s = self.settings
-        self.imds_url = s.get("imds_url", "http://169.254.169.254")
+        self.imds_url = s.get("imds_url")  # unset: botocore's IMDS settings, see _identity
         self.device_dir = s.get("device_dir")  # a test rig's stand-in for the device names
         self.attach_timeout = float(s.get("attach_timeout", 120))
         self.race_settle = float(s.get("race_settle", 2))
@@ -124,9 +148,8 @@ class EbsBackend(SharedBackend):
         import boto3
         import botocore.config
 
-        imds = Imds(self.imds_url)
-        self.instance_id = imds.get("instance-id")
-        self.zone = imds.get("placement/availability-zone")
+        session = _aws_session()
+        self.instance_id, self.zone = _identity(self.imds_url, session)
         self.region = os.environ.get("AWS_REGION") or os.environ.get(
             "AWS_DEFAULT_REGION") or self.zone[:-1]
         cfg = botocore.config.Config(
@@ -134,7 +157,7 @@ class EbsBackend(SharedBackend):
             read_timeout=float(self.settings.get("read_timeout", 30)),
             retries={"max_attempts": int(self.settings.get("max_attempts", 6)),
                      "mode": "standard"})  # standard mode retries throttling with backoff
-        self._ec2 = boto3.session.Session().client("ec2", config=cfg)
+        self._ec2 = boto3.session.Session(botocore_session=session).client("ec2", config=cfg)
         # the daemon's master, whose workers inherit this: every read it runs is tagged with it
         self.owner = _process_token(int(os.environ.get("PYVOL_MASTER_PID", os.getpid())))
         self._remove_leftovers()
@@ -236,8 +259,8 @@ class EbsBackend(SharedBackend):
         return found[0]
 
     def _wait(self, what: str, check, timeout: float):
-        """Poll ``check`` with backoff until it gives something, for at most ``timeout`` s;
-        for what no EC2 waiter covers (a device node, one instance's attachment)."""
+        """Poll ``check`` with backoff until it gives something, for at most ``timeout`` s:
+        for a device node appearing or going, which this host's kernel shows, not EC2."""
         deadline = time.monotonic() + timeout
         delay = 0.1
         while True:
@@ -250,23 +273,46 @@ class EbsBackend(SharedBackend):
             time.sleep(min(delay, left))
             delay = min(delay * 1.5, 2.0)
 
-    def _await(self, waiter: str, what: str, timeout: float, client=None, **kw) -> None:
-        """One of boto3's EC2 waiters (``snapshot_completed``, ``volume_available``), looking
-        every ``poll_delay`` s for at most ``timeout`` s. Giving up is an Err that says what
-        was waited for, how long, and the state EC2 last reported."""
+    def _detached_waiter(self, instance: str):
+        """A boto3 waiter for a volume to have no attachment to ``instance`` (a volume that
+        is gone has none). boto3 has none of its own: volume_available reads the volume's
+        state, which stays in-use while any other instance holds it, so it would wait for
+        (or time out on) another host that attached the volume the moment it was free."""
+        import botocore.waiter
+
+        literal = "'" + instance.replace("\\", "\\\\").replace("'", "\\'") + "'"
+        model = botocore.waiter.WaiterModel({"version": 2, "waiters": {"Detached": {
+            "operation": "DescribeVolumes", "delay": 15, "maxAttempts": 40, "acceptors": [
+                {"state": "success", "matcher": "path", "expected": 0, "argument":
+                 f"length(Volumes[].Attachments[] | [?InstanceId == {literal}])"},
+                {"state": "success", "matcher": "error", "expected": "InvalidVolume.NotFound"},
+            ]}}})
+        return botocore.waiter.create_waiter_with_client("Detached", model, self._ec2)
+
+    def _await(self, waiter, what: str, timeout: float, client=None, attachment_of=None,
+               **kw) -> None:
+        """A boto3 EC2 waiter (by name: ``snapshot_completed``, ``volume_available``; or one
+        of ours), looking every ``poll_delay`` s for at most ``timeout`` s. Giving up is an
+        Err that says what was waited for, how long, and the state EC2 last reported: the
+        attachment's to instance ``attachment_of`` if given, else the volume's or
+        snapshot's."""
         import botocore.exceptions as bx
 
         delay = max(self.poll_delay, 0.01)
         config = {"Delay": delay, "MaxAttempts": max(1, math.ceil(timeout / delay)) + 1}
-        op = "describe_snapshots" if waiter.startswith("snapshot") else "describe_volumes"
+        if isinstance(waiter, str):
+            waiter = (client or self._ec2).get_waiter(waiter)
+        op = "describe_snapshots" if waiter.name.startswith("Snapshot") else "describe_volumes"
         try:
-            (client or self._ec2).get_waiter(waiter).wait(WaiterConfig=config, **kw)
+            waiter.wait(WaiterConfig=config, **kw)
         except bx.WaiterError as e:
             last = e.last_response or {}
             if "Error" in last:  # the look itself was refused (gone, no permission)
                 raise self._translate(op, bx.ClientError(last, op)) from None
-            states = sorted({x.get("State", "?") for x in
-                             last.get("Snapshots", []) + last.get("Volumes", [])}) or ["unknown"]
+            found = last.get("Snapshots", []) + last.get("Volumes", [])
+            states = sorted({x.get("State", "?") for x in found} if attachment_of is None else
+                            {a.get("State", "?") for x in found for a in x["Attachments"]
+                             if a.get("InstanceId") == attachment_of}) or ["unknown"]
             state = ", ".join(states)
             if "terminal failure" in (e.kwargs.get("reason") or ""):
                 raise PyvolError(f"gave up waiting for {what}: EC2 reports it {state}") from None
@@ -422,15 +468,14 @@ class EbsBackend(SharedBackend):
 
     def _detach(self, v: dict, what: str) -> None:
         """Detach volume ``v`` from this instance (if it is attached here) and wait until
-        EC2 lists no attachment here and the block device is gone. (No EC2 waiter waits for
-        one instance's attachment: volume_available would also wait for every other's.)"""
+        EC2 lists no attachment here and the block device is gone."""
         mine = self._attachment(v)
         if mine is None:
             return
         self._aws("detach_volume", VolumeId=v["VolumeId"], InstanceId=self.instance_id)
-        self._wait(f"{what} to detach", lambda: self._attachment(self._aws(
-            "describe_volumes", VolumeIds=[v["VolumeId"]])["Volumes"][0]) is None,
-            self.attach_timeout)
+        self._await(self._detached_waiter(self.instance_id), f"{what} to detach",
+                    self.attach_timeout, attachment_of=self.instance_id,
+                    VolumeIds=[v["VolumeId"]])
         self._wait(f"the block device of {what} to go", lambda: self._device(
             v["VolumeId"], mine["Device"]) is None, self.attach_timeout)
 
@@ -461,9 +506,8 @@ class EbsBackend(SharedBackend):
         if not any(a["InstanceId"] == host for a in v["Attachments"]):
             return 0
         self._aws("detach_volume", VolumeId=v["VolumeId"], InstanceId=host, Force=True)
-        self._wait(f"{name} to detach from {host}", lambda: not any(
-            a["InstanceId"] == host for a in self._aws("describe_volumes", VolumeIds=[
-                v["VolumeId"]])["Volumes"][0]["Attachments"]), self.attach_timeout)
+        self._await(self._detached_waiter(host), f"{name} to detach from {host}",
+                    self.attach_timeout, attachment_of=host, VolumeIds=[v["VolumeId"]])
         return 1
 
     # snapshots

@@ -6,8 +6,9 @@ exactly that, at the narrowest seam: each volume id is a sparse file; AttachVolu
 loop device of it appear, a moment later, as ``DEVICE_DIR/<instance>/<volume id>`` (where a
 Nitro host would show /dev/disk/by-id/nvme-...); DetachVolume makes it go; CreateSnapshot
 copies the file at that instant; CreateVolume from a snapshot starts from that copy. moto
-completes a snapshot at once; ``pending`` makes one read as pending for a while.
-``Imds`` is one instance's metadata service (IMDSv2, token first).
+completes a snapshot at once; ``pending`` makes one read as pending for a while. moto detaches
+at once; ``stuck_detach`` makes a volume's detach never happen (it reads "detaching"), as a
+real one can hang. ``Imds`` is one instance's metadata service (IMDSv2, token first).
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ class EbsDataPlane:
         # snapshot id -> how many more DescribeSnapshots answers show it "pending" (as a real
         # one is until EBS has stored it) before it reads "completed" again
         self.pending: dict[str, int] = {}
+        # volume ids whose DetachVolume is answered but never done: they stay attached, and
+        # DescribeVolumes shows their attachments "detaching"
+        self.stuck_detach: set[str] = set()
         self.loops: dict[tuple[str, str], str] = {}
         self.lock = threading.Lock()
         plane = self
@@ -56,18 +60,25 @@ class EbsDataPlane:
 
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                req = dict(urllib.parse.parse_qsl(body.decode()))
+                if req.get("Action") == "DetachVolume" and req["VolumeId"] in plane.stuck_detach:
+                    return self._answer(200, {}, plane.detaching(req).encode())
                 headers = {k: v for k, v in self.headers.items()
                            if k.lower() not in ("host", "content-length")}
                 resp = httpx.post(plane.upstream + self.path, content=body, headers=headers,
                                   timeout=60)
                 content = resp.content
                 if resp.status_code == 200:
-                    req = dict(urllib.parse.parse_qsl(body.decode()))
                     plane.after(req, resp.text)
                     if req.get("Action") == "DescribeSnapshots":
                         content = plane.pending_view(resp.text).encode()
-                self.send_response(resp.status_code)
-                for k, v in resp.headers.items():
+                    elif req.get("Action") == "DescribeVolumes":
+                        content = plane.detaching_view(resp.text).encode()
+                self._answer(resp.status_code, resp.headers, content)
+
+            def _answer(self, status: int, headers, content: bytes):
+                self.send_response(status)
+                for k, v in headers.items():
                     if k.lower() not in ("content-length", "transfer-encoding", "connection",
                                          "content-encoding"):
                         self.send_header(k, v)
@@ -100,6 +111,24 @@ class EbsDataPlane:
 
         return re.sub(r"(<snapshotId>(snap-[0-9a-f]+)</snapshotId>(?:(?!<snapshotId>).)*?"
                       r"<status>)completed(</status>)", status, xml, flags=re.DOTALL)
+
+    @staticmethod
+    def detaching(req: dict) -> str:
+        """DetachVolume's answer, for a detach that is accepted and never happens."""
+        return ('<?xml version="1.0" encoding="utf-8"?>\n<DetachVolumeResponse xmlns='
+                '"http://ec2.amazonaws.com/doc/2016-11-15/"><requestId>stuck</requestId>'
+                f'<volumeId>{req["VolumeId"]}</volumeId><instanceId>{req.get("InstanceId", "")}'
+                '</instanceId><status>detaching</status></DetachVolumeResponse>')
+
+    def detaching_view(self, xml: str) -> str:
+        """DescribeVolumes' answer with the stuck detaches' attachments "detaching"."""
+        def status(m):
+            stuck = m.group(2) in self.stuck_detach
+            return m.group(1) + "detaching" + m.group(3) if stuck else m.group(0)
+
+        return re.sub(r"(<item><volumeId>(vol-[0-9a-f]+)</volumeId><instanceId>"
+                      r"(?:(?!</item>).)*?<status>)attached(</status>)", status, xml,
+                      flags=re.DOTALL)
 
     def after(self, req: dict, xml: str) -> None:
         action = req.get("Action")

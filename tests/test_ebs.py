@@ -376,3 +376,90 @@ def test_issue11_a_cross_region_restore_leaves_no_copy_of_the_snapshot(workdir, 
         assert west.describe_snapshots(SnapshotIds=[made["snapshot_id"]])["Snapshots"]
     finally:
         a.stop()
+
+
+# issue 14: boto3's waiters and botocore's IMDS client instead of hand-made ones
+
+def test_issue14_a_detach_that_never_happens_fails_in_bounded_time_with_its_state(
+        workdir, ebs_rig):
+    """EC2 accepts the detach and the attachment stays "detaching": the Unmount (and a
+    force-detach of a dead instance's attachment) gives up after the attach timeout with the
+    state EC2 last reported; once EC2 detaches, both go through."""
+    d = Daemon(workdir / "d", workdir / "d.sock",
+               env={**ebs_rig.env(0), "PYVOL_BACKENDS": "ebs", "PYVOL_EBS_POLL_DELAY": "0.2",
+                    "PYVOL_EBS_ATTACH_TIMEOUT": "3"}).start()
+    try:
+        d.api.ok("/VolumeDriver.Create", {"Name": "held", "Opts": {"size": "1G"}})
+        d.api.ok("/VolumeDriver.Mount", {"Name": "held", "ID": "m"})
+        [vol] = ebs_rig.volumes("held")
+        ebs_rig.plane.stuck_detach.add(vol["VolumeId"])
+        started = time.monotonic()
+        err = d.api.err("/VolumeDriver.Unmount", {"Name": "held", "ID": "m"})
+        assert time.monotonic() - started < 20
+        assert f"timed out after 3 s waiting for held ({vol['VolumeId']}) to detach (last " \
+               "state: detaching)" in err
+        ebs_rig.plane.stuck_detach.clear()
+        d.api.ok("/VolumeDriver.Remove", {"Name": "held"})  # detaches, then deletes
+        assert ebs_rig.volumes("held") == []
+
+        # another instance (dead) holds a volume; its force-detach hangs, then happens
+        d.api.ok("/VolumeDriver.Create", {"Name": "orphan", "Opts": {"size": "1G"}})
+        [vol] = ebs_rig.volumes("orphan")
+        dead = ebs_rig.instances[1]
+        ebs_rig.ec2.attach_volume(VolumeId=vol["VolumeId"], InstanceId=dead, Device="/dev/xvdf")
+        ebs_rig.plane.stuck_detach.add(vol["VolumeId"])
+        proc = d.cli("claim", "clear", "orphan", dead, check=False)
+        assert proc.returncode != 0
+        assert f"timed out after 3 s waiting for orphan to detach from {dead} (last state: " \
+               "detaching)" in proc.stdout + proc.stderr
+        ebs_rig.plane.stuck_detach.clear()
+        d.cli("claim", "clear", "orphan", dead)
+        assert ebs_rig.volumes("orphan")[0]["Attachments"] == []
+    finally:
+        ebs_rig.plane.stuck_detach.clear()
+        d.stop()
+
+
+def test_issue14_the_instance_is_found_through_botocores_imds_settings(ebs_rig, tmp_path,
+                                                                       monkeypatch):
+    """Without PYVOL_EBS_IMDS_URL, the metadata service is where botocore's settings say
+    (AWS_EC2_METADATA_SERVICE_ENDPOINT); IMDSv2's token is used (the fake refuses reads
+    without it)."""
+    from pyvol.backends.ebs import EbsBackend
+
+    monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", ebs_rig.imds[2].url)
+    b = EbsBackend(tmp_path, {"enable": "1"})
+    assert b.not_configured() is None
+    b.setup()
+    assert (b.instance_id, b.zone, b.region) == (ebs_rig.instances[2], "us-east-1b",
+                                                 "us-east-1")
+
+
+@pytest.mark.parametrize("service", ["down", "stall"])
+def test_issue14_a_metadata_service_that_does_not_answer_is_a_clear_err_in_bounded_time(
+        ebs_rig, tmp_path, monkeypatch, service):
+    """botocore's IMDS client with the session's timeout and attempts: a refused connection
+    fails at once, a service that never answers after timeout × (the token, then each
+    attempt of a read); either way the sentence says what to set."""
+    import socket
+
+    from pyvol.backends.ebs import EbsBackend
+    from pyvol.errors import PyvolError
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    if service == "stall":
+        listener.listen(16)  # accepts, never answers
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    monkeypatch.setenv("AWS_METADATA_SERVICE_TIMEOUT", "1")
+    monkeypatch.setenv("AWS_METADATA_SERVICE_NUM_ATTEMPTS", "2")
+    started = time.monotonic()
+    with pytest.raises(PyvolError) as e:
+        EbsBackend(tmp_path, {"imds_url": url}).setup()
+    took = time.monotonic() - started
+    listener.close()
+    assert f"the instance metadata service at {url} did not answer (2 attempt(s) of 1 s)" \
+           in str(e.value) and "set PYVOL_EBS_IMDS_URL" in str(e.value)
+    assert took < 10
+    if service == "stall":
+        assert took >= 2.5  # 1 s for the token, then 1 s for each of 2 attempts
