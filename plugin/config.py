@@ -52,25 +52,6 @@ class Config:
 
 MANAGED_GLOB = "/run/docker/plugins/*/pyvol.sock"
 
-
-def find_socket() -> str:
-    """The socket the CLI should use when none is named: the host service's, else the one
-    managed plugin's (``/run/docker/plugins/<plugin id>/pyvol.sock``)."""
-    import glob
-
-    if os.path.exists(DEFAULT_SOCKET):
-        return DEFAULT_SOCKET
-    managed = sorted(glob.glob(MANAGED_GLOB))
-    if len(managed) == 1:
-        return managed[0]
-    if len(managed) > 1:
-        from .errors import PyvolError
-
-        raise PyvolError(f"several managed pyvol plugins are running ({', '.join(managed)}): "
-                         "pick one with --socket or PYVOL_SOCKET")
-    return DEFAULT_SOCKET
-
-
 def _real(path: str) -> Path:
     """``path`` with every symlink resolved. Mounts are compared with /proc/self/mountinfo,
     which shows only real paths: a root reached through a symlink would never be seen mounted,

@@ -153,6 +153,7 @@ ROUTES = {
     "/pyvol/v1/backup": ({}, {"url": urls}),
     "/pyvol/v1/backup/verify": ({"Url": urls}, {}),
     "/pyvol/v1/repository/gc": ({"Repo": urls}, {}),
+    "/pyvol/v1/repository/init": ({"Repo": urls}, {}),
     "/pyvol/v1/restore": ({"Url": urls, "Name": names, "Size": sizes, "Backend": texts}, {}),
 }
 PATH_PARTS = {"name": names, "ref": refs}
