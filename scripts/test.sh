@@ -11,7 +11,7 @@ cd "$here"
 export DEBIAN_FRONTEND=noninteractive
 need=(python3 python3-venv util-linux e2fsprogs xfsprogs docker.io busybox-static iproute2 procps
       dmsetup thin-provisioning-tools qemu-system-x86 linux-image-amd64 cpio kmod restic
-      debootstrap docker-compose nfs-kernel-server nfs-common)
+      debootstrap docker-compose nfs-kernel-server nfs-common systemd)
 missing=()
 for p in "${need[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
