@@ -9,9 +9,12 @@ refuses to start instead of corrupting the first one's state.
 import fcntl
 import logging
 import os
+import socket
+import sys
 import time
 
 from gunicorn.app.base import BaseApplication
+from gunicorn.arbiter import Arbiter
 
 from . import log as pyvol_log
 from .api import create_app
@@ -127,9 +130,77 @@ def start_up(parts: Parts) -> None:
     parts.backups.recover()
 
 
+class Notify:
+    """systemd's notify protocol (pyvol.service: Type=notify, NotifyAccess=main): datagrams
+    to $NOTIFY_SOCKET from the main process, which is gunicorn's master (``pyvol daemon``
+    runs it in its own process). Taken out of the environment at once: gunicorn would send
+    its own READY=1 when it has bound the socket, before any worker can answer on it, and
+    children have nothing to say to systemd. A no-op when systemd did not start us."""
+
+    def __init__(self):
+        self.address = os.environ.pop("NOTIFY_SOCKET", None)
+
+    def __call__(self, *lines: str) -> None:
+        if not self.address:
+            return
+        address = "\0" + self.address[1:] if self.address.startswith("@") else self.address
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+                s.connect(address)
+                s.sendall("\n".join(lines).encode())
+        except OSError as e:
+            log.warning("cannot tell systemd %s: %s", lines[0], e)
+
+
+def _answers(path, timeout: float) -> bool:
+    """Whether the socket at ``path`` answers Docker's first call, POST /Plugin.Activate."""
+    import httpx
+
+    try:
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(path)), timeout=timeout) as c:
+            reply = c.post("http://plugin/Plugin.Activate")
+        return reply.status_code == 200 and "VolumeDriver" in reply.json()["Implements"]
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        return False
+
+
+class _Arbiter(Arbiter):
+    """gunicorn's master, telling systemd READY=1 once the socket answers Plugin.Activate
+    (start-up work is done before gunicorn starts; workers must have booted too), and
+    STOPPING=1 as soon as it is told to stop."""
+
+    def __init__(self, app, notify: Notify, socket_path):
+        super().__init__(app)
+        self.notify, self.socket_path, self.ready = notify, socket_path, False
+
+    def manage_workers(self):
+        super().manage_workers()
+        # Called first right after the workers are forked, then once a second or so from
+        # the main loop: a slow worker is asked again, and signals are handled in between.
+        if not self.ready and self.notify.address and _answers(self.socket_path, 2):
+            self.ready = True
+            self.notify("READY=1", f"STATUS=serving on {self.socket_path}")
+
+    def _stopping(self) -> None:
+        self.notify("STOPPING=1", "STATUS=stopping")
+
+    def handle_term(self):
+        self._stopping()
+        super().handle_term()
+
+    def handle_int(self):
+        self._stopping()
+        super().handle_int()
+
+    def handle_quit(self):
+        self._stopping()
+        super().handle_quit()
+
+
 class _Gunicorn(BaseApplication):
-    def __init__(self, app, options):
+    def __init__(self, app, options, notify: Notify, socket_path):
         self.application, self.options = app, options
+        self.notify, self.socket_path = notify, socket_path
         super().__init__()
 
     def load_config(self):
@@ -139,8 +210,17 @@ class _Gunicorn(BaseApplication):
     def load(self):
         return self.application
 
+    def run(self):  # BaseApplication.run, with our arbiter
+        try:
+            _Arbiter(self, self.notify, self.socket_path).run()
+        except RuntimeError as e:
+            print(f"\nError: {e}\n", file=sys.stderr)
+            sys.stderr.flush()
+            sys.exit(1)
+
 
 def serve(config: Config) -> None:
+    notify = Notify()
     pyvol_log.setup(config.log_level)
     # The managed plugin declares every settable variable, empty when unset; boto3 would read
     # an empty AWS_ENDPOINT_URL or AWS_REGION as a value.
@@ -150,7 +230,9 @@ def serve(config: Config) -> None:
     os.chmod(config.root, 0o700)
     lock_fd = _take_daemon_lock(config)
     os.environ["PYVOL_MASTER_PID"] = str(os.getpid())  # lets `info` name the daemon's pid
+    notify("STATUS=setting up backends")
     parts = build(config)
+    notify("STATUS=reconciling records with the system")
     start_up(parts)
     parts.host.store.close()  # workers open their own connections after the fork
     config.socket.parent.mkdir(parents=True, exist_ok=True)
@@ -186,4 +268,4 @@ def serve(config: Config) -> None:
         "when_ready": when_ready,
         "proc_name": "pyvol",
     }
-    _Gunicorn(create_app(parts), options).run()
+    _Gunicorn(create_app(parts), options, notify, config.socket).run()
