@@ -341,6 +341,55 @@ def test_cli_killed_mid_backup_leaves_no_backup_and_the_rerun_reuses_chunks(prox
     d.cli("backup", "verify", rerun["url"])
 
 
+def _engines(d: Daemon) -> dict[int, int]:
+    """The daemon's job processes (backup/engine.py): pid -> parent pid."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+        if b"pyvol.backup.engine" in argv and os.getpgid(int(entry.name)) == d.proc.pid:
+            out[int(entry.name)] = ppid
+    return out
+
+
+def test_a_backup_runs_in_its_own_process_which_dies_with_its_worker(proxied, moto):
+    """The engine works outside the worker that answers Docker (no shared interpreter
+    lock), and a worker killed mid-backup takes its job process with it: nothing goes on
+    writing into the repository, and the worker that replaces it serves at once."""
+    d, proxy, bucket = proxied
+    url = f"s3://{bucket}/r"
+    mp = with_volume(d, "v", "512M")
+    fill(f"{mp}/f", 160 * MiB)
+    cli = slow_backup(d, proxy, url, 12)
+    engines = _engines(d)
+    assert len(engines) == 1, engines
+    (engine, worker), = engines.items()
+    assert worker != d.proc.pid and worker in [
+        int(p) for p in subprocess.run(["pgrep", "-P", str(d.proc.pid)], capture_output=True,
+                                       text=True).stdout.split()]
+    os.kill(worker, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{engine}").exists() and \
+            Path(f"/proc/{engine}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        assert time.monotonic() < deadline, "the job process outlived its worker"
+        time.sleep(0.05)
+    cli.wait(30)
+    proxy.set("pass")
+    chunks = len(moto.keys(bucket, "r/chunks/"))
+    time.sleep(2)
+    assert len(moto.keys(bucket, "r/chunks/")) == chunks, "something still uploads"
+    assert moto.keys(bucket, "r/manifests/") == []
+    assert _engines(d) == {}
+    d.api.ok("/VolumeDriver.Get", {"Name": "v"})  # the master's new worker answers
+    rerun = backup(d, "v", url)
+    d.cli("backup", "verify", rerun["url"])
+
+
 def test_daemon_killed_mid_backup_leaves_no_backup_and_the_rerun_succeeds(proxied, moto,
                                                                           workdir):
     d, proxy, bucket = proxied

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 from ..errors import PyvolError
 
@@ -38,6 +38,11 @@ class Job:
     def advance(self, n: int) -> None:
         with self._lock:
             self.done += n
+
+    def mirror(self, phase: str, total: int, done: int) -> None:
+        """Take the progress a job process reports (backup/engine.py)."""
+        with self._lock:
+            self.phase, self.total, self.done = phase, total, done
 
     def cancel(self) -> None:
         self._cancel.set()

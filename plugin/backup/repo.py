@@ -87,6 +87,14 @@ class Repository:
         return cls._checked(target, config, key)
 
     @classmethod
+    def attach(cls, url: str, config: dict, key: bytes | None,
+               settings: dict[str, str] | None = None) -> Repository:
+        """The repository at ``url`` with the config its opener read (a job process,
+        backup/engine.py, works on what the daemon checked, not on a second read); the
+        config is checked again against the key all the same."""
+        return cls._checked(open_target(url, settings), config, key)
+
+    @classmethod
     def init(cls, url: str, key: bytes | None,
              settings: dict[str, str] | None = None) -> Repository:
         """Create a repository at ``url`` (``pyvol backup init``), a file:// target's

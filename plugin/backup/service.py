@@ -20,7 +20,7 @@ from ..errors import InvalidInput, NotFound, PyvolError
 from ..names import check_name, parse_snap_ref
 from ..log import event
 from ..state import Snapshot, Volume
-from . import block, tree
+from . import engine
 from .blobs import CorruptObject, read_key_file
 from .job import Job
 from .leases import DEFAULT_LEASE, held_until, locked, stamp
@@ -95,9 +95,9 @@ class Restore:
     def run(self, target: str, job: Job | None) -> dict:
         """Write into ``target``: a device for a block backup, a directory for a tree."""
         job = job or Job("restore")
-        engine = block if self.archive == "block" else tree
         with locked(self.repo, "shared", self.service.lease):
-            result = engine.restore(self.repo, self.manifest, target, job, self.service.threads)
+            result = self.service.engine(f"{self.archive}.restore", self.repo,
+                                         self.manifest, target, job=job)
         event(log, "backup restored", backup=self.manifest["url"], **result)
         return result
 
@@ -137,6 +137,12 @@ class Backups:
             self.lease = float(self.settings.pop("lock_lease", DEFAULT_LEASE))
         except ValueError as e:
             raise PyvolError(f"invalid PYVOL_BACKUP_ setting: {e}; accepted are numbers") from None
+
+    def engine(self, fn: str, repo: Repository, *args, job: Job):
+        """``pyvol.backup.<fn>(repo, *args, job, threads)``, run in a job process of its own
+        (backup/engine.py): the data's work never holds the interpreter lock that Docker's
+        requests wait on in this worker."""
+        return engine.run(fn, repo, args, job, self.threads, self.key_file, self.settings)
 
     def _repo(self, url, create: bool = False) -> Repository:
         key = read_key_file(self.key_file) if self.key_file else None
@@ -324,8 +330,8 @@ class Backups:
         if why_full:
             event(log, "full read for backup", volume=v.name, reason=why_full)
         with backend.read_snapshot(v.name, snap) as dev:
-            result = block.backup(repo, dev, srec.size, mapped, changed, chain, job,
-                                  self.threads)
+            result = self.engine("block.backup", repo, dev, srec.size, mapped, changed, chain,
+                                 job=job)
         manifest = {
             "format": 1, "id": bid, "kind": "block", "volume": v.name, "created": utcnow(),
             "host": host_id(),
@@ -350,7 +356,7 @@ class Backups:
         m = self.access
         srec = m.snapshot(v.name, snap)
         with backend.read_snapshot(v.name, snap) as directory:
-            chunks, stats = tree.backup(repo, directory, job, self.threads)
+            chunks, stats = self.engine("tree.backup", repo, directory, job=job)
         return {
             "format": 1, "id": bid, "kind": "tree", "volume": v.name, "created": utcnow(),
             "host": host_id(),
@@ -402,7 +408,7 @@ class Backups:
         job = job or Job("verify")
         repo, manifest = self._manifest(backup_url)
         with locked(repo, "shared", self.lease):
-            result = block.verify(repo, manifest, job, self.threads)
+            result = self.engine("block.verify", repo, manifest, job=job)
         result["backup"] = manifest["url"]
         if result["bad"]:
             raise CorruptObject(f"backup {manifest['url']} failed verification: "
