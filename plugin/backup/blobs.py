@@ -24,6 +24,9 @@ from ..errors import PyvolError
 RAW, ZSTD, SEALED = 0x00, 0x01, 0x02
 ZSTD_LEVEL = 3
 KEY_BYTES = 32
+NONCE, TAG = 12, 16  # AES-GCM's nonce and tag lengths
+PROBE = 16 << 10  # bytes of each of the three samples that decide whether to compress
+PROBE_GAIN = 0.97  # compress when the samples shrink below this fraction
 
 
 class CorruptObject(PyvolError):
@@ -88,6 +91,7 @@ class Codec:
         local = self._local
         if not hasattr(local, "c"):
             local.c = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+            local.probe = zstandard.ZstdCompressor(level=1)
             local.d = zstandard.ZstdDecompressor()
         return local
 
@@ -101,17 +105,31 @@ class Codec:
             return volume
         return hmac.new(self._id_key, volume.encode(), "sha256").hexdigest()[:32]
 
-    def seal(self, key: str, plaintext) -> bytes:
-        """Compress when it saves at least 1/16, then encrypt with the object key as AAD."""
-        packed = self._zstd().c.compress(plaintext)
-        if len(packed) <= len(plaintext) - len(plaintext) // 16:
-            inner = bytes([ZSTD]) + packed
-        else:
-            inner = bytes([RAW]) + bytes(plaintext)
+    def seal(self, key: str, plaintext) -> bytes | bytearray:
+        """Compress when it saves at least 1/16, then encrypt with the object key as AAD.
+
+        Data that a sample shows to be incompressible (already compressed or encrypted
+        files, random pages) is not compressed at all: zstd would spend as long on it as
+        the encryption does, to save nothing. The plaintext is copied once, into the object
+        being built; the cipher writes straight into the stored bytes.
+        """
+        view = memoryview(plaintext).cast("B")
+        kind, body = RAW, view
+        if _worth_compressing(self._zstd().probe, view):
+            packed = self._zstd().c.compress(view)
+            if len(packed) <= len(view) - len(view) // 16:
+                kind, body = ZSTD, packed
+        inner = bytearray(1 + len(body))
+        inner[0] = kind
+        inner[1:] = body
         if self._aead is None:
             return inner
-        nonce = os.urandom(12)
-        return bytes([SEALED]) + nonce + self._aead.encrypt(nonce, inner, key.encode())
+        out = bytearray(1 + NONCE + len(inner) + TAG)
+        out[0] = SEALED
+        nonce = os.urandom(NONCE)
+        out[1:1 + NONCE] = nonce
+        self._aead.encrypt_into(nonce, inner, key.encode(), memoryview(out)[1 + NONCE:])
+        return out
 
     def open(self, key: str, blob: bytes, limit: int) -> bytes:
         """The plaintext of the object at ``key``, refusing more than ``limit`` bytes of it.
@@ -161,3 +179,13 @@ class Codec:
             raise CorruptObject(f"object {key} decompresses past the {limit} bytes an object "
                                 "of its kind may hold")
         return out
+
+
+def _worth_compressing(probe, view: memoryview) -> bool:
+    """Whether three small samples (start, middle, end) compress at all at zstd's fastest
+    level; small data is always tried, it costs nothing."""
+    n = len(view)
+    if n <= 4 * PROBE:
+        return True
+    sample = b"".join(view[at:at + PROBE] for at in (0, n // 2, n - PROBE))
+    return len(probe.compress(sample)) < PROBE_GAIN * len(sample)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from ..crashpoint import crashpoint
 from .blobs import CorruptObject
+from .device import DeviceWriter
 from .job import Job, bounded_map
 from .repo import Repository
 
@@ -45,6 +46,21 @@ def clip(ranges: list[Range], start: int, end: int) -> list[Range]:
         if a < b:
             out.append((a - start, b - a))
     return out
+
+
+def nonzero_runs(data: bytes, block: int) -> list[tuple[int, int]]:
+    """The [start, end) runs of ``data`` made of ``block``-sized pieces that are not all
+    zero: what a restore writes (the rest stays a hole in a thin volume)."""
+    zero = bytes(block)
+    runs: list[tuple[int, int]] = []
+    for off in range(0, len(data), block):
+        end = min(off + block, len(data))
+        if data[off:end] != zero[:end - off]:  # a slice and memcmp: fast on bytes
+            if runs and runs[-1][1] == off:
+                runs[-1] = (runs[-1][0], end)
+            else:
+                runs.append((off, end))
+    return runs
 
 
 def backup(repo: Repository, device: str, size: int, mapped: list[Range],
@@ -109,21 +125,19 @@ def restore(repo: Repository, manifest: dict, device: str, job: Job, threads: in
         raise CorruptObject(f"backup {manifest['id']}: its manifest lists a piece past the "
                             "volume's end")
     job.start("restore", sum(min(cs, size - i * cs) for i, _ in chunks))
-    fd = os.open(device, os.O_WRONLY | os.O_CLOEXEC)
+    writer = DeviceWriter(device, cs)
     written = [0]
 
     def one(item):
         index, name = item
         job.check()
-        data = repo.get_chunk(name)  # bytes: slicing copies, but compares at memcmp speed
+        data = repo.get_chunk(name)
         base = index * cs
         n = 0
-        zero = bytes(WRITE_BLOCK)
-        for off in range(0, len(data), WRITE_BLOCK):
-            block = data[off:off + WRITE_BLOCK]
-            if block != zero[:len(block)]:
-                os.pwrite(fd, block, base + off)
-                n += len(block)
+        view = memoryview(data)
+        for start, end in nonzero_runs(data, WRITE_BLOCK):
+            writer.write(base + start, view[start:end])
+            n += end - start
         job.advance(len(data))
         return n
 
@@ -133,9 +147,8 @@ def restore(repo: Repository, manifest: dict, device: str, job: Job, threads: in
 
     try:
         bounded_map(one, chunks, threads, job, collect)
-        os.fsync(fd)
     finally:
-        os.close(fd)
+        writer.close()
     return {"chunks": len(chunks), "written": written[0]}
 
 

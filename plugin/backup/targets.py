@@ -252,13 +252,13 @@ class S3Target(Target):
             raise self._err("get", key, e) from None
 
     def put(self, key: str, data: bytes) -> None:
-        self._call("put", key, self.s3.put_object, Key=self.prefix + key, Body=data)
+        self._call("put", key, self.s3.put_object, Key=self.prefix + key, Body=bytes(data))
 
     def put_if_absent(self, key: str, data: bytes) -> bool:
         import botocore.exceptions as bx
 
         try:
-            self.s3.put_object(Bucket=self.bucket, Key=self.prefix + key, Body=data,
+            self.s3.put_object(Bucket=self.bucket, Key=self.prefix + key, Body=bytes(data),
                                IfNoneMatch="*")
             return True
         except bx.ClientError as e:
