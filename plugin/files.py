@@ -4,25 +4,69 @@ A backup repository on a directory (possibly NFS) and the nfs backend's records 
 are read by other processes and other hosts at any moment, and either may crash mid-write.
 """
 
+import mmap
 import os
 import secrets
+import threading
 from pathlib import Path
 
 TEMP_PREFIX = ".tmp-"  # readers that list a directory skip names starting with this
+ALIGN = 4096  # offsets, lengths and buffer addresses O_DIRECT accepts on any device
+DIRECT_MIN = 1 << 20  # a file at least this large may be written around the page cache
+
+_local = threading.local()
 
 
-def write_whole(path: Path, data: bytes, exclusive: bool = False) -> bool:
+def aligned_buffer(size: int) -> mmap.mmap:
+    """This thread's page-aligned buffer of at least ``size`` bytes, for O_DIRECT I/O
+    (anonymous mmap memory is page-aligned); reused across calls."""
+    buf = getattr(_local, "buf", None)
+    if buf is None or len(buf) < size:
+        buf = _local.buf = mmap.mmap(-1, -(-size // ALIGN) * ALIGN)
+    return buf
+
+
+def pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    """All of ``view`` at ``offset`` (pwrite may write less than asked)."""
+    while view:
+        done = os.pwrite(fd, view, offset)
+        view, offset = view[done:], offset + done
+
+
+def _write_direct(path: Path, data) -> int:
+    """Write the aligned head of ``data`` to ``path`` with O_DIRECT; the bytes written (0
+    where the filesystem refuses O_DIRECT: tmpfs, some FUSE)."""
+    n = len(data) // ALIGN * ALIGN
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_DIRECT)
+    except OSError:
+        return 0
+    try:
+        buf = aligned_buffer(n)
+        buf[:n] = memoryview(data)[:n]
+        pwrite_all(fd, memoryview(buf)[:n], 0)
+    except OSError:
+        return 0  # refused at the first write (some filesystems open, then say EINVAL)
+    finally:
+        os.close(fd)
+    return n
+
+
+def write_whole(path: Path, data: bytes, exclusive: bool = False, direct: bool = False) -> bool:
     """Write ``data`` to a temporary name, fsync, then rename it over ``path`` (or, when
     ``exclusive``, hard-link it, which never replaces: False if ``path`` existed), and fsync
-    the directory so the name itself survives a crash."""
+    the directory so the name itself survives a crash.
+
+    ``direct``: a large file nobody will read soon (a backup's chunk) goes to the disk with
+    O_DIRECT but for its unaligned tail, so it neither waits behind the page cache's dirty
+    limits nor evicts what the host's workloads keep cached."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f"{TEMP_PREFIX}{path.name}-{secrets.token_hex(4)}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            head = _write_direct(tmp, data) if direct and len(data) >= DIRECT_MIN else 0
+            pwrite_all(fd, memoryview(data)[head:], head)
             os.fsync(fd)
         finally:
             os.close(fd)

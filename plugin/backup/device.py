@@ -13,11 +13,9 @@ descriptor. ``close`` flushes both, so the restore is on the disk when it return
 
 from __future__ import annotations
 
-import mmap
 import os
-import threading
 
-ALIGN = 4096  # offsets, lengths and buffer addresses O_DIRECT needs on any device
+from ..files import ALIGN, aligned_buffer, pwrite_all
 
 
 class DeviceWriter:
@@ -29,28 +27,17 @@ class DeviceWriter:
             self.direct: int | None = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_DIRECT)
         except OSError:
             self.direct = None
-        self._local = threading.local()
-
-    def _buffer(self) -> mmap.mmap:
-        """This thread's page-aligned buffer (anonymous mmap memory is page-aligned)."""
-        buf = getattr(self._local, "buf", None)
-        if buf is None:
-            buf = self._local.buf = mmap.mmap(-1, self.buffer_size)
-        return buf
 
     def write(self, offset: int, data) -> None:
         """Write ``data`` (bytes-like) at ``offset`` of the device, all of it."""
         n = len(data)
         if self.direct is not None and offset % ALIGN == 0 and n % ALIGN == 0 \
                 and n <= self.buffer_size:
-            buf = self._buffer()
+            buf = aligned_buffer(n)
             buf[:n] = data
-            fd, view = self.direct, memoryview(buf)[:n]
+            pwrite_all(self.direct, memoryview(buf)[:n], offset)
         else:
-            fd, view = self.fd, memoryview(data)
-        while view:
-            done = os.pwrite(fd, view, offset)
-            view, offset = view[done:], offset + done
+            pwrite_all(self.fd, memoryview(data), offset)
 
     def close(self) -> None:
         try:

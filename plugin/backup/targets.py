@@ -121,7 +121,9 @@ class FileTarget(Target):
 
     def _write(self, key: str, data: bytes, exclusive: bool) -> bool:
         try:
-            return write_whole(self._file(key), data, exclusive)
+            # chunks are written once and read back only by a restore or verify
+            return write_whole(self._file(key), data, exclusive,
+                               direct=key.startswith("chunks/"))
         except OSError as e:
             raise TargetError(f"{self.url}: cannot write {key}: {e.strerror}") from None
 
