@@ -1,15 +1,20 @@
 """Backup benchmark: pyvol against restic on the same data, in the same run, as ratios.
 
-    sudo .venv/bin/python bench/bench_backup.py [--gib 1] [--encrypt/--no-encrypt]
+    sudo .venv/bin/python bench/bench_backup.py [--gib 1] [--data mixed|random] [--no-encrypt]
 
 Both tools back up the same volume's contents to a local repository (pyvol: the block
 snapshot, into file://; restic: the mounted files, into a local repo). restic always
-encrypts, so pyvol runs with a key too unless told otherwise. Printed:
+encrypts, so pyvol runs with a key too unless told otherwise. The page cache is dropped
+before every step. Printed, all from this one run:
+- this machine's rates on all cores for keyed hashing, zstd level 3 and AES-256-GCM on the
+  benchmark's data, a cold disk read, and the pipeline limit they make;
 - time ratios pyvol/restic for a full backup, an incremental after rewriting 1% of the data,
-  and a restore;
+  and a restore; pyvol's verify; pyvol's full-backup rate as a fraction of the limit;
 - bytes pyvol read and uploaded for the incremental, against the 1% changed;
-- peak RSS of the process doing the backup (pyvol's one gunicorn worker, from its VmHWM;
-  restic's from wait4), and Docker Get latency on the daemon while a backup runs against idle.
+- the daemon's RSS (every process of it, the job process too) idle and at its peak during a
+  backup, a restore and a verify, sampled every 50 ms; restic's peak from wait4;
+- Docker Get latency (median, p99) on the daemon's one worker while a backup and a restore
+  run, against idle.
 """
 
 import argparse
@@ -44,20 +49,113 @@ def restic(repo: Path, *args, env) -> tuple[float, int, str]:
     return elapsed, usage.ru_maxrss * 1024, out.decode()
 
 
-def worker_hwm(daemon_pid: int) -> int:
-    """Peak RSS of the daemon's (single) worker."""
-    kids = subprocess.run(["pgrep", "-P", str(daemon_pid)], capture_output=True,
-                          text=True).stdout.split()
-    peak = 0
-    for k in kids:
-        for line in Path(f"/proc/{k}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                peak = max(peak, int(line.split()[1]) * 1024)
-    return peak
+def tree_pids(root_pid: int) -> list[int]:
+    """The daemon's processes: master, workers and any job process below them."""
+    out, todo = [], [root_pid]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += [int(k) for k in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True,
+                                                 text=True).stdout.split()]
+    return out
 
 
-def write_data(mp: str, total: int) -> None:
-    """Half random, half compressible text, in files of 64 MiB (like a database's files)."""
+def rss(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except FileNotFoundError:
+            pass
+    return total
+
+
+class PeakRss:
+    """The largest sum of the daemon's processes' RSS seen while a step runs (a job
+    process's own peak is gone with it, so it is sampled, every 50 ms)."""
+
+    def __init__(self, root_pid: int):
+        self.root_pid, self.peak, self._stop = root_pid, 0, threading.Event()
+        self._th = threading.Thread(target=self._run)
+
+    def _run(self):
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, rss(tree_pids(self.root_pid)))
+
+    def __enter__(self):
+        self._th.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._th.join()
+
+
+def drop_caches() -> None:
+    subprocess.run(["sync"], check=True)
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def pipeline_limit(sample: bytes, key: bytes | None) -> dict:
+    """What this machine's own libraries do per second on all cores, on the benchmark's data:
+    hashing (keyed, as pyvol names chunks), zstd level 3 and AES-256-GCM, each alone; the
+    pipeline's limit is the rate of doing all three in a row, spread over every core."""
+    import hashlib
+    import hmac
+    from concurrent.futures import ThreadPoolExecutor
+
+    import zstandard
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    chunk = 4 * MiB
+    pieces = [sample[i:i + chunk] for i in range(0, len(sample) - chunk + 1, chunk)]
+    aead = AESGCM(os.urandom(32))
+    cores = os.cpu_count() or 1
+    local = threading.local()
+
+    def zc():
+        if not hasattr(local, "c"):
+            local.c = zstandard.ZstdCompressor(level=3)
+        return local.c
+
+    steps = {
+        "hash": (lambda b: hmac.new(key, b, "sha256").digest()) if key else
+                (lambda b: hashlib.sha256(b).digest()),
+        "zstd": lambda b: zc().compress(b),
+        "aes-gcm": lambda b: aead.encrypt(os.urandom(12), b, b"k"),
+    }
+    rates = {}
+    for name, fn in steps.items():
+        with ThreadPoolExecutor(cores) as pool:
+            list(pool.map(fn, pieces[:cores]))  # warm
+            t = time.perf_counter()
+            list(pool.map(fn, pieces * 2))
+            rates[name] = 2 * len(pieces) * chunk / (time.perf_counter() - t)
+    rates["all three"] = 1 / sum(1 / r for r in rates.values())
+    return rates
+
+
+def disk_read_rate(path: str) -> float:
+    """A cold sequential read of ``path`` in 4 MiB requests, bytes per second."""
+    drop_caches()
+    fd = os.open(path, os.O_RDONLY)
+    n, t = 0, time.perf_counter()
+    try:
+        while True:
+            b = os.read(fd, 4 * MiB)
+            if not b:
+                break
+            n += len(b)
+    finally:
+        os.close(fd)
+    return n / (time.perf_counter() - t)
+
+
+def write_data(mp: str, total: int, data: str = "mixed") -> None:
+    """Files of 64 MiB (like a database's): "mixed" is half random, half compressible text;
+    "random" all random."""
     text = b"".join(b"row %08d: the quick brown fox jumps over the lazy dog\n" % i
                     for i in range(100_000))
     n = 0
@@ -68,71 +166,100 @@ def write_data(mp: str, total: int) -> None:
             left = size
             while left:
                 k = min(left, 4 * MiB)
-                f.write(os.urandom(k) if i % 2 == 0 else (text * 2)[:k])
+                f.write(os.urandom(k) if i % 2 == 0 or data == "random" else (text * 2)[:k])
                 left -= k
             os.fsync(f.fileno())
         n += size
         i += 1
 
 
+def latency(api, n: int = 60) -> list[float]:
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        api.ok("/VolumeDriver.Get", {"Name": "db"})
+        out.append(time.perf_counter() - t)
+        time.sleep(0.02)
+    return out
+
+
+class Prober:
+    """Docker's Get, every 20 ms, while a step runs."""
+
+    def __init__(self, api):
+        self.api, self.times, self._stop = api, [], threading.Event()
+        self._th = threading.Thread(target=self._run)
+
+    def _run(self):
+        while not self._stop.is_set():
+            t = time.perf_counter()
+            self.api.ok("/VolumeDriver.Get", {"Name": "db"})
+            self.times.append(time.perf_counter() - t)
+            time.sleep(0.02)
+
+    def __enter__(self):
+        self._th.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._th.join()
+
+
+def p99(xs: list[float]) -> float:
+    return sorted(xs)[min(len(xs) - 1, int(len(xs) * .99))]
+
+
+def timed(fn):
+    t = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t, out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gib", type=float, default=1.0)
     ap.add_argument("--no-encrypt", action="store_true")
+    ap.add_argument("--data", choices=["mixed", "random"], default="mixed")
     args = ap.parse_args()
     if shutil.which("restic") is None:
         sys.exit("restic is not installed: apt-get install restic (scripts/test.sh does)")
     total = int(args.gib * (1 << 30))
     work = Path(tempfile.mkdtemp(prefix="pyvol-bb-", dir="/var/tmp"))
-    env = {"PYVOL_WORKERS": "1"}
+    env = {"PYVOL_WORKERS": "1"}  # the worst case for Docker: one worker serves every call
+    key = None
     if not args.no_encrypt:
-        (work / "key").write_text(os.urandom(32).hex())
+        key = os.urandom(32)
+        (work / "key").write_text(key.hex())
         env["PYVOL_BACKUP_KEY_FILE"] = str(work / "key")
     d = Daemon(work / "root", work / "s.sock", env={**env, "PYVOL_LOOP_POOL_SIZE": "40G"})
     d.start()
+    out = {}
     try:
         api = d.api
         size = total * 2 + (512 * MiB)
         api.ok("/VolumeDriver.Create", {"Name": "db", "Opts": {"size": str(size)}})
         mp = api.ok("/VolumeDriver.Mount", {"Name": "db", "ID": "b"})["Mountpoint"]
-        write_data(mp, total)
+        write_data(mp, total, args.data)
+        time.sleep(1)
+        out["idle_rss"] = rss(tree_pids(d.proc.pid))
         (work / "pyvol-repo").mkdir()
         repo = f"file://{work / 'pyvol-repo'}"
         rrepo = work / "restic-repo"
         renv = {"RESTIC_PASSWORD": "bench"}
         restic(rrepo, "init", env=renv)
-        subprocess.run(["sync"], check=True)
+        with open(f"{mp}/table000.ibd", "rb") as f:
+            sample = f.read(64 * MiB)
+        out["limit"] = pipeline_limit(sample, key)
+        out["disk"] = disk_read_rate(f"{mp}/table000.ibd")
 
-        # Docker Get latency while idle, then while the full backup runs
-        def get_latency(n=40):
-            out = []
-            for _ in range(n):
-                t = time.perf_counter()
-                api.ok("/VolumeDriver.Get", {"Name": "db"})
-                out.append(time.perf_counter() - t)
-                time.sleep(0.02)
-            return statistics.median(out)
-
-        idle = get_latency()
-        busy = []
-        stop = threading.Event()
-
-        def prober():
-            while not stop.is_set():
-                t = time.perf_counter()
-                api.ok("/VolumeDriver.Get", {"Name": "db"})
-                busy.append(time.perf_counter() - t)
-                time.sleep(0.02)
-
-        th = threading.Thread(target=prober)
-        th.start()
-        t = time.perf_counter()
-        full = json.loads(d.cli("backup", "create", "db", "--dest", repo, "--json").stdout)
-        pyvol_full = time.perf_counter() - t
-        stop.set()
-        th.join()
-        pyvol_rss = worker_hwm(d.proc.pid)
-        restic_full, restic_rss, _ = restic(rrepo, "backup", mp, env=renv)
+        out["idle"] = latency(api)
+        drop_caches()
+        with Prober(api) as during_backup, PeakRss(d.proc.pid) as backup_rss:
+            out["full"], full = timed(lambda: json.loads(
+                d.cli("backup", "create", "db", "--dest", repo, "--json").stdout))
+        drop_caches()
+        out["restic_full"], restic_rss, _ = restic(rrepo, "backup", mp, env=renv)
 
         # rewrite 1% of the data, in place, in one file
         change = total // 100
@@ -140,17 +267,21 @@ def main() -> None:
             f.seek(8 * MiB)
             f.write(os.urandom(change))
             os.fsync(f.fileno())
-        subprocess.run(["sync"], check=True)
-        t = time.perf_counter()
-        inc = json.loads(d.cli("backup", "create", "db", "--dest", repo, "--json").stdout)
-        pyvol_inc = time.perf_counter() - t
-        restic_inc, _, rout = restic(rrepo, "backup", "--json", mp, env=renv)
+        drop_caches()
+        out["inc"], inc = timed(lambda: json.loads(
+            d.cli("backup", "create", "db", "--dest", repo, "--json").stdout))
+        drop_caches()
+        out["restic_inc"], _, _ = restic(rrepo, "backup", mp, env=renv)
 
-        t = time.perf_counter()
-        d.cli("restore", inc["url"], "restored")
-        pyvol_restore = time.perf_counter() - t
-        restic_restore, _, _ = restic(rrepo, "restore", "latest", "--target",
-                                      str(work / "restic-restore"), env=renv)
+        drop_caches()
+        with PeakRss(d.proc.pid) as verify_rss:
+            out["verify"], _ = timed(lambda: d.cli("backup", "verify", inc["url"]))
+        drop_caches()
+        with Prober(api) as during_restore, PeakRss(d.proc.pid) as restore_rss:
+            out["restore"], _ = timed(lambda: d.cli("restore", inc["url"], "restored"))
+        drop_caches()
+        out["restic_restore"], _, _ = restic(rrepo, "restore", "latest", "--target",
+                                             str(work / "restic-restore"), env=renv)
         pyvol_bytes = sum(f.stat().st_size for f in (work / "pyvol-repo").rglob("*")
                           if f.is_file())
         restic_bytes = sum(f.stat().st_size for f in rrepo.rglob("*") if f.is_file())
@@ -160,26 +291,40 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
     enc = "encrypted" if not args.no_encrypt else "plain"
-    print(f"data: {total / (1 << 30):.2f} GiB (half random, half text); pyvol {enc}, "
-          f"{os.cpu_count()} cores")
-    print(f"full backup      pyvol {pyvol_full:6.1f}s  restic {restic_full:6.1f}s  "
-          f"ratio {pyvol_full / restic_full:.2f}")
-    print(f"incremental (1%) pyvol {pyvol_inc:6.1f}s  restic {restic_inc:6.1f}s  "
-          f"ratio {pyvol_inc / restic_inc:.2f}")
-    print(f"restore          pyvol {pyvol_restore:6.1f}s  restic {restic_restore:6.1f}s  "
-          f"ratio {pyvol_restore / restic_restore:.2f}")
+    print(f"data: {total / (1 << 30):.2f} GiB ({args.data}); pyvol {enc}, "
+          f"{os.cpu_count()} cores; page cache dropped before every step")
+    lim = out["limit"]
+    print("this machine, all cores: " + ", ".join(f"{k} {v / MiB:.0f} MiB/s"
+                                                  for k, v in lim.items())
+          + f"; cold disk read {out['disk'] / MiB:.0f} MiB/s")
+    limit = min(lim["all three"], out["disk"])
+    print(f"pipeline limit (slower of the three in a row and the disk): {limit / MiB:.0f} MiB/s")
+    for step, ours, theirs in (("full backup", out["full"], out["restic_full"]),
+                               ("incremental (1%)", out["inc"], out["restic_inc"]),
+                               ("restore", out["restore"], out["restic_restore"])):
+        print(f"{step:17s} pyvol {ours:6.2f}s  restic {theirs:6.2f}s  ratio {ours / theirs:.2f}")
+    print(f"verify            pyvol {out['verify']:6.2f}s  ratio to pyvol's restore "
+          f"{out['verify'] / out['restore']:.2f}")
+    read = full["stats"]["read"]
+    print(f"full backup rate: {read / out['full'] / MiB:.0f} MiB/s read, "
+          f"{read / out['full'] / limit:.2f} of the pipeline limit")
     print(f"incremental bytes: changed {change / MiB:.1f} MiB, read "
           f"{inc['stats']['read'] / MiB:.1f} MiB ({inc['stats']['read'] / change:.2f}x), "
           f"uploaded {inc['stats']['uploaded'] / MiB:.1f} MiB "
           f"({inc['stats']['uploaded'] / change:.2f}x); full read "
-          f"{full['stats']['read'] / MiB:.0f} MiB of a {size / MiB:.0f} MiB volume")
+          f"{read / MiB:.0f} MiB of a {size / MiB:.0f} MiB volume")
     print(f"repository size: pyvol {pyvol_bytes / MiB:.0f} MiB, restic "
           f"{restic_bytes / MiB:.0f} MiB, ratio {pyvol_bytes / restic_bytes:.2f}")
-    print(f"peak RSS: pyvol worker {pyvol_rss / MiB:.0f} MiB, restic {restic_rss / MiB:.0f} MiB, "
-          f"ratio {pyvol_rss / restic_rss:.2f}")
-    print(f"Docker Get during a backup: median {statistics.median(busy) * 1e3:.1f} ms vs "
-          f"{idle * 1e3:.1f} ms idle, ratio {statistics.median(busy) / idle:.2f}; "
-          f"p99 {sorted(busy)[int(len(busy) * .99)] * 1e3:.1f} ms")
+    print(f"daemon RSS (master, 1 worker, job process): idle {out['idle_rss'] / MiB:.0f} MiB; "
+          f"peak during backup {backup_rss.peak / MiB:.0f} MiB, restore "
+          f"{restore_rss.peak / MiB:.0f} MiB, verify {verify_rss.peak / MiB:.0f} MiB; "
+          f"restic's backup {restic_rss / MiB:.0f} MiB")
+    idle = out["idle"]
+    for step, probe in (("backup", during_backup), ("restore", during_restore)):
+        t = probe.times
+        print(f"Docker Get during a {step}: median {statistics.median(t) * 1e3:.1f} ms, p99 "
+              f"{p99(t) * 1e3:.1f} ms; idle median {statistics.median(idle) * 1e3:.1f} ms, p99 "
+              f"{p99(idle) * 1e3:.1f} ms; p99 ratio {p99(t) / p99(idle):.2f}")
 
 
 if __name__ == "__main__":
