@@ -2,48 +2,119 @@
 
 ``os.path.ismount`` is wrong for a bind mount on the same filesystem, and pyvol's records are
 only a claim: this file is the truth the daemon reconciles against.
+
+Docker's Get and List ask it on every call, and on a host with hundreds of mounts the kernel
+takes most of a millisecond just to print the table. So this process's table is read again
+only when the kernel says it changed: a descriptor kept open on the file polls POLLPRI after
+any mount, unmount or remount in this mount namespace (propagated ones included), as
+libmount's monitor relies on. What a read returns is never older than the last change the
+kernel had signalled, and a mount this process made has signalled before the call returned.
 """
 
-from dataclasses import dataclass
+import os
+import re
+import select
+import threading
 from pathlib import Path
+from typing import NamedTuple
+
+MOUNTINFO = "/proc/self/mountinfo"
 
 
-@dataclass(frozen=True)
-class MountEntry:
+class MountEntry(NamedTuple):
     mount_point: str
     source: str
     fstype: str
     options: str
 
 
+_ESCAPE = re.compile(r"\\([0-7]{3})")
+
+
 def _unescape(field: str) -> str:
     # mountinfo escapes space, tab, newline and backslash as octal \ooo.
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and i + 3 < len(field) and field[i + 1:i + 4].isdigit():
-            out.append(chr(int(field[i + 1:i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
+    if "\\" not in field:
+        return field
+    return _ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field)
 
 
-def entries(path: str = "/proc/self/mountinfo") -> list[MountEntry]:
+def _parse(lines: list[str]) -> list[MountEntry]:
     result = []
-    with open(path) as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            lf, rf = left.split(), right.split()
-            if len(lf) < 6 or len(rf) < 2:
-                continue
-            result.append(MountEntry(_unescape(lf[4]), _unescape(rf[1]), rf[0], lf[5]))
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        lf, rf = left.split(), right.split()
+        if len(lf) < 6 or len(rf) < 2:
+            continue
+        result.append(MountEntry(_unescape(lf[4]), _unescape(rf[1]), rf[0], lf[5]))
     return result
 
 
+def _read(fd: int) -> list[str]:
+    os.lseek(fd, 0, os.SEEK_SET)
+    parts = []
+    while chunk := os.read(fd, 1 << 16):
+        parts.append(chunk)
+    return b"".join(parts).decode(errors="surrogateescape").splitlines()
+
+
+class _Table:
+    """This process's mount table, parsed once per change."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._pid = self._fd = self._poll = None
+        self._entries: list[MountEntry] | None = None
+        self._points: frozenset[str] | None = None
+
+    def _fresh(self) -> None:
+        """Drop the parsed table if the kernel signalled a change since the last look.
+
+        The change mark belongs to the open file, which a fork shares: each process opens
+        its own, or one worker's look would hide a change from the other."""
+        if self._pid != os.getpid():
+            self._fd = os.open(MOUNTINFO, os.O_RDONLY | os.O_CLOEXEC)
+            self._poll = select.poll()
+            self._poll.register(self._fd, select.POLLPRI)
+            self._pid, self._entries, self._points = os.getpid(), None, None
+        elif self._poll.poll(0):  # reading the mark resets it; the read below comes after
+            self._entries = self._points = None
+
+    def entries(self) -> list[MountEntry]:
+        with self._lock:
+            self._fresh()
+            if self._entries is None:
+                self._entries = _parse(_read(self._fd))
+                self._points = None
+            return self._entries
+
+    def points(self) -> frozenset[str]:
+        with self._lock:
+            self._fresh()
+            if self._entries is None:
+                self._entries = _parse(_read(self._fd))
+                self._points = None
+            if self._points is None:
+                self._points = frozenset(e.mount_point for e in self._entries)
+            return self._points
+
+
+_table = _Table()
+
+
+def entries(path: str = MOUNTINFO) -> list[MountEntry]:
+    if path == MOUNTINFO:
+        return list(_table.entries())
+    with open(path) as f:
+        return _parse(f.read().splitlines())
+
+
+def mount_points() -> frozenset[str]:
+    """Every mount point of this process's namespace: what ``is_mounted`` asks."""
+    return _table.points()
+
+
 def is_mounted(mount_point: str | Path) -> bool:
-    target = str(Path(mount_point))
-    return any(e.mount_point == target for e in entries())
+    return str(Path(mount_point)) in _table.points()
 
 
 def under(directory: str | Path) -> list[MountEntry]:
