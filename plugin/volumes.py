@@ -15,6 +15,7 @@ its source (``sources``).
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 from . import fs, mountinfo
@@ -272,26 +273,36 @@ class Volumes:
 
     def get(self, name) -> dict:
         v = self.catalogue.ready(name)
-        return self._describe(v, _mounted())
+        mp = str(self.host.mountpoint(v.name))
+        return self._describe(v, mp if mountinfo.is_mounted(mp) else "",
+                              self.store.mount_records(v.name),
+                              self.store.snapshot_count(v.name, "ready"))
 
     def mountpoints(self) -> list[dict]:
-        """Name and Mountpoint of every volume: all Docker's List needs, so it costs one query
-        and one read of mountinfo, not a backend call per volume."""
-        mounted = _mounted()
-        return [{"Name": v.name, "Mountpoint": self._shown_mountpoint(v.name, mounted)}
-                for v in self.catalogue.all()]
+        """Name and Mountpoint of every volume: all Docker's List needs, so it costs one
+        query of names and one look at the mount table (read again only when it changed),
+        not a backend call or a query per volume."""
+        mounted = mountinfo.mount_points()
+        prefix = os.path.join(str(self.host.config.mounts_dir), "")  # + name: its mountpoint
+        return [{"Name": name, "Mountpoint": mp if (mp := prefix + name) in mounted else ""}
+                for name in self.catalogue.names()]
 
     def list(self) -> list[dict]:
-        mounted = _mounted()
-        return [self._describe(v, mounted) for v in self.catalogue.all()]
+        """Every volume in full, from one query of each table (and the backend's usage of
+        each, which the CLI shows)."""
+        mounted = mountinfo.mount_points()
+        records = self.store.all_mount_records()
+        snapshots = self.store.snapshot_counts("ready")
+        out = []
+        for v in self.catalogue.all():
+            mp = str(self.host.mountpoint(v.name))
+            out.append(self._describe(v, mp if mp in mounted else "", records.get(v.name, []),
+                                      snapshots.get(v.name, 0)))
+        return out
 
-    def _shown_mountpoint(self, name: str, mounted: set[str]) -> str:
-        """The mountpoint Docker should see: the path while mounted, else empty."""
-        mp = str(self.host.mountpoint(name))
-        return mp if mp in mounted else ""
-
-    def _describe(self, v: Volume, mounted: set[str]) -> dict:
-        mounts = self.store.mount_records(v.name)
+    def _describe(self, v: Volume, mountpoint: str, mounts: list[dict], snapshots: int) -> dict:
+        """A volume as Get and the CLI show it; ``mountpoint`` is the path while mounted,
+        else empty (what Docker must see)."""
         status = {
             "backend": v.backend,
             "size": v.size,
@@ -299,7 +310,7 @@ class Volumes:
             "fs": v.fs,
             "mounts": sum(m["Count"] for m in mounts),
             "mount_ids": mounts,
-            "snapshots": len(self.store.snapshots(v.name, status="ready")),
+            "snapshots": snapshots,
         }
         for key in ("from-snapshot", "from-backup"):
             if key in v.options:
@@ -307,12 +318,8 @@ class Volumes:
         backend = self.host.backends.get(v.backend)
         if backend is not None:
             status.update(backend.volume_usage(v.name))
-        return {"Name": v.name, "Mountpoint": self._shown_mountpoint(v.name, mounted),
-                "CreatedAt": v.created_at, "Status": status}
-
-
-def _mounted() -> set[str]:
-    return {e.mount_point for e in mountinfo.entries()}
+        return {"Name": v.name, "Mountpoint": mountpoint, "CreatedAt": v.created_at,
+                "Status": status}
 
 
 def _check_options(opts) -> dict[str, str]:
