@@ -14,23 +14,19 @@ import shutil
 import sys
 import textwrap
 
+from typing import TYPE_CHECKING
+
 import click
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 
 from . import config as pyvol_config
-from .client import Client, find_socket
 from .errors import PyvolError
 from .units import format_size
 
-err = Console(stderr=True)
+# `pyvol daemon` runs in this module too, and gunicorn's workers are forks of it: what only
+# the client commands use (httpx, through .client; rich) is imported where they use it, so
+# that no process of the daemon holds them.
+if TYPE_CHECKING:
+    from .client import Client
 
 
 def json_option(fn):
@@ -57,7 +53,9 @@ def _named_socket(ctx) -> str | None:
     return ctx.meta.get("pyvol.socket")
 
 
-def _client(ctx) -> Client:
+def _client(ctx) -> "Client":
+    from .client import Client, find_socket
+
     return Client(_named_socket(ctx) or find_socket(lambda line: click.echo(line, err=True)))
 
 
@@ -376,6 +374,17 @@ def info(ctx, as_json):
 @contextlib.contextmanager
 def _progress(quiet: bool):
     """A progress bar (bytes, rate, ETA) on a terminal; nothing under --json or in a pipe."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    err = Console(stderr=True)
     if quiet or not err.is_terminal:
         yield lambda _report: None
         return

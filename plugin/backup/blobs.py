@@ -13,13 +13,11 @@ import json
 import os
 import threading
 
-import zstandard
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
 from ..errors import PyvolError
+
+# zstandard and cryptography are imported where a Codec uses them, not here: every daemon
+# worker imports this module (the backup service names its errors), and only the backup job
+# process and repository reads need them.
 
 RAW, ZSTD, SEALED = 0x00, 0x01, 0x02
 ZSTD_LEVEL = 3
@@ -61,6 +59,9 @@ def canonical_config(config: dict) -> bytes:
 
 
 def _hkdf(key: bytes, salt: bytes, info: str) -> bytes:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
     return HKDF(hashes.SHA256(), 32, salt, info.encode()).derive(key)
 
 
@@ -69,6 +70,8 @@ class Codec:
         self.encrypted = key is not None
         self._local = threading.local()
         if key is not None:
+            from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
             salt = bytes.fromhex(repo_id)
             self._aead = AESGCM(_hkdf(key, salt, "pyvol/1 chunk encryption"))
             self._id_key = _hkdf(key, salt, "pyvol/1 chunk id")
@@ -90,6 +93,8 @@ class Codec:
     def _zstd(self):
         local = self._local
         if not hasattr(local, "c"):
+            import zstandard
+
             local.c = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
             local.probe = zstandard.ZstdCompressor(level=1)
             local.d = zstandard.ZstdDecompressor()
@@ -142,6 +147,8 @@ class Codec:
             raise CorruptObject(f"object {key} is empty")
         kind = blob[0]
         if kind == SEALED:
+            from cryptography.exceptions import InvalidTag
+
             if self._aead is None:
                 raise PyvolError(f"object {key} is encrypted and no backup key is configured")
             try:
@@ -162,6 +169,8 @@ class Codec:
         raise CorruptObject(f"object {key} has unknown type byte {kind:#04x}")
 
     def _decompress(self, key: str, frame: bytes, limit: int) -> bytes:
+        import zstandard
+
         try:
             declared = zstandard.frame_content_size(frame)
         except zstandard.ZstdError as e:
