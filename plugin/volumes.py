@@ -50,6 +50,8 @@ class Volumes:
         self.host, self.catalogue, self.snapshots, self.backups = (
             host, catalogue, snapshots, backups)
         self.store = host.store
+        # Docker's List as last answered: (mount table, names, answer); see mountpoints
+        self._listed: tuple | None = None
 
     # create
     def create(self, name, opts=None, job=None) -> dict:
@@ -281,11 +283,18 @@ class Volumes:
     def mountpoints(self) -> list[dict]:
         """Name and Mountpoint of every volume: all Docker's List needs, so it costs one
         query of names and one look at the mount table (read again only when it changed),
-        not a backend call or a query per volume."""
-        mounted = mountinfo.mount_points()
+        not a backend call or a query per volume. With the same names and the same table,
+        the answer is the last one, shared: callers must not change it."""
+        mounted = mountinfo.mount_points()  # the same object while the table is unchanged
+        names = self.catalogue.names()
+        last = self._listed
+        if last is not None and last[0] is mounted and last[1] == names:
+            return last[2]  # what this process answered last, still true
         prefix = os.path.join(str(self.host.config.mounts_dir), "")  # + name: its mountpoint
-        return [{"Name": name, "Mountpoint": mp if (mp := prefix + name) in mounted else ""}
-                for name in self.catalogue.names()]
+        listed = [{"Name": name, "Mountpoint": mp if (mp := prefix + name) in mounted else ""}
+                  for name in names]
+        self._listed = (mounted, names, listed)
+        return listed
 
     def list(self) -> list[dict]:
         """Every volume in full, from one query of each table (and the backend's usage of
