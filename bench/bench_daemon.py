@@ -143,10 +143,12 @@ def docker_run(base: Path, name: str, rounds: int) -> None:
         engine.stop()
 
 
-# Scale: names sort in creation order; the first SCALE_BASE are the small set, measured alike
-# in both phases, so the ratios compare the same calls at 10 and at 1,000 volumes.
+# Scale: two loop daemons hold the same first SCALE_BASE volumes (the first two mounted), and
+# one of them 1,000 in all; Get asks for those alike in both, so the ratios compare the same
+# calls at 10 and at 1,000 volumes.
 SCALE_BASE = 10
 SCALE_SIZE = "16M"  # ext4's minimum: the images stay small, the pool holds 1,000 of them
+READS = ("Activate", "List", "Get")
 
 
 def vol_name(i: int) -> str:
@@ -167,31 +169,58 @@ def in_parallel(daemon: Daemon, fn, items, threads: int = 8) -> None:
             pass
 
 
-def docker_reads(api: Api, rounds: int) -> dict[str, list[float]]:
-    """Docker's List and Get, interleaved with /Plugin.Activate (the no-work baseline), so
-    that drift on a shared machine hits all three alike. Get cycles over the small set, of
-    which the first two are mounted, as 20% of the large set are. Each call is timed until
-    its whole answer has arrived; decoding and checking it (the client's work) is not."""
-    out = {"Activate": [], "List": [], "Get": []}
-    calls = {"Activate": lambda i: ("/Plugin.Activate", b""),
-             "List": lambda i: ("/VolumeDriver.List", b"{}"),
-             "Get": lambda i: ("/VolumeDriver.Get",
-                               json.dumps({"Name": vol_name(i % SCALE_BASE)}).encode())}
+def populate(daemon: Daemon, volumes: int, mounted: int) -> tuple[float, float, list[str]]:
+    """Create ``volumes`` loop volumes and mount the first ``mounted``, 8 clients at once:
+    (seconds creating, seconds mounting, errors of mounts that failed once and were retried)."""
+    retried = []
+
+    def create(a, i):
+        a.ok("/VolumeDriver.Create", {"Name": vol_name(i), "Opts": {"size": SCALE_SIZE}})
+
+    def mount(a, i):
+        body = {"Name": vol_name(i), "ID": f"bench{i}"}
+        err = a.post("/VolumeDriver.Mount", body).get("Err")
+        if err:  # printed: a failure of the backend, not of what is measured here
+            retried.append(err)
+            a.ok("/VolumeDriver.Mount", body)
+
+    t = time.perf_counter()
+    in_parallel(daemon, create, range(volumes))
+    created = time.perf_counter() - t
+    t = time.perf_counter()
+    in_parallel(daemon, mount, range(mounted))
+    return created, time.perf_counter() - t, retried
+
+
+def docker_reads(apis: dict[str, Api], rounds: int) -> dict[str, dict[str, list[float]]]:
+    """Docker's List and Get on each daemon, interleaved with /Plugin.Activate (the no-work
+    baseline) and between the daemons, round by round, so that drift on a shared machine
+    hits every series alike. Get cycles over the volumes both daemons hold. Each call is
+    timed until its whole answer has arrived; decoding and checking it (the client's work)
+    is not."""
+    out = {label: {k: [] for k in READS} for label in apis}
     for i in range(rounds + rounds // 10):
-        for label, request in calls.items():
-            path, body = request(i)
-            t = time.perf_counter()
-            reply = api.raw(path, body)
-            took = time.perf_counter() - t
-            assert reply.status_code == 200 and not reply.json().get("Err"), reply.text
-            if i >= rounds // 10:  # the first tenth warms up
-                out[label].append(took)
+        get = json.dumps({"Name": vol_name(i % SCALE_BASE)}).encode()
+        requests = {"Activate": ("/Plugin.Activate", b""), "List": ("/VolumeDriver.List", b"{}"),
+                    "Get": ("/VolumeDriver.Get", get)}
+        for label, api in apis.items():
+            for k, (path, body) in requests.items():
+                t = time.perf_counter()
+                reply = api.raw(path, body)
+                took = time.perf_counter() - t
+                assert reply.status_code == 200 and not reply.json().get("Err"), reply.text
+                if i >= rounds // 10:  # the first tenth warms up
+                    out[label][k].append(took)
     return out
 
 
 def print_reads(label: str, lat: dict[str, list[float]]) -> None:
     print(f"  {label}: " + "; ".join(f"{k} p50 {pct(v, 50) * 1e3:.2f} ms p99 "
                                      f"{pct(v, 99) * 1e3:.2f} ms" for k, v in lat.items()))
+
+
+def ratio(a: list[float], b: list[float]) -> str:
+    return f"p50 {pct(a, 50) / pct(b, 50):.2f}x, p99 {pct(a, 99) / pct(b, 99):.2f}x"
 
 
 def restart_timed(daemon: Daemon, probe: str) -> tuple[float, float, float]:
@@ -221,56 +250,48 @@ def restart_timed(daemon: Daemon, probe: str) -> tuple[float, float, float]:
 
 
 def scale(base: Path, volumes: int, mounted: int, rounds: int) -> None:
+    """List and Get at 10 and at ``volumes`` volumes, then a restart with ``volumes``.
+
+    The 10-volume daemon is measured twice: alone, before the large one has any volume (the
+    host's mount table then holds none of its mounts either), and alongside the large one,
+    call for call. The first ratio is what a host sees as it grows; the second leaves out
+    the machine's drift between the two phases."""
     assert volumes >= SCALE_BASE and mounted <= volumes
-    daemon = Daemon(base / "scale", base / "scale.sock",
-                    env={"PYVOL_BACKENDS": "loop", "PYVOL_LOOP_POOL_SIZE": "200G"}).start()
+    env = {"PYVOL_BACKENDS": "loop", "PYVOL_LOOP_POOL_SIZE": "200G"}
+    small = Daemon(base / "small", base / "small.sock", env=env).start()
+    large = Daemon(base / "large", base / "large.sock", env=env).start()
     try:
-        api = daemon.api
-        retried = []
-
-        def create(a, i):
-            a.ok("/VolumeDriver.Create", {"Name": vol_name(i), "Opts": {"size": SCALE_SIZE}})
-
-        def mount(a, i):
-            body = {"Name": vol_name(i), "ID": f"bench{i}"}
-            err = a.post("/VolumeDriver.Mount", body).get("Err")
-            if err:  # printed below: a failure of the backend, not of what is measured here
-                retried.append(err)
-                a.ok("/VolumeDriver.Mount", body)
-
-        print(f"\nscale: loop volumes of {SCALE_SIZE}, {rounds} calls of each")
-        in_parallel(daemon, create, range(SCALE_BASE))
         small_mounted = max(1, SCALE_BASE * mounted // volumes)
-        in_parallel(daemon, mount, range(small_mounted))
-        small = docker_reads(api, rounds)
-        print_reads(f"{SCALE_BASE} volumes, {small_mounted} mounted", small)
+        print(f"\nscale: loop volumes of {SCALE_SIZE}, {rounds} calls of each per daemon")
+        populate(small, SCALE_BASE, small_mounted)
+        alone = docker_reads({"small": small.api}, rounds)["small"]
+        print_reads(f"{SCALE_BASE} volumes, {small_mounted} mounted, alone", alone)
 
-        t = time.perf_counter()
-        in_parallel(daemon, create, range(SCALE_BASE, volumes))
-        created = time.perf_counter() - t
-        t = time.perf_counter()
-        in_parallel(daemon, mount, range(small_mounted, mounted))
-        print(f"  setup: {volumes - SCALE_BASE} creates in {created:.1f} s, "
-              f"{mounted - small_mounted} mounts in {time.perf_counter() - t:.1f} s (8 clients)")
+        created, mounting, retried = populate(large, volumes, mounted)
+        print(f"  setup: {volumes} creates in {created:.1f} s, {mounted} mounts in "
+              f"{mounting:.1f} s (8 clients)")
         for err in retried:
             print(f"  a mount failed once and was retried: {err}")
-        large = docker_reads(api, rounds)
-        print_reads(f"{volumes} volumes, {mounted} mounted", large)
-        assert len(api.ok("/VolumeDriver.List", {})["Volumes"]) == volumes
-        for label in ("List", "Get"):
-            print(f"  {label} {volumes}/{SCALE_BASE}: p50 "
-                  f"{pct(large[label], 50) / pct(small[label], 50):.2f}x, p99 "
-                  f"{pct(large[label], 99) / pct(small[label], 99):.2f}x")
-        base50 = pct(large["Activate"], 50) / pct(small["Activate"], 50)
-        print(f"  (/Plugin.Activate {volumes}/{SCALE_BASE}: p50 {base50:.2f}x: the machine's "
-              "drift)")
+        assert len(large.api.ok("/VolumeDriver.List", {})["Volumes"]) == volumes
+        both = docker_reads({"small": small.api, "large": large.api}, rounds)
+        print_reads(f"{SCALE_BASE} volumes, {small_mounted} mounted, alongside", both["small"])
+        print_reads(f"{volumes} volumes, {mounted} mounted", both["large"])
+        for k in ("List", "Get"):
+            print(f"  {k} {volumes}/{SCALE_BASE}: {ratio(both['large'][k], both['small'][k])}"
+                  f" against the {SCALE_BASE} alongside; {ratio(both['large'][k], alone[k])} "
+                  f"against the {SCALE_BASE} alone")
+        print(f"  (/Plugin.Activate, which does no work: {volumes}/{SCALE_BASE} alongside "
+              f"{ratio(both['large']['Activate'], both['small']['Activate'])}; the "
+              f"{SCALE_BASE} alongside/alone {ratio(both['small']['Activate'], alone['Activate'])}"
+              ": the machine's drift between the phases)")
 
-        activate, get, ready = restart_timed(daemon, vol_name(0))
+        activate, get, ready = restart_timed(large, vol_name(0))
         print(f"  restart with {volumes} volumes ({mounted} mounted), from starting the process:"
               f" /Plugin.Activate answered in {activate:.2f} s, Get in {get:.2f} s "
               f"(Daemon.start returned in {ready:.2f} s)")
     finally:
-        daemon.stop()
+        large.stop()
+        small.stop()
 
 
 SECTIONS = ("memory", "endpoints", "docker", "scale")
