@@ -62,43 +62,45 @@ class _Table:
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._pid = self._fd = self._poll = None
+        self._fd = self._poll = None
         self._entries: list[MountEntry] | None = None
         self._points: frozenset[str] | None = None
 
-    def _fresh(self) -> None:
-        """Drop the parsed table if the kernel signalled a change since the last look.
+    def after_fork(self) -> None:
+        """In a forked child: the change mark belongs to the open file, which the fork
+        shares, so one process's look would hide a change from the other; and the lock may
+        have been held by a thread that does not exist here. Start afresh."""
+        if self._fd is not None:
+            os.close(self._fd)
+        self.__init__()
 
-        The change mark belongs to the open file, which a fork shares: each process opens
-        its own, or one worker's look would hide a change from the other."""
-        if self._pid != os.getpid():
+    def _current(self) -> list[MountEntry]:
+        """The table, read again if the kernel signalled a change since the last look.
+        Called with the lock held."""
+        if self._fd is None:
             self._fd = os.open(MOUNTINFO, os.O_RDONLY | os.O_CLOEXEC)
             self._poll = select.poll()
             self._poll.register(self._fd, select.POLLPRI)
-            self._pid, self._entries, self._points = os.getpid(), None, None
-        elif self._poll.poll(0):  # reading the mark resets it; the read below comes after
-            self._entries = self._points = None
+        elif self._poll.poll(0):  # looking resets the mark; the read below comes after it
+            self._entries = None
+        if self._entries is None:
+            self._entries, self._points = _parse(_read(self._fd)), None
+        return self._entries
 
     def entries(self) -> list[MountEntry]:
         with self._lock:
-            self._fresh()
-            if self._entries is None:
-                self._entries = _parse(_read(self._fd))
-                self._points = None
-            return self._entries
+            return self._current()
 
     def points(self) -> frozenset[str]:
         with self._lock:
-            self._fresh()
-            if self._entries is None:
-                self._entries = _parse(_read(self._fd))
-                self._points = None
+            entries = self._current()
             if self._points is None:
-                self._points = frozenset(e.mount_point for e in self._entries)
+                self._points = frozenset(e.mount_point for e in entries)
             return self._points
 
 
 _table = _Table()
+os.register_at_fork(after_in_child=_table.after_fork)
 
 
 def entries(path: str = MOUNTINFO) -> list[MountEntry]:
