@@ -17,12 +17,14 @@ DIRECT_MIN = 1 << 20  # a file at least this large may be written around the pag
 _local = threading.local()
 
 
-def aligned_buffer(size: int) -> mmap.mmap:
-    """This thread's page-aligned buffer of at least ``size`` bytes, for O_DIRECT I/O
-    (anonymous mmap memory is page-aligned); reused across calls."""
-    buf = getattr(_local, "buf", None)
+def aligned_buffer(size: int, use: str = "write") -> mmap.mmap:
+    """This thread's page-aligned buffer for ``use`` of at least ``size`` bytes, for
+    O_DIRECT I/O (anonymous mmap memory is page-aligned); reused across calls, so what it
+    holds is valid until the thread's next call for the same use."""
+    buffers = _local.__dict__.setdefault("buffers", {})
+    buf = buffers.get(use)
     if buf is None or len(buf) < size:
-        buf = _local.buf = mmap.mmap(-1, -(-size // ALIGN) * ALIGN)
+        buf = buffers[use] = mmap.mmap(-1, -(-size // ALIGN) * ALIGN)
     return buf
 
 

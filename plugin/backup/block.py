@@ -10,12 +10,11 @@ while memory stays at a few pieces per thread.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 from ..crashpoint import crashpoint
 from .blobs import CorruptObject
-from .device import DeviceWriter
+from .device import DeviceReader, DeviceWriter
 from .job import Job, bounded_map
 from .repo import Repository
 
@@ -73,26 +72,20 @@ def backup(repo: Repository, device: str, size: int, mapped: list[Range],
     stats = {"read": 0, "uploaded": 0, "chunks_new": 0, "chunks_reused": 0, "pieces_zero": 0,
              "pieces_read": len(to_read)}
     repo.known_chunks()  # list once, before the threads start
-    zero = bytes(cs)
     job.start("backup", sum(min(cs, size - i * cs) for i in to_read))
-    fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    reader = DeviceReader(device, cs)
 
     def one(index: int):
         job.check()
         start = index * cs
         length = min(cs, size - start)
-        buf = bytearray(length)
-        view = memoryview(buf)
-        nread = 0
-        for off, n in clip(mapped, start, start + length):
-            got = os.preadv(fd, [view[off:off + n]], start + off)
-            if got != n:
-                raise OSError(f"short read at {start + off} of {device}: {got} of {n} bytes")
-            nread += n
+        ranges = clip(mapped, start, start + length)
+        data = reader.read(start, length, ranges)
+        nread = sum(n for _, n in ranges)
         job.advance(length)
-        if buf == (zero if length == cs else zero[:length]):
+        if reader.is_zero(data):
             return index, None, nread, 0, False
-        name, stored, fresh = repo.store_chunk(buf)
+        name, stored, fresh = repo.store_chunk(data)
         return index, name, nread, stored, fresh
 
     def collect(result):
@@ -111,7 +104,7 @@ def backup(repo: Repository, device: str, size: int, mapped: list[Range],
     try:
         bounded_map(one, to_read, threads, job, collect)
     finally:
-        os.close(fd)
+        reader.close()
     stats["chunks_reused"] += len(chunks) - stats["chunks_new"] - stats["chunks_reused"]
     return BackupResult(dict(sorted(chunks.items())), stats)
 

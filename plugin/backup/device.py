@@ -1,4 +1,4 @@
-"""How a restore writes into a block device: around the page cache, not through it.
+"""How the engine reads and writes block devices: around the page cache, not through it.
 
 A restored volume is written once and then read by the filesystem that mounts it, so the
 page cache gains nothing from holding the bytes; going through it cost the most of a
@@ -6,9 +6,13 @@ restore here (each 4 MiB copied into the cache and written back again, throttled
 the dirty limits, then once more by a loop device into its image file). With ``O_DIRECT``
 the device takes the bytes straight from an aligned buffer of the writing thread's.
 
+A backup reads a snapshot the same way: once, never again soon, so caching it would only
+evict what the host's containers keep cached (and, through a loop device, cache it twice).
+
 What ``O_DIRECT`` cannot take (a piece not aligned to ``ALIGN``, the tail of a volume whose
 size is no multiple of it, a device that refuses the flag) goes through an ordinary
-descriptor. ``close`` flushes both, so the restore is on the disk when it returns.
+descriptor. The writer's ``close`` flushes both, so the restore is on the disk when it
+returns.
 """
 
 from __future__ import annotations
@@ -48,3 +52,38 @@ class DeviceWriter:
             os.close(self.fd)
             if self.direct is not None:
                 os.close(self.direct)
+
+
+class DeviceReader:
+    def __init__(self, path: str, piece: int):
+        self.path = path
+        self.zero = bytes(piece)
+        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            self.direct: int | None = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
+        except OSError:
+            self.direct = None
+
+    def read(self, start: int, length: int, ranges: list[tuple[int, int]]) -> memoryview:
+        """The piece [start, start + length) with only ``ranges`` (relative to ``start``,
+        sorted) read from the device, zeros elsewhere. The view is this thread's buffer:
+        valid until the thread's next read."""
+        view = memoryview(aligned_buffer(length, "read"))[:length]
+        if sum(n for _, n in ranges) < length:
+            view[:] = self.zero[:length]
+        for off, n in ranges:
+            aligned = (start + off) % ALIGN == 0 and n % ALIGN == 0 and off % ALIGN == 0
+            fd = self.direct if aligned and self.direct is not None else self.fd
+            got = os.preadv(fd, [view[off:off + n]], start + off)
+            if got != n:
+                raise OSError(f"short read at {start + off} of {self.path}: {got} of {n} "
+                              "bytes")
+        return view
+
+    def is_zero(self, view: memoryview) -> bool:
+        return view.tobytes() == self.zero[:len(view)]  # a copy and a memcmp: fast
+
+    def close(self) -> None:
+        os.close(self.fd)
+        if self.direct is not None:
+            os.close(self.direct)
