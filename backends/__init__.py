@@ -4,7 +4,7 @@
 The default is the first available in PREFERENCE: dm-thin where the kernel has it, else loop.
 """
 
-from .base import Backend, VolumeSpec
+from .base import Backend, BlockBackend, DirectoryBackend, VolumeSpec
 from .devicemapper import DevicemapperBackend
 from .ebs import EbsBackend
 from .loop import LoopBackend
@@ -28,4 +28,5 @@ def default_name() -> str | None:
     return None
 
 
-__all__ = ["Backend", "VolumeSpec", "BACKENDS", "PREFERENCE", "default_name"]
+__all__ = ["BACKENDS", "PREFERENCE", "Backend", "BlockBackend", "DirectoryBackend", "VolumeSpec",
+           "default_name"]

@@ -32,21 +32,15 @@ class VolumeSpec:
 class Backend(ABC):
     #: the name users pass as ``-o backend=``
     name: ClassVar[str]
-    #: "block": activate() gives a block device; "file": a directory
-    kind: ClassVar[str] = "block"
+    #: "block": activate() gives a block device (BlockBackend); "file": a directory
+    #: (DirectoryBackend). plugin/kinds.py turns it into everything that differs.
+    kind: ClassVar[str]
     #: Docker Capabilities scope: "local", or "global" when every host sees the same volumes
     scope: ClassVar[str] = "local"
     #: backend-specific create options, name -> one-line help
     options: ClassVar[dict[str, str]] = {}
-    #: smallest unit changed_ranges() reports; writes are rounded out to it
-    change_granularity: ClassVar[int] = 4096
-    #: mount with online discard, so deleted files give space back to the pool
-    discard: ClassVar[bool] = False
     #: sizes are whole multiples of this (EBS: GiB); a create rounds requests up to it
     size_unit: ClassVar[int] = 1
-    #: block: a device may come without a filesystem (an EBS volume from a foreign snapshot);
-    #: a mount makes one, only ever on a device that has none
-    may_lack_fs: ClassVar[bool] = False
 
     def __init__(self, root: Path, settings: dict[str, str] | None = None):
         self.root = Path(root)
@@ -122,16 +116,9 @@ class Backend(ABC):
         """Make volume ``spec.name`` holding ``name@snap``'s data, at least as large as it."""
 
     @abstractmethod
-    def changed_ranges(self, name: str, base: str | None, snap: str) -> list[Range]:
-        """Byte ranges whose data differ between snapshots ``base`` and ``snap``.
-
-        With ``base`` None, the ranges that hold data in ``snap`` at all. Ranges are sorted,
-        merged and aligned to ``change_granularity``. Block backends only.
-        """
-
-    @abstractmethod
     def read_snapshot(self, name: str, snap: str):
-        """A context manager yielding a path from which the snapshot's bytes can be read."""
+        """A context manager yielding a path from which the snapshot's bytes can be read:
+        a block device, or a directory."""
 
     def usage(self) -> dict:
         """Pool-level space figures for ``pyvol info``."""
@@ -140,3 +127,34 @@ class Backend(ABC):
     def volume_usage(self, name: str) -> dict:
         """Space this volume takes in the pool, for its Status."""
         return {}
+
+
+class BlockBackend(Backend):
+    """A backend whose volumes are block devices: pyvol makes and mounts their filesystems,
+    and backs them up by ranges of the device, reading only what holds data or changed."""
+
+    kind: ClassVar[str] = "block"
+    #: smallest unit the ranges below are reported in; writes are rounded out to it
+    change_granularity: ClassVar[int] = 4096
+    #: mount with online discard, so deleted files give space back to the pool
+    discard: ClassVar[bool] = False
+    #: a device may come without a filesystem (an EBS volume from a foreign snapshot); a
+    #: mount makes one, only ever on a device that has none
+    may_lack_fs: ClassVar[bool] = False
+
+    @abstractmethod
+    def mapped_ranges(self, name: str, snap: str) -> list[Range]:
+        """Byte ranges of snapshot ``snap`` that hold data at all (what a full backup reads);
+        sorted, merged and aligned to ``change_granularity``."""
+
+    @abstractmethod
+    def changed_ranges(self, name: str, base: str, snap: str) -> list[Range]:
+        """Byte ranges whose data differ between snapshots ``base`` and ``snap`` (what an
+        incremental backup reads); sorted, merged and aligned to ``change_granularity``."""
+
+
+class DirectoryBackend(Backend):
+    """A backend whose volumes are directories: pyvol bind-mounts them, and backs them up
+    as archives of their trees."""
+
+    kind: ClassVar[str] = "file"

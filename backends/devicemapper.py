@@ -37,7 +37,7 @@ from pyvol.run import run
 from pyvol.units import format_size, parse_size
 
 from . import loopdev
-from .base import Backend, Quiesce, Range, VolumeSpec
+from .base import BlockBackend, Quiesce, Range, VolumeSpec
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +70,8 @@ def dmsetup(*args: str, timeout: float = 60) -> str:
     return run(["dmsetup", *args], timeout=timeout, env=_udev_env())
 
 
-class DevicemapperBackend(Backend):
+class DevicemapperBackend(BlockBackend):
     name = "devicemapper"
-    kind = "block"
     scope = "local"
     options = {}
     discard = True
@@ -504,19 +503,24 @@ class DevicemapperBackend(Backend):
             finally:
                 self._message("release_metadata_snap")
 
-    def changed_ranges(self, name: str, base: str | None, snap: str) -> list[Range]:
+    def _thin_ids(self, name: str, *snaps: str) -> list[int]:
         with locks.held(self.locks_dir, POOL_LOCK, "the devicemapper pool"):  # moments only
             devices = self._load()
-            new = self._snap_rec(name, snap, devices)["id"]
-            old = self._snap_rec(name, base, devices)["id"] if base else None
+            return [self._snap_rec(name, s, devices)["id"] for s in snaps]
+
+    def mapped_ranges(self, name: str, snap: str) -> list[Range]:
+        (new,) = self._thin_ids(name, snap)
         with self._metadata_snapshot() as meta:
-            if old is None:
-                xml = run(["thin_dump", "--metadata-snap", "--dev-id", str(new), meta],
-                          timeout=DUMP_TIMEOUT)
-            else:
-                xml = run(["thin_delta", "--metadata-snap", "--snap1", str(old),
-                           "--snap2", str(new), meta], timeout=DUMP_TIMEOUT)
-        return _ranges_from_xml(xml, self.block_size, delta=old is not None)
+            xml = run(["thin_dump", "--metadata-snap", "--dev-id", str(new), meta],
+                      timeout=DUMP_TIMEOUT)
+        return _ranges_from_xml(xml, self.block_size, delta=False)
+
+    def changed_ranges(self, name: str, base: str, snap: str) -> list[Range]:
+        old, new = self._thin_ids(name, base, snap)
+        with self._metadata_snapshot() as meta:
+            xml = run(["thin_delta", "--metadata-snap", "--snap1", str(old), "--snap2",
+                       str(new), meta], timeout=DUMP_TIMEOUT)
+        return _ranges_from_xml(xml, self.block_size, delta=True)
 
     @contextlib.contextmanager
     def read_snapshot(self, name: str, snap: str):

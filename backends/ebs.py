@@ -23,7 +23,7 @@ from pathlib import Path
 from pyvol import clock
 from pyvol.errors import Conflict, InvalidInput, NotFound, PoolFull, PyvolError
 
-from .base import Quiesce, Range, VolumeSpec
+from .base import BlockBackend, Quiesce, Range, VolumeSpec
 from .shared import SharedBackend
 
 GiB = 1 << 30
@@ -111,9 +111,8 @@ def _identity(url: str | None, session) -> tuple[str, str]:
     return instance_id, zone
 
 
-class EbsBackend(SharedBackend):
+class EbsBackend(SharedBackend, BlockBackend):
     name = "ebs"
-    kind = "block"
     scope = "global"
     may_lack_fs = True  # a volume from a foreign snapshot may hold no filesystem yet
     size_unit = GiB
@@ -193,9 +192,6 @@ class EbsBackend(SharedBackend):
     def _temp_tags(self, token: str) -> list[dict]:
         return [{"Key": TEMP_TAG, "Value": token}, {"Key": CREATOR_TAG, "Value": self.instance_id},
                 {"Key": OWNER_TAG, "Value": self.owner or "?"}]
-
-    def teardown(self) -> None:
-        self._ec2 = None
 
     def _aws(self, op: str, client=None, **kw):
         """One EC2 call (on this region's client unless another is given), errors as Errs."""
@@ -348,9 +344,6 @@ class EbsBackend(SharedBackend):
     def list(self) -> list[str]:
         return sorted(self.records())
 
-    def size(self, name: str) -> int:
-        return self._find(name)["Size"] * GiB
-
     # volumes
     def _create_params(self, spec: VolumeSpec) -> dict:
         o = spec.options
@@ -479,14 +472,6 @@ class EbsBackend(SharedBackend):
         self._wait(f"the block device of {what} to go", lambda: self._device(
             v["VolumeId"], mine["Device"]) is None, self.attach_timeout)
 
-    def active_device(self, name: str) -> str | None:
-        try:
-            v = self._find(name)
-        except NotFound:
-            return None
-        mine = self._attachment(v)
-        return self._device(v["VolumeId"], mine["Device"]) if mine else None
-
     # claims: an instance claims a volume by having it attached
     @property
     def instance(self) -> str:
@@ -594,17 +579,19 @@ class EbsBackend(SharedBackend):
         self._detach(v, what)
         self._aws("delete_volume", VolumeId=v["VolumeId"])
 
-    def changed_ranges(self, name: str, base: str | None, snap: str) -> list[Range]:
-        """Exact, by reading: the blocks whose bytes differ (or are not zero, with no base).
+    def mapped_ranges(self, name: str, snap: str) -> list[Range]:
+        """Exact, by reading: the blocks that are not all zero (see changed_ranges)."""
+        with self.read_snapshot(name, snap) as new:
+            return _differing(new, None, self.change_granularity)
+
+    def changed_ranges(self, name: str, base: str, snap: str) -> list[Range]:
+        """Exact, by reading: the blocks whose bytes differ.
 
         EBS direct APIs (ListChangedBlocks) would answer from metadata; they are not wired
-        yet (docs/ebs.md), so this reads the snapshot(s) in full.
+        yet (docs/ebs.md), so this reads both snapshots in full.
         """
-        unit = self.change_granularity
-        with contextlib.ExitStack() as stack:
-            new = stack.enter_context(self.read_snapshot(name, snap))
-            old = stack.enter_context(self.read_snapshot(name, base)) if base else None
-            return _differing(new, old, unit)
+        with self.read_snapshot(name, snap) as new, self.read_snapshot(name, base) as old:
+            return _differing(new, old, self.change_granularity)
 
     # space
     def usage(self) -> dict:

@@ -25,16 +25,15 @@ from pyvol.run import run
 from pyvol.units import format_size, parse_size
 
 from . import extents, loopdev
-from .base import Backend, Quiesce, Range, VolumeSpec
+from .base import BlockBackend, Quiesce, Range, VolumeSpec
 
 MIN_POOL = 1 << 30
 MAX_DEFAULT_POOL = 16 << 40
 RESERVE = 64 << 20  # free space the pool keeps for metadata and in-flight copy-on-write
 
 
-class LoopBackend(Backend):
+class LoopBackend(BlockBackend):
     name = "loop"
-    kind = "block"
     scope = "local"
     options = {}
     change_granularity = 4096
@@ -197,11 +196,14 @@ class LoopBackend(Backend):
             os.truncate(tmp, spec.size)
         self._publish(tmp, self._image(spec.name))
 
-    def changed_ranges(self, name: str, base: str | None, snap: str) -> list[Range]:
-        new = extents.extents(self._need(self._snap(name, snap), f"snapshot {name}@{snap}"))
-        old = [] if base is None else extents.extents(
-            self._need(self._snap(name, base), f"snapshot {name}@{base}"))
-        return extents.differing(old, new)
+    def _extents(self, name: str, snap: str):
+        return extents.extents(self._need(self._snap(name, snap), f"snapshot {name}@{snap}"))
+
+    def mapped_ranges(self, name: str, snap: str) -> list[Range]:
+        return extents.differing([], self._extents(name, snap))
+
+    def changed_ranges(self, name: str, base: str, snap: str) -> list[Range]:
+        return extents.differing(self._extents(name, base), self._extents(name, snap))
 
     @contextlib.contextmanager
     def read_snapshot(self, name: str, snap: str):

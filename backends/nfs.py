@@ -45,7 +45,7 @@ from pyvol.files import write_whole
 from pyvol.log import event
 from pyvol.run import run
 
-from .base import Quiesce, Range, VolumeSpec
+from .base import DirectoryBackend, Quiesce, VolumeSpec
 from .shared import SharedBackend
 
 SHARE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
@@ -172,9 +172,8 @@ def _seconds(settings: dict[str, str], key: str, default: float) -> float:
     return value
 
 
-class NfsBackend(SharedBackend):
+class NfsBackend(SharedBackend, DirectoryBackend):
     name = "nfs"
-    kind = "file"
     scope = "global"
     options = {"share": "which configured NFS share holds the volume (default: the first)"}
 
@@ -606,9 +605,6 @@ class NfsBackend(SharedBackend):
         except BaseException:
             self._discard(share, "copy", tmp)
             raise
-
-    def changed_ranges(self, name: str, base: str | None, snap: str) -> list[Range]:
-        raise InvalidInput("the nfs backend holds files, not blocks: it has no changed ranges")
 
     @contextlib.contextmanager
     def read_snapshot(self, name: str, snap: str):

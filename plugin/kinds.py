@@ -61,6 +61,12 @@ class VolumeKind:
         """Create the volume's storage and write a backup (``backup.service.Restore``) in."""
         raise NotImplementedError
 
+    def ranges(self, backend: Backend, volume: str, base: str | None, snap: str) -> list:
+        """The byte ranges of ``snap`` that hold data (``base`` None) or that changed since
+        ``base``: what a block backup reads."""
+        raise InvalidInput(f"backend {backend.name} holds files, not blocks: its snapshots "
+                           "have no changed ranges")
+
 
 class BlockVolumes(VolumeKind):
     archive = "block"
@@ -97,6 +103,11 @@ class BlockVolumes(VolumeKind):
 
     def quiesce(self, mp):
         return lambda: fs.frozen(mp)
+
+    def ranges(self, backend, volume, base, snap):
+        if base is None:
+            return backend.mapped_ranges(volume, snap)
+        return backend.changed_ranges(volume, base, snap)
 
     def thaw(self, mp):
         return fs.thaw(mp)
@@ -151,4 +162,5 @@ KINDS: dict[str, VolumeKind] = {"block": BlockVolumes(), "file": DirectoryVolume
 
 
 def kind_of(backend: Backend) -> VolumeKind:
+    """BlockBackend's volumes are block volumes, DirectoryBackend's directory volumes."""
     return KINDS[backend.kind]

@@ -102,7 +102,8 @@ class Snapshots:
         v = self.catalogue.ready(volume)
         for s in [base, snap] if base else [snap]:
             self.get(volume, s)
-        return self.host.backend(v).changed_ranges(volume, base, snap)
+        backend = self.host.backend(v)
+        return self.host.kind(backend).ranges(backend, volume, base, snap)
 
     # a backup reading a snapshot
     def reading(self, volume: str, snap: str):

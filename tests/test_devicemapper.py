@@ -74,6 +74,7 @@ def test_overcommit_beyond_the_ratio_is_refused(workdir):
         d.stop()
 
 
+@pytest.mark.slow  # faster relative: test_overcommit_beyond_the_ratio_is_refused
 def test_full_pool_fails_writes_fast_with_a_clear_error(workdir):
     d = Daemon(workdir / "root", workdir / "s.sock",
                env={"PYVOL_DEVICEMAPPER_DATA_SIZE": "256M"}).start()
@@ -102,6 +103,7 @@ def test_full_pool_fails_writes_fast_with_a_clear_error(workdir):
         d.stop()
 
 
+@pytest.mark.slow  # faster relative: the suspended-device and conformance restart tests
 def test_kill_restart_and_pool_reactivation_keep_every_volume(daemon):
     api = daemon.api
     payload = os.urandom(3 << 20)
@@ -165,6 +167,7 @@ def test_seed_demo_through_dockerd_in_the_guest(dockerd, plugin):
     assert removed.stdout.strip() == "test_volume"
 
 
+@pytest.mark.slow  # faster relative: test_backup.py on loop, conformance ranges
 def test_a_block_backup_restores_across_backends_loop_to_devicemapper_and_back(daemon, workdir):
     """A backup names no backend: it restores into whichever block backend the user picks."""
     import hashlib
@@ -308,7 +311,7 @@ def test_a_metadata_snapshot_left_reserved_is_released(workdir):
     again = _backend(workdir / "root")
     again.setup()
     assert _held(again) == "-"
-    assert again.changed_ranges("v", None, "a") == [(0, BLOCK)]
+    assert again.mapped_ranges("v", "a") == [(0, BLOCK)]
 
 
 def test_a_slow_changed_ranges_leaves_the_pool_to_creates_and_mounts(workdir, monkeypatch):
@@ -328,7 +331,7 @@ def test_a_slow_changed_ranges_leaves_the_pool_to_creates_and_mounts(workdir, mo
 
     monkeypatch.setattr(dm, "run", slow_run)
     result = {}
-    dumper = threading.Thread(target=lambda: result.update(ranges=b.changed_ranges("v", None, "s")))
+    dumper = threading.Thread(target=lambda: result.update(ranges=b.mapped_ranges("v", "s")))
     dumper.start()
     try:
         assert in_dump.wait(60)

@@ -318,7 +318,7 @@ class Backups:
         m = self.access
         srec = m.snapshot(v.name, snap)
         parent, why_full = self._parent(repo, v.name)
-        mapped = backend.changed_ranges(v.name, None, snap)
+        mapped = backend.mapped_ranges(v.name, snap)
         changed, chain = None, {}
         if parent is not None:
             changed = backend.changed_ranges(v.name, parent["source"]["snapshot"], snap)
