@@ -17,10 +17,24 @@ KERNEL_NEEDS = {
 _deselected: dict[str, list] = {}
 
 
+SLOW = os.environ.get("PYVOL_SLOW") == "1"
+_slow_left: list = []
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests that need dm-thin or the kernel NFS server run where the kernel offers them;
     elsewhere scripts/test.sh runs them in the qemu lane (tests/vm/run_in_vm.py). They are
-    deselected here, and the summary says so."""
+    deselected here, and the summary says so.
+
+    Scenarios marked ``slow`` (minutes each under the qemu lane's emulated CPU, each with a
+    faster relative covering the same code) run with PYVOL_SLOW=1; the summary names those
+    left out, so a run without them never looks like the whole suite."""
+    if not SLOW:
+        dropped = [i for i in items if "slow" in i.keywords]
+        if dropped:
+            _slow_left.extend(dropped)
+            config.hook.pytest_deselected(items=dropped)
+            items[:] = [i for i in items if "slow" not in i.keywords]
     for marker, why in KERNEL_NEEDS.items():
         if why() is None:
             continue
@@ -43,6 +57,10 @@ def report():
 def pytest_terminal_summary(terminalreporter):
     for line in _reports:
         terminalreporter.write_line(line)
+    if _slow_left:
+        terminalreporter.write_line(
+            f"{len(_slow_left)} slow scenarios not run (PYVOL_SLOW=1 runs them): "
+            + ", ".join(i.name for i in _slow_left))
     for marker, dropped in _deselected.items():
         terminalreporter.write_line(
             f"{len(dropped)} {marker} tests not run on this kernel "
