@@ -72,17 +72,18 @@ def rss(pids: list[int]) -> int:
     return total
 
 
-class PeakRss:
-    """The largest sum of the daemon's processes' RSS seen while a step runs (a job
-    process's own peak is gone with it, so it is sampled, every 50 ms)."""
+class Sampler:
+    """Runs ``sample()`` every ``every`` seconds in a thread while a step runs."""
 
-    def __init__(self, root_pid: int):
-        self.root_pid, self.peak, self._stop = root_pid, 0, threading.Event()
+    every = 0.05
+
+    def __init__(self):
+        self._stop = threading.Event()
         self._th = threading.Thread(target=self._run)
 
     def _run(self):
-        while not self._stop.wait(0.05):
-            self.peak = max(self.peak, rss(tree_pids(self.root_pid)))
+        while not self._stop.wait(self.every):
+            self.sample()
 
     def __enter__(self):
         self._th.start()
@@ -91,6 +92,18 @@ class PeakRss:
     def __exit__(self, *exc):
         self._stop.set()
         self._th.join()
+
+
+class PeakRss(Sampler):
+    """The largest sum of the daemon's processes' RSS seen while a step runs (a job
+    process's own peak is gone with it, so it is sampled, every 50 ms)."""
+
+    def __init__(self, root_pid: int):
+        super().__init__()
+        self.root_pid, self.peak = root_pid, 0
+
+    def sample(self):
+        self.peak = max(self.peak, rss(tree_pids(self.root_pid)))
 
 
 def drop_caches() -> None:
@@ -183,27 +196,19 @@ def latency(api, n: int = 60) -> list[float]:
     return out
 
 
-class Prober:
+class Prober(Sampler):
     """Docker's Get, every 20 ms, while a step runs."""
 
+    every = 0.02
+
     def __init__(self, api):
-        self.api, self.times, self._stop = api, [], threading.Event()
-        self._th = threading.Thread(target=self._run)
+        super().__init__()
+        self.api, self.times = api, []
 
-    def _run(self):
-        while not self._stop.is_set():
-            t = time.perf_counter()
-            self.api.ok("/VolumeDriver.Get", {"Name": "db"})
-            self.times.append(time.perf_counter() - t)
-            time.sleep(0.02)
-
-    def __enter__(self):
-        self._th.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._th.join()
+    def sample(self):
+        t = time.perf_counter()
+        self.api.ok("/VolumeDriver.Get", {"Name": "db"})
+        self.times.append(time.perf_counter() - t)
 
 
 def p99(xs: list[float]) -> float:
