@@ -17,6 +17,7 @@ that the device checked is the device acted on.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
@@ -26,6 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pyvol import devwait
 from pyvol.errors import CommandFailed
 from pyvol.run import run
 
@@ -43,6 +45,10 @@ LO_FLAGS_AUTOCLEAR = 4
 # lo_crypt_name[64], lo_encrypt_key[32]; lo_init[2] (u64). 232 bytes, no padding.
 _INFO64 = struct.Struct("=5Q4I64s64s32s2Q")
 _FLAGS = 8  # index of lo_flags in the unpacked tuple
+
+# How long attach waits for the device losetup names to be a node of the file's size here
+# (where udevd, not devtmpfs, makes the nodes, they follow the attach by moments).
+ATTACH_WAIT = 10.0
 
 # How long detach waits for a short-lived opener (blkid, udev, another daemon's scan) to let
 # go of a device, so that a detached device is gone when detach returns.
@@ -222,6 +228,7 @@ def attach(path: Path, direct_io: bool = True) -> str:
         # snapshot, and an xfs volume made on 512-byte sectors then refuses to mount.
         argv += ["--direct-io=on", "--sector-size", "4096"]
     dev = run(argv + [str(path)], timeout=60).strip()
+    _wait_attached(dev, path, want)
     st = status(dev)
     if st is None or (st.st_dev, st.st_ino) != want:
         # the path was replaced between the stat and losetup's open: not the file we checked
@@ -230,6 +237,24 @@ def attach(path: Path, direct_io: bool = True) -> str:
         raise CommandFailed(f"losetup attached {dev} to something other than {path}, which "
                             "changed meanwhile; try again")
     return dev
+
+
+def _wait_attached(dev: str, path: Path, want: tuple[int, int]) -> None:
+    """Wait for ``dev`` to be a block device node here, sized unless the file is smaller than
+    a sector: on its uevents, polling where none arrive (devwait)."""
+    try:
+        sized = os.stat(path).st_size >= 4096
+    except OSError:  # replaced meanwhile: attach's identity check says so
+        sized = False
+    try:
+        devwait.until(lambda: devwait.block_device(dev, sized), ATTACH_WAIT, CommandFailed(
+            f"losetup attached {dev} to {path}, but {dev} was not a block device "
+            f"{'of its size ' if sized else ''}here within {ATTACH_WAIT:g} s"),
+            names=[os.path.basename(dev)])
+    except CommandFailed:
+        with contextlib.suppress(OSError, CommandFailed):  # never leave it bound for nothing
+            _clear(dev, want)  # (if its node is here to do it)
+        raise
 
 
 def detach(path: Path) -> None:
