@@ -28,7 +28,7 @@ import shutil
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from pyvol import locks
+from pyvol import devwait, locks
 from pyvol.errors import Conflict, InvalidInput, NotFound, PoolFull, PyvolError
 from pyvol.files import write_whole
 from pyvol.fs import device_size
@@ -53,6 +53,9 @@ DUMP_TIMEOUT = 600.0
 METASNAP_WAIT = DUMP_TIMEOUT + 60
 POOL_LOCK = "devicemapper"
 METASNAP_LOCK = "devicemapper-metasnap"
+# How long an activated device's /dev/mapper node may take to be there (udevd makes it where
+# it runs; without udev, dmsetup does, and mknodes once more if it is missing)
+NODE_WAIT = 10.0
 DEFAULTS = {
     "data_size": "100G",
     "block_size": "64K",        # see docs/devicemapper.md: small random writes after a snapshot
@@ -195,6 +198,7 @@ class DevicemapperBackend(BlockBackend):
             dmsetup("create", self.pool, "--table", table)
             if fresh:
                 self._save(self._load())
+        self._node(self.pool)  # its thin devices' tables name it by path: it must be here
         # what a daemon killed mid-operation leaves behind, repaired before anything else
         # touches the pool (and before the manager thaws filesystems, which a suspended
         # device would block)
@@ -389,12 +393,21 @@ class DevicemapperBackend(BlockBackend):
 
     def _activate(self, thin_id: int, size: int, readonly: bool = False) -> str:
         dm_name = self._thin_name(thin_id)
-        dev = f"/dev/mapper/{dm_name}"
         if not self._exists(dm_name):
             args = ["create", dm_name] + (["--readonly"] if readonly else [])
             dmsetup(*args, "--table", f"0 {size // SECTOR} thin /dev/mapper/{self.pool} {thin_id}")
+        return self._node(dm_name)
+
+    def _node(self, dm_name: str) -> str:
+        """/dev/mapper/DM_NAME once it is the active device's node here: made by `dmsetup
+        mknodes` if missing (without udev nothing else makes it; a device activated from
+        another mount namespace has none here), waited for on uevents (devwait)."""
+        dev = f"/dev/mapper/{dm_name}"
         if not os.path.exists(dev):
             dmsetup("mknodes", dm_name)
+        devwait.until(lambda: devwait.block_device(dev), NODE_WAIT, PyvolError(
+            f"device-mapper device {dm_name} is active but {dev} was not its node here within "
+            f"{NODE_WAIT:g} s (run `dmsetup mknodes {dm_name}`)"))
         return dev
 
     def activate(self, name: str) -> str:
