@@ -20,7 +20,7 @@ import secrets
 import time
 from pathlib import Path
 
-from pyvol import clock
+from pyvol import clock, devwait
 from pyvol.errors import Conflict, InvalidInput, NotFound, PoolFull, PyvolError
 
 from .base import BlockBackend, Quiesce, Range, VolumeSpec
@@ -255,19 +255,12 @@ class EbsBackend(SharedBackend, BlockBackend):
         return found[0]
 
     def _wait(self, what: str, check, timeout: float):
-        """Poll ``check`` with backoff until it gives something, for at most ``timeout`` s:
-        for a device node appearing or going, which this host's kernel shows, not EC2."""
-        deadline = time.monotonic() + timeout
-        delay = 0.1
-        while True:
-            result = check()
-            if result:
-                return result
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise PyvolError(f"timed out after {timeout:g} s waiting for {what}")
-            time.sleep(min(delay, left))
-            delay = min(delay * 1.5, 2.0)
+        """Wait until ``check`` gives something, for at most ``timeout`` s: for a device node
+        appearing or going, which this host's kernel shows, not EC2. Looked for on every
+        block device's uevent, polling where none arrive (devwait); the device's kernel name
+        (nvmeN, xvdX) is not known before it appears."""
+        return devwait.until(check, timeout, PyvolError(
+            f"timed out after {timeout:g} s waiting for {what}"))
 
     def _detached_waiter(self, instance: str):
         """A boto3 waiter for a volume to have no attachment to ``instance`` (a volume that
