@@ -4,6 +4,7 @@ A backup repository on a directory (possibly NFS) and the nfs backend's records 
 are read by other processes and other hosts at any moment, and either may crash mid-write.
 """
 
+import errno
 import mmap
 import os
 import secrets
@@ -24,7 +25,7 @@ def aligned_buffer(size: int, use: str = "write") -> mmap.mmap:
     buffers = _local.__dict__.setdefault("buffers", {})
     buf = buffers.get(use)
     if buf is None or len(buf) < size:
-        buf = buffers[use] = mmap.mmap(-1, -(-size // ALIGN) * ALIGN)
+        buf = buffers[use] = mmap.mmap(-1, -(-size // ALIGN) * ALIGN, flags=mmap.MAP_PRIVATE)
     return buf
 
 
@@ -35,22 +36,29 @@ def pwrite_all(fd: int, view: memoryview, offset: int) -> None:
         view, offset = view[done:], offset + done
 
 
-def _write_direct(path: Path, data) -> int:
-    """Write the aligned head of ``data`` to ``path`` with O_DIRECT; the bytes written (0
-    where the filesystem refuses O_DIRECT: tmpfs, some FUSE)."""
+def _write_direct(fd: int, data) -> int:
+    """Write the aligned head of ``data`` at the start of the open file ``fd`` with
+    O_DIRECT; the bytes written (0 where the filesystem refuses O_DIRECT: tmpfs, some
+    FUSE). The flag is set on the descriptor itself and cleared again for the tail: the
+    file is never opened a second time by a name someone else could replace."""
+    import fcntl
+
     n = len(data) // ALIGN * ALIGN
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_DIRECT)
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
     except OSError:
         return 0
     try:
         buf = aligned_buffer(n)
         buf[:n] = memoryview(data)[:n]
         pwrite_all(fd, memoryview(buf)[:n], 0)
-    except OSError:
-        return 0  # refused at the first write (some filesystems open, then say EINVAL)
+    except OSError as e:
+        if e.errno != errno.EINVAL:  # EINVAL: some filesystems take the flag, refuse the I/O
+            raise
+        return 0
     finally:
-        os.close(fd)
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags)
     return n
 
 
@@ -67,7 +75,7 @@ def write_whole(path: Path, data: bytes, exclusive: bool = False, direct: bool =
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         try:
-            head = _write_direct(tmp, data) if direct and len(data) >= DIRECT_MIN else 0
+            head = _write_direct(fd, data) if direct and len(data) >= DIRECT_MIN else 0
             pwrite_all(fd, memoryview(data)[head:], head)
             os.fsync(fd)
         finally:

@@ -129,9 +129,12 @@ class Codec:
         inner[1:] = body
         if self._aead is None:
             return inner
+        nonce = os.urandom(NONCE)
+        if not hasattr(self._aead, "encrypt_into"):  # cryptography before 47: a copy more
+            return bytes([SEALED]) + nonce + self._aead.encrypt(nonce, bytes(inner),
+                                                                 key.encode())
         out = bytearray(1 + NONCE + len(inner) + TAG)
         out[0] = SEALED
-        nonce = os.urandom(NONCE)
         out[1:1 + NONCE] = nonce
         self._aead.encrypt_into(nonce, inner, key.encode(), memoryview(out)[1 + NONCE:])
         return out

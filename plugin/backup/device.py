@@ -17,6 +17,7 @@ returns.
 
 from __future__ import annotations
 
+import errno
 import os
 
 from ..files import ALIGN, aligned_buffer, pwrite_all
@@ -31,6 +32,7 @@ class DeviceWriter:
             self.direct: int | None = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_DIRECT)
         except OSError:
             self.direct = None
+        self._direct = self.direct  # to close, even once refused
 
     def write(self, offset: int, data) -> None:
         """Write ``data`` (bytes-like) at ``offset`` of the device, all of it."""
@@ -39,19 +41,22 @@ class DeviceWriter:
                 and n <= self.buffer_size:
             buf = aligned_buffer(n)
             buf[:n] = data
-            pwrite_all(self.direct, memoryview(buf)[:n], offset)
-        else:
-            pwrite_all(self.fd, memoryview(data), offset)
+            try:
+                pwrite_all(self.direct, memoryview(buf)[:n], offset)
+                return
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                self.direct = None  # took the flag, refuses the I/O: buffered from now on
+        pwrite_all(self.fd, memoryview(data), offset)
 
     def close(self) -> None:
         try:
-            os.fsync(self.fd)  # the buffered pieces, and the device's own cache
-            if self.direct is not None:
-                os.fsync(self.direct)
+            os.fsync(self.fd)  # the whole device's: buffered pieces, and its own cache
         finally:
             os.close(self.fd)
-            if self.direct is not None:
-                os.close(self.direct)
+            if self._direct is not None:
+                os.close(self._direct)
 
 
 class DeviceReader:
@@ -63,27 +68,42 @@ class DeviceReader:
             self.direct: int | None = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
         except OSError:
             self.direct = None
+        self._direct = self.direct  # to close, even once refused
 
     def read(self, start: int, length: int, ranges: list[tuple[int, int]]) -> memoryview:
         """The piece [start, start + length) with only ``ranges`` (relative to ``start``,
         sorted) read from the device, zeros elsewhere. The view is this thread's buffer:
         valid until the thread's next read."""
         view = memoryview(aligned_buffer(length, "read"))[:length]
-        if sum(n for _, n in ranges) < length:
-            view[:] = self.zero[:length]
+        pos = 0  # the buffer holds the thread's previous piece: zero every gap
         for off, n in ranges:
-            aligned = (start + off) % ALIGN == 0 and n % ALIGN == 0 and off % ALIGN == 0
-            fd = self.direct if aligned and self.direct is not None else self.fd
-            got = os.preadv(fd, [view[off:off + n]], start + off)
+            if off > pos:
+                view[pos:off] = self.zero[:off - pos]
+            pos = max(pos, off + n)
+        if pos < length:
+            view[pos:] = self.zero[:length - pos]
+        for off, n in ranges:
+            got = self._pread(view[off:off + n], start + off)
             if got != n:
                 raise OSError(f"short read at {start + off} of {self.path}: {got} of {n} "
                               "bytes")
         return view
+
+    def _pread(self, view: memoryview, offset: int) -> int:
+        direct = self.direct
+        if direct is not None and offset % ALIGN == 0 and len(view) % ALIGN == 0:
+            try:
+                return os.preadv(direct, [view], offset)  # view's start is aligned too
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                self.direct = None  # took the flag, refuses the I/O: buffered from now on
+        return os.preadv(self.fd, [view], offset)
 
     def is_zero(self, view: memoryview) -> bool:
         return view.tobytes() == self.zero[:len(view)]  # a copy and a memcmp: fast
 
     def close(self) -> None:
         os.close(self.fd)
-        if self.direct is not None:
-            os.close(self.direct)
+        if self._direct is not None:
+            os.close(self._direct)

@@ -31,7 +31,6 @@ import subprocess
 import sys
 import threading
 import time
-import traceback
 from multiprocessing.connection import Connection
 
 from ..errors import PyvolError
@@ -57,7 +56,8 @@ def run(fn: str, repo, args: tuple, job: Job, threads: int, key_file: str | None
     result; its errors are raised here as they were raised there."""
     if fn not in ENTRY_POINTS:
         raise ValueError(f"not an engine entry point: {fn}")
-    request = {"fn": fn, "log_level": logging.getLevelName(logging.getLogger().level).lower(), "url": repo.url, "config": repo.config, "key_file": key_file,
+    request = {"fn": fn, "log_level": logging.getLevelName(logging.getLogger().level).lower(),
+               "url": repo.url, "config": repo.config, "key_file": key_file,
                "settings": settings, "args": args, "threads": threads,
                "deadline": None if job.deadline is None else job.deadline - time.monotonic(),
                "late": job.late, "what": job.what}
@@ -67,31 +67,48 @@ def run(fn: str, repo, args: tuple, job: Job, threads: int, key_file: str | None
         proc = subprocess.Popen(
             [sys.executable, "-m", "pyvol.backup.engine", str(to_job_r), str(from_job_w),
              str(os.getpid())],
-            pass_fds=(to_job_r, from_job_w), stdin=subprocess.DEVNULL, close_fds=True)
+            pass_fds=(to_job_r, from_job_w), stdin=subprocess.DEVNULL, close_fds=True, cwd="/")
+    except BaseException:
+        os.close(to_job_w)
+        os.close(from_job_r)
+        raise
     finally:
         os.close(to_job_r)
         os.close(from_job_w)
     out, inp = Connection(to_job_w, readable=False), Connection(from_job_r, writable=False)
     try:
-        out.send(("job", request))
+        try:
+            out.send(("job", request))
+        except OSError:  # it died before reading: _relay reads the end and says how
+            pass
         return _relay(proc, out, inp, job)
     finally:
         out.close()  # a job still running takes the end of the pipe as a cancel
         inp.close()
-        try:  # the caller's repository lock is released after this: the job must be gone
+        # the caller's repository lock is released after this: the job must be gone
+        try:
             proc.wait(timeout=ENDING)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        except BaseException:  # interrupted while waiting: still never leave it running
+            proc.kill()
+            proc.wait()
+            raise
 
 
 def _relay(proc: subprocess.Popen, out: Connection, inp: Connection, job: Job):
-    cancelled = False
+    cancelled_at = None
     while True:
-        if job.cancelled and not cancelled:
+        if job.cancelled and cancelled_at is None:
             with contextlib.suppress(OSError):
                 out.send(("cancel",))
-            cancelled = True
+            cancelled_at = time.monotonic()
+        if cancelled_at is not None and time.monotonic() - cancelled_at > ENDING:
+            # it stops at its next step; one stuck in I/O (a hung server) is stopped here
+            proc.kill()
+            proc.wait()
+            job.check()  # raises the cancel's own reason
         if not inp.poll(POLL):
             continue
         try:
@@ -153,7 +170,8 @@ def _serve(inp: Connection, out: Connection) -> None:
             send(("progress", s["phase"], s["total"], s["done"]))
 
     threading.Thread(target=listen, daemon=True).start()
-    threading.Thread(target=report, daemon=True).start()
+    reporter = threading.Thread(target=report, daemon=True)
+    reporter.start()
     try:
         key = read_key_file(req["key_file"]) if req["key_file"] else None
         repo = Repository.attach(req["url"], req["config"], key, req["settings"])
@@ -167,6 +185,7 @@ def _serve(inp: Connection, out: Connection) -> None:
         log.exception("backup engine failed")
         answer = ("crash", f"{type(e).__name__}: {e}")
     done.set()
+    reporter.join()  # no progress line after the answer
     s = job.snapshot()
     send(("progress", s["phase"], s["total"], s["done"]))
     send(answer)
@@ -195,7 +214,7 @@ def main(argv: list[str]) -> int:
     except (EOFError, BrokenPipeError):
         return 1  # the worker went away; nobody is left to answer
     except BaseException:
-        traceback.print_exc()
+        log.exception("backup engine failed before it could answer")
         return 1
     return 0
 
