@@ -194,16 +194,18 @@ def populate(daemon: Daemon, volumes: int, mounted: int) -> tuple[float, float, 
 
 def docker_reads(apis: dict[str, Api], rounds: int) -> dict[str, dict[str, list[float]]]:
     """Docker's List and Get on each daemon, interleaved with /Plugin.Activate (the no-work
-    baseline) and between the daemons, round by round, so that drift on a shared machine
-    hits every series alike. Get cycles over the volumes both daemons hold. Each call is
-    timed until its whole answer has arrived; decoding and checking it (the client's work)
-    is not."""
+    baseline) and between the daemons, round by round and each first every other round, so
+    that drift on a shared machine hits every series alike. Get cycles over the volumes both
+    daemons hold. Each call is timed until its whole answer has arrived; decoding and
+    checking it (the client's work) is not."""
     out = {label: {k: [] for k in READS} for label in apis}
+    order = list(apis)
     for i in range(rounds + rounds // 10):
         get = json.dumps({"Name": vol_name(i % SCALE_BASE)}).encode()
         requests = {"Activate": ("/Plugin.Activate", b""), "List": ("/VolumeDriver.List", b"{}"),
                     "Get": ("/VolumeDriver.Get", get)}
-        for label, api in apis.items():
+        for label in order if i % 2 else reversed(order):  # neither daemon always goes first
+            api = apis[label]
             for k, (path, body) in requests.items():
                 t = time.perf_counter()
                 reply = api.raw(path, body)
