@@ -86,6 +86,7 @@ class Store:
     def __init__(self, path: Path):
         self.path = Path(path)
         self._local = threading.local()
+        self._names: tuple | None = None  # volume_names' last answer, with what it came from
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -188,10 +189,17 @@ class Store:
     def volume_names(self, status: str | None = None) -> list[str]:
         """The names ``volumes`` would give, in the same order, without building each one:
         one row of names joined by SQLite (a row per name costs several times more), split
-        and sorted here (names are ASCII, so Python's order is SQLite's BINARY order)."""
+        and sorted here (names are ASCII, so Python's order is SQLite's BINARY order). While
+        that row is what it was, the list is the last one, shared: do not change it."""
         sql = "SELECT group_concat(name, '/') FROM volumes"  # no name holds a '/'
-        joined = self._tuples(sql + " WHERE status=?", (status,)) if status else self._tuples(sql)
-        return sorted(joined[0][0].split("/")) if joined[0][0] else []
+        rows = self._tuples(sql + " WHERE status=?", (status,)) if status else self._tuples(sql)
+        key = (status, rows[0][0] or "")
+        last = self._names
+        if last is not None and last[0] == key:
+            return last[1]
+        names = sorted(key[1].split("/")) if key[1] else []
+        self._names = (key, names)
+        return names
 
     # snapshots
     def add_snapshot(self, s: Snapshot) -> None:

@@ -288,7 +288,7 @@ class Volumes:
         mounted = mountinfo.mount_points()  # the same object while the table is unchanged
         names = self.catalogue.names()
         last = self._listed
-        if last is not None and last[0] is mounted and last[1] == names:
+        if last is not None and last[0] is mounted and (last[1] is names or last[1] == names):
             return last[2]  # what this process answered last, still true
         prefix = os.path.join(str(self.host.config.mounts_dir), "")  # + name: its mountpoint
         listed = [{"Name": name, "Mountpoint": mp if (mp := prefix + name) in mounted else ""}
