@@ -23,16 +23,29 @@ import os
 from ..files import ALIGN, aligned_buffer, pwrite_all
 
 
-class DeviceWriter:
-    def __init__(self, path: str, buffer_size: int):
+class _Device:
+    """Two descriptors on one device: ``direct`` (O_DIRECT; None where refused) and ``fd``
+    for what O_DIRECT cannot take."""
+
+    def __init__(self, path: str, mode: int):
         self.path = path
-        self.buffer_size = buffer_size
-        self.fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        self.fd = os.open(path, mode | os.O_CLOEXEC)
         try:
-            self.direct: int | None = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_DIRECT)
+            self.direct: int | None = os.open(path, mode | os.O_CLOEXEC | os.O_DIRECT)
         except OSError:
             self.direct = None
         self._direct = self.direct  # to close, even once refused
+
+    def close(self) -> None:
+        os.close(self.fd)
+        if self._direct is not None:
+            os.close(self._direct)
+
+
+class DeviceWriter(_Device):
+    def __init__(self, path: str, buffer_size: int):
+        super().__init__(path, os.O_WRONLY)
+        self.buffer_size = buffer_size
 
     def write(self, offset: int, data) -> None:
         """Write ``data`` (bytes-like) at ``offset`` of the device, all of it."""
@@ -54,21 +67,13 @@ class DeviceWriter:
         try:
             os.fsync(self.fd)  # the whole device's: buffered pieces, and its own cache
         finally:
-            os.close(self.fd)
-            if self._direct is not None:
-                os.close(self._direct)
+            super().close()
 
 
-class DeviceReader:
+class DeviceReader(_Device):
     def __init__(self, path: str, piece: int):
-        self.path = path
+        super().__init__(path, os.O_RDONLY)
         self.zero = bytes(piece)
-        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            self.direct: int | None = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
-        except OSError:
-            self.direct = None
-        self._direct = self.direct  # to close, even once refused
 
     def read(self, start: int, length: int, ranges: list[tuple[int, int]]) -> memoryview:
         """The piece [start, start + length) with only ``ranges`` (relative to ``start``,
@@ -102,8 +107,3 @@ class DeviceReader:
 
     def is_zero(self, view: memoryview) -> bool:
         return view.tobytes() == self.zero[:len(view)]  # a copy and a memcmp: fast
-
-    def close(self) -> None:
-        os.close(self.fd)
-        if self._direct is not None:
-            os.close(self._direct)
