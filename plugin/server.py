@@ -9,6 +9,7 @@ refuses to start instead of corrupting the first one's state.
 import fcntl
 import logging
 import os
+import signal
 import socket
 import sys
 import time
@@ -23,6 +24,7 @@ from .config import Config
 from .errors import PyvolError
 from .log import event
 from .host import Host
+from .lifeline import die_with_parent
 from .parts import Parts, wire
 from .reconcile import reconcile
 from .state import Store
@@ -53,16 +55,6 @@ def _take_daemon_lock(config: Config) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)
     return fd
-
-
-def _die_with_parent() -> None:
-    import ctypes
-    import signal
-
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    if os.getppid() == 1:  # the master died before prctl took effect
-        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _alive(pid: str) -> bool:
@@ -241,7 +233,7 @@ def serve(config: Config) -> None:
         os.close(lock_fd)  # only the master holds the daemon lock
         # A worker outliving a SIGKILLed master would keep answering on the old socket while
         # a new daemon starts: have the kernel end it with its master.
-        _die_with_parent()
+        die_with_parent(server.pid, signal.SIGTERM)
 
     def when_ready(server):
         event(log, "pyvol daemon ready", socket=str(config.socket), root=str(config.root),

@@ -34,6 +34,7 @@ import time
 from multiprocessing.connection import Connection
 
 from ..errors import PyvolError
+from ..lifeline import die_with_parent
 from .job import Job
 
 log = logging.getLogger(__name__)
@@ -131,15 +132,6 @@ def _relay(proc: subprocess.Popen, out: Connection, inp: Connection, job: Job):
 
 # the job process
 
-def _die_with(parent: int) -> None:
-    import ctypes
-
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:  # the worker died before prctl took effect
-        os._exit(1)
-
-
 def _serve(inp: Connection, out: Connection) -> None:
     from .. import log as pyvol_log
     from .blobs import read_key_file
@@ -204,7 +196,7 @@ def _portable(e: PyvolError) -> PyvolError:
 
 def main(argv: list[str]) -> int:
     to_job, from_job, parent = (int(a) for a in argv)
-    _die_with(parent)
+    die_with_parent(parent, signal.SIGKILL)  # the worker died before this: gone at once
     # below the daemon's workers: with every core busy hashing and sealing, Docker's calls
     # still get a core at once (the job takes whatever they leave)
     os.nice(NICENESS)
