@@ -226,7 +226,7 @@ def rm(ctx, name):
 def _volume_rows(vols):
     _table(["NAME", "BACKEND", "SIZE", "FS", "MOUNTS", "SNAPSHOTS", "CREATED", "MOUNTPOINT"],
            [(v["Name"], v["Status"]["backend"], format_size(v["Status"]["size"]),
-             v["Status"]["fs"], v["Status"]["mounts"], v["Status"]["snapshots"],
+             v["Status"]["fs"] or "-", v["Status"]["mounts"], v["Status"]["snapshots"],
              v["CreatedAt"], v["Mountpoint"]) for v in vols])
 
 

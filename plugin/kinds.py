@@ -28,11 +28,13 @@ class VolumeKind:
     #: the backup format this kind of volume is archived as ("block" or "tree")
     archive: str
 
-    def fstype(self, backend: Backend, requested: str | None, source_fs: str | None) -> str:
-        """The value of the volume's ``fs`` record for a create."""
+    def fstype(self, backend: Backend, requested: str | None,
+               source_fs: str | None) -> str | None:
+        """The value of the volume's ``fs`` record for a create: None where the volume
+        holds no filesystem of pyvol's making."""
         raise NotImplementedError
 
-    def min_size(self, fstype: str) -> int:
+    def min_size(self, fstype: str | None) -> int:
         return 0
 
     def prepare(self, backend: Backend, v: Volume) -> None:
@@ -133,9 +135,11 @@ class DirectoryVolumes(VolumeKind):
     archive = "tree"
 
     def fstype(self, backend, requested, source_fs):
+        # Before state version 3 a directory volume's records said fs=<backend name>; other
+        # hosts' records on the share may still say so.
         if requested not in (None, backend.name):
             raise InvalidInput(f"backend {backend.name} holds files: it takes no fs option")
-        return backend.name
+        return None
 
     def attach(self, backend, v, mp):
         directory = backend.activate(v.name)

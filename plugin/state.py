@@ -15,22 +15,26 @@ from pathlib import Path
 from .clock import stamp
 from .errors import PyvolError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+
+_VOLUMES_V3 = """
+CREATE TABLE IF NOT EXISTS volumes (
+    name       TEXT PRIMARY KEY,
+    backend    TEXT NOT NULL,
+    size       INTEGER NOT NULL,
+    fs         TEXT,
+    options    TEXT NOT NULL DEFAULT '{}',
+    status     TEXT NOT NULL CHECK (status IN ('creating', 'ready', 'removing')),
+    created_at TEXT NOT NULL
+);
+"""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
-CREATE TABLE IF NOT EXISTS volumes (
-    name       TEXT PRIMARY KEY,
-    backend    TEXT NOT NULL,
-    size       INTEGER NOT NULL,
-    fs         TEXT NOT NULL,
-    options    TEXT NOT NULL DEFAULT '{}',
-    status     TEXT NOT NULL CHECK (status IN ('creating', 'ready', 'removing')),
-    created_at TEXT NOT NULL
-);
+""" + _VOLUMES_V3 + """
 CREATE TABLE IF NOT EXISTS snapshots (
     volume     TEXT NOT NULL REFERENCES volumes(name) ON DELETE CASCADE,
     name       TEXT NOT NULL,
@@ -61,7 +65,7 @@ class Volume:
     name: str
     backend: str
     size: int
-    fs: str
+    fs: str | None  # the filesystem a block volume holds; None for a directory volume
     status: str
     created_at: str
     options: dict = field(default_factory=dict)
@@ -123,14 +127,38 @@ class Store:
         self.set_meta("schema_version", str(SCHEMA_VERSION))
 
     def _migrate(self, found: int) -> None:
-        """Bring an older state up to SCHEMA_VERSION, one version at a time (docs/state.md)."""
-        with self.tx():
-            if found < 2:
-                # Before version 2 a backup's own snapshots were told apart by their name.
-                self._conn().execute(
-                    "ALTER TABLE snapshots ADD COLUMN origin TEXT NOT NULL DEFAULT 'user'")
-                self._conn().execute(
-                    "UPDATE snapshots SET origin='backup' WHERE substr(name, 1, 7)='backup-'")
+        """Bring an older state up to SCHEMA_VERSION, one version at a time (docs/state.md).
+
+        Version 3 rebuilds the volumes table (SQLite cannot drop a NOT NULL), so foreign
+        keys are off for the rebuild: with them on, dropping the old table would cascade
+        into every snapshot and mount row. They are checked before the commit."""
+        conn = self._conn()
+        conn.execute("PRAGMA foreign_keys=OFF")  # no effect inside a transaction: set first
+        try:
+            with self.tx():
+                if found < 2:
+                    # Before version 2 a backup's own snapshots were told apart by their name.
+                    conn.execute(
+                        "ALTER TABLE snapshots ADD COLUMN origin TEXT NOT NULL DEFAULT 'user'")
+                    conn.execute(
+                        "UPDATE snapshots SET origin='backup' WHERE substr(name, 1, 7)='backup-'")
+                if found < 3:
+                    # Before version 3 a directory volume's fs held its backend's name ("nfs").
+                    conn.execute(_VOLUMES_V3.replace("volumes (", "volumes_v3 (", 1))
+                    conn.execute(
+                        "INSERT INTO volumes_v3(name, backend, size, fs, options, status, "
+                        "created_at) SELECT name, backend, size, "
+                        "CASE WHEN fs IN ('ext4', 'xfs') THEN fs END, options, status, "
+                        "created_at FROM volumes")
+                    conn.execute("DROP TABLE volumes")
+                    conn.execute("ALTER TABLE volumes_v3 RENAME TO volumes")
+                broken = conn.execute("PRAGMA foreign_key_check").fetchall()
+                if broken:
+                    raise PyvolError(f"state {self.path}: the upgrade to schema version "
+                                     f"{SCHEMA_VERSION} found {len(broken)} rows whose volume "
+                                     f"is missing; left at version {found}")
+        finally:
+            conn.execute("PRAGMA foreign_keys=ON")
 
     def tx(self):
         """An immediate transaction: the write lock is taken at BEGIN, so no upgrade deadlock."""

@@ -76,7 +76,7 @@ class Volumes:
         fstype = kind.fstype(backend, opts.get("fs"), source.fs)
         size = self._size(opts, backend, source, kind.min_size(fstype), fstype)
         spec = VolumeSpec(name, size, {k: opts[k] for k in backend.options if k in opts},
-                          {**opts, "fs": fstype})
+                          {**opts, "fs": fstype} if fstype else opts)
         record = Volume(name, backend.name, size, fstype, "creating", now(), opts)
         with self.host.lock(name, *source.locks):
             self.catalogue.forget_if_removed(name)
@@ -106,7 +106,7 @@ class Volumes:
               source=source.label or None)
         return self.get(name)
 
-    def _size(self, opts, backend: Backend, source, min_size: int, fstype: str) -> int:
+    def _size(self, opts, backend: Backend, source, min_size: int, fstype: str | None) -> int:
         size = parse_size(opts["size"]) if "size" in opts else None
         if size is not None and size <= 0:
             raise InvalidInput(f"invalid size {opts['size']!r}: accepted is a positive size, "

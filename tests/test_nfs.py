@@ -39,6 +39,10 @@ def test_both_hosts_see_one_volume_and_its_data(two_hosts):
     a.api.ok("/VolumeDriver.Create", {"Name": "shared", "Opts": {"size": "2G"}})
     got = b.api.ok("/VolumeDriver.Get", {"Name": "shared"})["Volume"]
     assert got["Status"]["backend"] == "nfs" and got["Status"]["size"] == 2 << 30
+    # a directory volume holds no filesystem of pyvol's: on the host that made it and on the
+    # host that adopted its record alike
+    assert got["Status"]["fs"] is None
+    assert a.api.ok("/VolumeDriver.Get", {"Name": "shared"})["Volume"]["Status"]["fs"] is None
     assert [v["Name"] for v in b.api.ok("/VolumeDriver.List")["Volumes"]] == ["shared"]
     err = b.api.err("/VolumeDriver.Create", {"Name": "shared"})
     assert "already exists" in err

@@ -1,5 +1,5 @@
-"""The state schema upgrades in place: a version-1 state keeps every row and gains what
-version 2 records (docs/state.md, "Migrations")."""
+"""The state schema upgrades in place: an older state keeps every row and gains what the
+newer versions record (docs/state.md, "Migrations")."""
 
 import sqlite3
 
@@ -20,6 +20,9 @@ CREATE TABLE mounts (volume TEXT NOT NULL REFERENCES volumes(name) ON DELETE CAS
     PRIMARY KEY (volume, mount_id));
 INSERT INTO meta VALUES ('schema_version', '1');
 INSERT INTO volumes VALUES ('db', 'loop', 1073741824, 'ext4', '{}', 'ready', '2026-11-25T20:00:00Z');
+INSERT INTO volumes VALUES ('files', 'nfs', 1073741824, 'nfs', '{"backend": "nfs"}', 'ready',
+    '2026-11-25T20:00:00Z');
+INSERT INTO mounts VALUES ('files', 'def', 1, '2026-11-25T20:00:00Z');
 INSERT INTO snapshots VALUES ('db', 'nightly', 1073741824, 'ready', '2026-11-25T21:00:00Z');
 INSERT INTO snapshots VALUES ('db', 'backup-20261125T210000Z-1a2b3c4d', 1073741824, 'ready',
     '2026-11-25T21:00:00Z');
@@ -34,13 +37,36 @@ def test_a_version_1_state_is_upgraded_keeping_every_row(tmp_path):
     conn.close()
     store = Store(path)
     store.init()
-    assert store.meta("schema_version") == str(SCHEMA_VERSION) == "2"
-    assert [v.name for v in store.volumes()] == ["db"]
+    assert store.meta("schema_version") == str(SCHEMA_VERSION) == "3"
+    # version 3: a directory volume has no fs (it held the backend's name); a block one keeps it
+    assert {v.name: (v.fs, v.options) for v in store.volumes()} == {
+        "db": ("ext4", {}), "files": (None, {"backend": "nfs"})}
     origins = {s.name: s.origin for s in store.snapshots("db")}
     assert origins == {"nightly": "user", "backup-20261125T210000Z-1a2b3c4d": "backup"}
-    assert store.mounts("db") == {"abc": 2}
+    # the volumes table is rebuilt for version 3: no row that points at it may be lost
+    assert store.mounts("db") == {"abc": 2} and store.mounts("files") == {"def": 1}
+    assert list(store.volume_names()) == ["db", "files"]
     store.init()  # a second start changes nothing
     assert {s.name: s.origin for s in store.snapshots("db")} == origins
+    with store.tx():  # the rebuilt table still cascades: removing a volume takes its rows
+        store.delete_volume("db")
+    assert store.snapshots("db") == [] and store.mounts("db") == {}
+
+
+def test_a_version_2_state_keeps_its_rows_when_the_volumes_table_is_rebuilt(tmp_path):
+    path = tmp_path / "state.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(V1)
+    conn.executescript("ALTER TABLE snapshots ADD COLUMN origin TEXT NOT NULL DEFAULT 'user';"
+                       "UPDATE meta SET value='2' WHERE key='schema_version';")
+    conn.close()
+    store = Store(path)
+    store.init()
+    assert [v.fs for v in store.volumes()] == ["ext4", None]
+    assert len(store.snapshots("db")) == 2 and store.mounts("files") == {"def": 1}
+    index = sqlite3.connect(path).execute(
+        "SELECT name FROM sqlite_master WHERE type='index' AND name='volumes_by_status'")
+    assert index.fetchone() is not None
 
 
 def test_a_newer_state_is_refused(tmp_path):
