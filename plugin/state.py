@@ -214,18 +214,19 @@ class Store:
             rows = self._tuples(f"SELECT {_VOLUME_COLUMNS} FROM volumes ORDER BY name")
         return [_volume(r) for r in rows]
 
-    def volume_names(self, status: str | None = None) -> list[str]:
+    def volume_names(self, status: str | None = None) -> tuple[str, ...]:
         """The names ``volumes`` would give, in the same order, without building each one:
         one row of names joined by SQLite (a row per name costs several times more), split
         and sorted here (names are ASCII, so Python's order is SQLite's BINARY order). While
-        that row is what it was, the list is the last one, shared: do not change it."""
+        that row is what it was, the answer is the last one, shared by every caller: a tuple,
+        so that no caller can change what the next one is given."""
         sql = "SELECT group_concat(name, '/') FROM volumes"  # no name holds a '/'
         rows = self._tuples(sql + " WHERE status=?", (status,)) if status else self._tuples(sql)
         key = (status, rows[0][0] or "")
         last = self._names
         if last is not None and last[0] == key:
             return last[1]
-        names = sorted(key[1].split("/")) if key[1] else []
+        names = tuple(sorted(key[1].split("/"))) if key[1] else ()
         self._names = (key, names)
         return names
 
