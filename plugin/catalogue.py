@@ -70,13 +70,13 @@ class Catalogue:
                     vols[name] = v
         return [vols[n] for n in sorted(vols)]
 
-    def names(self) -> list[str]:
+    def names(self) -> tuple[str, ...]:
         """The names of ``all()``, in its order: Docker's List asks for nothing more, on
         every `docker volume ls` and often besides, so with no shared backend it costs one
         query of names and builds no volume."""
         if not self.host.shared_backends():
             return self.store.volume_names("ready")
-        return [v.name for v in self.all()]
+        return tuple(v.name for v in self.all())
 
     def snapshot(self, v: Volume, snap: str) -> Snapshot | None:
         """The snapshot's record; on shared storage, also one another host took."""
