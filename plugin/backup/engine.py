@@ -31,11 +31,14 @@ import subprocess
 import sys
 import threading
 import time
-from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING
 
 from ..errors import PyvolError
 from ..lifeline import die_with_parent
 from .job import Job
+
+if TYPE_CHECKING:  # imported where a job starts: the daemon's workers never need it
+    from multiprocessing.connection import Connection
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +79,8 @@ def run(fn: str, repo, args: tuple, job: Job, threads: int, key_file: str | None
     finally:
         os.close(to_job_r)
         os.close(from_job_w)
+    from multiprocessing.connection import Connection
+
     out, inp = Connection(to_job_w, readable=False), Connection(from_job_r, writable=False)
     try:
         try:
@@ -200,6 +205,8 @@ def main(argv: list[str]) -> int:
     # below the daemon's workers: with every core busy hashing and sealing, Docker's calls
     # still get a core at once (the job takes whatever they leave)
     os.nice(NICENESS)
+    from multiprocessing.connection import Connection
+
     inp, out = Connection(to_job, writable=False), Connection(from_job, readable=False)
     try:
         _serve(inp, out)
