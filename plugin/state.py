@@ -15,7 +15,7 @@ from pathlib import Path
 from .clock import stamp
 from .errors import PyvolError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _VOLUMES_V3 = """
 CREATE TABLE IF NOT EXISTS volumes (
@@ -26,6 +26,32 @@ CREATE TABLE IF NOT EXISTS volumes (
     options    TEXT NOT NULL DEFAULT '{}',
     status     TEXT NOT NULL CHECK (status IN ('creating', 'ready', 'removing')),
     created_at TEXT NOT NULL
+);
+"""
+
+# Version 4: schedules (plugin/schedules.py), and the backups they made, which are the only
+# backups a schedule's retention may remove.
+_SCHEDULES_V4 = """
+CREATE TABLE IF NOT EXISTS schedules (
+    volume      TEXT NOT NULL REFERENCES volumes(name) ON DELETE CASCADE,
+    what        TEXT NOT NULL CHECK (what IN ('snapshot', 'backup')),
+    every       INTEGER NOT NULL CHECK (every > 0),
+    keep        TEXT,
+    target      TEXT,
+    next_at     TEXT NOT NULL,
+    last_at     TEXT,
+    last_result TEXT,
+    last_error  TEXT,
+    failures    INTEGER NOT NULL DEFAULT 0,
+    runs        INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (volume, what)
+);
+CREATE TABLE IF NOT EXISTS scheduled_backups (
+    volume     TEXT NOT NULL REFERENCES volumes(name) ON DELETE CASCADE,
+    url        TEXT NOT NULL,
+    repo       TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    PRIMARY KEY (volume, url)
 );
 """
 
@@ -53,7 +79,7 @@ CREATE TABLE IF NOT EXISTS mounts (
 );
 -- Docker's List: the names of ready volumes, from the index alone
 CREATE INDEX IF NOT EXISTS volumes_by_status ON volumes(status, name);
-"""
+""" + _SCHEDULES_V4
 
 
 def now() -> str:
@@ -72,8 +98,9 @@ class Volume:
 
 
 # Who took a snapshot, and so who may remove it: pyvol removes only snapshots it took itself
-# ('backup': a backup's own snapshot); a user's ('user') is removed only when a user says so.
-ORIGINS = ("user", "backup")
+# ('backup': a backup's own snapshot; 'schedule': a snapshot schedule's, which its retention
+# removes); a user's ('user') is removed only when a user says so.
+ORIGINS = ("user", "backup", "schedule")
 
 
 @dataclass
@@ -84,6 +111,32 @@ class Snapshot:
     status: str
     created_at: str
     origin: str = "user"
+
+
+@dataclass
+class Schedule:
+    """A volume's schedule of one kind of work; times are RFC 3339 UTC (docs/state.md)."""
+
+    volume: str
+    what: str                  # 'snapshot' or 'backup'
+    every: int                 # seconds
+    keep: dict | None          # a retention policy (backup/retention.py Policy.as_dict)
+    target: str | None         # a backup's repository URL
+    next_at: str
+    last_at: str | None = None
+    last_result: str | None = None
+    last_error: str | None = None
+    failures: int = 0
+    runs: int = 0
+
+
+_SCHEDULE_COLUMNS = ("volume, what, every, keep, target, next_at, last_at, last_result, "
+                     "last_error, failures, runs")
+
+
+def _schedule(row: tuple) -> Schedule:
+    volume, what, every, keep, *rest = row
+    return Schedule(volume, what, every, None if keep is None else json.loads(keep), *rest)
 
 
 class Store:
@@ -152,6 +205,11 @@ class Store:
                         "created_at FROM volumes")
                     conn.execute("DROP TABLE volumes")
                     conn.execute("ALTER TABLE volumes_v3 RENAME TO volumes")
+                if found < 4:
+                    # Version 4 adds tables and changes no row: schedules, scheduled_backups.
+                    for statement in _SCHEDULES_V4.split(";"):
+                        if statement.strip():
+                            conn.execute(statement)
                 broken = conn.execute("PRAGMA foreign_key_check").fetchall()
                 if broken:
                     raise PyvolError(f"state {self.path}: the upgrade to schema version "
@@ -191,6 +249,9 @@ class Store:
 
     def set_volume_status(self, name: str, status: str) -> None:
         self._conn().execute("UPDATE volumes SET status=? WHERE name=?", (status, name))
+
+    def set_volume_size(self, name: str, size: int) -> None:
+        self._conn().execute("UPDATE volumes SET size=? WHERE name=?", (size, name))
 
     def delete_volume(self, name: str) -> None:
         self._conn().execute("DELETE FROM volumes WHERE name=?", (name,))
@@ -322,6 +383,67 @@ class Store:
             self._conn().execute("DELETE FROM mounts")
         else:
             self._conn().execute("DELETE FROM mounts WHERE volume=?", (volume,))
+
+
+    # schedules: what the runner does for each volume (plugin/schedules.py)
+    def put_schedule(self, s: Schedule) -> None:
+        """Add or replace a volume's schedule of one kind; its outcome so far is kept when
+        only its settings change."""
+        self._conn().execute(
+            f"INSERT INTO schedules({_SCHEDULE_COLUMNS}) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT(volume, what) DO UPDATE SET every=excluded.every, "
+            "keep=excluded.keep, target=excluded.target, next_at=excluded.next_at",
+            (s.volume, s.what, s.every, None if s.keep is None else json.dumps(s.keep),
+             s.target, s.next_at, s.last_at, s.last_result, s.last_error, s.failures, s.runs))
+
+    def schedules(self, volume: str | None = None) -> list[Schedule]:
+        sql = f"SELECT {_SCHEDULE_COLUMNS} FROM schedules"
+        rows = (self._tuples(sql + " WHERE volume=? ORDER BY what DESC", (volume,))
+                if volume is not None else self._tuples(sql + " ORDER BY volume, what DESC"))
+        return [_schedule(r) for r in rows]
+
+    def schedule(self, volume: str, what: str) -> Schedule | None:
+        rows = self._tuples(f"SELECT {_SCHEDULE_COLUMNS} FROM schedules WHERE volume=? AND "
+                            "what=?", (volume, what))
+        return _schedule(rows[0]) if rows else None
+
+    def due_schedules(self, at: str) -> list[Schedule]:
+        """Schedules whose next run is at ``at`` or before, the most overdue first."""
+        rows = self._tuples(f"SELECT {_SCHEDULE_COLUMNS} FROM schedules WHERE next_at <= ? "
+                            "ORDER BY next_at, volume, what", (at,))
+        return [_schedule(r) for r in rows]
+
+    def delete_schedules(self, volume: str, what: str | None = None) -> int:
+        if what is None:
+            cur = self._conn().execute("DELETE FROM schedules WHERE volume=?", (volume,))
+        else:
+            cur = self._conn().execute("DELETE FROM schedules WHERE volume=? AND what=?",
+                                       (volume, what))
+        return cur.rowcount
+
+    def schedule_ran(self, s: Schedule) -> None:
+        """Record a run's outcome and the next run; a schedule removed or replaced meanwhile
+        (its settings changed) is left as it now is."""
+        self._conn().execute(
+            "UPDATE schedules SET next_at=?, last_at=?, last_result=?, last_error=?, "
+            "failures=?, runs=? WHERE volume=? AND what=? AND every=? AND keep IS ? AND "
+            "target IS ?",
+            (s.next_at, s.last_at, s.last_result, s.last_error, s.failures, s.runs, s.volume,
+             s.what, s.every, None if s.keep is None else json.dumps(s.keep), s.target))
+
+    def add_scheduled_backup(self, volume: str, url: str, repo: str, created_at: str) -> None:
+        self._conn().execute(
+            "INSERT OR REPLACE INTO scheduled_backups(volume, url, repo, created_at) "
+            "VALUES(?, ?, ?, ?)", (volume, url, repo, created_at))
+
+    def scheduled_backups(self, volume: str, repo: str) -> list[tuple[str, str]]:
+        """(url, created_at) of the backups of ``volume`` a schedule made into ``repo``."""
+        return self._tuples("SELECT url, created_at FROM scheduled_backups WHERE volume=? AND "
+                            "repo=? ORDER BY created_at, url", (volume, repo))
+
+    def delete_scheduled_backup(self, volume: str, url: str) -> None:
+        self._conn().execute("DELETE FROM scheduled_backups WHERE volume=? AND url=?",
+                             (volume, url))
 
 
 class _Tx:

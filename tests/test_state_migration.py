@@ -37,7 +37,7 @@ def test_a_version_1_state_is_upgraded_keeping_every_row(tmp_path):
     conn.close()
     store = Store(path)
     store.init()
-    assert store.meta("schema_version") == str(SCHEMA_VERSION) == "3"
+    assert store.meta("schema_version") == str(SCHEMA_VERSION) == "4"
     # version 3: a directory volume has no fs (it held the backend's name); a block one keeps it
     assert {v.name: (v.fs, v.options) for v in store.volumes()} == {
         "db": ("ext4", {}), "files": (None, {"backend": "nfs"})}
@@ -67,6 +67,40 @@ def test_a_version_2_state_keeps_its_rows_when_the_volumes_table_is_rebuilt(tmp_
     index = sqlite3.connect(path).execute(
         "SELECT name FROM sqlite_master WHERE type='index' AND name='volumes_by_status'")
     assert index.fetchone() is not None
+
+
+def test_a_version_3_state_gains_the_schedule_tables_and_keeps_its_rows(tmp_path):
+    from pyvol.state import Schedule
+
+    path = tmp_path / "state.db"
+    old = Store(path)
+    old.init()  # today's tables, then taken back to what version 3 had
+    conn = sqlite3.connect(path)
+    conn.executescript("""
+        INSERT INTO volumes VALUES ('db', 'loop', 1073741824, 'ext4', '{}', 'ready',
+            '2026-11-25T20:00:00Z');
+        INSERT INTO snapshots VALUES ('db', 'nightly', 1073741824, 'ready',
+            '2026-11-25T21:00:00Z', 'user');
+        DROP TABLE schedules; DROP TABLE scheduled_backups;
+        UPDATE meta SET value='3' WHERE key='schema_version';""")
+    conn.close()
+    store = Store(path)
+    store.init()
+    assert store.meta("schema_version") == "4"
+    assert [s.name for s in store.snapshots("db")] == ["nightly"]
+    with store.tx():
+        store.put_schedule(Schedule("db", "snapshot", 3600, {"last": 24}, None,
+                                    "2026-11-25T22:00:00Z"))
+        store.add_scheduled_backup("db", "file:///b#db/20261125T220000Z-1a2b3c4d", "file:///b",
+                                   "2026-11-25T22:00:00Z")
+    assert store.schedules("db")[0].keep == {"last": 24}
+    assert store.due_schedules("2026-11-25T21:59:59Z") == []
+    assert [s.volume for s in store.due_schedules("2026-11-25T22:00:00Z")] == ["db"]
+    with pytest.raises(sqlite3.IntegrityError):  # a schedule's kind is checked
+        store.put_schedule(Schedule("db", "gc", 60, None, None, "2026-11-25T22:00:00Z"))
+    with store.tx():  # removing a volume removes its schedules and their records
+        store.delete_volume("db")
+    assert store.schedules() == [] and store.scheduled_backups("db", "file:///b") == []
 
 
 def test_a_newer_state_is_refused(tmp_path):
