@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import logging
 import os
+from datetime import datetime, timezone
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
+from .. import clock
 from ..backends import Backend
 from ..crashpoint import crashpoint
 from ..errors import InvalidInput, NotFound, PyvolError
@@ -24,6 +26,7 @@ from . import engine
 from .blobs import CorruptObject, read_key_file
 from .job import Job
 from .leases import DEFAULT_LEASE, held_until, locked, stamp
+from .retention import Policy, keep
 from .repo import (Repository, host_id, missing_chunks, new_backup_id, split_backup_url,
                    utcnow)
 from .targets import s3_environment
@@ -498,3 +501,98 @@ class Backups:
         return {"backups": len(ids), "chunks_kept": kept, "chunks_deleted": deleted,
                 "bytes_freed": freed, "chunks_marked": marked, "bytes_marked": marked_bytes,
                 "delete_after": after}
+
+    def forget(self, url, volume=None, options=None, dry_run: bool = False,
+               gc: bool = False) -> dict:
+        """Remove the backups a retention policy does not keep (backup/retention.py: restic's
+        rules), each volume's backups from each host judged apart, as restic judges each
+        host and paths apart: two hosts' volumes of one name are different data.
+
+        Only manifests go, one delete each, under the exclusive lock and its lease check, as
+        ``remove`` does. A manifest lists every chunk it needs (``parent`` is a note, never
+        read by a restore), so removing any backup leaves the others whole, and a forget
+        killed halfway leaves a repository of complete backups. Chunks go at a gc (``gc``:
+        run one after). A manifest that cannot be read, or whose time cannot, is kept: what
+        cannot be judged is not removed.
+        """
+        policy = Policy.parse(options if options is not None else {})
+        if volume is not None:
+            check_name(volume)
+        if isinstance(url, str) and url.startswith("ebs://"):
+            raise InvalidInput("backup forget works on pyvol repositories (s3://, file://); "
+                               "ebs:// backups are EBS snapshots, removed one by one with "
+                               "`pyvol backup rm`")
+        repo = self._repo(url)
+        removed: list[dict] = []
+        if dry_run:  # changes nothing, so like `backup ls` it takes no lock
+            groups, unreadable = self._retention_plan(repo, volume, policy)
+        else:
+            with locked(repo, "exclusive", self.lease) as lease:
+                groups, unreadable = self._retention_plan(repo, volume, policy)
+                for group in groups:
+                    for row, manifest in group["_manifests"]:
+                        if row["kept"]:
+                            continue
+                        lease.check()  # a forget that stalled past its lease removes no more
+                        repo.delete_manifest(manifest["_volkey"], row["id"])
+                        crashpoint("forget.deleting")
+                        removed.append(manifest)
+            # a snapshot a kept backup also names stays (copied manifests share one)
+            named = {(m["volume"], m["source"].get("snapshot")) for g in groups
+                     for r, m in g["_manifests"] if r["kept"]}
+            for manifest in removed:
+                if (manifest["volume"], manifest["source"].get("snapshot")) not in named:
+                    self._drop_base_of(manifest, repo.url)
+        for group in groups:
+            group.pop("_manifests", None)
+        kept = sum(g["kept"] for g in groups) + len(unreadable)
+        would = sum(g["removed"] for g in groups)
+        event(log, "backups forgotten" if not dry_run else "backups to forget",
+              repo=repo.url, policy=str(policy), removed=would, kept=kept)
+        result = {"repo": repo.url, "policy": str(policy), "policy_options": policy.as_dict(),
+                  "dry_run": bool(dry_run), "kept": kept, "removed": would,
+                  "groups": groups, "unreadable": unreadable, "gc": None}
+        if gc and not dry_run:
+            result["gc"] = self.gc(url)
+        return result
+
+    def _retention_plan(self, repo: Repository, volume: str | None,
+                        policy: Policy) -> tuple[list[dict], list[dict]]:
+        """Every backup (of ``volume``) read and judged: one group per (volume, host), rows
+        newest first with their reasons; and the backups that could not be judged."""
+        by_group: dict[tuple[str, str], list[tuple[dict, object]]] = {}
+        unreadable = []
+        for volkey, bid in repo.backup_ids(volume):
+            url = repo.backup_url(volkey, bid)
+            try:
+                manifest = repo.get_manifest(volkey, bid)
+            except NotFound:
+                continue  # removed since the listing
+            except PyvolError as e:  # another key, garbage, a format this pyvol cannot read
+                unreadable.append({"url": url, "id": bid, "why": f"kept: unreadable: {e}"})
+                continue
+            created = manifest.get("created")
+            try:
+                when = clock.parse(created)
+            except (TypeError, ValueError):
+                unreadable.append({"url": url, "id": bid, "why": (
+                    f"kept: its created time {str(created)[:40]!r} is not YYYY-mm-ddTHH:MM:SSZ")})
+                continue
+            manifest["_volkey"] = volkey
+            host = manifest.get("host")
+            host = host[:255] if isinstance(host, str) and host else "(no host)"
+            by_group.setdefault((manifest["volume"], host), []).append(
+                (manifest, datetime.fromtimestamp(when, timezone.utc)))
+        groups = []
+        for (vol, host), items in sorted(by_group.items()):
+            # judged by URL, unique even where a tampered manifest repeats another's id
+            manifests = {m["url"]: m for m, _ in items}
+            verdicts = keep([(m["url"], when) for m, when in items], policy)
+            rows = [{"url": v.id, "id": manifests[v.id]["id"], "volume": vol, "host": host,
+                     "created": clock.stamp(v.time), "kept": v.kept, "reasons": v.reasons}
+                    for v in verdicts]
+            groups.append({"volume": vol, "host": host, "backups": rows,
+                           "kept": sum(r["kept"] for r in rows),
+                           "removed": sum(not r["kept"] for r in rows),
+                           "_manifests": [(r, manifests[r["url"]]) for r in rows]})
+        return groups, unreadable
