@@ -363,6 +363,19 @@ def create_app(parts: Parts) -> Flask:
     def repository_gc(b):
         return backups.gc(_field(b, "Repo"))
 
+    @control("/repository/forget", ["POST"])
+    def repository_forget(b):
+        flags = {}
+        for key in ("DryRun", "Gc"):
+            flags[key] = _field(b, key, False, False)
+            if not isinstance(flags[key], bool):
+                raise InvalidInput(f"invalid field {key!r}: {_short(flags[key])}; accepted is "
+                                   "true or false")
+        return backups.forget(
+            _text(b, "Repo", "a repository URL, s3://BUCKET[/PREFIX] or file:///PATH"),
+            _text(b, "Volume", "a volume name, or none for every volume", False),
+            _field(b, "Keep", {}, False), dry_run=flags["DryRun"], gc=flags["Gc"])
+
     @control("/repository/init", ["POST"])
     def repository_init(b):
         return backups.init(_text(b, "Repo", "a repository URL, s3://BUCKET[/PREFIX] or "
