@@ -529,6 +529,69 @@ def backup_gc(ctx, url, as_json):
         f"kept {r['chunks_kept']} used by {r['backups']} backups"))
 
 
+def _forget_rows(r):
+    rows = []
+    for g in r["groups"]:
+        for b in g["backups"]:
+            action = "keep" if b["kept"] else ("would remove" if r["dry_run"] else "remove")
+            rows.append((action, b["url"], b["volume"], b["host"], b["created"],
+                         ", ".join(b["reasons"]) or "no rule keeps it"))
+    rows += [("keep", u["url"], "", "", "", u["why"]) for u in r["unreadable"]]
+    click.echo(f"policy: {r['policy']} (per volume and host; days, weeks, months in UTC)")
+    _table(["ACTION", "BACKUP", "VOLUME", "HOST", "CREATED", "WHY"], rows)
+    verb = "would remove" if r["dry_run"] else "removed"
+    click.echo(f"{verb} {r['removed']} backups, kept {r['kept']}")
+    if r["gc"] is not None:
+        g = r["gc"]
+        click.echo(f"gc: deleted {g['chunks_deleted']} chunks ({format_size(g['bytes_freed'])})"
+                   + (f", {g['chunks_marked']} more after {g['delete_after']} (a lock was "
+                      "broken lately)" if g.get("chunks_marked") else ""))
+    elif r["removed"] and not r["dry_run"]:
+        click.echo(f"their chunks stay until `pyvol backup gc {r['repo']}` (or forget --gc)")
+
+
+_UNIT = {"hourly": "hour", "daily": "day", "weekly": "week", "monthly": "month",
+         "yearly": "year"}
+KEEP_COUNTS = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
+KEEP_WITHINS = ("within", "within-hourly", "within-daily", "within-weekly", "within-monthly",
+                "within-yearly")
+
+
+def _keep_options(fn):
+    # strings, checked by the daemon (backup/retention.py), so one sentence says what is wrong
+    for name in reversed(KEEP_WITHINS):
+        what = "every backup" if name == "within" else \
+            f"the newest backup of each {_UNIT[name.rpartition('-')[2]]}"
+        fn = click.option(f"--keep-{name}", name.replace("-", "_"), metavar="DURATION",
+                          help=f"Keep {what} newer than DURATION (2d, 12h, 1y6m) before "
+                               "the newest backup.")(fn)
+    for name in reversed(KEEP_COUNTS):
+        fn = click.option(f"--keep-{name}", name, metavar="N", help=(
+            "Keep the N newest backups." if name == "last" else
+            f"Keep the newest backup of each of the last N {_UNIT[name]}s that have one."))(fn)
+    return fn
+
+
+@backup.command("forget")
+@click.argument("url", metavar="REPOSITORY")
+@click.option("--volume", help="Only this volume's backups.")
+@_keep_options
+@click.option("--dry-run", is_flag=True, help="Say what would be removed; remove nothing.")
+@click.option("--gc", "run_gc", is_flag=True, help="Then delete the chunks no backup uses.")
+@json_option
+@click.pass_context
+def backup_forget(ctx, url, volume, dry_run, run_gc, as_json, **keep):
+    """Remove the backups a retention policy does not keep (restic's --keep-* rules).
+
+    Each volume's backups from each host are judged apart; hours, days, weeks (ISO), months
+    and years are counted in UTC. Prints each backup with why it is kept. Only manifests
+    are removed: their chunks go at the next `pyvol backup gc` (or with --gc).
+    """
+    body = {"Repo": url, "Volume": volume, "DryRun": dry_run, "Gc": run_gc,
+            "Keep": {k: v for k, v in keep.items() if v is not None}}
+    _print(_client(ctx).call("POST", "/repository/forget", body), as_json, _forget_rows)
+
+
 @backup.command("keygen")
 @click.argument("path", type=click.Path(dir_okay=False, writable=True))
 def backup_keygen(path):
