@@ -230,3 +230,212 @@ def test_a_policy_reads_back_and_says_what_it_keeps():
     assert Policy.parse(p.as_dict()) == p
     assert str(p) == ("keep 2 latest, 7 daily backups, weekly backups within 1m and all "
                       "backups within 1y2d of the newest")
+
+
+# `pyvol backup forget` against a daemon and a real repository. Real backups give the
+# repository its chunks; further manifests, copies of a real one written with pyvol's own
+# repository code at chosen times (each naming a snapshot of its own, as real ones do), give
+# it a history of days and months that a test cannot wait for.
+
+MiB = 1 << 20
+
+
+def _backup(d, ref: str, dest: str) -> dict:
+    return json.loads(d.cli("backup", "create", ref, "--dest", dest, "--json").stdout)
+
+
+def _volume(d, name: str) -> str:
+    d.api.ok("/VolumeDriver.Create", {"Name": name, "Opts": {"size": "64M"}})
+    return d.api.ok("/VolumeDriver.Mount", {"Name": name, "ID": "t"})["Mountpoint"]
+
+
+def _write(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _plant(url: str, template_url: str, when: str, n: int, volume: str | None = None,
+           host: str | None = None) -> str:
+    """A manifest copied from ``template_url``'s, dated ``when`` (UTC); its backup URL."""
+    from pyvol.backup.repo import Repository, split_backup_url
+
+    repo = Repository.open(url, None)
+    _, volkey, bid = split_backup_url(template_url)
+    m = repo.get_manifest(volkey, bid)
+    m.pop("url")
+    stamp = t(when)
+    m["id"] = stamp.strftime("%Y%m%dT%H%M%SZ") + f"-{n:08x}"
+    m["created"] = stamp.strftime("%Y-%m-%dT%H:%M:%SZ")
+    m["source"]["snapshot"] = f"backup-{m['id']}"
+    m["parent"] = None
+    if volume:
+        m["volume"] = volume
+    if host:
+        m["host"] = host
+    return repo.put_manifest(m)
+
+
+def _manifests(repo_dir: Path) -> set[str]:
+    return {str(p.relative_to(repo_dir / "manifests"))
+            for p in (repo_dir / "manifests").rglob("*") if p.is_file()}
+
+
+def _kept(result: dict) -> dict[str, bool]:
+    return {b["url"]: b["kept"] for g in result["groups"] for b in g["backups"]}
+
+
+def test_forget_removes_only_what_the_policy_drops_per_volume_and_host(workdir, daemon):
+    d = daemon
+    repo_dir = workdir / "repo"
+    repo_dir.mkdir()
+    url = f"file://{repo_dir}"
+    mp = _volume(d, "v")
+    _write(f"{mp}/a", os.urandom(4 * MiB))
+    first = _backup(d, "v", url)
+    _write(f"{mp}/b", b"second" * MiB)
+    second = _backup(d, "v", url)
+    assert second["parent"] == first["id"]  # the parent goes below; its child must not care
+    host = second["host"]
+    planted = {when: _plant(url, second["url"], when, i) for i, when in enumerate([
+        "2026-11-26 20:00:00", "2026-11-26 08:00:00", "2026-11-25 12:00:00",
+        "2026-11-24 12:00:00", "2026-11-01 12:00:00", "2026-10-15 12:00:00"])}
+    other = [_plant(url, second["url"], when, 10 + i, host="other-host")
+             for i, when in enumerate(["2026-11-20 10:00:00", "2026-11-21 10:00:00"])]
+    w = _plant(url, second["url"], "2026-09-01 10:00:00", 20, volume="w")
+    before = _manifests(repo_dir)
+    assert len(before) == 11
+    policy = ["--keep-last", "1", "--keep-daily", "3", "--keep-monthly", "2"]
+
+    # a dry run says what would go, and why the rest stays, and changes nothing
+    dry = json.loads(d.cli("backup", "forget", url, *policy, "--dry-run", "--json").stdout)
+    assert _manifests(repo_dir) == before
+    assert dry["dry_run"] is True and dry["removed"] == 4 and dry["kept"] == 7
+    # v on this host: the newest of today, of the 26th and of the 25th; October's newest
+    expected = {second["url"]: True, first["url"]: False,
+                planted["2026-11-26 20:00:00"]: True, planted["2026-11-26 08:00:00"]: False,
+                planted["2026-11-25 12:00:00"]: True, planted["2026-11-24 12:00:00"]: False,
+                planted["2026-11-01 12:00:00"]: False, planted["2026-10-15 12:00:00"]: True,
+                # judged on their own: together with v's, neither would stay
+                other[0]: True, other[1]: True, w: True}
+    assert _kept(dry) == expected
+    rows = {b["url"]: b for g in dry["groups"] for b in g["backups"]}
+    assert rows[second["url"]]["reasons"] == ["last backup", "daily backup", "monthly backup"]
+    assert rows[planted["2026-10-15 12:00:00"]]["reasons"] == ["monthly backup"]
+    assert {(g["volume"], g["host"]) for g in dry["groups"]} == {
+        ("v", host), ("v", "other-host"), ("w", host)}
+    table = d.cli("backup", "forget", url, *policy, "--dry-run").stdout
+    assert f"would remove  {first['url']}" in table and "no rule keeps it" in table
+    assert "would remove 4 backups, kept 7" in table
+
+    # --volume judges that volume only
+    only_w = json.loads(d.cli("backup", "forget", url, "--volume", "w", "--keep-last", "1",
+                              "--json").stdout)
+    assert _kept(only_w) == {w: True} and _manifests(repo_dir) == before
+
+    done = json.loads(d.cli("backup", "forget", url, *policy, "--gc", "--json").stdout)
+    assert done["dry_run"] is False and _kept(done) == expected
+    left = {u for u, k in expected.items() if k}
+    assert {x["url"] for x in json.loads(d.cli("backup", "ls", url, "--json").stdout)} == left
+    assert len(_manifests(repo_dir)) == 7
+    # gc ran after it: the first backup's own chunks (fs metadata it alone had) are gone
+    assert done["gc"]["backups"] == 7 and done["gc"]["chunks_deleted"] >= 1, done["gc"]
+    # what stays is whole: the child of the removed parent verifies and restores
+    d.cli("backup", "verify", second["url"])
+    d.cli("restore", second["url"], "copy")
+    mp2 = d.api.ok("/VolumeDriver.Mount", {"Name": "copy", "ID": "t"})["Mountpoint"]
+    assert Path(mp2, "b").read_bytes() == b"second" * MiB
+    # the newest backup's snapshot is still this host's base for the next incremental
+    snaps = json.loads(d.cli("snapshot", "ls", "v", "--json").stdout)
+    assert second["source"]["snapshot"] in {s["Name"] for s in snaps}
+    assert _backup(d, "v", url)["incremental"] is True
+
+    again = d.cli("backup", "forget", url, *policy)
+    assert "removed 1 backups, kept 7" in again.stdout  # the new one displaced one daily
+    assert f"pyvol backup gc {url}" in again.stdout
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--keep-daily", "-1"], "invalid --keep-daily -1: accepted for --keep-daily is a whole "
+                             "number of backups from 0 to 1000000"),
+    (["--keep-daily", "abc"], "invalid --keep-daily 'abc': accepted"),
+    ([], "no retention policy given: accepted is at least one of --keep-last"),
+    (["--keep-last", "0"], "no retention policy given"),
+    (["--keep-within", "1w"], "accepted for --keep-within is a duration such as 2d"),
+])
+def test_bad_policies_are_refused_before_the_repository_is_touched(shared_daemon, args, named):
+    bad = shared_daemon.cli("backup", "forget", "file:///nonexistent/repo", *args, check=False)
+    assert bad.returncode == 1 and named in bad.stderr, bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+def test_forget_api_refuses_fields_of_the_wrong_shape(shared_daemon):
+    api = shared_daemon.api
+    for body, named in [
+        ({"Repo": "file:///nonexistent", "Keep": [1]}, "accepted is an object of --keep-last"),
+        ({"Repo": "file:///nonexistent", "Keep": {"last": 1}, "DryRun": "yes"},
+         "invalid field 'DryRun': 'yes'; accepted is true or false"),
+        ({"Repo": 5, "Keep": {"last": 1}}, "invalid field 'Repo'"),
+        ({"Repo": "file:///x", "Volume": "../x", "Keep": {"last": 1}}, "invalid"),
+    ]:
+        r = api.raw("/pyvol/v1/repository/forget", json.dumps(body).encode())
+        assert r.status_code == 400 and named in r.json()["Err"], (body, r.json())
+
+
+def test_forget_takes_the_repository_lock_like_other_writers(workdir, daemon):
+    from pyvol.backup.leases import Lease
+    from pyvol.backup.repo import Repository
+
+    d = daemon
+    repo_dir = workdir / "repo"
+    repo_dir.mkdir()
+    url = f"file://{repo_dir}"
+    _volume(d, "v")
+    made = _backup(d, "v", url)
+    _plant(url, made["url"], "2026-01-01 10:00:00", 1)
+    lease = Lease(Repository.open(url, None), "shared")
+    lease.acquire()  # a backup, say, running in this (live) process
+    try:
+        busy = d.cli("backup", "forget", url, "--keep-last", "1", check=False)
+        assert busy.returncode == 1 and "is locked (shared lock held by host" in busy.stderr
+        assert len(_manifests(repo_dir)) == 2
+        # a dry run removes nothing and so waits for no one
+        assert "would remove 1 backups" in d.cli("backup", "forget", url, "--keep-last", "1",
+                                                 "--dry-run").stdout
+    finally:
+        lease.release()
+    d.cli("backup", "forget", url, "--keep-last", "1")
+    assert _manifests(repo_dir) == {f"v/{made['id']}"}
+
+
+def test_a_forget_killed_halfway_leaves_a_readable_repository_and_the_rerun_finishes(workdir):
+    from helpers import Daemon
+
+    repo_dir = workdir / "repo"
+    repo_dir.mkdir()
+    url = f"file://{repo_dir}"
+    root, sock = workdir / "root", workdir / "pyvol.sock"
+    d = Daemon(root, sock, env={"PYVOL_CRASH_AT": "forget.deleting"}).start()
+    try:
+        mp = _volume(d, "v")
+        _write(f"{mp}/data", os.urandom(2 * MiB))
+        made = _backup(d, "v", url)
+        older = [_plant(url, made["url"], f"2026-01-0{i + 1} 10:00:00", i) for i in range(5)]
+        killed = d.cli("backup", "forget", url, "--keep-last", "2", check=False)
+        assert killed.returncode == 1
+        d.proc.wait(timeout=60)  # the crash point killed the whole daemon
+        d.stop()
+        assert len(_manifests(repo_dir)) == 5  # one of the four went, then the kill
+        d = Daemon(root, sock).start()
+        listed = [x["url"] for x in json.loads(d.cli("backup", "ls", url, "--json").stdout)]
+        assert len(listed) == 5 and made["url"] in listed and older[4] in listed
+        for u in listed:  # every backup left is whole
+            d.cli("backup", "verify", u)
+        # the dead daemon's lock is broken at once, and the rerun removes the rest
+        d.cli("backup", "forget", url, "--keep-last", "2")
+        assert {x["url"] for x in json.loads(d.cli("backup", "ls", url, "--json").stdout)} == \
+            {made["url"], older[4]}
+        assert not list((repo_dir / "locks").iterdir())
+    finally:
+        d.stop()

@@ -177,7 +177,7 @@ class Policy:
 def _count(value, what: str) -> int:
     accepted = (f"accepted for {what} is a whole number of backups from 0 to {MAX_COUNT} "
                 "(0: the rule is not used)")
-    if isinstance(value, str) and re.fullmatch(r"\d{1,7}", value):
+    if isinstance(value, str) and re.fullmatch(r"-?\d{1,7}", value):
         value = int(value)
     if type(value) is not int:
         raise InvalidInput(f"invalid {what} {value!r}: {accepted}")
