@@ -41,6 +41,8 @@ class Backend(ABC):
     options: ClassVar[dict[str, str]] = {}
     #: sizes are whole multiples of this (EBS: GiB); a create rounds requests up to it
     size_unit: ClassVar[int] = 1
+    #: why rollback() refuses on this backend (None: it rolls back), asked before any work
+    no_rollback: ClassVar[str | None] = None
 
     def __init__(self, root: Path, settings: dict[str, str] | None = None):
         self.root = Path(root)
@@ -119,6 +121,23 @@ class Backend(ABC):
     def read_snapshot(self, name: str, snap: str):
         """A context manager yielding a path from which the snapshot's bytes can be read:
         a block device, or a directory."""
+
+    @abstractmethod
+    def grow(self, name: str, size: int) -> None:
+        """Make the volume ``size`` bytes (never smaller: callers refuse a shrink), also while
+        it is active and in use: an active device shows the new size when this returns, so
+        that its filesystem can be grown at once. The same size again is not an error (a
+        grow interrupted after this step is finished by repeating it). Refuses, with what
+        is accepted, a size the storage cannot or may not hold (pool size, over-commit)."""
+
+    @abstractmethod
+    def rollback(self, name: str, snap: str) -> None:
+        """Replace the volume's data with snapshot ``snap``'s, keeping the volume's size.
+
+        The volume is not in use (callers refuse while it is mounted) and its snapshots stay.
+        A crash at any point leaves the volume with its old data or the snapshot's, never
+        neither or a mix. A backend that cannot do this honestly refuses with InvalidInput
+        saying why and what to do instead."""
 
     def usage(self) -> dict:
         """Pool-level space figures for ``pyvol info``."""

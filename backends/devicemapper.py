@@ -29,6 +29,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from pyvol import devwait, locks
+from pyvol.crashpoint import crashpoint
 from pyvol.errors import Conflict, InvalidInput, NotFound, PoolFull, PyvolError
 from pyvol.files import write_whole
 from pyvol.fs import device_size
@@ -205,6 +206,7 @@ class DevicemapperBackend(BlockBackend):
         self._resume_suspended()
         self._release_stale_metadata_snapshot()
         self._rename_old_devices()
+        self._drop_retired()
         devices = self._load()
         for name, vol in devices["volumes"].items():
             if vol.get("active"):  # active before a reboot: active again
@@ -498,6 +500,71 @@ class DevicemapperBackend(BlockBackend):
             self._message("create_snap", str(thin_id), str(rec["id"]))
             devices["volumes"][spec.name] = {"id": thin_id, "size": max(spec.size, rec["size"]),
                                              "snapshots": {}}
+
+    def grow(self, name: str, size: int) -> None:
+        """The record's size first (what the next activation uses), then an active device's
+        table is reloaded at the new size: a crash between leaves a device that takes its
+        new size at the next grow or activation, never a device larger than its record."""
+        with self._devices() as devices:
+            vol = self._vol(name, devices)
+            if size < vol["size"]:
+                raise InvalidInput(f"size {format_size(size)} is smaller than volume {name} "
+                                   f"({format_size(vol['size'])}): accepted is that size or "
+                                   "larger")
+            self._check_space(devices, size - vol["size"])
+            vol["size"] = size
+            self._save(devices)
+            dm_name = self._thin_name(vol["id"])
+            if self._exists(dm_name):
+                table = f"0 {size // SECTOR} thin /dev/mapper/{self.pool} {vol['id']}"
+                dmsetup("reload", dm_name, "--table", table)
+                self._resume(dm_name)  # swaps in the larger table
+
+    def rollback(self, name: str, snap: str) -> None:
+        """A new thin device from the snapshot's (create_snap: metadata only, constant time
+        whatever the volume holds) takes the volume's place in devices.json, in one atomic
+        write; the old thin device is deleted after. Every id between its allocation and
+        its end is listed under "retired", so a crash at any step leaks nothing: setup
+        deletes what is listed there."""
+        with self._devices() as devices:
+            vol = self._vol(name, devices)
+            rec = self._snap_rec(name, snap, devices)
+            self._check_space(devices, 0)
+            old, dm_old = vol["id"], self._thin_name(vol["id"])
+            if self._exists(dm_old):
+                if self._dm_devices().get(dm_old, {}).get("open"):
+                    raise Conflict(f"volume {name}'s device {dm_old} is open (in use outside "
+                                   "pyvol's mounts): close it, then retry")
+                dmsetup("remove", "--retry", dm_old)
+            retired = devices.setdefault("retired", [])
+            new = devices["next_id"]
+            devices["next_id"] = new + 1
+            retired.append(new)
+            self._save(devices)
+            self._message("create_snap", str(new), str(rec["id"]))
+            crashpoint("devicemapper.rollback.made")
+            vol["id"] = new
+            vol.pop("active", None)
+            retired.remove(new)
+            retired.append(old)
+            self._save(devices)  # the swap: the volume is the snapshot's data from here on
+            crashpoint("devicemapper.rollback.swapped")
+            self._drop(old)
+            retired.remove(old)
+
+    def _drop_retired(self) -> None:
+        """Delete the thin devices a killed rollback left listed (see rollback)."""
+        with self._devices() as devices:
+            for thin_id in list(devices.get("retired", [])):
+                try:
+                    self._drop(thin_id)
+                except PyvolError as e:
+                    if "No data available" not in str(e):  # never made: nothing to delete
+                        log.error("could not delete retired thin device %d: %s; retried at "
+                                  "the next start", thin_id, e)
+                        continue
+                devices["retired"].remove(thin_id)
+                event(log, "deleted a thin device a killed rollback left", thin_id=thin_id)
 
     @contextlib.contextmanager
     def _metadata_snapshot(self):

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from pyvol import clock, devwait
 from pyvol.errors import Conflict, InvalidInput, NotFound, PoolFull, PyvolError
+from pyvol.fs import device_size
 
 from .base import BlockBackend, Quiesce, Range, VolumeSpec
 from .shared import SharedBackend
@@ -114,6 +115,11 @@ def _identity(url: str | None, session) -> tuple[str, str]:
 class EbsBackend(SharedBackend, BlockBackend):
     name = "ebs"
     scope = "global"
+    no_rollback = (
+        "EC2 cannot revert a volume in place: it would make a new EBS volume from the "
+        "snapshot (its blocks loaded lazily from S3, slow at first read) and give it the "
+        "volume's name, which no EC2 call does atomically; make a new volume from the "
+        "snapshot instead: docker volume create -d pyvol -o from-snapshot=VOLUME@SNAPSHOT NEW")
     may_lack_fs = True  # a volume from a foreign snapshot may hold no filesystem yet
     size_unit = GiB
     options = {
@@ -571,6 +577,45 @@ class EbsBackend(SharedBackend, BlockBackend):
                         VolumeIds=[v["VolumeId"]])
         self._detach(v, what)
         self._aws("delete_volume", VolumeId=v["VolumeId"])
+
+    def grow(self, name: str, size: int) -> None:
+        """ModifyVolume to the new size in GiB, then wait until EC2 reports the change
+        under way (the size is usable from "optimizing" on) and, if the volume is attached
+        here, until its block device shows the new size."""
+        v = self._find(name)
+        gib = max(1, math.ceil(size / GiB))
+        if gib < v["Size"]:
+            raise InvalidInput(f"size {gib} GiB is smaller than volume {name} ({v['Size']} "
+                               "GiB): accepted is that size or larger")
+        if gib > v["Size"]:
+            self._aws("modify_volume", VolumeId=v["VolumeId"], Size=gib)
+        self._wait(f"EC2 to resize {name} ({v['VolumeId']}) to {gib} GiB",
+                   lambda: self._modified(v["VolumeId"], gib), self.attach_timeout)
+        mine = self._attachment(v)
+        if mine is not None:
+            self._wait(f"the block device of {name} ({v['VolumeId']}) to show {gib} GiB",
+                       lambda: self._device_shows(v["VolumeId"], mine["Device"], gib * GiB),
+                       self.attach_timeout)
+
+    def _modified(self, volume_id: str, gib: int) -> bool:
+        mods = [m for m in self._aws("describe_volumes_modifications", VolumeIds=[volume_id])
+                .get("VolumesModifications", []) if m.get("TargetSize") == gib]
+        states = {m.get("ModificationState") for m in mods}
+        if "failed" in states:
+            raise PyvolError(f"EC2 failed to resize {volume_id} to {gib} GiB: "
+                             f"{mods[0].get('StatusMessage') or 'no reason given'}")
+        if states & {"optimizing", "completed"}:
+            return True
+        # no modification toward that size: it was that size already (a repeated grow)
+        return not states and self._aws("describe_volumes", VolumeIds=[volume_id])[
+            "Volumes"][0]["Size"] >= gib
+
+    def _device_shows(self, volume_id: str, device_name: str, size: int) -> bool:
+        dev = self._device(volume_id, device_name)
+        return dev is not None and device_size(dev) >= size
+
+    def rollback(self, name: str, snap: str) -> None:
+        raise InvalidInput(f"cannot roll back {name} to {snap}: {self.no_rollback}")
 
     def mapped_ranges(self, name: str, snap: str) -> list[Range]:
         """Exact, by reading: the blocks that are not all zero (see changed_ranges)."""

@@ -16,11 +16,13 @@ ranges whose physical extents differ (FIEMAP): exact, and read from metadata onl
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 from pathlib import Path
 
-from pyvol.errors import Conflict, InvalidInput, NotFound, PoolFull
+from pyvol.crashpoint import crashpoint
+from pyvol.errors import CommandFailed, Conflict, InvalidInput, NotFound, PoolFull
 from pyvol.run import run
 from pyvol.units import format_size, parse_size
 
@@ -30,6 +32,7 @@ from .base import BlockBackend, Quiesce, Range, VolumeSpec
 MIN_POOL = 1 << 30
 MAX_DEFAULT_POOL = 16 << 40
 RESERVE = 64 << 20  # free space the pool keeps for metadata and in-flight copy-on-write
+LOOP_SET_CAPACITY = 0x4C07  # <linux/loop.h>: re-read the backing file's size
 
 
 class LoopBackend(BlockBackend):
@@ -196,6 +199,54 @@ class LoopBackend(BlockBackend):
             os.truncate(tmp, spec.size)
         self._publish(tmp, self._image(spec.name))
 
+    def grow(self, name: str, size: int) -> None:
+        """A longer sparse image (no block is written), then the bound device, if any, is
+        told to re-read its size: a mounted filesystem can be grown at once."""
+        image = self._need(self._image(name), f"volume {name}")
+        current = image.stat().st_size
+        if size < current:
+            raise InvalidInput(f"size {format_size(size)} is smaller than volume {name} "
+                               f"({format_size(current)}): accepted is that size or larger")
+        self._check_space(size)
+        if size > current:
+            os.truncate(image, size)
+        dev = loopdev.find(image)
+        if dev is not None:
+            fd = os.open(dev, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                fcntl.ioctl(fd, LOOP_SET_CAPACITY, 0)
+            except OSError as e:
+                raise CommandFailed(f"loop device {dev} of volume {name} did not take its "
+                                    f"new size: {e.strerror}") from None
+            finally:
+                os.close(fd)
+
+    def rollback(self, name: str, snap: str) -> None:
+        """A reflink copy of the snapshot (constant time: no data block is copied), made to
+        the volume's size under a temporary name, then renamed over the volume's image: the
+        rename is atomic, so a crash leaves the old image or the new one (and a temporary
+        copy, which setup removes)."""
+        image = self._need(self._image(name), f"volume {name}")
+        source = self._need(self._snap(name, snap), f"snapshot {name}@{snap}")
+        self._check_space(0)
+        self.deactivate(name)
+        if loopdev.find(image) is not None:  # a holder outside pyvol keeps it bound
+            raise Conflict(f"volume {name}'s image is still bound to a loop device in use "
+                           f"({loopdev.find(image)}): release it, then retry")
+        tmp = self.tmp_dir / f"{name}.rollback.img"
+        tmp.unlink(missing_ok=True)
+        extents.reflink(source, tmp)
+        try:
+            size = image.stat().st_size
+            if tmp.stat().st_size < size:
+                os.truncate(tmp, size)
+            crashpoint("loop.rollback.copied")
+            os.rename(tmp, image)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(self.volumes_dir)
+
     def _extents(self, name: str, snap: str):
         return extents.extents(self._need(self._snap(name, snap), f"snapshot {name}@{snap}"))
 
@@ -224,3 +275,12 @@ class LoopBackend(BlockBackend):
             return {"allocated": self._image(name).stat().st_blocks * 512}
         except FileNotFoundError:
             return {}
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable: a power cut must not bring the old name back."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

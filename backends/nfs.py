@@ -176,6 +176,11 @@ class NfsBackend(SharedBackend, DirectoryBackend):
     name = "nfs"
     scope = "global"
     options = {"share": "which configured NFS share holds the volume (default: the first)"}
+    no_rollback = (
+        "a rollback on nfs would copy the snapshot's whole tree over the volume's (time and "
+        "space as large as the data, and other hosts would see its directory replaced under "
+        "them), not swap it in constant time; make a new volume from the snapshot instead: "
+        "docker volume create -d pyvol -o from-snapshot=VOLUME@SNAPSHOT NEW")
 
     def __init__(self, root: Path, settings: dict[str, str] | None = None):
         super().__init__(root, settings)
@@ -605,6 +610,27 @@ class NfsBackend(SharedBackend, DirectoryBackend):
         except BaseException:
             self._discard(share, "copy", tmp)
             raise
+
+    def grow(self, name: str, size: int) -> None:
+        """The size in the volume's record, which every host reads: advisory, as at create
+        (no quota on the export enforces it; docs/nfs.md)."""
+        share, _ = self._find(name)
+        share.call(self._set_size, share, name, size, what=f"resizing {name}")
+
+    @staticmethod
+    def _set_size(share: Share, name: str, size: int) -> None:
+        meta = share.base / "meta" / f"{name}.json"
+        try:
+            rec = json.loads(meta.read_text())
+        except FileNotFoundError:
+            raise NotFound(f"volume {name} not found on nfs share {share.name}") from None
+        if size < int(rec.get("size", 0)):
+            raise InvalidInput(f"size {size} bytes is smaller than volume {name}'s "
+                               f"({rec['size']}): accepted is that size or larger")
+        _write_json(meta, {**rec, "size": size})
+
+    def rollback(self, name: str, snap: str) -> None:
+        raise InvalidInput(f"cannot roll back {name} to {snap}: {self.no_rollback}")
 
     @contextlib.contextmanager
     def read_snapshot(self, name: str, snap: str):
