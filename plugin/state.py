@@ -253,10 +253,6 @@ class Store:
     def set_volume_size(self, name: str, size: int) -> None:
         self._conn().execute("UPDATE volumes SET size=? WHERE name=?", (size, name))
 
-
-    def set_volume_size(self, name: str, size: int) -> None:
-        self._conn().execute("UPDATE volumes SET size=? WHERE name=?", (size, name))
-
     def delete_volume(self, name: str) -> None:
         self._conn().execute("DELETE FROM volumes WHERE name=?", (name,))
 
