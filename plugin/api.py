@@ -296,6 +296,18 @@ def create_app(parts: Parts) -> Flask:
     def volume_unmount(b, name):
         volumes.unmount(name, _mount_id(b), every=_field(b, "All", False, False) is True)
 
+    @control("/volumes/<name>/resize", ["POST"])
+    def volume_resize(b, name):
+        return volumes.resize(name, _text(b, "Size", "a size such as 20G"))
+
+    @control("/snapshots/<ref>/rollback", ["POST"])
+    def snapshot_rollback(b, ref):
+        discard = _field(b, "DiscardCurrent", False, False)
+        if not isinstance(discard, bool):
+            raise InvalidInput(f"invalid field 'DiscardCurrent': {_short(discard)}; accepted "
+                               "is true or false")
+        return snapshots.rollback(*parse_snap_ref(ref), discard_current=discard)
+
     @control("/snapshots", ["GET"])
     def snapshot_list(_):
         return snapshots.list(request.args.get("volume"))

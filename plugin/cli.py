@@ -249,6 +249,17 @@ def inspect(ctx, name, as_json):
 
 @cli.command()
 @click.argument("name")
+@click.argument("size")
+@json_option
+@click.pass_context
+def resize(ctx, name, size, as_json):
+    """Grow a volume to SIZE (K/M/G/T suffix), also while containers use it; never shrinks."""
+    v = _client(ctx).call("POST", f"/volumes/{name}/resize", {"Size": size})
+    _print(v, as_json, lambda v: click.echo(f"{v['Name']} {format_size(v['Status']['size'])}"))
+
+
+@cli.command()
+@click.argument("name")
 @click.option("--id", "mount_id", default="pyvol-cli", show_default=True,
               help="Mount ID; each ID is counted, unmount with the same ID.")
 @click.pass_context
@@ -314,6 +325,24 @@ def snapshot_rm(ctx, ref):
     """Remove a snapshot."""
     _client(ctx).call("DELETE", f"/snapshots/{ref}")
     click.echo(ref)
+
+
+@snapshot.command("rollback")
+@click.argument("ref", metavar="VOL@SNAP")
+@click.option("--discard-current", is_flag=True,
+              help="Do not keep the volume's current data as a pre-rollback-TIME snapshot.")
+@json_option
+@click.pass_context
+def snapshot_rollback(ctx, ref, discard_current, as_json):
+    """Replace a volume's data with a snapshot's (refused while it is mounted).
+
+    What the volume held stays as snapshot VOL@pre-rollback-TIME (printed), unless
+    --discard-current."""
+    r = _client(ctx).call("POST", f"/snapshots/{ref}/rollback",
+                          {"DiscardCurrent": discard_current})
+    _print(r, as_json, lambda r: click.echo(
+        f"{r['Volume']} rolled back to {r['Snapshot']}"
+        + (f"; its data before: {r['Kept']}" if r["Kept"] else "")))
 
 
 @snapshot.command("inspect")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from . import fs
+from . import fs, mountinfo
 from .backends import Backend, VolumeSpec
 from .backends.base import Quiesce
 from .errors import InvalidInput
@@ -42,6 +42,11 @@ class VolumeKind:
 
     def grow(self, backend: Backend, v: Volume, mp: Path) -> None:
         """Fill a volume made larger than its source."""
+
+    def resize(self, backend: Backend, v: Volume, mp: Path, size: int) -> None:
+        """Make volume ``v`` ``size`` bytes, mounted or not: what its users see grows too.
+        Repeating it finishes one a crash interrupted."""
+        backend.grow(v.name, size)
 
     def attach(self, backend: Backend, v: Volume, mp: Path) -> None:
         raise NotImplementedError
@@ -92,6 +97,13 @@ class BlockVolumes(VolumeKind):
             fs.grow(dev, v.fs, mp)
         finally:
             backend.deactivate(v.name)
+
+    def resize(self, backend, v, mp, size):
+        backend.grow(v.name, size)  # the device first: a filesystem only grows into it
+        if mountinfo.is_mounted(mp):  # online, under the container's writes
+            fs.grow(backend.activate(v.name), v.fs, mp)
+        else:
+            self.grow(backend, v, mp)
 
     def attach(self, backend, v, mp):
         dev = backend.activate(v.name)

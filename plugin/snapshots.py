@@ -11,14 +11,14 @@ from __future__ import annotations
 import contextlib
 import logging
 
-from . import clock, locks
+from . import clock, locks, mountinfo
 from .catalogue import Catalogue
 from .crashpoint import crashpoint
 from .errors import Conflict, InvalidInput, NotFound
 from .host import Host
 from .log import event
 from .names import check_name, check_snap_name
-from .state import Snapshot, now
+from .state import Snapshot, Volume, now
 
 log = logging.getLogger(__name__)
 
@@ -34,30 +34,86 @@ class Snapshots:
             check_snap_name(snap)
         with self.host.lock(volume):
             v = self.catalogue.adopt(self.catalogue.ready(volume))
-            backend = self.host.backend(v)
             if snap is None or snap == "":
                 # chosen under the volume's lock, so two unnamed snapshots never pick one name
                 snap = self._free_name(volume, clock.compact())
-            if self.store.snapshot(volume, snap) is not None:
-                raise Conflict(f"snapshot {volume}@{snap} already exists")
-            with self.store.tx():
-                self.store.add_snapshot(Snapshot(volume, snap, v.size, "creating", now(),
-                                                 origin))
-            crashpoint("snapshot.recorded")
-            quiesce = self.host.kind(backend).quiesce(self.host.mountpoint(volume))
-            try:
-                backend.snapshot(volume, snap, quiesce)
-                crashpoint("snapshot.taken")
-            except Conflict:  # the storage holds that name already (another host's, on
-                self.store.delete_snapshot(volume, snap)  # shared storage): never ours to undo
-                raise
-            except BaseException:
-                backend.remove_snapshot(volume, snap)
-                self.store.delete_snapshot(volume, snap)
-                raise
-            self.store.set_snapshot_status(volume, snap, "ready")
+            self._take(v, snap, origin)
         event(log, "snapshot created", volume=volume, snapshot=snap)
         return self.get(volume, snap)
+
+    def _take(self, v: Volume, snap: str, origin: str) -> None:
+        """Snapshot ``v`` as ``snap``; the caller holds the volume's lock."""
+        volume = v.name
+        backend = self.host.backend(v)
+        if self.store.snapshot(volume, snap) is not None:
+            raise Conflict(f"snapshot {volume}@{snap} already exists")
+        with self.store.tx():
+            self.store.add_snapshot(Snapshot(volume, snap, v.size, "creating", now(), origin))
+        crashpoint("snapshot.recorded")
+        quiesce = self.host.kind(backend).quiesce(self.host.mountpoint(volume))
+        try:
+            backend.snapshot(volume, snap, quiesce)
+            crashpoint("snapshot.taken")
+        except Conflict:  # the storage holds that name already (another host's, on
+            self.store.delete_snapshot(volume, snap)  # shared storage): never ours to undo
+            raise
+        except BaseException:
+            backend.remove_snapshot(volume, snap)
+            self.store.delete_snapshot(volume, snap)
+            raise
+        self.store.set_snapshot_status(volume, snap, "ready")
+
+    def rollback(self, volume, snap, discard_current: bool = False) -> dict:
+        """Give ``volume`` the data of ``volume@snap``, in place.
+
+        Only while nothing uses the volume: its data changes under no container. What it
+        held before stays as a snapshot of the user's (``pre-rollback-TIME``, which pyvol
+        never removes by itself) unless ``discard_current``. The swap is the backend's, whole
+        or not at all; a crash before it leaves the old data (and perhaps that snapshot),
+        after it the snapshot's data in a filesystem that may not fill a volume grown since
+        (the next ``pyvol resize`` to its size fills it).
+        """
+        check_name(volume)
+        check_snap_name(snap)
+        if not isinstance(discard_current, bool):
+            raise InvalidInput("invalid DiscardCurrent: accepted are true and false")
+        with self.host.lock(volume):
+            v = self.catalogue.adopt(self.catalogue.ready(volume))
+            s = self.catalogue.snapshot(v, snap)
+            if s is None or s.status != "ready":
+                raise NotFound(f"no such snapshot: {volume}@{snap}")
+            backend = self.host.backend(v)
+            if backend.no_rollback:
+                raise InvalidInput(f"cannot roll back volume {volume} on backend "
+                                   f"{backend.name}: {backend.no_rollback}")
+            self._check_unused(v, backend)
+            kept = None
+            if not discard_current:
+                kept = self._free_name(volume, f"pre-rollback-{clock.compact()}")
+                self._take(v, kept, "user")
+                crashpoint("rollback.kept")
+            backend.rollback(volume, snap)
+            crashpoint("rollback.swapped")
+            if s.size < v.size:  # the snapshot's filesystem, in a volume grown since
+                self.host.kind(backend).grow(backend, v, self.host.mountpoint(volume))
+        event(log, "volume rolled back", volume=volume, snapshot=snap, kept=kept)
+        return {"Volume": volume, "Snapshot": f"{volume}@{snap}",
+                "Kept": f"{volume}@{kept}" if kept else None}
+
+    def _check_unused(self, v: Volume, backend) -> None:
+        users = self.store.mount_records(v.name)
+        if users:
+            ids = ", ".join(m["ID"] or "(empty id)" for m in users)
+            raise Conflict(f"volume {v.name} is mounted (mount IDs: {ids}): stop the "
+                           "containers using it first; a rollback never changes data under "
+                           "a running container")
+        if mountinfo.is_mounted(self.host.mountpoint(v.name)):
+            raise Conflict(f"volume {v.name} is mounted at {self.host.mountpoint(v.name)} "
+                           "with no mount counted: unmount it first")
+        others = backend.removal_blockers(v.name)
+        if others:
+            raise Conflict(f"volume {v.name} is mounted on other hosts ({', '.join(others)}): "
+                           "unmount it there first")
 
     def _free_name(self, volume: str, base: str) -> str:
         taken = {s.name for s in self.store.snapshots(volume)}

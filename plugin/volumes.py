@@ -202,6 +202,38 @@ class Volumes:
             pass
         self.store.delete_volume(name)
 
+    # resize
+    def resize(self, name, size_text) -> dict:
+        """Grow a volume, also while containers use it: the storage, then its filesystem
+        (the kind's), then the record. Never shrinks: data past the new end would be lost.
+        A crash before the record leaves the storage larger than the record says; the same
+        resize again finishes it."""
+        check_name(name)
+        if not isinstance(size_text, str) or not size_text:
+            raise InvalidInput("missing size: accepted is a size with a K, M, G or T suffix, "
+                               "e.g. 20G")
+        size = parse_size(size_text)
+        if size <= 0:
+            raise InvalidInput(f"invalid size {size_text!r}: accepted is a positive size, "
+                               "e.g. 20G")
+        with self.host.lock(name):
+            v = self.catalogue.adopt(self.catalogue.ready(name))
+            backend = self.host.backend(v)
+            size = -(-size // backend.size_unit) * backend.size_unit  # EBS counts in GiB
+            if size >= 1 << 63:
+                raise InvalidInput(f"size {size_text!r} is too large: accepted is less than "
+                                   "8 EiB")
+            if size < v.size:
+                raise InvalidInput(f"size {format_size(size)} is smaller than volume {name} "
+                                   f"({format_size(v.size)}): a volume only grows (shrinking "
+                                   "would cut off data); accepted is "
+                                   f"{format_size(v.size)} or larger")
+            self.host.kind(backend).resize(backend, v, self.host.mountpoint(name), size)
+            crashpoint("resize.grown")
+            self.store.set_volume_size(name, size)
+        event(log, "volume resized", volume=name, size=size, was=v.size)
+        return self.get(name)
+
     # mount
     def mount(self, name, mount_id="", deadline: float | None = None) -> str:
         """Mount (at the first count) and count ``mount_id`` once more.
