@@ -153,6 +153,12 @@ ROUTES = {
     "/pyvol/v1/backup": ({}, {"url": urls}),
     "/pyvol/v1/backup/verify": ({"Url": urls}, {}),
     "/pyvol/v1/repository/gc": ({"Repo": urls}, {}),
+    "/pyvol/v1/repository/forget": (
+        {"Repo": urls, "Volume": names, "DryRun": st.booleans(), "Gc": st.booleans(),
+         "Keep": mostly(st.dictionaries(
+             st.sampled_from(["last", "daily", "weekly", "within", "within_daily", "x"]),
+             st.sampled_from([1, 2, 0, -1, "3", "abc", "2d", "1y2m", "1w", "0d"]) | texts,
+             max_size=3), json_values)}, {}),
     "/pyvol/v1/repository/init": ({"Repo": urls}, {}),
     "/pyvol/v1/restore": ({"Url": urls, "Name": names, "Size": sizes, "Backend": texts}, {}),
 }
