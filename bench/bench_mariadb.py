@@ -1,0 +1,122 @@
+"""MariaDB's insert rate with its datadir on a pyvol loop volume, against Docker's local driver
+on the same disk, in the same run (issue 15).
+
+    sudo .venv/bin/python bench/bench_mariadb.py [--seconds 30] [--rounds 2] [--snapshot-every 10]
+
+One client (`mariadb` in the database's container) inserts one row per transaction,
+autocommit, each COMMIT flushed to the redo log (innodb_flush_log_at_trx_commit=1), for a fixed
+number of seconds on a fresh database each time: on a volume of Docker's local driver, on a
+pyvol loop volume (xfs), and on a pyvol loop volume with `pyvol snapshot create` every N
+seconds while it writes. Rounds alternate the order. Printed: rows/s for each (median over the
+rounds), the ratios, the longest wait between two commits (a snapshot freezes the filesystem
+for its instant), and how long each snapshot took.
+
+The image is scripts/make-mariadb-image.sh's (a first build takes a few minutes).
+"""
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from helpers import Daemon, Dockerd, release  # noqa: E402
+from mariadb import InsertLoad, MariaDB, make_image  # noqa: E402
+
+CONFIGS = ("local", "pyvol", "pyvol+snapshots")
+
+
+def one_run(engine: Dockerd, daemon: Daemon, config: str, n: int, seconds: float,
+            every: float) -> dict:
+    """A fresh database on a fresh volume, the load for ``seconds``; its rate and waits."""
+    vol = f"bench-{config.replace('+', '-')}-{n}"
+    if config == "local":
+        engine.run("volume", "create", vol)
+        driver = "local"
+    else:
+        engine.run("volume", "create", "-d", daemon.driver, "-o", "size=4G", "-o", "fs=xfs", vol)
+        driver = daemon.driver
+    db = MariaDB(engine, vol, vol, driver).start()
+    snaps = []
+    try:
+        load = InsertLoad(db).start()
+        load.wait_rows(100)  # the client is running: the window starts now
+        start = time.time()
+        end = start + seconds
+        next_snap = start + every
+        while time.time() < end:
+            if config == "pyvol+snapshots" and time.time() >= next_snap:
+                t = time.monotonic()
+                daemon.cli("snapshot", "create", vol, "--name", f"s{len(snaps)}")
+                snaps.append(time.monotonic() - t)
+                next_snap += every
+            time.sleep(0.05)
+        rc, err = load.stop()
+        if rc != 0:
+            raise RuntimeError(f"the client failed in {config}: {err}")
+        times = [at for _, at in load.commits if start <= at < end]
+        waits = [b - a for a, b in zip(times, times[1:])]
+        return {"rate": len(times) / seconds, "max_wait": max(waits),
+                "p99_wait": sorted(waits)[int(len(waits) * 0.99)], "snaps": snaps}
+    finally:
+        db.stop()
+        engine.run("volume", "rm", vol)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=float, default=30, help="load per run")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--snapshot-every", type=float, default=10)
+    args = ap.parse_args()
+    if args.seconds <= 0 or args.rounds < 1 or args.snapshot_every <= 0:
+        ap.error("--seconds and --snapshot-every must be positive, --rounds at least 1")
+    base = Path(tempfile.mkdtemp(prefix="pyvol-bench-", dir="/tmp"))
+    name = f"pyvol-bench-{os.getpid()}"
+    engine = daemon = None
+    try:
+        engine = Dockerd(base / "docker").start()
+        daemon = Daemon(base / "root", Path("/run/docker/plugins") / f"{name}.sock").start()
+        daemon.driver = name
+        took = make_image(engine.sock)
+        same = os.stat(base / "docker").st_dev == os.stat(base / "root").st_dev
+        where = subprocess.run(["findmnt", "-n", "-o", "SOURCE,FSTYPE", "-T", str(base)],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        print(f"image ready in {took:.0f} s; dockerd's data root and pyvol's pool file are on "
+              f"{'the same' if same else 'DIFFERENT'} filesystem ({where})")
+        print(f"{args.rounds} rounds of {args.seconds:.0f} s each, one row per transaction, "
+              f"snapshots every {args.snapshot_every:.0f} s in pyvol+snapshots")
+        results = {c: [] for c in CONFIGS}
+        for r in range(args.rounds):
+            order = CONFIGS if r % 2 == 0 else tuple(reversed(CONFIGS))
+            for config in order:
+                res = one_run(engine, daemon, config, r, args.seconds, args.snapshot_every)
+                results[config].append(res)
+                snaps = ", ".join(f"{s:.2f}" for s in res["snaps"])
+                print(f"  round {r + 1} {config:16} {res['rate']:8.0f} rows/s   longest wait "
+                      f"between commits {res['max_wait'] * 1e3:6.1f} ms, p99 "
+                      f"{res['p99_wait'] * 1e3:5.1f} ms"
+                      + (f"   snapshots took {snaps} s" if snaps else ""), flush=True)
+        med = {c: statistics.median(x["rate"] for x in results[c]) for c in CONFIGS}
+        print("\nrows/s, median of the rounds:")
+        for c in CONFIGS:
+            print(f"  {c:16} {med[c]:8.0f}")
+        print(f"  pyvol / local:                 {med['pyvol'] / med['local']:.2f}")
+        print(f"  pyvol+snapshots / local:       {med['pyvol+snapshots'] / med['local']:.2f}")
+        print(f"  pyvol+snapshots / pyvol:       {med['pyvol+snapshots'] / med['pyvol']:.2f}")
+    finally:
+        if engine:
+            engine.stop()
+        if daemon:
+            daemon.stop()
+            daemon.socket.unlink(missing_ok=True)
+        release(base)
+        subprocess.run(["rm", "-rf", str(base)])
+
+
+if __name__ == "__main__":
+    main()
