@@ -4,6 +4,7 @@
         ├─► snapshots                    ├─► kinds (block or directory, once per backend)
         ├─► catalogue (shared volumes)   └─► backends
         └─► backups ──► VolumeAccess (snapshots.SnapshotAccess) ──► snapshots, catalogue
+    ├─► schedules (the records) ;  scheduler.Runner (one per host) ──► snapshots, backups
     reconcile: at start, before any request, over volumes and host
 """
 
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 from .backup.service import Backups
 from .catalogue import Catalogue
 from .host import Host
+from .scheduler import Runner
+from .schedules import Schedules
 from .snapshots import SnapshotAccess, Snapshots
 from .volumes import Volumes
 
@@ -25,6 +28,8 @@ class Parts:
     snapshots: Snapshots
     volumes: Volumes
     backups: Backups
+    schedules: Schedules | None = None
+    runner: Runner | None = None  # started in each worker (server.py); one runs at a time
 
 
 def wire(host: Host) -> Parts:
@@ -32,4 +37,5 @@ def wire(host: Host) -> Parts:
     snapshots = Snapshots(host, catalogue)
     backups = Backups(SnapshotAccess(host, catalogue, snapshots), host.config)
     volumes = Volumes(host, catalogue, snapshots, backups)
-    return Parts(host, catalogue, snapshots, volumes, backups)
+    return Parts(host, catalogue, snapshots, volumes, backups,
+                 Schedules(host, catalogue), Runner(host, snapshots, backups))

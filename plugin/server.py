@@ -235,6 +235,10 @@ def serve(config: Config) -> None:
         # a new daemon starts: have the kernel end it with its master.
         die_with_parent(server.pid, signal.SIGTERM)
 
+    def post_worker_init(worker):
+        # every worker starts one; only the holder of ROOT/scheduler.lock runs schedules
+        parts.runner.start()
+
     def when_ready(server):
         event(log, "pyvol daemon ready", socket=str(config.socket), root=str(config.root),
               default_backend=parts.host.default_backend,
@@ -257,6 +261,7 @@ def serve(config: Config) -> None:
         # gunicorn's own lines (workers booting, signals) as JSON too: one format on stderr
         "logconfig_dict": pyvol_log.gunicorn_config(config.log_level),
         "post_fork": post_fork,
+        "post_worker_init": post_worker_init,
         "when_ready": when_ready,
         "proc_name": "pyvol",
     }

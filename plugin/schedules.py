@@ -1,0 +1,230 @@
+"""A volume's schedules: what the options say, when each run falls, and how they are shown.
+
+Options are the same at create (``docker volume create -o snapshot-every=1h``) and later
+(``pyvol schedule set``), so one parser serves both. A schedule's runs fall on a grid of its
+interval, shifted by a phase taken from a hash of the volume's name: a hundred volumes with
+the same interval do not all snapshot in the same second, and a volume's runs fall at the same
+times of day on every host and after every restart. The runner (plugin/scheduler.py) does the
+work; this module only decides and records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+import urllib.parse
+
+from . import clock
+from .backup.retention import Policy
+from .errors import InvalidInput, NotFound
+from .names import check_name
+from .state import Schedule, Store
+
+KINDS = ("snapshot", "backup")
+OPTIONS = {
+    "snapshot-every": "take a snapshot every INTERVAL (30s, 10m, 1h, 1d, 1h30m)",
+    "snapshot-keep": "snapshots of the schedule kept: N (the N newest) or a policy "
+                     "last=N,hourly=N,daily=N,weekly=N,monthly=N,yearly=N,within=DURATION",
+    "backup-every": "back up every INTERVAL into backup-to",
+    "backup-to": "the schedule's repository: s3://BUCKET[/PREFIX], file:///PATH or "
+                 "ebs://REGION",
+    "backup-keep": "backups of the schedule kept: N or a policy as snapshot-keep's "
+                   "(daily=7,weekly=4)",
+}
+# A run falls at most this fraction of its interval after the grid's slot (and at most
+# MAX_PHASE seconds): spread enough to part a hundred volumes, close enough to be predictable.
+PHASE_FRACTION = 0.25
+MAX_PHASE = 3600
+MIN_EVERY, MAX_EVERY = 1, 366 * 86400
+
+_UNITS = {"w": 604800, "d": 86400, "h": 3600, "m": 60, "s": 1}
+_INTERVAL_RE = re.compile(r"(?:[0-9]{1,7}[wdhms])+")
+_ACCEPTED_EVERY = ("accepted is an interval such as 30s, 10m, 1h, 1d or 1h30m (whole numbers "
+                   "each followed by w, d, h, m or s), from 1s to 366d")
+
+
+def parse_interval(text, what: str) -> int:
+    """``1h30m`` -> 5400 seconds."""
+    if not isinstance(text, str) or not _INTERVAL_RE.fullmatch(text.strip()):
+        raise InvalidInput(f"invalid {what} {text!r}: {_ACCEPTED_EVERY}")
+    seconds = sum(int(n) * _UNITS[u] for n, u in re.findall(r"([0-9]+)([wdhms])", text))
+    if not MIN_EVERY <= seconds <= MAX_EVERY:
+        raise InvalidInput(f"invalid {what} {text!r}: {_ACCEPTED_EVERY}")
+    return seconds
+
+
+def format_interval(seconds: int) -> str:
+    out = ""
+    for unit, size in _UNITS.items():
+        if unit == "w":
+            continue  # 14d reads better than 2w
+        if seconds >= size:
+            out += f"{seconds // size}{unit}"
+            seconds %= size
+    return out or "0s"
+
+
+def parse_keep(text, what: str) -> dict:
+    """``24`` (the 24 newest) or ``daily=7,weekly=4``: a retention policy as
+    backup/retention.py takes it (restic's --keep-* rules)."""
+    accepted = (f"accepted for {what} is a number N (keep the N newest) or rules such as "
+                "daily=7,weekly=4 from last, hourly, daily, weekly, monthly, yearly (counts) "
+                "and within, within-hourly, within-daily, within-weekly, within-monthly, "
+                "within-yearly (durations such as 2d)")
+    if not isinstance(text, str) or not text.strip():
+        raise InvalidInput(f"invalid {what} {text!r}: {accepted}")
+    text = text.strip()
+    if re.fullmatch(r"[0-9]{1,7}", text):
+        options = {"last": text}
+    else:
+        options = {}
+        for part in text.split(","):
+            key, eq, value = part.strip().partition("=")
+            if not eq or not key or not value:
+                raise InvalidInput(f"invalid {what} {text!r}: {part.strip()!r} is not "
+                                   f"RULE=VALUE; {accepted}")
+            key = key.strip().replace("-", "_")
+            if key in options:
+                raise InvalidInput(f"invalid {what} {text!r}: {key} is given twice; {accepted}")
+            options[key] = value.strip()
+    try:
+        policy = Policy.parse(options)
+    except InvalidInput as e:
+        raise InvalidInput(f"invalid {what} {text!r}: {e}; {accepted}") from None
+    return policy.as_dict()
+
+
+def format_keep(keep: dict | None) -> str:
+    if not keep:
+        return "all"
+    if list(keep) == ["last"]:
+        return str(keep["last"])
+    return ",".join(f"{k.replace('_', '-')}={v}" for k, v in keep.items())
+
+
+def check_target(url) -> str:
+    """A repository URL as the backup service takes it; opened only when the schedule runs
+    (a destination that fails then shows in the schedule's outcome). No credentials in it:
+    the URL is shown in Status and `schedule ls`, and the daemon's environment holds them."""
+    accepted = "accepted is s3://BUCKET[/PREFIX], file:///PATH or ebs://REGION"
+    if not isinstance(url, str) or not url.strip():
+        raise InvalidInput(f"invalid backup-to {url!r}: {accepted}")
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("s3", "file", "ebs") or "://" not in url:
+        raise InvalidInput(f"invalid backup-to {url!r}: {accepted}")
+    if "@" in parts.netloc:
+        raise InvalidInput("invalid backup-to: a repository URL carries no credentials (they "
+                           "would show wherever the schedule is shown); give them to the "
+                           "daemon's environment (AWS_*) instead; " + accepted)
+    if parts.query or parts.fragment:
+        raise InvalidInput(f"invalid backup-to {url!r}: no '?' or '#' part; {accepted}")
+    return url
+
+
+def parse_options(opts: dict[str, str], current: dict[str, Schedule] | None = None
+                  ) -> dict[str, dict]:
+    """The schedules ``opts`` ask for, by kind: {"snapshot": {every, keep, target}, ...}.
+    Options of a kind that ``current`` has change only what they name."""
+    current = current or {}
+    unknown = sorted(k for k in opts if k not in OPTIONS)
+    if unknown:
+        raise InvalidInput(f"unknown schedule option {', '.join(unknown)}: accepted are "
+                           f"{', '.join(OPTIONS)}")
+    out: dict[str, dict] = {}
+    for what in KINDS:
+        given = {k[len(what) + 1:]: v for k, v in opts.items() if k.startswith(what + "-")}
+        if not given:
+            continue
+        old = current.get(what)
+        spec = {"every": old.every if old else None, "keep": old.keep if old else None,
+                "target": old.target if old else None}
+        if "every" in given:
+            spec["every"] = parse_interval(given["every"], f"{what}-every")
+        if "keep" in given:
+            spec["keep"] = parse_keep(given["keep"], f"{what}-keep")
+        if "to" in given:
+            spec["target"] = check_target(given["to"])
+        if spec["every"] is None:
+            raise InvalidInput(f"a {what} schedule needs {what}-every (an interval such as 1h);"
+                               f" only {', '.join(f'{what}-{k}' for k in given)} was given")
+        if what == "backup" and spec["target"] is None:
+            raise InvalidInput("a backup schedule needs backup-to, its repository: "
+                               "s3://BUCKET[/PREFIX], file:///PATH or ebs://REGION")
+        out[what] = spec
+    return out
+
+
+def schedule_options(opts: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """Split a create's options into (the schedule's, the volume's)."""
+    ours = {k: v for k, v in opts.items() if k in OPTIONS}
+    return ours, {k: v for k, v in opts.items() if k not in OPTIONS}
+
+
+def phase(volume: str, what: str, every: int) -> int:
+    """Seconds after each slot of the grid this schedule runs: the same on every host."""
+    h = int.from_bytes(hashlib.sha256(f"{volume}/{what}".encode()).digest()[:8], "big")
+    return int(h / 2 ** 64 * min(every * PHASE_FRACTION, MAX_PHASE))
+
+
+def next_after(t: float, volume: str, what: str, every: int) -> float:
+    """The first slot of the schedule after ``t``: however long the daemon was down, a
+    missed slot is run once (it is due) and the next one is in the future."""
+    p = phase(volume, what, every)
+    return p + (int((t - p) // every) + 1) * every
+
+
+def store_rows(store: Store, volume: str, specs: dict[str, dict],
+               now: float | None = None) -> None:
+    """Write the schedules of ``specs`` for ``volume`` (inside the caller's transaction)."""
+    now = time.time() if now is None else now
+    for what, spec in specs.items():
+        at = clock.stamp(next_after(now, volume, what, spec["every"]))
+        store.put_schedule(Schedule(volume, what, spec["every"], spec["keep"], spec["target"],
+                                    at))
+
+
+def describe(s: Schedule) -> dict:
+    """A schedule as Status and `schedule ls` show it (a repository URL, never a secret)."""
+    return {"volume": s.volume, "what": s.what, "every": format_interval(s.every),
+            "keep": format_keep(s.keep), "target": s.target, "next": s.next_at,
+            "last": s.last_at, "result": s.last_result, "error": s.last_error,
+            "failures": s.failures, "runs": s.runs}
+
+
+class Schedules:
+    """``pyvol schedule set/ls/rm``: the records; the runner reads them."""
+
+    def __init__(self, host, catalogue):
+        self.host, self.catalogue, self.store = host, catalogue, host.store
+
+    def set(self, volume, opts) -> list[dict]:
+        check_name(volume)
+        if not isinstance(opts, dict) or not opts or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in opts.items()):
+            raise InvalidInput("invalid schedule options: accepted is a non-empty map of "
+                               f"{', '.join(OPTIONS)} to strings")
+        with self.host.lock(volume):
+            self.catalogue.ready(volume)
+            current = {s.what: s for s in self.store.schedules(volume)}
+            specs = parse_options(opts, current)
+            with self.store.tx():
+                store_rows(self.store, volume, specs)
+        return self.list(volume)
+
+    def list(self, volume=None) -> list[dict]:
+        if volume is not None:
+            self.catalogue.ready(check_name(volume))
+        return [describe(s) for s in self.store.schedules(volume)]
+
+    def remove(self, volume, what=None) -> dict:
+        check_name(volume)
+        if what is not None and what not in KINDS:
+            raise InvalidInput(f"invalid schedule kind {what!r}: accepted are "
+                               f"{', '.join(KINDS)}, or none for both")
+        with self.host.lock(volume):
+            with self.store.tx():
+                n = self.store.delete_schedules(volume, what)
+        if n == 0:
+            raise NotFound(f"volume {volume} has no {what + ' ' if what else ''}schedule")
+        return {"removed": n}
