@@ -27,6 +27,10 @@ from .errors import Conflict, InvalidInput, PyvolError
 from .host import Host
 from .log import event
 from .names import check_mount_id, check_name
+from .schedules import OPTIONS as SCHEDULE_OPTIONS
+from .schedules import describe as describe_schedule
+from .schedules import parse_options as parse_schedules
+from .schedules import schedule_options, store_rows
 from .snapshots import Snapshots
 from .sources import source_for
 from .state import Volume, now
@@ -62,10 +66,12 @@ class Volumes:
         """
         check_name(name)
         opts = dict(_check_options(opts))
+        scheduled, volume_opts = schedule_options(opts)
+        schedules = parse_schedules(scheduled)  # refused before anything is made
         source = source_for(opts, self.catalogue, self.backups)
         backend = self._pick_backend(opts)
         kind = self.host.kind(backend)
-        accepted = {**COMMON_OPTIONS, **backend.options}
+        accepted = {**COMMON_OPTIONS, **SCHEDULE_OPTIONS, **backend.options}
         unknown = sorted(set(opts) - set(accepted))
         if unknown:
             raise InvalidInput(f"unknown option {', '.join(unknown)}: accepted are "
@@ -76,7 +82,7 @@ class Volumes:
         fstype = kind.fstype(backend, opts.get("fs"), source.fs)
         size = self._size(opts, backend, source, kind.min_size(fstype), fstype)
         spec = VolumeSpec(name, size, {k: opts[k] for k in backend.options if k in opts},
-                          {**opts, "fs": fstype} if fstype else opts)
+                          {**volume_opts, "fs": fstype} if fstype else volume_opts)
         record = Volume(name, backend.name, size, fstype, "creating", now(), opts)
         with self.host.lock(name, *source.locks):
             self.catalogue.forget_if_removed(name)
@@ -101,7 +107,9 @@ class Volumes:
             except BaseException:
                 self.undo_create(backend, name)
                 raise
-            self.store.set_volume_status(name, "ready")
+            with self.store.tx():
+                self.store.set_volume_status(name, "ready")
+                store_rows(self.store, name, schedules)
         event(log, "volume created", volume=name, backend=backend.name, size=size, fs=fstype,
               source=source.label or None)
         return self.get(name)
@@ -310,7 +318,8 @@ class Volumes:
         mp = str(self.host.mountpoint(v.name))
         return self._describe(v, mp if mountinfo.is_mounted(mp) else "",
                               self.store.mount_records(v.name),
-                              self.store.snapshot_count(v.name, "ready"))
+                              self.store.snapshot_count(v.name, "ready"),
+                              self.store.schedules(v.name))
 
     def mountpoints(self) -> list[dict]:
         """Name and Mountpoint of every volume: all Docker's List needs, so it costs one
@@ -334,14 +343,18 @@ class Volumes:
         mounted = mountinfo.mount_points()
         records = self.store.all_mount_records()
         snapshots = self.store.snapshot_counts("ready")
+        schedules: dict[str, list] = {}
+        for s in self.store.schedules():
+            schedules.setdefault(s.volume, []).append(s)
         out = []
         for v in self.catalogue.all():
             mp = str(self.host.mountpoint(v.name))
             out.append(self._describe(v, mp if mp in mounted else "", records.get(v.name, []),
-                                      snapshots.get(v.name, 0)))
+                                      snapshots.get(v.name, 0), schedules.get(v.name, ())))
         return out
 
-    def _describe(self, v: Volume, mountpoint: str, mounts: list[dict], snapshots: int) -> dict:
+    def _describe(self, v: Volume, mountpoint: str, mounts: list[dict], snapshots: int,
+                  schedules=()) -> dict:
         """A volume as Get and the CLI show it; ``mountpoint`` is the path while mounted,
         else empty (what Docker must see)."""
         status = {
@@ -353,6 +366,9 @@ class Volumes:
             "mount_ids": mounts,
             "snapshots": snapshots,
         }
+        if schedules:  # each run's outcome: a failing schedule shows here
+            status["schedules"] = [{k: val for k, val in describe_schedule(s).items()
+                                    if k != "volume"} for s in schedules]
         for key in ("from-snapshot", "from-backup"):
             if key in v.options:
                 status["source"] = v.options[key]
