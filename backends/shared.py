@@ -14,14 +14,32 @@ against every shared backend with two hosts on one storage.
 
 from __future__ import annotations
 
+import time
 from abc import abstractmethod
 from typing import ClassVar
+
+from pyvol.errors import Conflict, NotFound
 
 from .base import Backend
 
 
+class HeldElsewhere(Conflict):
+    """Mount refused because other hosts hold a volume that only one host may hold at a time
+    (an EBS volume attaches to one instance). Its own type, so that Mount can tell it from
+    every other refusal and wait for ``holders`` (their instance ids) to let go: Swarm may
+    start a moved task before the old one has unmounted."""
+
+    def __init__(self, message: str, holders: list[str]):
+        super().__init__(message)
+        self.holders = list(holders)
+
+
 class SharedBackend(Backend):
     scope: ClassVar[str] = "global"
+    # how long a Mount waits for the holders of a HeldElsewhere to release the volume, and
+    # how often it looks; 0: refuse at once (a backend that never raises it needs none)
+    release_wait: float = 0.0
+    release_poll: float = 1.0
 
     @abstractmethod
     def records(self) -> dict[str, dict]:
@@ -49,6 +67,23 @@ class SharedBackend(Backend):
         """Other hosts that hold the volume: while any does, removal is refused."""
         return [f"{c.get('host')} ({c.get('instance')})" for c in self.claims(name)
                 if c.get("instance") != self.instance]
+
+    def wait_released(self, name: str, holders: list[str], until: float) -> bool:
+        """Wait until none of ``holders`` claims the volume, or time.monotonic() reaches
+        ``until``; whether they let go. It looks at the claims every ``release_poll`` s:
+        another host's release is seen only in the shared storage's records, which offer
+        nothing to wait on (EC2 has no notification a host can block on)."""
+        while True:
+            left = until - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(self.release_poll, left))
+            try:
+                claims = self.claims(name)
+            except NotFound:  # removed meanwhile: the Mount's next look says so
+                return True
+            if not set(holders) & {c.get("instance") for c in claims}:
+                return True
 
     @property
     @abstractmethod

@@ -17,9 +17,10 @@ is left out with a warning, never raised to the caller.
 from __future__ import annotations
 
 import logging
+import time
 
 from .backends import Backend
-from .backends.shared import SharedBackend
+from .backends.shared import HeldElsewhere, SharedBackend
 from .errors import InvalidInput, NotFound, PyvolError
 from .host import Host
 from .log import event
@@ -123,6 +124,25 @@ class Catalogue:
             raise NotFound(f"volume {name} has no claim of host {host}")
         event(log, "claim cleared", volume=name, host=host, claims=n)
         return {"cleared": n}
+
+    def await_release(self, name: str, held: HeldElsewhere, since: float,
+                      deadline: float | None) -> bool:
+        """Wait for the hosts ``held`` names to release the volume, for the backend's
+        ``release_wait`` from ``since`` (and never past ``deadline``); whether they did.
+
+        The caller holds no lock meanwhile: this host's Unmount, Get and List of the volume
+        go on, and so does the other host's release, which is what is waited for."""
+        b = self.host.backends.get(getattr(self.find(name), "backend", None))
+        if not isinstance(b, SharedBackend):
+            return False
+        until = since + b.release_wait
+        if deadline is not None:
+            until = min(until, deadline)
+        if time.monotonic() >= until:
+            return False
+        event(log, "mount waits for other hosts to release the volume", volume=name,
+              holders=",".join(held.holders), wait=round(until - time.monotonic(), 1))
+        return b.wait_released(name, held.holders, until)
 
     def _shared_backend_of(self, name) -> SharedBackend:
         b = self.host.backend(self.ready(name))
