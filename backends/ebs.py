@@ -25,7 +25,7 @@ from pyvol.errors import Conflict, InvalidInput, NotFound, PoolFull, PyvolError
 from pyvol.fs import device_size
 
 from .base import BlockBackend, Quiesce, Range, VolumeSpec
-from .shared import SharedBackend
+from .shared import HeldElsewhere, SharedBackend
 
 GiB = 1 << 30
 NAME_TAG, OPT_TAG, SNAP_VOL_TAG, SNAP_TAG, TEMP_TAG = (
@@ -139,6 +139,10 @@ class EbsBackend(SharedBackend, BlockBackend):
         self.race_settle = float(s.get("race_settle", 2))
         self.snapshot_timeout = float(s.get("snapshot_timeout", 3600))
         self.poll_delay = float(s.get("poll_delay", 2))  # between two looks of a waiter
+        # a Mount waits this long for another instance to detach (Swarm starts a moved task
+        # before the old one has unmounted), well inside Docker's 30 s for the call
+        self.release_wait = float(s.get("release_wait", 20))
+        self.release_poll = min(self.poll_delay, 1.0)
         self.instance_id = self.zone = self.region = None
         self.owner = None  # this daemon (its master process), for its temporary resources
         self._ec2 = None
@@ -421,9 +425,10 @@ class EbsBackend(SharedBackend, BlockBackend):
         v = self._find(name)
         others = [a["InstanceId"] for a in v["Attachments"] if a["InstanceId"] != self.instance_id]
         if others:
-            raise Conflict(f"volume {name} ({v['VolumeId']}) is attached to instance "
-                           f"{', '.join(others)}; unmount it there first (if that instance is "
-                           f"dead: pyvol lease clear {name} {others[0]})")
+            raise HeldElsewhere(f"volume {name} ({v['VolumeId']}) is attached to instance "
+                                f"{', '.join(others)}; unmount it there first (if that "
+                                f"instance is dead: pyvol claim clear {name} {others[0]})",
+                                others)
         return self._attach(v, f"{name} ({v['VolumeId']})")
 
     def _attach(self, v: dict, what: str) -> str:

@@ -20,7 +20,7 @@ import time
 
 from . import fs, mountinfo
 from .backends import Backend, VolumeSpec
-from .backends.shared import SharedBackend
+from .backends.shared import HeldElsewhere, SharedBackend
 from .catalogue import Catalogue
 from .crashpoint import crashpoint
 from .errors import Conflict, InvalidInput, PyvolError
@@ -250,9 +250,24 @@ class Volumes:
         a plugin call after its timeout and then never sends the Unmount, so a Mount that
         finishes later is undone instead of counted, and no count is left that nobody can
         release.
+
+        A shared volume another host still holds (HeldElsewhere) is waited for, up to the
+        backend's ``release_wait`` and never past ``deadline``, before the refusal naming it.
         """
         check_name(name)
         check_mount_id(mount_id)
+        since = time.monotonic()
+        while True:
+            try:
+                return self._mount(name, mount_id, deadline)
+            except HeldElsewhere as held:
+                # another host still has it (Swarm starts a moved task before the old one
+                # has unmounted): wait for its release with the volume's lock let go
+                if not self.catalogue.await_release(name, held, since, deadline):
+                    raise Conflict(f"{held} (waited {time.monotonic() - since:.0f} s for "
+                                   "it to be released)") from None
+
+    def _mount(self, name: str, mount_id: str, deadline: float | None) -> str:
         with self.host.lock(name):
             v = self.catalogue.adopt(self.catalogue.ready(name))
             backend = self.host.backend(v)
