@@ -250,7 +250,9 @@ class EbsRig:
         os.environ.update(self.creds)  # for backends made in this process
 
     def settings(self, host: int) -> dict:
-        return {"imds_url": self.imds[host].url, "attach_timeout": "20",
+        # release_wait: a Mount refused because another instance holds the volume answers
+        # after 2 s here, not the product's 20 (tests/test_move.py tests that bound)
+        return {"imds_url": self.imds[host].url, "attach_timeout": "20", "release_wait": "2",
                 "device_dir": str(self.plane.device_dir(self.instances[host]))}
 
     def env(self, host: int) -> dict:
