@@ -149,6 +149,29 @@ def grow(device: str, fstype: str, mount_point: Path) -> None:
                 umount(mount_point)
 
 
+CAP_SYS_RESOURCE = 24  # <linux/capability.h>
+
+
+def online_grow_refusal(fstype: str) -> str | None:
+    """Why a mounted ``fstype`` cannot be grown by this process, or None when it can:
+    the kernel grows a mounted ext4 only for CAP_SYS_RESOURCE, which containers and
+    sandboxes often drop. Asked before the device grows, so nothing is left half-done."""
+    if fstype == "ext4" and not _has_capability(CAP_SYS_RESOURCE):
+        return ("growing a mounted ext4 filesystem needs CAP_SYS_RESOURCE, which the pyvol "
+                "daemon runs without here (a container or sandbox dropped it): stop the "
+                "containers using the volume and resize it unmounted, or give the daemon "
+                "that capability")
+    return None
+
+
+def _has_capability(cap: int) -> bool:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> cap & 1)
+    return False
+
+
 def device_size(device: str) -> int:
     """Size in bytes of a block device (or file)."""
     fd = os.open(device, os.O_RDONLY)

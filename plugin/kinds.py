@@ -99,8 +99,11 @@ class BlockVolumes(VolumeKind):
             backend.deactivate(v.name)
 
     def resize(self, backend, v, mp, size):
+        mounted = mountinfo.is_mounted(mp)
+        if mounted and (why := fs.online_grow_refusal(v.fs)):
+            raise InvalidInput(f"cannot resize volume {v.name} while it is mounted: {why}")
         backend.grow(v.name, size)  # the device first: a filesystem only grows into it
-        if mountinfo.is_mounted(mp):  # online, under the container's writes
+        if mounted:  # online, under the container's writes
             fs.grow(backend.activate(v.name), v.fs, mp)
         else:
             self.grow(backend, v, mp)
