@@ -339,6 +339,19 @@ def create_app(parts: Parts) -> Flask:
     def volume_claim_clear(b, name):
         return parts.catalogue.clear_claim(name, _field(b, "Host"))
 
+    # schedules: set (the options a create takes: snapshot-every, backup-keep, ...), list, rm
+    @control("/schedules", ["GET"])
+    def schedule_list(_):
+        return parts.schedules.list(request.args.get("volume") or None)
+
+    @control("/volumes/<name>/schedules", ["PUT"])
+    def schedule_set(b, name):
+        return parts.schedules.set(name, _field(b, "Opts"))
+
+    @control("/volumes/<name>/schedules", ["DELETE"])
+    def schedule_remove(_, name):
+        return parts.schedules.remove(name, request.args.get("what") or None)
+
     # backups: long work streams progress (see _streamed); a backup URL goes in the body or
     # the query string because it holds '/' and '#'
     backups = parts.backups

@@ -149,6 +149,13 @@ ROUTES = {
     "/pyvol/v1/volumes/<name>/changes": ({}, {"base": snap_names, "snap": snap_names}),
     "/pyvol/v1/volumes/<name>/claims": ({}, {}),
     "/pyvol/v1/volumes/<name>/claims/clear": ({"Host": field(texts)}, {}),
+    "/pyvol/v1/schedules": ({}, {"volume": names}),
+    "/pyvol/v1/volumes/<name>/schedules": (
+        {"Opts": mostly(st.dictionaries(st.sampled_from(
+            ["snapshot-every", "snapshot-keep", "backup-every", "backup-to", "backup-keep", "x"]),
+            st.sampled_from(["1h", "30s", "0s", "1x", "24", "daily=7,weekly=4", "last=",
+                             "file:///x", "s3://a:b@c/d"]) | texts, max_size=3))},
+        {"what": st.sampled_from(["snapshot", "backup", "x"]) | texts}),
     "/pyvol/v1/backups": ({"Volume": refs, "Dest": urls}, {"repo": urls, "volume": names}),
     "/pyvol/v1/backup": ({}, {"url": urls}),
     "/pyvol/v1/backup/verify": ({"Url": urls}, {}),
