@@ -67,7 +67,7 @@ def _print(data, as_json: bool, render) -> None:
 
 
 # Columns a terminal never folds: URLs and timestamps are copied whole, off one line
-WHOLE = frozenset({"BACKUP", "CREATED", "SINCE"})
+WHOLE = frozenset({"BACKUP", "CREATED", "SINCE", "TARGET", "NEXT", "LAST", "RESULT"})
 GAP = "  "
 FOLD_FLOOR = 8  # a folding column keeps at least this many characters (or its header's)
 
@@ -454,6 +454,69 @@ def claim_clear(ctx, volume, host):
     """Drop the claim of HOST (dead) on VOLUME, so that it can be removed or moved."""
     r = _client(ctx).call("POST", f"/volumes/{volume}/claims/clear", {"Host": host})
     click.echo(f"cleared {r['cleared']} claim(s) of {host} on {volume}")
+
+
+@cli.group()
+def schedule():
+    """Snapshots and backups the daemon takes by itself, every INTERVAL, with retention.
+
+    The options are those `docker volume create -o` takes: snapshot-every, snapshot-keep,
+    backup-every, backup-to, backup-keep. Retention removes only what the schedule made.
+    """
+
+
+def _schedule_rows(items):
+    _table(["VOLUME", "WHAT", "EVERY", "KEEP", "TARGET", "NEXT", "LAST", "RESULT", "FAILURES",
+            "ERROR"],
+           [(s["volume"], s["what"], s["every"], s["keep"], s["target"], s["next"], s["last"],
+             s["result"], s["failures"], s["error"]) for s in items])
+
+
+@schedule.command("set")
+@click.argument("volume")
+@click.option("--snapshot-every", metavar="INTERVAL", help="Snapshot every 30s, 10m, 1h, 1d...")
+@click.option("--snapshot-keep", metavar="N|POLICY",
+              help="Keep the N newest, or a policy such as hourly=24,daily=7.")
+@click.option("--backup-every", metavar="INTERVAL", help="Back up every INTERVAL.")
+@click.option("--backup-to", metavar="URL", help="s3://BUCKET[/PREFIX], file:///PATH or "
+                                                 "ebs://REGION.")
+@click.option("--backup-keep", metavar="N|POLICY",
+              help="Keep the N newest, or a policy such as daily=7,weekly=4.")
+@click.option("--opt", "-o", "pairs", multiple=True, metavar="KEY=VALUE",
+              help="Any of the above as KEY=VALUE.")
+@json_option
+@click.pass_context
+def schedule_set(ctx, volume, pairs, as_json, **named):
+    """Set VOLUME's snapshot or backup schedule (options not given stay as they were)."""
+    opts = _opts(pairs)
+    opts.update({k.replace("_", "-"): v for k, v in named.items() if v is not None})
+    if not opts:
+        raise click.UsageError("nothing to set: give --snapshot-every, --backup-every "
+                               "with --backup-to, or the keep options")
+    rows = _client(ctx).call("PUT", f"/volumes/{volume}/schedules", {"Opts": opts})
+    _print(rows, as_json, _schedule_rows)
+
+
+@schedule.command("ls")
+@click.argument("volume", required=False)
+@json_option
+@click.pass_context
+def schedule_ls(ctx, volume, as_json):
+    """List schedules and each one's last run: its snapshot or backup, or its error."""
+    params = {"volume": volume} if volume else None
+    _print(_client(ctx).call("GET", "/schedules", params=params), as_json, _schedule_rows)
+
+
+@schedule.command("rm")
+@click.argument("volume")
+@click.option("--what", type=click.Choice(["snapshot", "backup"]),
+              help="Only this schedule (default: both).")
+@click.pass_context
+def schedule_rm(ctx, volume, what):
+    """Stop VOLUME's schedules; what they made stays (remove it as usual)."""
+    r = _client(ctx).call("DELETE", f"/volumes/{volume}/schedules",
+                          params={"what": what} if what else None)
+    click.echo(f"removed {r['removed']} schedule(s) of {volume}")
 
 
 # `pyvol lease ...`, the name these commands had before "claim" (a host's hold on a shared
