@@ -154,6 +154,15 @@ class EbsDataPlane:
             threading.Timer(self.attach_delay, self._appear, (vol, inst)).start()
         elif action == "DetachVolume":
             self._disappear(req["VolumeId"], req.get("InstanceId"))
+        elif action == "ModifyVolume" and req.get("Size"):
+            # EC2 grows the volume and the attached device shows its new size: the blob
+            # grows, and each loop device of it re-reads the size (losetup -c)
+            with open(self.blobs / f"{req['VolumeId']}.img", "ab") as f:
+                f.truncate(int(req["Size"]) * GiB)
+            with self.lock:
+                for (v, _), dev in self.loops.items():
+                    if v == req["VolumeId"]:
+                        subprocess.run(["losetup", "-c", dev], check=True)
         elif action == "DeleteVolume":
             (self.blobs / f"{req['VolumeId']}.img").unlink(missing_ok=True)
         elif action == "DeleteSnapshot":

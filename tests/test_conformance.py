@@ -16,8 +16,9 @@ from pyvol.backends.devicemapper import DevicemapperBackend
 from pyvol.backends.ebs import EbsBackend
 from pyvol.backends.loop import LoopBackend
 from pyvol.backends.nfs import NfsBackend
-from pyvol.errors import NotFound
+from pyvol.errors import InvalidInput, NotFound
 from pyvol.fs import device_size
+from pyvol.units import parse_size
 
 MiB = 1 << 20
 
@@ -231,3 +232,118 @@ def test_missing_volume_or_snapshot_is_not_found(backend):
     with pytest.raises(NotFound):
         with backend.read_snapshot("v", "nope"):
             pass
+
+
+# grow and rollback (issue 16, parts 3 and 4)
+POOL_LIMITED = {"loop": "5G", "devicemapper": "41G"}  # beyond 4G pool / 10 x 4G over-commit
+
+
+def _can_roll_back(backend) -> bool:
+    return backend.no_rollback is None
+
+
+def test_grow_keeps_data_and_an_active_volume_shows_the_new_size(backend):
+    small = sz(backend, 64 * MiB)
+    large = small + sz(backend, 64 * MiB)
+    backend.create(VolumeSpec("v", small))
+    dev = backend.activate("v")
+    put(dev, 1 * MiB, b"kept" * 1024)
+    backend.grow("v", large)
+    assert probe.size(backend, "v") == large
+    assert get(dev, 1 * MiB, 4096) == b"kept" * 1024
+    if backend.kind == "block":  # the active device itself, with no re-activation
+        assert device_size(dev) == large
+        put(dev, small + 1 * MiB, b"new room" * 512)
+        assert get(dev, small + 1 * MiB, 4096) == b"new room" * 512
+    backend.grow("v", large)  # the same size again: a repeated (interrupted) grow
+    backend.deactivate("v")
+    dev = backend.activate("v")
+    assert probe.size(backend, "v") == large
+    if backend.kind == "block":
+        assert device_size(dev) == large
+    assert get(dev, 1 * MiB, 4096) == b"kept" * 1024
+
+
+def test_grow_refuses_to_shrink(backend):
+    size = 2 * sz(backend, 128 * MiB)
+    backend.create(VolumeSpec("v", size))
+    with pytest.raises(InvalidInput, match="smaller than volume v"):
+        backend.grow("v", size - backend.size_unit)
+    assert probe.size(backend, "v") == size
+    with pytest.raises(NotFound):
+        backend.grow("nosuch", size)
+
+
+@pytest.fixture(params=_params(POOL_LIMITED))
+def pool_backend(request, workdir):
+    for b in _factory(request, workdir):
+        yield b()
+
+
+def test_grow_beyond_what_the_pool_may_hold_is_refused(pool_backend):
+    b = pool_backend
+    b.create(VolumeSpec("v", 64 * MiB))
+    with pytest.raises(InvalidInput, match="loop pool|over-commit"):
+        b.grow("v", parse_size(POOL_LIMITED[b.name]))
+    assert probe.size(b, "v") == 64 * MiB
+
+
+def test_rollback_gives_the_snapshots_data_in_place_or_is_refused_saying_why(backend):
+    size = sz(backend, 64 * MiB)
+    backend.create(VolumeSpec("v", size))
+    dev = backend.activate("v")
+    put(dev, 0, b"A" * 65536)
+    backend.snapshot("v", "s1")
+    put(dev, 0, b"B" * 65536)
+    put(dev, 8 * MiB, b"b" * 4096)
+    backend.deactivate("v")
+    if not _can_roll_back(backend):
+        with pytest.raises(InvalidInput, match="from-snapshot=VOLUME@SNAPSHOT"):
+            backend.rollback("v", "s1")
+        assert get(backend.activate("v"), 0, 65536) == b"B" * 65536  # untouched
+        return
+    backend.rollback("v", "s1")
+    assert probe.size(backend, "v") == size
+    assert backend.snapshots("v") == ["s1"]
+    dev = backend.activate("v")
+    assert get(dev, 0, 65536) == b"A" * 65536
+    assert get(dev, 8 * MiB, 4096) == bytes(4096)  # written after the snapshot: gone
+    put(dev, 0, b"C" * 65536)  # the volume and the snapshot are independent again
+    with backend.read_snapshot("v", "s1") as path:
+        assert get(path, 0, 65536) == b"A" * 65536
+    with pytest.raises(NotFound):
+        backend.rollback("v", "nosuch")
+
+
+@pytest.fixture(params=_params(n for n in FACTORIES if BACKENDS[n].no_rollback is None))
+def rollback_backend(request, workdir):
+    for b in _factory(request, workdir):
+        yield b()
+
+
+def test_rollback_copies_no_data(rollback_backend):
+    """Constant time, asserted on what the backend did: the pool's used space does not grow
+    by the snapshot's data (a copy would add all of it)."""
+    b = rollback_backend
+    b.create(VolumeSpec("v", 256 * MiB))
+    dev = b.activate("v")
+    put(dev, 0, os.urandom(48 * MiB))
+    b.snapshot("v", "s1")
+    put(dev, 0, os.urandom(48 * MiB))
+    b.deactivate("v")
+    used = b.usage()["pool_used"]
+    b.rollback("v", "s1")
+    assert b.usage()["pool_used"] < used + 8 * MiB
+
+
+def test_rollback_of_a_volume_grown_since_keeps_its_size(rollback_backend):
+    b = rollback_backend
+    b.create(VolumeSpec("v", 64 * MiB))
+    put(b.activate("v"), 0, b"A" * 4096)
+    b.snapshot("v", "s1")
+    b.grow("v", 128 * MiB)
+    b.deactivate("v")
+    b.rollback("v", "s1")
+    dev = b.activate("v")
+    assert probe.size(b, "v") == 128 * MiB and device_size(dev) == 128 * MiB
+    assert get(dev, 0, 4096) == b"A" * 4096
