@@ -11,14 +11,38 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+from pyvol.errors import PyvolError
+
 Range = tuple[int, int]  # (offset, length) in bytes
 Quiesce = Callable[[], AbstractContextManager]  # see Backend.snapshot
+
+
+class DeactivateFailed(PyvolError):
+    """What deactivate_many could not release: volume name -> why."""
+
+    def __init__(self, backend: str, failures: dict[str, str]):
+        self.failures = dict(failures)
+        super().__init__(f"backend {backend} could not release " + "; ".join(
+            f"{name}: {why}" for name, why in sorted(self.failures.items())))
+
+
+def release_each(backend: str, names: Collection[str], release: Callable[[str], None]) -> None:
+    """``release(name)`` for each name, every one tried; then DeactivateFailed for those whose
+    release failed (a storage error, not a bug: those propagate at once)."""
+    failures = {}
+    for name in sorted(names):
+        try:
+            release(name)
+        except (PyvolError, OSError) as e:
+            failures[name] = str(e) or type(e).__name__
+    if failures:
+        raise DeactivateFailed(backend, failures)
 
 
 @dataclass(frozen=True)
@@ -94,6 +118,14 @@ class Backend(ABC):
     @abstractmethod
     def deactivate(self, name: str) -> None:
         """Release what activate() took; idempotent."""
+
+    @abstractmethod
+    def deactivate_many(self, names: Collection[str]) -> None:
+        """deactivate() of each of ``names``, looking at the backend's devices (or records)
+        once for all of them: start-up releases every volume nothing has mounted, and one
+        deactivate() per volume scanned every device once per volume. Names the storage does
+        not hold are no error. Each name is tried even when another fails; the failures are
+        raised together after (``DeactivateFailed``)."""
 
     @abstractmethod
     def snapshot(self, name: str, snap: str, quiesce: Quiesce = contextlib.nullcontext) -> None:

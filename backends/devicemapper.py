@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import xml.etree.ElementTree as ET
+from collections.abc import Collection
 from pathlib import Path
 
 from pyvol import devwait, locks
@@ -38,7 +39,7 @@ from pyvol.run import run
 from pyvol.units import format_size, parse_size
 
 from . import loopdev
-from .base import BlockBackend, Quiesce, Range, VolumeSpec
+from .base import BlockBackend, DeactivateFailed, Quiesce, Range, VolumeSpec, release_each
 
 log = logging.getLogger(__name__)
 
@@ -427,6 +428,28 @@ class DevicemapperBackend(BlockBackend):
             if self._exists(self._thin_name(vol["id"])):
                 dmsetup("remove", "--retry", self._thin_name(vol["id"]))
             vol.pop("active", None)
+
+    def deactivate_many(self, names: Collection[str]) -> None:
+        """One look at the active devices (deactivate() asks dmsetup about each volume) and
+        one write of devices.json, under one hold of the pool lock."""
+        failed = None
+        with self._devices() as devices:
+            active = self._dm_devices()
+
+            def release(name: str) -> None:
+                vol = devices["volumes"].get(name)
+                if vol is None:
+                    return
+                if self._thin_name(vol["id"]) in active:
+                    dmsetup("remove", "--retry", self._thin_name(vol["id"]))
+                vol.pop("active", None)
+
+            try:
+                release_each(self.name, names, release)
+            except DeactivateFailed as e:
+                failed = e  # raised once devices.json says what was released
+        if failed is not None:
+            raise failed
 
     # snapshots
     def snapshot(self, name: str, snap: str, quiesce: Quiesce = contextlib.nullcontext) -> None:

@@ -18,13 +18,14 @@ import math
 import os
 import secrets
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 from pyvol import clock, devwait
 from pyvol.errors import Conflict, InvalidInput, NotFound, PoolFull, PyvolError
 from pyvol.fs import device_size
 
-from .base import BlockBackend, Quiesce, Range, VolumeSpec
+from .base import BlockBackend, Quiesce, Range, VolumeSpec, release_each
 from .shared import HeldElsewhere, SharedBackend
 
 GiB = 1 << 30
@@ -462,6 +463,20 @@ class EbsBackend(SharedBackend, BlockBackend):
         except NotFound:
             return
         self._detach(v, f"{name} ({v['VolumeId']})")
+
+    def deactivate_many(self, names: Collection[str]) -> None:
+        """One listing of the named volumes (deactivate() asks EC2 about each), then a
+        detach of each attached here; a name's volume is the one deactivate() would find."""
+        first: dict[str, dict] = {}
+        for v in self._named([{"Name": "tag-key", "Values": [NAME_TAG]}]):
+            first.setdefault(_tags(v).get(NAME_TAG), v)
+
+        def release(name: str) -> None:
+            v = first.get(name)
+            if v is not None:
+                self._detach(v, f"{name} ({v['VolumeId']})")
+
+        release_each(self.name, names, release)
 
     def _detach(self, v: dict, what: str) -> None:
         """Detach volume ``v`` from this instance (if it is attached here) and wait until

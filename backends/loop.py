@@ -19,6 +19,7 @@ import contextlib
 import fcntl
 import os
 import shutil
+from collections.abc import Collection
 from pathlib import Path
 
 from pyvol.crashpoint import crashpoint
@@ -27,7 +28,7 @@ from pyvol.run import run
 from pyvol.units import format_size, parse_size
 
 from . import extents, loopdev
-from .base import BlockBackend, Quiesce, Range, VolumeSpec
+from .base import BlockBackend, DeactivateFailed, Quiesce, Range, VolumeSpec
 
 MIN_POOL = 1 << 30
 MAX_DEFAULT_POOL = 16 << 40
@@ -172,6 +173,12 @@ class LoopBackend(BlockBackend):
 
     def deactivate(self, name: str) -> None:
         loopdev.detach(self._image(name))
+
+    def deactivate_many(self, names: Collection[str]) -> None:
+        images = {self._image(n): n for n in names}
+        failed = loopdev.detach_all(images)
+        if failed:
+            raise DeactivateFailed(self.name, {images[p]: why for p, why in failed.items()})
 
     # snapshots
     def snapshot(self, name: str, snap: str, quiesce: Quiesce = contextlib.nullcontext) -> None:

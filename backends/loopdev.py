@@ -24,6 +24,7 @@ import logging
 import os
 import struct
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -269,6 +270,28 @@ def detach(path: Path) -> None:
         return
     for dev, _ in _candidates(path):
         _clear(dev, want)
+
+
+def detach_all(paths: Iterable[Path]) -> dict[Path, str]:
+    """detach() of each of ``paths``, reading the bound devices once for all of them: detach()
+    scans every bound device, and start-up releases hundreds of files at once (each of which
+    usually has none). Every device is tried; gives the paths that could not be, with why."""
+    wanted = {}
+    for path in paths:
+        try:
+            wanted[identity(path)] = path
+        except FileNotFoundError:
+            continue
+    failed = {}
+    for dev, st in bound().items() if wanted else ():
+        key = (st.st_dev, st.st_ino)
+        if key not in wanted:
+            continue
+        try:
+            _clear(dev, key)  # checked again on its own fd: it may have changed since
+        except (CommandFailed, OSError) as e:
+            failed[wanted[key]] = f"{dev}: {e}"
+    return failed
 
 
 def _clear(dev: str, want: tuple[int, int]) -> None:

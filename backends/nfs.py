@@ -34,6 +34,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
@@ -45,7 +46,7 @@ from pyvol.files import write_whole
 from pyvol.log import event
 from pyvol.run import run
 
-from .base import DirectoryBackend, Quiesce, VolumeSpec
+from .base import DeactivateFailed, DirectoryBackend, Quiesce, VolumeSpec, release_each
 from .shared import SharedBackend
 
 SHARE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
@@ -497,6 +498,41 @@ class NfsBackend(SharedBackend, DirectoryBackend):
             return
         share.call(lambda: (share.base / "leases" / name / f"{self.instance}.json").unlink(
             missing_ok=True), what=f"releasing the mount of {name}")
+
+    def deactivate_many(self, names: Collection[str]) -> None:
+        """One listing of each share's records (deactivate() reads each volume's), then this
+        host's lease dropped on the share that holds the volume, the first as in _find."""
+        left, failures = set(names), {}
+        for share in self.shares.values():
+            if not left:
+                break
+            try:
+                share.ensure_mounted()
+            except ServerUnreachable:
+                continue
+            try:
+                held = left & share.call(self._names, share, what="a volume listing")
+            except ServerUnreachable as e:  # as deactivate() of each name left would fail
+                failures.update((n, str(e)) for n in left)
+                break
+            left -= held
+            try:
+                release_each(self.name, held, lambda name, share=share: share.call(
+                    lambda: (share.base / "leases" / name / f"{self.instance}.json").unlink(
+                        missing_ok=True), what=f"releasing the mount of {name}"))
+            except DeactivateFailed as e:
+                failures.update(e.failures)
+        if failures:
+            raise DeactivateFailed(self.name, failures)
+
+    @staticmethod
+    def _names(share: Share) -> set[str]:
+        """Every volume the share holds a record of, whatever its status (as _find)."""
+        try:
+            return {e.name[:-len(".json")] for e in os.scandir(share.base / "meta")
+                    if e.name.endswith(".json")}
+        except FileNotFoundError:  # a share pyvol has not laid out holds no volume
+            return set()
 
     # claims: a host claims a volume with a file under leases/ (the export's layout keeps
     # that directory's name) while it has the volume active

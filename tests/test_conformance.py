@@ -114,6 +114,27 @@ def test_activate_twice_gives_the_same_device(backend):
     assert probe.active_device(backend, "v") is None
 
 
+def test_deactivate_many_releases_the_named_volumes_and_only_those(make):
+    """What start-up does with every volume nothing has mounted: one call releases them all,
+    one that an earlier run left active included, and leaves every other volume active."""
+    first = make()
+    for n in ("left", "idle", "kept"):
+        first.create(VolumeSpec(n, sz(first, 64 * MiB)))
+    first.activate("left")  # an earlier daemon's, never released (it was killed)
+    second = make()
+    second.activate("idle")
+    kept = second.activate("kept")  # a mounted volume's: start-up never names it
+    assert probe.active_device(second, "left") is not None
+    second.deactivate_many(["left", "idle", "absent"])
+    assert probe.active_device(second, "left") is None
+    assert probe.active_device(second, "idle") is None
+    assert probe.active_device(second, "kept") == kept
+    second.deactivate_many(["left", "idle"])  # idempotent, as deactivate()
+    second.deactivate_many([])
+    assert probe.active_device(second, "kept") == kept
+    assert second.activate("idle") == probe.active_device(second, "idle")  # usable again
+
+
 def test_snapshot_content_is_frozen_at_snapshot_time(backend):
     backend.create(VolumeSpec("v", sz(backend, 64 * MiB)))
     dev = backend.activate("v")
