@@ -4,21 +4,30 @@ Runs once, in the daemon's master process, after every backend's ``setup`` (whic
 devices a killed daemon left suspended). A crash can stop pyvol between any two steps of any
 operation; this is where each interruption is finished or undone (docs/state.md, "Rules the
 records follow"), and where nothing a container depends on is left frozen.
+
+Docker waits for the socket while this runs, so it costs a few passes per backend, not a few
+per volume: a backend lists its volumes once, and releases every volume nothing has mounted
+in one call (``deactivate_many``), which looks at its devices once for all of them.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
+from concurrent.futures import ThreadPoolExecutor
 
 from . import fs, mountinfo
 from .backends import Backend
+from .backends.base import DeactivateFailed
 from .errors import PyvolError
 from .host import Host
 from .log import event
-from .state import Volume
+from .state import Snapshot, Volume
 from .volumes import Volumes
 
 log = logging.getLogger(__name__)
+
+THAW_THREADS = 4
 
 
 def reconcile(host: Host, volumes: Volumes) -> None:
@@ -30,17 +39,21 @@ def reconcile(host: Host, volumes: Volumes) -> None:
             event(log, "host rebooted: clearing mount records", volumes=len(store.mounts()))
         store.clear_mounts()
         store.set_meta("boot_id", boot_id)
-    _thaw_all(host)
-    for v in store.volumes():
-        backend = host.backends.get(v.backend)
-        if backend is None:
+    rows = store.volumes()
+    _thaw_all(host, rows)
+    by_backend: dict[str, list[Volume]] = {}
+    for v in rows:
+        if v.backend not in host.backends:
             log.warning("volume %s is on backend %s, which is unavailable", v.name, v.backend)
             continue
-        try:
-            _volume(host, volumes, backend, v)
-        except Exception:
-            log.exception("recovery of volume %s failed; it is left as it was", v.name)
-    known = {v.name for v in store.volumes()}
+        by_backend.setdefault(v.backend, []).append(v)
+    unfinished: dict[str, list[Snapshot]] = {}
+    for s in store.snapshots():
+        if s.status != "ready":
+            unfinished.setdefault(s.volume, []).append(s)
+    for name, vs in by_backend.items():
+        _backend(host, volumes, host.backends[name], vs, unfinished)
+    known = set(store.volume_names())
     for name, backend in host.backends.items():
         try:
             orphans = set(backend.list()) - known
@@ -52,58 +65,119 @@ def reconcile(host: Host, volumes: Volumes) -> None:
                   backend=name, volume=o)
 
 
-def _thaw_all(host: Host) -> None:
+def _thaw_all(host: Host, rows: list[Volume]) -> None:
     """A daemon killed inside a snapshot's freeze left that filesystem frozen, and every
-    writer in its container hangs until someone thaws it: thaw every mounted volume."""
-    mounted = {e.mount_point for e in mountinfo.entries()}
-    for v in host.store.volumes():
-        mp = host.mountpoint(v.name)
-        backend = host.backends.get(v.backend)
-        if backend is None or str(mp) not in mounted:
-            continue
+    writer in its container hangs until someone thaws it: thaw every mounted volume.
+
+    Each thaw is an external tool that mostly waits (fork, exec, one ioctl): a few at a time,
+    so that hundreds of mounted volumes do not keep Docker waiting for the socket."""
+    mounted = mountinfo.mount_points()
+    todo = [(v, backend) for v in rows if (backend := host.backends.get(v.backend)) is not None
+            and str(host.mountpoint(v.name)) in mounted]
+    with ThreadPoolExecutor(THAW_THREADS, thread_name_prefix="thaw") as pool:
+        for v, backend in todo:
+            pool.submit(_thaw, host, v, backend)
+
+
+def _thaw(host: Host, v: Volume, backend: Backend) -> None:
+    mp = host.mountpoint(v.name)
+    try:
+        if host.kind(backend).thaw(mp):
+            event(log, "thawed a filesystem left frozen by a killed daemon", volume=v.name)
+    except PyvolError as e:
+        log.error("could not thaw volume %s at %s: %s", v.name, mp, e)
+    except Exception:
+        log.exception("could not thaw volume %s at %s", v.name, mp)
+
+
+def _backend(host: Host, volumes: Volumes, backend: Backend, vs: list[Volume],
+             unfinished: dict[str, list[Snapshot]]) -> None:
+    """Every volume of one backend: interrupted operations one by one (rare), then the mount
+    state of the rest from one listing, and one release of all that nothing has mounted."""
+    steady = []
+    for v in vs:
         try:
-            if host.kind(backend).thaw(mp):
-                event(log, "thawed a filesystem left frozen by a killed daemon", volume=v.name)
-        except PyvolError as e:
-            log.error("could not thaw volume %s at %s: %s", v.name, mp, e)
+            if not _interrupted(host, volumes, backend, v, unfinished.get(v.name, [])):
+                steady.append(v)
+        except Exception:
+            log.exception("recovery of volume %s failed; it is left as it was", v.name)
+    if not steady:
+        return
+    try:
+        held = set(backend.list())
+    except Exception:
+        log.exception("backend %s could not list its volumes; their mounts are left as they "
+                      "were", backend.name)
+        return
+    users = host.store.mounts()  # volume -> its counts' sum, for volumes that have any
+    release = []
+    for v in steady:
+        try:
+            if _unmounted(host, volumes, backend, v, held, bool(users.get(v.name))):
+                release.append(v.name)
+        except Exception:
+            log.exception("recovery of volume %s failed; it is left as it was", v.name)
+    _release(backend, release)
 
 
-def _volume(host: Host, volumes: Volumes, backend: Backend, v: Volume) -> None:
+def _interrupted(host: Host, volumes: Volumes, backend: Backend, v: Volume,
+                 snapshots: list[Snapshot]) -> bool:
+    """Finish or undo what a crash interrupted of ``v``; True if the volume is gone."""
     store = host.store
     mp = host.mountpoint(v.name)
     if v.status == "creating":
         event(log, "undoing interrupted create", volume=v.name)
         volumes.undo_create(backend, v.name)
-        return
+        return True
     if v.status == "removing":
         event(log, "finishing interrupted remove", volume=v.name)
         if mountinfo.is_mounted(mp):
             fs.umount(mp)
         volumes.finish_remove(backend, v.name)
-        return
-    for s in store.snapshots(v.name):
-        if s.status != "ready":
-            event(log, "cleaning interrupted snapshot", volume=v.name, snapshot=s.name)
-            backend.remove_snapshot(v.name, s.name)
-            store.delete_snapshot(v.name, s.name)
-    if v.name not in backend.list():
+        return True
+    for s in snapshots:
+        event(log, "cleaning interrupted snapshot", volume=v.name, snapshot=s.name)
+        backend.remove_snapshot(v.name, s.name)
+        store.delete_snapshot(v.name, s.name)
+    return False
+
+
+def _unmounted(host: Host, volumes: Volumes, backend: Backend, v: Volume, held: set[str],
+               has_users: bool) -> bool:
+    """Make ``v``'s mount records agree with the mount table; True if it is to be released
+    (nothing has it mounted, but a crash may have left its device active)."""
+    if v.name not in held:
         log.error("volume %s is recorded but its storage is missing from backend %s",
                   v.name, backend.name)
-        return
-    users = store.mounts(v.name)
-    mounted = mountinfo.is_mounted(mp)
-    if users and not mounted:
-        event(log, "mount records without a mount: cleared", volume=v.name, ids=len(users))
-        store.clear_mounts(v.name)
-        backend.deactivate(v.name)
-    elif mounted and not users:
+        return False
+    mounted = mountinfo.is_mounted(host.mountpoint(v.name))
+    if has_users and not mounted:
+        event(log, "mount records without a mount: cleared", volume=v.name,
+              ids=len(host.store.mounts(v.name)))
+        host.store.clear_mounts(v.name)
+        return True
+    if mounted and not has_users:
         event(log, "mounted with no user: unmounting", volume=v.name)
         try:
             volumes.detach(v)
         except PyvolError as e:
             log.warning("could not unmount %s: %s", v.name, e)
-    elif not mounted:
-        backend.deactivate(v.name)
+        return False
+    return not mounted
+
+
+def _release(backend: Backend, names: Collection[str]) -> None:
+    if not names:
+        return
+    try:
+        backend.deactivate_many(names)
+    except DeactivateFailed as e:
+        for name, why in sorted(e.failures.items()):
+            log.error("recovery of volume %s failed: could not release it (%s); it is left "
+                      "as it was", name, why)
+    except Exception:
+        log.exception("backend %s could not release its %d unmounted volumes; they are left "
+                      "as they were", backend.name, len(names))
 
 
 def _boot_id() -> str:

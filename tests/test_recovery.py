@@ -90,6 +90,33 @@ def test_interrupted_create_and_stray_mount_are_cleaned_at_start(daemon):
     api.ok("/VolumeDriver.Create", {"Name": "half", "Opts": {"size": "64M"}})  # name is free
 
 
+def test_start_releases_devices_nothing_mounts_and_keeps_mounted_volumes(daemon):
+    """Start-up releases, in one pass per backend, every device no mount holds: one a killed
+    daemon left attached, and one whose mount went while the daemon was down (its count goes
+    too); a volume still mounted keeps its device, its mount and its count."""
+    api = daemon.api
+    for name in ("busy", "gone", "leftover", "idle"):
+        api.ok("/VolumeDriver.Create", {"Name": name, "Opts": {"size": "64M"}})
+    busy = api.ok("/VolumeDriver.Mount", {"Name": "busy", "ID": "c1"})["Mountpoint"]
+    gone = api.ok("/VolumeDriver.Mount", {"Name": "gone", "ID": "c2"})["Mountpoint"]
+    daemon.stop()
+    subprocess.run(["umount", gone], check=True)  # its loop device stays bound
+    images = daemon.root / "loop/pool/volumes"
+    subprocess.run(["losetup", "-f", str(images / "leftover.img")], check=True)
+    assert {os.path.basename(f) for f in loop_devices_under(daemon.root).values()} == {
+        "pool.img", "busy.img", "gone.img", "leftover.img"}
+    daemon.start()
+    api = daemon.api
+    assert sorted(loop_devices_under(daemon.root).values()) == [
+        str(daemon.root / "loop/pool.img"), str(images / "busy.img")]
+    assert mountinfo.is_mounted(busy)
+    assert api.ok("/VolumeDriver.Get", {"Name": "busy"})["Volume"]["Status"]["mounts"] == 1
+    assert api.ok("/VolumeDriver.Get", {"Name": "gone"})["Volume"]["Status"]["mounts"] == 0
+    assert api.ok("/VolumeDriver.Mount", {"Name": "gone", "ID": "c3"})["Mountpoint"] == gone
+    api.ok("/VolumeDriver.Unmount", {"Name": "gone", "ID": "c3"})
+    api.ok("/VolumeDriver.Unmount", {"Name": "busy", "ID": "c1"})
+
+
 def test_failed_mkfs_leaves_no_record_and_no_image(workdir, monkeypatch):
     """In-process: the one fault injected is the narrowest seam, mkfs itself failing."""
     cfg = pyvol_config.load(root=str(workdir / "root"), socket=str(workdir / "s.sock"),
