@@ -11,6 +11,7 @@ import signal
 import sqlite3
 import time
 
+import pytest
 
 from helpers import Daemon
 from pyvol import clock
@@ -146,6 +147,35 @@ def test_a_schedule_missed_while_the_daemon_was_down_runs_once_at_start(workdir)
         assert time.time() < clock.parse(s["next"]) <= time.time() + 3600
     finally:
         d.stop()
+
+
+@pytest.mark.slow
+def test_a_daemon_down_for_several_real_periods_runs_the_missed_slot_once(workdir):
+    """The same as the test above without touching the records: 4 s slots, 14 s down."""
+    d = Daemon(workdir / "root", workdir / "pyvol.sock").start()
+    try:
+        d.api.ok("/VolumeDriver.Create", {"Name": "v", "Opts": {
+            "size": "64M", "snapshot-every": "4s"}})
+        wait_for(lambda: schedules(d, "v")["snapshot"]["runs"] >= 1, 15, "a first run")
+        d.stop()
+        before = len(snaps_in(d))
+        time.sleep(14)
+        started = time.time()
+        d.start()
+        s = wait_for(lambda: (x := schedules(d, "v")["snapshot"])["runs"] >= 2 and x, 15,
+                     "the missed run")
+        next_slot = clock.parse(s["next"])
+        wait_for(lambda: time.time() > next_slot + 2, 10, "the next slot passing")
+        after = [t for t in snaps_in(d)[before:] if t < next_slot]
+        assert len(after) == 1 and after[0] >= started - 1, after
+    finally:
+        d.stop()
+
+
+def snaps_in(d: Daemon) -> list[float]:
+    with state(d) as db:
+        return [clock.parse(t) for (t,) in db.execute(
+            "SELECT created_at FROM snapshots WHERE origin='schedule' ORDER BY created_at")]
 
 
 def test_a_failing_backup_destination_shows_is_logged_once_and_retention_spares_others(
