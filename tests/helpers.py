@@ -239,11 +239,11 @@ class Dockerd:
         self.base.mkdir(parents=True, exist_ok=True)
         make_netns(self.netns)
         log = open(self.base / "dockerd.log", "ab")
-        self.proc = subprocess.Popen(
-            ["nsenter", f"--net=/run/netns/{self.netns}", "dockerd",
+        self.proc = subprocess.Popen(self._wrap(
+            ["dockerd",
              "--data-root", str(self.base / "root"), "--exec-root", str(self.base / "exec"),
              "-H", f"unix://{self.sock}", "--pidfile", str(self.base / "dockerd.pid"),
-             "--storage-driver", "overlay2"], stdout=log, stderr=log, start_new_session=True)
+             "--storage-driver", "overlay2"]), stdout=log, stderr=log, start_new_session=True)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.run("version", check=False).returncode == 0:
@@ -253,6 +253,11 @@ class Dockerd:
                 break
             time.sleep(0.2)
         raise RuntimeError("dockerd did not start:\n" + (self.base / "dockerd.log").read_text()[-3000:])
+
+    def _wrap(self, argv: list[str]) -> list[str]:
+        """How dockerd's command is run: in the network namespace (it must exec dockerd, so
+        that the pid is dockerd's)."""
+        return ["nsenter", f"--net=/run/netns/{self.netns}", *argv]
 
     def _image(self) -> None:
         """busybox:latest from Debian's busybox-static, imported: no registry is needed."""
@@ -318,3 +323,67 @@ def slow_backup(d: "Daemon", proxy, url: str, requests: int = 12) -> subprocess.
         assert time.monotonic() < deadline
         time.sleep(0.05)
     return cli
+
+
+class Node(Dockerd):
+    """One Docker host of several on this machine: a dockerd with a network, mount and UTS
+    namespace of its own. Its /run/docker/plugins is its own directory (``plugins``), so each
+    node has its own plugin of one name (``pyvol``), as separate hosts do; its hostname is
+    ``name`` (Swarm places tasks by hostname); ``addr`` is its address on the link that
+    ``link_nodes`` makes between the nodes' namespaces. Start its pyvol daemon with
+    ``daemon_wrap()``: in this mount namespace, where dockerd sees its mounts."""
+
+    def __init__(self, base: Path, name: str, addr: str):
+        super().__init__(base)
+        self.name, self.addr = name, addr
+        self.netns = f"pv{name}{os.getpid()}"
+        self.plugins = self.base / "plugins"
+
+    def _wrap(self, argv: list[str]) -> list[str]:
+        self.plugins.mkdir(parents=True, exist_ok=True)
+        Path("/run/docker/plugins").mkdir(parents=True, exist_ok=True)
+        script = 'mount --bind "$1" /run/docker/plugins && hostname "$2" && shift 2 && exec "$@"'
+        return ["nsenter", f"--net=/run/netns/{self.netns}", "unshare", "--mount", "--uts",
+                "sh", "-c", script, "sh", str(self.plugins), self.name, *argv]
+
+    def daemon_wrap(self) -> list[str]:
+        return ["nsenter", f"--mount=/proc/{self.proc.pid}/ns/mnt", "--"]
+
+    def in_ns(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess:
+        """Run ``argv`` where this node's mounts are."""
+        return in_mount_ns(self.proc.pid, *argv, check=check)
+
+
+def link_nodes(a: Node, b: Node, prefix: int = 24) -> None:
+    """A veth pair between two nodes' network namespaces, ``a.addr`` and ``b.addr`` on it."""
+    from pyroute2 import IPRoute, NetNS
+
+    host, peer = f"pva{os.getpid() % 100000}", f"pvb{os.getpid() % 100000}"
+
+    with IPRoute() as ip:
+        ip.link("add", ifname=host, kind="veth", peer=peer)
+        ip.link("set", index=ip.link_lookup(ifname=host)[0], net_ns_fd=a.netns)
+        ip.link("set", index=ip.link_lookup(ifname=peer)[0], net_ns_fd=b.netns)
+    for node, ifname in ((a, host), (b, peer)):
+        with NetNS(node.netns) as ns:
+            idx = ns.link_lookup(ifname=ifname)[0]
+            ns.addr("add", index=idx, address=node.addr, prefixlen=prefix)
+            ns.link("set", index=idx, state="up")
+
+
+def form_swarm(manager: Node, *workers: Node, timeout: float = 60) -> None:
+    """``manager`` inits a swarm on its link address and the workers join it; returns once
+    every node is Ready."""
+    manager.run("swarm", "init", "--advertise-addr", manager.addr)
+    token = manager.run("swarm", "join-token", "-q", "worker").stdout.strip()
+    for w in workers:
+        w.run("swarm", "join", "--advertise-addr", w.addr, "--token", token,
+              f"{manager.addr}:2377")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready = manager.run("node", "ls", "--format", "{{.Hostname}} {{.Status}}").stdout.split("\n")
+        if sorted(line.split()[0] for line in ready if line.endswith(" Ready")) == sorted(
+                n.name for n in (manager, *workers)):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"swarm not ready in {timeout} s: {ready}")
