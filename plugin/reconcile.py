@@ -13,6 +13,7 @@ in one call (``deactivate_many``), which looks at its devices once for all of th
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 
@@ -71,9 +72,9 @@ def _thaw_all(host: Host, rows: list[Volume]) -> None:
 
     Each thaw is an external tool that mostly waits (fork, exec, one ioctl): a few at a time,
     so that hundreds of mounted volumes do not keep Docker waiting for the socket."""
-    mounted = mountinfo.mount_points()
+    mounted, prefix = mountinfo.mount_points(), _mounts_prefix(host)
     todo = [(v, backend) for v in rows if (backend := host.backends.get(v.backend)) is not None
-            and str(host.mountpoint(v.name)) in mounted]
+            and prefix + v.name in mounted]
     with ThreadPoolExecutor(THAW_THREADS, thread_name_prefix="thaw") as pool:
         for v, backend in todo:
             pool.submit(_thaw, host, v, backend)
@@ -110,10 +111,16 @@ def _backend(host: Host, volumes: Volumes, backend: Backend, vs: list[Volume],
                       "were", backend.name)
         return
     users = host.store.mounts()  # volume -> its counts' sum, for volumes that have any
+    # One look at the mount table for all: read again on every change (mountinfo), it would
+    # be parsed once per volume on a host whose other mounts come and go meanwhile. Nothing
+    # else mounts pyvol's volumes while this runs, and what it unmounts is not looked at again.
+    mounted = mountinfo.mount_points()
+    prefix = _mounts_prefix(host)
     release = []
     for v in steady:
         try:
-            if _unmounted(host, volumes, backend, v, held, bool(users.get(v.name))):
+            if _unmounted(host, volumes, backend, v, held, bool(users.get(v.name)),
+                          prefix + v.name in mounted):
                 release.append(v.name)
         except Exception:
             log.exception("recovery of volume %s failed; it is left as it was", v.name)
@@ -143,14 +150,13 @@ def _interrupted(host: Host, volumes: Volumes, backend: Backend, v: Volume,
 
 
 def _unmounted(host: Host, volumes: Volumes, backend: Backend, v: Volume, held: set[str],
-               has_users: bool) -> bool:
+               has_users: bool, mounted: bool) -> bool:
     """Make ``v``'s mount records agree with the mount table; True if it is to be released
     (nothing has it mounted, but a crash may have left its device active)."""
     if v.name not in held:
         log.error("volume %s is recorded but its storage is missing from backend %s",
                   v.name, backend.name)
         return False
-    mounted = mountinfo.is_mounted(host.mountpoint(v.name))
     if has_users and not mounted:
         event(log, "mount records without a mount: cleared", volume=v.name,
               ids=len(host.store.mounts(v.name)))
@@ -178,6 +184,12 @@ def _release(backend: Backend, names: Collection[str]) -> None:
     except Exception:
         log.exception("backend %s could not release its %d unmounted volumes; they are left "
                       "as they were", backend.name, len(names))
+
+
+def _mounts_prefix(host: Host) -> str:
+    """What a volume's name is appended to for its mountpoint as the mount table prints it
+    (``host.mountpoint``, without a Path per volume)."""
+    return os.path.join(str(host.config.mounts_dir), "")
 
 
 def _boot_id() -> str:
