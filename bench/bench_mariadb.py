@@ -1,7 +1,7 @@
 """MariaDB's insert rate with its datadir on a pyvol loop volume, against Docker's local driver
 on the same disk, in the same run (issue 15).
 
-    sudo .venv/bin/python bench/bench_mariadb.py [--seconds 30] [--rounds 2] [--snapshot-every 10]
+    sudo .venv/bin/python bench/bench_mariadb.py [--seconds 30] [--rounds 3] [--snapshot-every 10]
 
 One client (`mariadb` in the database's container) inserts one row per transaction,
 autocommit, each COMMIT flushed to the redo log (innodb_flush_log_at_trx_commit=1), for a fixed
@@ -70,7 +70,7 @@ def one_run(engine: Dockerd, daemon: Daemon, config: str, n: int, seconds: float
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=30, help="load per run")
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--snapshot-every", type=float, default=10)
     args = ap.parse_args()
     if args.seconds <= 0 or args.rounds < 1 or args.snapshot_every <= 0:
