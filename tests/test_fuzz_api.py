@@ -146,6 +146,9 @@ ROUTES = {
     "/pyvol/v1/snapshots": ({}, {"volume": names}),
     "/pyvol/v1/volumes/<name>/snapshots": ({"Name": snap_names}, {}),
     "/pyvol/v1/snapshots/<ref>": ({}, {}),
+    "/pyvol/v1/snapshots/<ref>/rollback": (
+        {"DiscardCurrent": mostly(st.booleans(), json_values)}, {}),
+    "/pyvol/v1/volumes/<name>/resize": ({"Size": sizes}, {}),
     "/pyvol/v1/volumes/<name>/changes": ({}, {"base": snap_names, "snap": snap_names}),
     "/pyvol/v1/volumes/<name>/claims": ({}, {}),
     "/pyvol/v1/volumes/<name>/claims/clear": ({"Host": field(texts)}, {}),
