@@ -146,3 +146,34 @@ def test_resize_of_a_directory_volume_changes_its_advisory_size(workdir, nfs_exp
         d.cli("umount", "shared")
     finally:
         d.stop()
+
+
+def test_a_daemon_killed_during_a_resize_keeps_the_mount_and_data_and_a_rerun_finishes(
+        workdir):
+    """Killed after the device and the filesystem grew but before the record: the container's
+    mount and data are untouched, the record still says the old size, and the same resize
+    again finishes it."""
+    root, sock = workdir / "root", workdir / "pyvol.sock"
+    data = os.urandom(4 * MiB)
+    d = Daemon(root, sock, env={"PYVOL_CRASH_AT": "resize.grown"}).start()
+    d.cli("create", "killed", "--size", "320M", "--fs", "xfs")
+    mp = d.cli("mount", "killed", "--id", "container-1").stdout.strip()
+    with open(os.path.join(mp, "data"), "wb") as f:
+        f.write(data)
+        os.fsync(f.fileno())
+    assert d.cli("resize", "killed", "1G", check=False).returncode != 0
+    d.proc.wait(timeout=30)  # killed at the step
+    d.stop()
+    d = Daemon(root, sock).start()
+    try:
+        v = json.loads(d.cli("inspect", "killed", "--json").stdout)
+        assert v["Status"]["mounts"] == 1 and v["Mountpoint"] == mp
+        assert v["Status"]["size"] == 320 * MiB  # the record was not reached
+        assert open(os.path.join(mp, "data"), "rb").read() == data
+        d.cli("resize", "killed", "1G")
+        st = os.statvfs(mp)
+        assert st.f_blocks * st.f_frsize > 950 * MiB
+        assert _size(d, "killed") == 1 << 30
+        d.cli("umount", "killed", "--id", "container-1")
+    finally:
+        d.stop()
