@@ -166,7 +166,9 @@ class LoopBackend(BlockBackend):
         self._image(name).unlink(missing_ok=True)
 
     def list(self) -> list[str]:
-        return sorted(p.name[:-4] for p in self.volumes_dir.glob("*.img"))
+        # scandir, not Path.glob: no Path per image (start-up lists thousands), same names
+        with os.scandir(self.volumes_dir) as entries:
+            return sorted(e.name[:-4] for e in entries if e.name.endswith(".img"))
 
     def activate(self, name: str) -> str:
         return loopdev.attach(self._need(self._image(name), f"volume {name}"))
@@ -175,7 +177,8 @@ class LoopBackend(BlockBackend):
         loopdev.detach(self._image(name))
 
     def deactivate_many(self, names: Collection[str]) -> None:
-        images = {self._image(n): n for n in names}
+        folder = os.path.join(self.volumes_dir, "")  # as _image(), without a Path per name
+        images = {f"{folder}{n}.img": n for n in names}
         failed = loopdev.detach_all(images)
         if failed:
             raise DeactivateFailed(self.name, {images[p]: why for p, why in failed.items()})

@@ -272,7 +272,7 @@ def detach(path: Path) -> None:
         _clear(dev, want)
 
 
-def detach_all(paths: Iterable[Path]) -> dict[Path, str]:
+def detach_all(paths: Iterable[str | Path]) -> dict[str | Path, str]:
     """detach() of each of ``paths``, reading the bound devices once for all of them: detach()
     scans every bound device, and start-up releases hundreds of files at once (each of which
     usually has none). Every device is tried; gives the paths that could not be, with why."""
