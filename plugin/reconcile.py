@@ -131,13 +131,13 @@ def _interrupted(host: Host, volumes: Volumes, backend: Backend, v: Volume,
                  snapshots: list[Snapshot]) -> bool:
     """Finish or undo what a crash interrupted of ``v``; True if the volume is gone."""
     store = host.store
-    mp = host.mountpoint(v.name)
     if v.status == "creating":
         event(log, "undoing interrupted create", volume=v.name)
         volumes.undo_create(backend, v.name)
         return True
     if v.status == "removing":
         event(log, "finishing interrupted remove", volume=v.name)
+        mp = host.mountpoint(v.name)
         if mountinfo.is_mounted(mp):
             fs.umount(mp)
         volumes.finish_remove(backend, v.name)
