@@ -24,9 +24,8 @@ this bench's reads ran; issue 13):
 - List built a Volume (JSON options included) and a Path per volume: now one row of names
   from an index, and the last answer while names and mount table are unchanged. What is left
   grows with the answer itself: JSON of 1,000 entries and its 44 KB on the socket.
-- A restart spends most of its time in reconcile: LoopBackend.deactivate of each unmounted
-  volume scans every loop device in sysfs (loopdev.detach), and LoopBackend.list runs once per
-  volume (about 80% and 16% of the master's samples).
+- A restart spent nearly all its time in reconcile, which worked once per volume: where it
+  goes now is in bench/README.md, "Where a daemon restart's time went".
 - Idle memory: each of the three processes held rich and httpx (the CLI's, imported by the
   module `pyvol daemon` runs in), zstandard and cryptography (backup sealing). Flask,
   gunicorn, sqlite3 and ssl are what remains; RSS counts the pages the workers share with the
