@@ -603,6 +603,12 @@ class EbsBackend(SharedBackend, BlockBackend):
         under way (the size is usable from "optimizing" on) and, if the volume is attached
         here, until its block device shows the new size."""
         v = self._find(name)
+        others = [a["InstanceId"] for a in v["Attachments"] if a["InstanceId"] != self.instance_id]
+        if others:
+            # its filesystem can only grow where it is attached: refused before ModifyVolume,
+            # so that no size changes underneath a filesystem another host has mounted
+            raise Conflict(f"volume {name} ({v['VolumeId']}) is attached to instance "
+                           f"{', '.join(others)}: resize it on that host")
         gib = max(1, math.ceil(size / GiB))
         if gib < v["Size"]:
             raise InvalidInput(f"size {gib} GiB is smaller than volume {name} ({v['Size']} "

@@ -43,6 +43,11 @@ def test_a_volume_moves_from_instance_a_to_b_and_is_never_attached_twice(instanc
     err = b.api.err("/VolumeDriver.Mount", {"Name": "pg", "ID": "c2"})
     assert ebs_rig.instances[0] in err and "attached to instance" in err
     assert ebs_rig.instances[0] in b.api.err("/VolumeDriver.Remove", {"Name": "pg"})
+    # nor grow it: its filesystem is a's, and EC2's size must not change under it
+    r = b.api.raw("/pyvol/v1/volumes/pg/resize", b'{"Size": "2G"}')
+    assert r.status_code == 409, r.text
+    assert ebs_rig.instances[0] in r.json()["Err"] and "resize it on that host" in r.json()["Err"]
+    assert ebs_rig.volumes("pg")[0]["Size"] == 1
     a.api.ok("/VolumeDriver.Unmount", {"Name": "pg", "ID": "c1"})  # last: detaches
     assert ebs_rig.volumes("pg")[0]["Attachments"] == []
     mp_b = b.api.ok("/VolumeDriver.Mount", {"Name": "pg", "ID": "c2"})["Mountpoint"]
