@@ -215,6 +215,9 @@ class Store:
                     raise PyvolError(f"state {self.path}: the upgrade to schema version "
                                      f"{SCHEMA_VERSION} found {len(broken)} rows whose volume "
                                      f"is missing; left at version {found}")
+                # in the same transaction: a daemon killed after the commit must not find
+                # the old version and run the steps again on tables they have changed
+                self.set_meta("schema_version", str(SCHEMA_VERSION))
         finally:
             conn.execute("PRAGMA foreign_keys=ON")
 

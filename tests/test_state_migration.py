@@ -109,3 +109,25 @@ def test_a_newer_state_is_refused(tmp_path):
     store.set_meta("schema_version", "99")
     with pytest.raises(PyvolError, match="newer than this pyvol"):
         Store(tmp_path / "state.db").init()
+
+
+def test_a_start_killed_right_after_the_upgrade_finds_the_new_version(tmp_path, monkeypatch):
+    """The upgrade's steps and the version it reaches are one transaction: a start that
+    dies after the upgrade (here: at the schema statements that follow it) leaves a state
+    the next start opens, rather than one whose old version number runs the steps again
+    (ALTER TABLE ... ADD COLUMN origin a second time fails, and the daemon never starts)."""
+    import pyvol.state as state
+
+    path = tmp_path / "state.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(V1)
+    conn.close()
+    monkeypatch.setattr(state, "_SCHEMA", "THIS IS NOT SQL")
+    with pytest.raises(sqlite3.OperationalError):
+        Store(path).init()
+    monkeypatch.undo()
+    store = Store(path)
+    store.init()
+    assert store.meta("schema_version") == str(SCHEMA_VERSION)
+    assert {s.name: s.origin for s in store.snapshots("db")}["nightly"] == "user"
+    assert store.mounts("db") == {"abc": 2}
