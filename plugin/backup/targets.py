@@ -55,24 +55,54 @@ class Target(ABC):
         """Delete the object; one already gone is not an error."""
 
 
+def shown_url(url) -> str:
+    """``url`` as an error may show it: no query or fragment, no user or password (either
+    may hold a secret), at most 200 characters."""
+    if not isinstance(url, str):
+        return f"(a {type(url).__name__}, not a string)"
+    cut = url.split("?", 1)[0].split("#", 1)[0]
+    scheme, sep, rest = cut.partition("://")
+    if sep and "@" in rest.split("/", 1)[0]:
+        cut = f"{scheme}://...@{rest.split('/', 1)[0].rpartition('@')[2]}" + \
+            (f"/{rest.split('/', 1)[1]}" if "/" in rest else "")
+    elif "@" in cut:
+        cut = "..." + cut.rpartition("@")[2]
+    return repr(cut[:200])
+
+
+def parse_repo_url(url) -> tuple[str, str, str]:
+    """A repository URL -> ("file", "", PATH) or ("s3", BUCKET, PREFIX), with nothing opened:
+    the one check of what ``open_target`` takes, shared with the schedules that store a URL
+    long before they open it. Errors never echo a query string or credentials."""
+    if not isinstance(url, str) or "://" not in url:
+        raise InvalidInput(f"invalid repository URL {shown_url(url)}: {ACCEPTED}")
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.query or parsed.fragment or "?" in url or "#" in url:
+        raise InvalidInput(f"invalid repository URL {shown_url(url)}: no '?' or '#' part; "
+                           f"{ACCEPTED}")
+    if "@" in parsed.netloc:
+        raise InvalidInput(f"invalid repository URL {shown_url(url)}: a repository URL carries "
+                           "no credentials; give them to the daemon's environment (AWS_*) "
+                           f"instead; {ACCEPTED}")
+    if parsed.scheme == "file":
+        if parsed.netloc not in ("", "localhost") or not parsed.path.startswith("/"):
+            raise InvalidInput(f"invalid repository URL {shown_url(url)}: {ACCEPTED}")
+        return "file", "", urllib.parse.unquote(parsed.path)
+    if parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise InvalidInput(f"invalid repository URL {shown_url(url)}: no bucket; {ACCEPTED}")
+        return "s3", parsed.netloc, parsed.path.strip("/")
+    raise InvalidInput(f"invalid repository URL {shown_url(url)}: unknown scheme "
+                       f"{parsed.scheme[:20]!r}; {ACCEPTED}")
+
+
 def open_target(url, settings: dict[str, str] | None = None, make: bool = False) -> Target:
     """The target ``url`` names; with ``make`` (``pyvol backup init``), a file:// directory
     that does not exist yet is made."""
-    if not isinstance(url, str) or "://" not in url:
-        raise InvalidInput(f"invalid repository URL {url!r}: {ACCEPTED}")
-    parsed = urllib.parse.urlsplit(url)
-    if parsed.query or parsed.fragment:
-        raise InvalidInput(f"invalid repository URL {url!r}: no '?' or '#' part; {ACCEPTED}")
-    if parsed.scheme == "file":
-        if parsed.netloc not in ("", "localhost") or not parsed.path.startswith("/"):
-            raise InvalidInput(f"invalid repository URL {url!r}: {ACCEPTED}")
-        return FileTarget(Path(urllib.parse.unquote(parsed.path)), make)
-    if parsed.scheme == "s3":
-        if not parsed.netloc:
-            raise InvalidInput(f"invalid repository URL {url!r}: no bucket; {ACCEPTED}")
-        return S3Target(parsed.netloc, parsed.path.strip("/"), settings or {})
-    raise InvalidInput(f"invalid repository URL {url!r}: unknown scheme {parsed.scheme!r}; "
-                       f"{ACCEPTED}")
+    scheme, bucket, path = parse_repo_url(url)
+    if scheme == "file":
+        return FileTarget(Path(path), make)
+    return S3Target(bucket, path, settings or {})
 
 
 class FileTarget(Target):
