@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import re
 import time
-import urllib.parse
 
 from . import clock
 from .backup.retention import Policy
@@ -22,13 +21,13 @@ from .names import check_name
 from .state import Schedule, Store
 
 KINDS = ("snapshot", "backup")
+ACCEPTED_TARGETS = "accepted are s3://BUCKET[/PREFIX], file:///PATH or ebs://REGION (ebs volumes)"
 OPTIONS = {
     "snapshot-every": "take a snapshot every INTERVAL (30s, 10m, 1h, 1d, 1h30m)",
     "snapshot-keep": "snapshots of the schedule kept: N (the N newest) or a policy "
                      "last=N,hourly=N,daily=N,weekly=N,monthly=N,yearly=N,within=DURATION",
     "backup-every": "back up every INTERVAL into backup-to",
-    "backup-to": "the schedule's repository: s3://BUCKET[/PREFIX], file:///PATH or "
-                 "ebs://REGION",
+    "backup-to": "the schedule's repository: " + ACCEPTED_TARGETS,
     "backup-keep": "backups of the schedule kept: N or a policy as snapshot-keep's "
                    "(daily=7,weekly=4)",
 }
@@ -103,29 +102,46 @@ def format_keep(keep: dict | None) -> str:
     return ",".join(f"{k.replace('_', '-')}={v}" for k, v in keep.items())
 
 
-def check_target(url) -> str:
-    """A repository URL as the backup service takes it; opened only when the schedule runs
-    (a destination that fails then shows in the schedule's outcome). No credentials in it:
-    the URL is shown in Status and `schedule ls`, and the daemon's environment holds them."""
-    accepted = "accepted is s3://BUCKET[/PREFIX], file:///PATH or ebs://REGION"
-    if not isinstance(url, str) or not url.strip():
-        raise InvalidInput(f"invalid backup-to {url!r}: {accepted}")
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("s3", "file", "ebs") or "://" not in url:
-        raise InvalidInput(f"invalid backup-to {url!r}: {accepted}")
-    if "@" in parts.netloc:
-        raise InvalidInput("invalid backup-to: a repository URL carries no credentials (they "
-                           "would show wherever the schedule is shown); give them to the "
-                           "daemon's environment (AWS_*) instead; " + accepted)
-    if parts.query or parts.fragment:
-        raise InvalidInput(f"invalid backup-to {url!r}: no '?' or '#' part; {accepted}")
+def check_target(url, backend: str | None = None) -> str:
+    """A repository URL as the backup service takes it, checked by the very parsers that
+    open it (backup/targets.py's ``parse_repo_url``, backends/ebs.py's ``parse_ebs_url``): a
+    URL accepted here is one a run can at least try, not one that fails at every slot. It is
+    opened only when the schedule runs (a destination down then shows in the outcome).
+    ``ebs://REGION`` takes only a volume on the ebs backend (``backend``: the volume's, when
+    known). No credentials in it, and none in an error: the URL is shown in Status and
+    `schedule ls`, and the daemon's environment holds them."""
+    from .backends.ebs import parse_ebs_url
+    from .backup.targets import parse_repo_url, shown_url
+
+    if isinstance(url, str) and url.startswith("ebs://"):
+        try:
+            _region, snap = parse_ebs_url(url)
+        except InvalidInput:
+            snap = ""
+        if snap is not None:
+            raise InvalidInput(f"invalid backup-to {shown_url(url)}: {ACCEPTED_TARGETS}")
+        if backend is not None and backend != "ebs":
+            raise InvalidInput(f"invalid backup-to {shown_url(url)}: an ebs:// destination "
+                               f"takes volumes on the ebs backend, and this one is on {backend};"
+                               " accepted for it are s3://BUCKET[/PREFIX] and file:///PATH")
+        return url
+    try:
+        parse_repo_url(url)
+    except InvalidInput as e:
+        raise InvalidInput(f"invalid backup-to: {e}; or ebs://REGION for an ebs volume") \
+            from None
     return url
 
 
-def parse_options(opts: dict[str, str], current: dict[str, Schedule] | None = None
-                  ) -> dict[str, dict]:
+def parse_options(opts: dict[str, str], current: dict[str, Schedule] | None = None,
+                  backend: str | None = None) -> dict[str, dict]:
     """The schedules ``opts`` ask for, by kind: {"snapshot": {every, keep, target}, ...}.
-    Options of a kind that ``current`` has change only what they name."""
+    Options of a kind that ``current`` has change only what they name. ``backend``: the
+    volume's, which decides whether ebs:// is a destination it can have.
+
+    A schedule needs its keep policy: runs every 30 s with nothing removed fill a dm pool's
+    metadata (or a repository) with no one watching; "keep everything" is ``last=`` a number
+    large enough, said on purpose."""
     current = current or {}
     unknown = sorted(k for k in opts if k not in OPTIONS)
     if unknown:
@@ -144,13 +160,17 @@ def parse_options(opts: dict[str, str], current: dict[str, Schedule] | None = No
         if "keep" in given:
             spec["keep"] = parse_keep(given["keep"], f"{what}-keep")
         if "to" in given:
-            spec["target"] = check_target(given["to"])
+            spec["target"] = check_target(given["to"], backend)
         if spec["every"] is None:
             raise InvalidInput(f"a {what} schedule needs {what}-every (an interval such as 1h);"
                                f" only {', '.join(f'{what}-{k}' for k in given)} was given")
         if what == "backup" and spec["target"] is None:
             raise InvalidInput("a backup schedule needs backup-to, its repository: "
-                               "s3://BUCKET[/PREFIX], file:///PATH or ebs://REGION")
+                               + ACCEPTED_TARGETS)
+        if spec["keep"] is None:
+            raise InvalidInput(f"a {what} schedule needs {what}-keep, what it keeps: a number N "
+                               f"(the N newest) or rules such as daily=7,weekly=4; only "
+                               f"{', '.join(f'{what}-{k}' for k in given)} was given")
         out[what] = spec
     return out
 
@@ -205,9 +225,12 @@ class Schedules:
             raise InvalidInput("invalid schedule options: accepted is a non-empty map of "
                                f"{', '.join(OPTIONS)} to strings")
         with self.host.lock(volume):
-            self.catalogue.ready(volume)
+            v = self.catalogue.ready(volume)
             current = {s.what: s for s in self.store.schedules(volume)}
-            specs = parse_options(opts, current)
+            specs = parse_options(opts, current, v.backend)
+            # a shared volume another host made gets its row here first: the schedule refers
+            # to it (schedules.volume REFERENCES volumes), as a snapshot's row does
+            self.catalogue.adopt(v)
             with self.store.tx():
                 store_rows(self.store, volume, specs)
         return self.list(volume)

@@ -66,10 +66,13 @@ class Volumes:
         """
         check_name(name)
         opts = dict(_check_options(opts))
+        # schedule options are accepted here but live in the schedules table alone (as
+        # `schedule set` changes them): a copy in the volume's options would go stale
         scheduled, volume_opts = schedule_options(opts)
-        schedules = parse_schedules(scheduled)  # refused before anything is made
         source = source_for(opts, self.catalogue, self.backups)
         backend = self._pick_backend(opts)
+        # refused before anything is made; an ebs:// backup-to needs the backend known
+        schedules = parse_schedules(scheduled, backend=backend.name)
         kind = self.host.kind(backend)
         accepted = {**COMMON_OPTIONS, **SCHEDULE_OPTIONS, **backend.options}
         unknown = sorted(set(opts) - set(accepted))
@@ -83,7 +86,7 @@ class Volumes:
         size = self._size(opts, backend, source, kind.min_size(fstype), fstype)
         spec = VolumeSpec(name, size, {k: opts[k] for k in backend.options if k in opts},
                           {**volume_opts, "fs": fstype} if fstype else volume_opts)
-        record = Volume(name, backend.name, size, fstype, "creating", now(), opts)
+        record = Volume(name, backend.name, size, fstype, "creating", now(), volume_opts)
         with self.host.lock(name, *source.locks):
             self.catalogue.forget_if_removed(name)
             if self.store.volume(name) is not None:
