@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING
 import click
 
 from . import config as pyvol_config
+from .backup.retention import COUNTS as RETENTION_COUNTS
+from .backup.retention import WITHINS as RETENTION_WITHINS
 from .errors import PyvolError
 from .units import format_size
 
@@ -644,9 +646,9 @@ def _forget_rows(r):
 
 _UNIT = {"hourly": "hour", "daily": "day", "weekly": "week", "monthly": "month",
          "yearly": "year"}
-KEEP_COUNTS = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
-KEEP_WITHINS = ("within", "within-hourly", "within-daily", "within-weekly", "within-monthly",
-                "within-yearly")
+# the daemon's own rule names (backup/retention.py), so a rule it adds is an option here too
+KEEP_COUNTS = RETENTION_COUNTS
+KEEP_WITHINS = tuple(k.replace("_", "-") for k in RETENTION_WITHINS)
 
 
 def _keep_options(fn):
