@@ -26,6 +26,7 @@ from pyvol.errors import Conflict, InvalidInput, NotFound, PoolFull, PyvolError
 from pyvol.fs import device_size
 
 from .base import BlockBackend, Quiesce, Range, VolumeSpec, release_each
+from .settings import seconds
 from .shared import HeldElsewhere, SharedBackend
 
 GiB = 1 << 30
@@ -136,13 +137,13 @@ class EbsBackend(SharedBackend, BlockBackend):
         s = self.settings
         self.imds_url = s.get("imds_url")  # unset: botocore's IMDS settings, see _identity
         self.device_dir = s.get("device_dir")  # a test rig's stand-in for the device names
-        self.attach_timeout = float(s.get("attach_timeout", 120))
-        self.race_settle = float(s.get("race_settle", 2))
-        self.snapshot_timeout = float(s.get("snapshot_timeout", 3600))
-        self.poll_delay = float(s.get("poll_delay", 2))  # between two looks of a waiter
+        self.attach_timeout = seconds("ebs", s, "attach_timeout", 120)
+        self.race_settle = seconds("ebs", s, "race_settle", 2, zero=True)
+        self.snapshot_timeout = seconds("ebs", s, "snapshot_timeout", 3600)
+        self.poll_delay = seconds("ebs", s, "poll_delay", 2)  # between two looks of a waiter
         # a Mount waits this long for another instance to detach (Swarm starts a moved task
         # before the old one has unmounted), well inside Docker's 30 s for the call
-        self.release_wait = float(s.get("release_wait", 20))
+        self.release_wait = seconds("ebs", s, "release_wait", 20, zero=True)
         self.release_poll = min(self.poll_delay, 1.0)
         self.instance_id = self.zone = self.region = None
         self.owner = None  # this daemon (its master process), for its temporary resources

@@ -40,6 +40,9 @@ class SharedBackend(Backend):
     # how often it looks; 0: refuse at once (a backend that never raises it needs none)
     release_wait: float = 0.0
     release_poll: float = 1.0
+    # what a Mount keeps of Docker's time after the wait, for the attach and the mount
+    # that follow it: a wait to the deadline would leave a Mount that must be undone
+    release_margin: float = 8.0
 
     @abstractmethod
     def records(self) -> dict[str, dict]:

@@ -16,6 +16,7 @@ is left out with a warning, never raised to the caller.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -39,7 +40,7 @@ class Catalogue:
     def find(self, name: str) -> Volume | None:
         v = self.store.volume(name)
         if v is not None:
-            return v if v.status == "ready" and not self._removed_elsewhere(v) else None
+            return self._as_shared_storage_says(v) if v.status == "ready" else None
         for b in self.host.shared_backends():
             rec = b.record(name)
             if rec is not None:
@@ -64,7 +65,11 @@ class Catalogue:
                 log.warning("cannot list volumes of backend %s: %s", b.name, e)
                 continue
             for name, v in list(vols.items()):
-                if v.backend == b.name and name not in recs and not mounted.get(name):
+                if v.backend != b.name:
+                    continue
+                if name in recs:
+                    vols[name] = self._sized(v, recs[name])
+                elif not mounted.get(name):
                     del vols[name]  # removed by another host
             for name, rec in recs.items():
                 if name not in vols and (v := self._volume_of(b, name, rec)) is not None:
@@ -89,10 +94,16 @@ class Catalogue:
 
     # changes
     def adopt(self, v: Volume) -> Volume:
-        """Give a shared volume a row here before changing anything that refers to it."""
+        """Give a shared volume a row here before changing anything that refers to it, and
+        bring the row's size up to the one ``v`` (a lookup) found on the shared storage: a
+        snapshot records it, and a block backup reads that many bytes, so a row left at
+        the size this host once saw would cut off what another host's resize added."""
         with self.store.tx():  # BEGIN IMMEDIATE: two workers cannot both insert
-            if self.store.volume(v.name) is None:
+            row = self.store.volume(v.name)
+            if row is None:
                 self.store.add_volume(v)
+            elif row.backend == v.backend and v.size > row.size:
+                self.store.set_volume_size(v.name, v.size)
         return self.store.volume(v.name)
 
     def adopt_snapshot(self, s: Snapshot) -> Snapshot:
@@ -137,7 +148,7 @@ class Catalogue:
             return False
         until = since + b.release_wait
         if deadline is not None:
-            until = min(until, deadline)
+            until = min(until, deadline - b.release_margin)
         if time.monotonic() >= until:
             return False
         event(log, "mount waits for other hosts to release the volume", volume=name,
@@ -156,6 +167,26 @@ class Catalogue:
         if not isinstance(b, SharedBackend) or self.store.mounts(v.name):
             return False
         return b.record(v.name) is None
+
+    def _as_shared_storage_says(self, v: Volume) -> Volume | None:
+        """This host's row of ``v``; for a shared volume, at the size the shared storage
+        records (another host may have grown it), or None if another host removed it
+        (unless it is still mounted here)."""
+        b = self.host.backends.get(v.backend)
+        if not isinstance(b, SharedBackend):
+            return v
+        rec = b.record(v.name)
+        if rec is None:
+            return v if self.store.mounts(v.name) else None
+        return self._sized(v, rec)
+
+    def _sized(self, v: Volume, rec: dict) -> Volume:
+        """``v`` at the size of the shared record ``rec``, where it says a larger one (sizes
+        only grow; a record that says less or nothing usable changes nothing)."""
+        size = rec.get("size") if isinstance(rec, dict) else None
+        if type(size) is not int or not v.size < size < 1 << 63:
+            return v
+        return dataclasses.replace(v, size=size)
 
     def _volume_of(self, b: Backend, name: str, rec: dict) -> Volume | None:
         try:

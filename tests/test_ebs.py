@@ -60,6 +60,28 @@ def test_a_volume_moves_from_instance_a_to_b_and_is_never_attached_twice(instanc
     assert ebs_rig.volumes("pg") == []
 
 
+
+def test_a_volume_another_instance_grew_is_seen_and_snapshotted_at_its_new_size(instances,
+                                                                                ebs_rig):
+    """EC2's size is the truth on every host: b adopted the volume at 1 GiB (a row of its
+    own, from its Mount); a grows it; b's Get, and b's snapshot (whose size a block backup
+    reads), say 2 GiB, not what b's row once said."""
+    a, b = instances
+    a.api.ok("/VolumeDriver.Create", {"Name": "grown", "Opts": {"size": "1G"}})
+    b.api.ok("/VolumeDriver.Mount", {"Name": "grown", "ID": "c1"})
+    b.api.ok("/VolumeDriver.Unmount", {"Name": "grown", "ID": "c1"})
+    a.cli("resize", "grown", "2G")
+    assert ebs_rig.volumes("grown")[0]["Size"] == 2
+    got = b.api.ok("/VolumeDriver.Get", {"Name": "grown"})["Volume"]
+    assert got["Status"]["size"] == 2 << 30
+    listed = json.loads(b.cli("ls", "--json").stdout)
+    assert [v["Status"]["size"] for v in listed if v["Name"] == "grown"] == [2 << 30]
+    b.api.ok("/VolumeDriver.Mount", {"Name": "grown", "ID": "c2"})
+    b.cli("snapshot", "create", "grown", "--name", "after")
+    snaps = json.loads(b.cli("snapshot", "ls", "grown", "--json").stdout)
+    assert [s["Size"] for s in snaps] == [2 << 30]
+    b.api.ok("/VolumeDriver.Unmount", {"Name": "grown", "ID": "c2"})
+
 def test_two_instances_racing_to_create_one_name_make_one_volume(instances, ebs_rig):
     results = {}
 
