@@ -27,8 +27,9 @@ class Snapshots:
     def __init__(self, host: Host, catalogue: Catalogue):
         self.host, self.catalogue, self.store = host, catalogue, host.store
 
-    def create(self, volume, snap=None, origin: str = "user") -> dict:
-        """Snapshot ``volume``; without a name, one made from the time, unique for the volume."""
+    def create(self, volume, snap=None, origin: str = "user", prefix: str = "") -> dict:
+        """Snapshot ``volume``; without a name, one made from the time (after ``prefix``: a
+        schedule's ``sched-``), unique for the volume."""
         check_name(volume)
         if snap is not None and snap != "":
             check_snap_name(snap)
@@ -36,7 +37,7 @@ class Snapshots:
             v = self.catalogue.adopt(self.catalogue.ready(volume))
             if snap is None or snap == "":
                 # chosen under the volume's lock, so two unnamed snapshots never pick one name
-                snap = self._free_name(volume, clock.compact())
+                snap = self._free_name(volume, prefix + clock.compact())
             self._take(v, snap, origin)
         event(log, "snapshot created", volume=volume, snapshot=snap)
         return self.get(volume, snap)
