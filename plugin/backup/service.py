@@ -157,8 +157,10 @@ class Backups:
         return repo, repo.get_manifest(volkey, bid)
 
     # backup
-    def create(self, ref, dest, job: Job | None = None) -> dict:
-        """Back up ``VOLUME`` (from a new snapshot) or ``VOLUME@SNAPSHOT`` into ``dest``."""
+    def create(self, ref, dest, job: Job | None = None, bid: str | None = None) -> dict:
+        """Back up ``VOLUME`` (from a new snapshot) or ``VOLUME@SNAPSHOT`` into ``dest``;
+        ``bid``, the backup's id chosen by the caller (a schedule records it before the work,
+        so that a backup whose daemon died after its manifest is still found as its own)."""
         job = job or Job("backup")
         if not isinstance(ref, str):
             raise InvalidInput("invalid volume: accepted is VOLUME or VOLUME@SNAPSHOT")
@@ -169,7 +171,7 @@ class Backups:
         if isinstance(dest, str) and dest.startswith("ebs://"):
             return self._ebs_backup(v, backend, snap, dest)
         repo = self._repo(dest, create=True)
-        bid = new_backup_id()
+        bid = bid or new_backup_id()
         with locked(repo, "shared", self.lease) as lease:
             lease.on_lost(job.cancel)  # the engine stops at its next step
             auto = snap is None
