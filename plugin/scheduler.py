@@ -6,6 +6,19 @@ once a second, and only the one holding it runs schedules. A worker that dies (k
 recycled by gunicorn) drops the lock with its process, and another worker's thread takes it
 within a second: never two runners, never none for long, and no lock file to clean up.
 
+Snapshots and backups have slots of their own (SLOTS): two long backups never hold up a
+snapshot schedule. A due schedule is started only when a slot of its kind is free (until then
+it stays due, most overdue first), and a run reads its schedule again as it starts: one
+removed, changed or re-created meanwhile (the volume removed and made again) is not run with
+the settings of the past.
+
+A worker that exits (``systemctl stop``, a recycled worker) stops the runner from its
+``worker_exit`` hook (server.py): no run starts any more, backups in flight are cancelled at
+their next step, and the runs in flight are waited for, within the graceful timeout. A
+snapshot is never cut off inside its filesystem freeze by a worker exiting on its own, which
+no reconcile would follow; a run stopped by the exit is not recorded, and its slot, still
+due, runs at the next start.
+
 A run that fails is retried at the schedule's next slot; its error is shown in Status and
 `pyvol schedule ls` for as long as it lasts, and logged once per streak of failures (and once
 when it ends), not at every retry.
@@ -18,29 +31,36 @@ import logging
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import datetime, timezone
 
 from . import clock
 from .backup.job import Job
+from .backup.repo import new_backup_id
 from .backup.retention import Policy, keep
-from .backup.service import BASE, PENDING
 from .errors import Conflict, NotFound, PyvolError
 from .log import event
-from .schedules import next_after
+from .schedules import MAX_PHASE, PHASE_FRACTION, next_after
 from .state import Schedule
 
 log = logging.getLogger(__name__)
 
 LOCK_POLL = 1.0  # how often a worker without the lock tries to take it
 TICK = 0.5       # how often the runner looks for due schedules
-RUNS_AT_ONCE = 2  # a long backup must not hold up every other volume's snapshot
+# runs at once, by kind: a long backup must not hold up every other volume's snapshot
+SLOTS = {"snapshot": 2, "backup": 2}
+CLOCK_CHECK = 5.0  # how often the runner looks for slots set by a clock that was ahead
 SNAPSHOT_PREFIX = "sched-"
+# a scheduled backup's row in scheduled_backups before its manifest exists: PENDING + its id
+PENDING_BACKUP = "pending:"
 
 
 def _time(text: str) -> datetime:
     return datetime.fromtimestamp(clock.parse(text), timezone.utc)
+
+
+def _settings(s: Schedule) -> tuple:
+    return s.every, s.keep, s.target, s.next_at
 
 
 class Runner:
@@ -48,78 +68,157 @@ class Runner:
         self.host, self.snapshots, self.backups = host, snapshots, backups
         self.store = host.store
         self.lock_path = host.config.root / "scheduler.lock"
-        self._busy: set[tuple[str, str]] = set()
-        self._busy_lock = threading.Lock()
+        self._runs: dict[tuple[str, str], tuple[threading.Thread, Job | None]] = {}
+        self._runs_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._halted_at = 0.0
+        self._checked_clock = float("-inf")
 
-    def start(self) -> threading.Thread:
-        t = threading.Thread(target=self._main, name="schedule-runner", daemon=True)
+    def start(self, alive=lambda: True) -> threading.Thread:
+        """Start the runner's thread; it stops dispatching as soon as ``alive()`` is false
+        (gunicorn's worker.alive, false from the worker's SIGTERM on)."""
+        t = threading.Thread(target=self._main, args=(alive,), name="schedule-runner",
+                             daemon=True)
         t.start()
         return t
 
-    def _main(self) -> None:
+    def stop(self, timeout: float) -> int:
+        """Start no run any more, cancel the backups in flight (they stop at their next
+        step) and wait for the runs in flight until ``timeout`` seconds after the runner
+        first saw the worker exiting (or from now); how many are still running then.
+        Returns at once when none is in flight."""
+        deadline = self._halt() + max(0.0, timeout)
+        with self._runs_lock:
+            runs = list(self._runs.values())
+        for thread, _job in runs:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        left = sum(t.is_alive() for t, _ in runs)
+        if runs:
+            event(log, "schedule runner stopped", pid=os.getpid(), waited_for=len(runs),
+                  still_running=left)
+        return left
+
+    def _halt(self) -> float:
+        """No run starts after this; backups in flight are cancelled. When it first
+        happened (monotonic)."""
+        with self._runs_lock:
+            if not self._stopping.is_set():
+                self._halted_at = time.monotonic()
+                self._stopping.set()
+                for _thread, job in self._runs.values():
+                    if job is not None:
+                        job.cancel()
+            return self._halted_at
+
+    def _main(self, alive) -> None:
         try:
-            self._take_lock()
+            if not self._take_lock(alive):
+                return
             event(log, "schedule runner started", pid=os.getpid())
-            pool = ThreadPoolExecutor(RUNS_AT_ONCE, thread_name_prefix="schedule-run")
             broken = False
-            while True:
+            while alive() and not self._stopping.is_set():
                 try:
-                    self._dispatch(pool)
+                    self._dispatch()
                     broken = False
                 except Exception:  # the state unreadable for a moment: try again, say so once
                     if not broken:
                         log.exception("schedule runner could not read the schedules")
                     broken = True
-                time.sleep(TICK)
+                self._stopping.wait(TICK)
+            self._halt()  # the worker is exiting: no run starts after this
         except Exception:
             log.exception("schedule runner stopped")
 
-    def _take_lock(self) -> None:
-        """Block (politely) until this process holds ROOT/scheduler.lock; it keeps it until
-        it dies. The holder's pid is written in the file, for people and tests."""
+    def _take_lock(self, alive) -> bool:
+        """Block (politely) until this process holds ROOT/scheduler.lock (True), or the
+        worker is stopping (False); it keeps the lock until it dies. The holder's pid is
+        written in the file, for people and tests."""
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         while True:
+            if not alive() or self._stopping.is_set():
+                self._halt()
+                os.close(fd)
+                return False
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
-                time.sleep(LOCK_POLL)
+                self._stopping.wait(LOCK_POLL)
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         self._lock_fd = fd  # held for the life of the process
+        return True
 
-    def _dispatch(self, pool: ThreadPoolExecutor) -> None:
-        for s in self.store.due_schedules(clock.stamp()):
+    def _dispatch(self) -> None:
+        now = time.time()
+        if time.monotonic() - self._checked_clock >= CLOCK_CHECK:
+            self._checked_clock = time.monotonic()
+            self._fix_far_future(now)
+        for s in self.store.due_schedules(clock.stamp(now)):
             key = (s.volume, s.what)
-            with self._busy_lock:
-                if key in self._busy:  # still running from an earlier slot
+            with self._runs_lock:
+                if self._stopping.is_set():
+                    return
+                if key in self._runs:  # still running from an earlier slot
                     continue
-                self._busy.add(key)
-            pool.submit(self._run, s)
+                if sum(k[1] == s.what for k in self._runs) >= SLOTS[s.what]:
+                    continue  # stays due: started when a slot of its kind is free
+                job = Job("scheduled backup") if s.what == "backup" else None
+                t = threading.Thread(target=self._run, args=(s, job), daemon=True,
+                                     name=f"schedule-{s.what}")
+                self._runs[key] = (t, job)
+                t.start()
 
-    def _run(self, s: Schedule) -> None:
+    def _fix_far_future(self, now: float) -> None:
+        """A slot further away than a whole interval (and its phase) was set while the clock
+        was ahead, and then it was put right: without this the schedule would sit idle
+        until the old time. Such a slot is moved to the next one from now."""
+        for s in self.store.schedules():
+            bound = s.every + min(s.every * PHASE_FRACTION, MAX_PHASE) + 1
+            if clock.parse(s.next_at) <= now + bound:
+                continue
+            with self._runs_lock:
+                if (s.volume, s.what) in self._runs:
+                    continue
+            at = clock.stamp(next_after(now, s.volume, s.what, s.every))
+            with self.store.tx():
+                self.store.schedule_ran(replace(s, next_at=at))
+            event(log, "schedule's next run was further than its interval (the clock was "
+                  "ahead); moved", volume=s.volume, what=s.what, was=s.next_at, now=at)
+
+    def _run(self, s: Schedule, job: Job | None) -> None:
         try:
-            self.run_once(s)
+            self.run_once(s, job)
         except Exception:
             log.exception("schedule %s of %s could not record its run", s.what, s.volume)
         finally:
-            with self._busy_lock:
-                self._busy.discard((s.volume, s.what))
+            with self._runs_lock:
+                self._runs.pop((s.volume, s.what), None)
 
-    def run_once(self, s: Schedule) -> None:
-        """One run of ``s``: the work, then retention, then the outcome and the next slot."""
+    def run_once(self, s: Schedule, job: Job | None = None) -> None:
+        """One run of ``s``: the work, then retention, then the outcome and the next slot.
+
+        ``s`` is the schedule as it was when found due; it is read again here, and a
+        schedule removed, changed or made again since (another ``next_at``) is not run."""
+        current = self.store.schedule(s.volume, s.what)
+        if current is None or _settings(current) != _settings(s) or self._stopping.is_set():
+            return
+        s = current
         started = time.time()
         slot = clock.parse(s.next_at)
         error, result, retention_error = None, None, None
         try:
-            result = (self._snapshot(s) if s.what == "snapshot" else self._backup(s))
+            result = (self._snapshot(s) if s.what == "snapshot" else
+                      self._backup(s, job or Job("scheduled backup")))
         except PyvolError as e:
             error = str(e)
         except Exception as e:  # a bug: its traceback in the log, once per streak
             error = f"internal error ({type(e).__name__}); the pyvol daemon's log has the details"
             if s.failures == 0:
                 log.exception("scheduled %s of %s failed", s.what, s.volume)
-        if error is None and s.keep:
+        if error is not None and self._stopping.is_set():
+            return  # cut off by the worker exiting: not a failure; the slot stays due
+        if error is None and s.keep:  # a row from before keep was required may have none
             try:
                 self._retain(s)
             except PyvolError as e:
@@ -147,20 +246,58 @@ class Runner:
 
     # the work
     def _snapshot(self, s: Schedule) -> str:
-        taken = {x.name for x in self.store.snapshots(s.volume)}
-        name, n = SNAPSHOT_PREFIX + clock.compact(), 1
-        while name in taken:  # a run late enough to share a second with the last
-            n += 1
-            name = f"{SNAPSHOT_PREFIX}{clock.compact()}-{n}"
-        return self.snapshots.create(s.volume, name, origin="schedule")["Ref"]
+        # named by the Snapshots part, under the volume's lock: sched-TIME, or -2, -3 after it
+        # for a run late enough to share a second with the last
+        return self.snapshots.create(s.volume, origin="schedule", prefix=SNAPSHOT_PREFIX)["Ref"]
 
-    def _backup(self, s: Schedule) -> str:
-        result = self.backups.create(s.volume, s.target, Job("scheduled backup"))
-        url = result["url"]
-        created = result.get("created") or clock.stamp()
+    def _backup(self, s: Schedule, job: Job) -> str:
+        """Back up into the schedule's repository. The backup is recorded as the schedule's
+        (PENDING_BACKUP + its id) before it starts, so that one whose daemon died after its
+        manifest was written is still found, and judged by retention, at the next run; an
+        ebs:// backup's id is AWS's, known only after it (recorded then)."""
+        if s.target.startswith("ebs://"):
+            result = self.backups.create(s.volume, s.target, job)
+            with self.store.tx():
+                self.store.add_scheduled_backup(s.volume, result["url"], s.target,
+                                                result.get("created") or clock.stamp())
+            return result["url"]
+        self._settle(s)
+        bid = new_backup_id()
+        pending = PENDING_BACKUP + bid
         with self.store.tx():
-            self.store.add_scheduled_backup(s.volume, url, s.target, created)
+            self.store.add_scheduled_backup(s.volume, pending, s.target, clock.stamp())
+        try:
+            result = self.backups.create(s.volume, s.target, job, bid=bid)
+        except PyvolError:  # refused or failed: the service wrote no manifest (or took it back)
+            with self.store.tx():
+                self.store.delete_scheduled_backup(s.volume, pending)
+            raise
+        url = result["url"]
+        with self.store.tx():
+            self.store.delete_scheduled_backup(s.volume, pending)
+            self.store.add_scheduled_backup(s.volume, url, s.target,
+                                            result.get("created") or clock.stamp())
         return url
+
+    def _settle(self, s: Schedule) -> None:
+        """Backups of this schedule left pending by a run that did not end (the daemon
+        died): the one whose manifest exists is recorded as the schedule's, the others are
+        forgotten. Only this schedule's runs write its pending rows, one at a time, and none
+        is running now. Costs a listing of the volume's backups, only after such a death."""
+        pending = {url[len(PENDING_BACKUP):]: url for url, _ in
+                   self.store.scheduled_backups(s.volume, s.target)
+                   if url.startswith(PENDING_BACKUP)}
+        if not pending:
+            return
+        found = {b["id"]: b for b in self.backups.list(s.target, s.volume) if b["id"] in pending}
+        with self.store.tx():
+            for bid, row in pending.items():
+                self.store.delete_scheduled_backup(s.volume, row)
+                if bid in found:
+                    self.store.add_scheduled_backup(s.volume, found[bid]["url"], s.target,
+                                                    found[bid].get("created") or clock.stamp())
+        event(log, "backups of a schedule interrupted by a crash settled", volume=s.volume,
+              found=len(found), forgotten=len(pending) - len(found))
 
     # retention: only what this schedule made
     def _retain(self, s: Schedule) -> None:
@@ -173,18 +310,22 @@ class Runner:
                     self._drop_snapshot(s.volume, v.id)
         else:
             items = [(url, _time(at)) for url, at in
-                     self.store.scheduled_backups(s.volume, s.target)]
+                     self.store.scheduled_backups(s.volume, s.target)
+                     if not url.startswith(PENDING_BACKUP)]
             for v in keep(items, policy):
                 if not v.kept:
                     self._drop_backup(s.volume, v.id)
 
     def _drop_snapshot(self, volume: str, snap: str) -> None:
-        """Remove a schedule's snapshot past its policy, unless a backup still needs it: as
-        the base of its next incremental backup, or being read right now. Kept, it is
-        judged again after the next run, and goes once nothing needs it."""
+        """Remove a schedule's snapshot past its policy. What protects the others is the
+        origin filter above (only origin 'schedule' snapshots are judged: never a user's,
+        never a backup's own, whose ``backup-base:``/``backup-snapshot:`` notes name only
+        snapshots of origin 'backup') and the readers lock: a snapshot a backup is reading
+        right now (``pyvol backup create VOL@sched-...``) is refused by Snapshots.remove, kept,
+        and judged again after the next run. A backup made from a scheduled snapshot does not
+        need it kept: the next backup's parent is chosen among snapshots still held (without
+        it, that backup reads every mapped range)."""
         ref = f"{volume}@{snap}"
-        if self.store.meta(BASE + ref) is not None or self.store.meta(PENDING + ref) is not None:
-            return
         try:
             self.snapshots.remove(volume, snap)
         except Conflict as e:  # being read by a backup

@@ -32,6 +32,9 @@ from .state import Store
 log = logging.getLogger(__name__)
 
 SOCKET_UMASK = 0o117  # rw for root and the socket's group, nothing for others: mode 0660
+# what a worker told to exit has to end its requests and scheduled runs, before the master
+# kills it
+GRACEFUL_TIMEOUT = 20
 LOCK_WAIT = 30.0  # a SIGKILLed predecessor's workers notice and exit within a few seconds
 
 
@@ -236,8 +239,21 @@ def serve(config: Config) -> None:
         die_with_parent(server.pid, signal.SIGTERM)
 
     def post_worker_init(worker):
-        # every worker starts one; only the holder of ROOT/scheduler.lock runs schedules
-        parts.runner.start()
+        # every worker starts one; only the holder of ROOT/scheduler.lock runs schedules. It
+        # starts no run once the worker is told to exit (worker.alive false on SIGTERM)
+        parts.runner.start(lambda: worker.alive)
+
+    def worker_exit(server, worker):
+        # A run must not be cut off wherever it is, perhaps inside a filesystem freeze: a
+        # worker that exits while the master lives is followed by no reconcile to thaw it.
+        # Backups in flight are cancelled, and the runs waited for, within the graceful
+        # timeout from when the runner saw the SIGTERM (the master kills the worker after
+        # it); none in flight (every
+        # worker but the runner's, usually): no wait at all. gunicorn calls this hook in the
+        # master too, as it reaps a worker: there it must not touch the runner that future
+        # workers inherit at fork.
+        if os.getpid() == worker.pid:
+            parts.runner.stop(GRACEFUL_TIMEOUT - 2)
 
     def when_ready(server):
         event(log, "pyvol daemon ready", socket=str(config.socket), root=str(config.root),
@@ -253,7 +269,7 @@ def serve(config: Config) -> None:
         "threads": config.threads,
         "worker_class": "gthread",
         "timeout": 300,
-        "graceful_timeout": 20,
+        "graceful_timeout": GRACEFUL_TIMEOUT,
         "control_socket_disable": True,
         "accesslog": None,
         "errorlog": "-",
@@ -262,6 +278,7 @@ def serve(config: Config) -> None:
         "logconfig_dict": pyvol_log.gunicorn_config(config.log_level),
         "post_fork": post_fork,
         "post_worker_init": post_worker_init,
+        "worker_exit": worker_exit,
         "when_ready": when_ready,
         "proc_name": "pyvol",
     }
