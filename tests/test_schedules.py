@@ -51,26 +51,45 @@ def state(d: Daemon) -> sqlite3.Connection:
     return sqlite3.connect(d.root / "state.db", timeout=30, isolation_level=None)
 
 
-def test_snapshot_schedule_keeps_its_newest_and_never_a_users_or_a_needed_base(daemon):
+def test_snapshot_schedule_keeps_its_newest_and_never_a_users_or_one_being_read(daemon):
     d = daemon
-    # bad schedules are refused at create with what is accepted, and nothing is made
+    # bad schedules are refused at create with what is accepted, and nothing is made; a
+    # destination that every run would fail on is refused here, not at every slot
     bad = {"snapshot-every": "1x"}, {"snapshot-every": "0s"}, {"snapshot-keep": "3"}, \
         {"snapshot-every": "1h", "snapshot-keep": "daily=x"}, {"backup-every": "1h"}, \
-        {"backup-every": "1h", "backup-to": "s3://key:secret@bucket/p"}
+        {"snapshot-every": "1h"}, \
+        {"backup-every": "1h", "backup-to": "file:///r"}, \
+        {"backup-every": "1h", "backup-keep": "3", "backup-to": "s3://key:secret@bucket/p"}, \
+        {"backup-every": "1h", "backup-keep": "3", "backup-to": "s3://b/p?X-Amz-Credential=secret"}, \
+        {"backup-every": "1h", "backup-keep": "3", "backup-to": "s3://"}, \
+        {"backup-every": "1h", "backup-keep": "3", "backup-to": "file://host/p"}, \
+        {"backup-every": "1h", "backup-keep": "3", "backup-to": "ebs://garbage"}, \
+        {"backup-every": "1h", "backup-keep": "3", "backup-to": "ebs://us-east-1"}  # loop
     for opts in bad:
         err = d.api.err("/VolumeDriver.Create", {"Name": "v", "Opts": {"size": "64M", **opts}})
-        assert "accepted" in err or "needs" in err, err
-        assert "secret" not in err
+        assert "accepted" in err or "needs" in err, (opts, err)
+        assert "secret" not in err, err
+    code, body = put(d, "nosuch", {"snapshot-every": "1h", "snapshot-keep": "3"})
+    assert code == 404, body
+    err = d.api.err("/VolumeDriver.Create", {"Name": "v", "Opts": {
+        "size": "64M", "snapshot-every": "1h"}})
+    assert "needs snapshot-keep" in err
     assert d.api.raw("/pyvol/v1/volumes", method="GET").json() == []
 
     d.api.ok("/VolumeDriver.Create", {"Name": "v", "Opts": {
         "size": "64M", "snapshot-every": "1s", "snapshot-keep": "3"}})
+    # the schedules table is their record; the volume's options never hold a copy
+    with state(d) as db:
+        [(options,)] = db.execute("SELECT options FROM volumes WHERE name='v'")
+    assert "snapshot" not in options, options
     d.cli("snapshot", "create", "v", "--name", "mine")
     first = wait_for(lambda: snaps(d, "v", "schedule"), 10, "a first scheduled snapshot")[0]
-    # the first one is now a backup's incremental base (the note a backup leaves, as
-    # docs/state.md says): kept whatever the policy, until the note goes
-    with state(d) as db:
-        db.execute("INSERT INTO meta VALUES (?, 'file:///elsewhere')", (f"backup-base:v@{first}",))
+    # a backup reading the first one (its readers lock, as `backup create v@sched-...` holds
+    # it): kept whatever the policy, until the backup ends
+    import fcntl
+
+    reader = os.open(d.root / "locks" / f"snap.v@{first}.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(reader, fcntl.LOCK_SH)
     seen = []
 
     def trimmed():
@@ -78,9 +97,12 @@ def test_snapshot_schedule_keeps_its_newest_and_never_a_users_or_a_needed_base(d
         seen.append(len(names))
         return s["runs"] >= 6 and len(names) == 4 and names
 
-    names = wait_for(trimmed, 20, "six runs and the policy applied")
-    assert first in names and "mine" in snaps(d, "v", "user")
-    assert max(seen[3:] or [0]) <= 5, seen  # never more than keep + base + one in flight
+    try:
+        names = wait_for(trimmed, 20, "six runs and the policy applied")
+        assert first in names and "mine" in snaps(d, "v", "user")
+        assert max(seen[3:] or [0]) <= 5, seen  # never more than keep + read + one in flight
+    finally:
+        os.close(reader)  # the backup ends: the next run's retention takes it
     status = d.api.ok("/VolumeDriver.Get", {"Name": "v"})["Volume"]["Status"]
     [shown] = status["schedules"]
     assert shown["what"] == "snapshot" and shown["every"] == "1s" and shown["keep"] == "3"
@@ -88,13 +110,14 @@ def test_snapshot_schedule_keeps_its_newest_and_never_a_users_or_a_needed_base(d
     out = d.cli("schedule", "ls").stdout
     assert "snapshot" in out and "v@sched-" in out and "1s" in out
 
-    with state(d) as db:  # no backup needs it any more: the next run's retention takes it
-        db.execute("DELETE FROM meta WHERE key=?", (f"backup-base:v@{first}",))
-    wait_for(lambda: first not in snaps(d, "v"), 10, "the former base removed")
+    wait_for(lambda: first not in snaps(d, "v"), 10, "the snapshot no longer read removed")
     assert "mine" in snaps(d, "v")
 
     code, body = put(d, "v", {"snapshot-keep": "weekly=x"})
     assert code == 400 and "snapshot-keep" in body["Err"] and "accepted" in body["Err"]
+    code, body = put(d, "v", {"backup-every": "1h", "backup-keep": "2",
+                              "backup-to": f"s3://b/p?sig={SECRET}"})
+    assert code == 400 and SECRET not in body["Err"] and "s3://b/p" in body["Err"], body
     assert d.cli("schedule", "rm", "v").stdout.strip() == "removed 1 schedule(s) of v"
     d.cli("rm", "v")
     assert d.api.raw("/pyvol/v1/schedules", method="GET").json() == []
@@ -104,7 +127,7 @@ def test_several_workers_run_each_slot_once_and_a_dead_runner_is_replaced(workdi
     d = Daemon(workdir / "root", workdir / "pyvol.sock", env={"PYVOL_WORKERS": "3"}).start()
     try:
         d.api.ok("/VolumeDriver.Create", {"Name": "v", "Opts": {"size": "64M"}})
-        code, _ = put(d, "v", {"snapshot-every": "1s"})
+        code, _ = put(d, "v", {"snapshot-every": "1s", "snapshot-keep": "100"})
         assert code == 200
         errors = []
 
@@ -137,8 +160,10 @@ def test_a_schedule_missed_while_the_daemon_was_down_runs_once_at_start(workdir)
     d = Daemon(workdir / "root", workdir / "pyvol.sock").start()
     try:
         d.api.ok("/VolumeDriver.Create", {"Name": "v", "Opts": {
-            "size": "64M", "snapshot-every": "1h"}})
-        d.stop()
+            "size": "64M", "snapshot-every": "1h", "snapshot-keep": "3"}})
+        began = time.monotonic()
+        d.stop()  # no run in flight: the runner's worker exits at once, as the others do
+        assert time.monotonic() - began < 5
         with state(d) as db:  # down for five periods and more
             db.execute("UPDATE schedules SET next_at=?", (clock.stamp(time.time() - 5 * 3600 - 60),))
         d.start()
@@ -158,7 +183,7 @@ def test_a_daemon_down_for_several_real_periods_runs_the_missed_slot_once(workdi
     d = Daemon(workdir / "root", workdir / "pyvol.sock").start()
     try:
         d.api.ok("/VolumeDriver.Create", {"Name": "v", "Opts": {
-            "size": "64M", "snapshot-every": "4s"}})
+            "size": "64M", "snapshot-every": "4s", "snapshot-keep": "10"}})
         wait_for(lambda: schedules(d, "v")["snapshot"]["runs"] >= 1, 15, "a first run")
         d.stop()
         before = len(snaps_in(d))
@@ -243,3 +268,175 @@ def test_runs_are_spread_by_volume_and_fall_on_each_ones_grid():
     assert parse_keep("24", "x") == {"last": 24}
     assert parse_keep("daily=7, weekly=4,within-daily=2d", "x") == {
         "daily": 7, "weekly": 4, "within_daily": "2d"}
+
+
+# The runner alone, on a real state database, with the snapshot and backup parts faked: what it
+# starts, when, and with which settings.
+
+class FakeSnapshots:
+    def __init__(self):
+        self.taken = []
+
+    def create(self, volume, snap=None, origin="user", prefix=""):
+        self.taken.append(volume)
+        return {"Ref": f"{volume}@{prefix}{len(self.taken)}"}
+
+
+class FakeBackups:
+    """Backups that run until ``release`` is set, or until their job is cancelled."""
+
+    def __init__(self, store, listed=()):
+        import threading
+
+        self.store, self.listed = store, list(listed)
+        self.release = threading.Event()
+        self.started, self.pending_seen, self.removed = [], [], []
+
+    def create(self, volume, target, job, bid=None):
+        from pyvol.backup.job import Cancelled
+
+        self.started.append(volume)
+        self.pending_seen.append([u for u, _ in self.store.scheduled_backups(volume, target)])
+        while not self.release.wait(0.05):
+            if job.cancelled:
+                raise Cancelled("cancelled")
+        return {"url": f"{target}#k/{bid}", "created": clock.stamp()}
+
+    def list(self, target, volume):
+        return self.listed
+
+    def remove(self, url):
+        self.removed.append(url)
+
+
+@pytest.fixture
+def runner_rig(tmp_path):
+    from types import SimpleNamespace
+
+    from pyvol.scheduler import Runner
+    from pyvol.state import Store, Volume
+
+    store = Store(tmp_path / "state.db")
+    store.init()
+    for name in ("a", "b", "c", "d"):
+        store.add_volume(Volume(name, "loop", 1 << 26, "ext4", "ready", clock.stamp()))
+    host = SimpleNamespace(store=store, config=SimpleNamespace(root=tmp_path))
+    snapshots, backups = FakeSnapshots(), FakeBackups(store)
+    r = Runner(host, snapshots, backups)
+    yield SimpleNamespace(store=store, runner=r, snapshots=snapshots, backups=backups)
+    backups.release.set()
+    r.stop(5)
+
+
+def put_row(store, volume, what, every=3600, keep=None, target=None, at=None):
+    from pyvol.state import Schedule
+
+    with store.tx():
+        store.put_schedule(Schedule(volume, what, every, keep or {"last": 5}, target,
+                                    at or clock.stamp(time.time() - 1)))
+    return store.schedule(volume, what)
+
+
+def test_a_run_reads_its_schedule_again_and_skips_one_removed_or_made_again(runner_rig):
+    rig = runner_rig
+    s = put_row(rig.store, "a", "snapshot")
+    with rig.store.tx():
+        rig.store.delete_schedules("a")
+    rig.runner.run_once(s)  # queued before `schedule rm`: nothing taken
+    assert rig.snapshots.taken == []
+
+    # the volume removed and made again with the same schedule: the old run is not its run
+    from pyvol.state import Volume
+
+    with rig.store.tx():
+        rig.store.delete_volume("a")
+        rig.store.add_volume(Volume("a", "loop", 1 << 26, "ext4", "ready", clock.stamp()))
+    fresh = put_row(rig.store, "a", "snapshot", at=clock.stamp(time.time() + 600))
+    rig.runner.run_once(s)
+    assert rig.snapshots.taken == []
+    changed = put_row(rig.store, "a", "snapshot", keep={"last": 9}, at=fresh.next_at)
+    rig.runner.run_once(fresh)  # its keep changed meanwhile: not run with the old one
+    assert rig.snapshots.taken == []
+    rig.runner.run_once(changed)
+    assert rig.snapshots.taken == ["a"] and rig.store.schedule("a", "snapshot").runs == 1
+
+
+def test_long_backups_never_hold_up_snapshots_and_a_stop_cancels_and_waits(runner_rig):
+    rig = runner_rig
+    for v in ("a", "b", "c"):
+        put_row(rig.store, v, "backup", target="file:///r")
+    put_row(rig.store, "d", "snapshot")
+    rig.runner._dispatch()
+    wait_for(lambda: rig.snapshots.taken == ["d"], 5, "the snapshot run beside two backups")
+    wait_for(lambda: len(rig.backups.started) == 2, 5, "two backups started")
+    rig.runner._dispatch()
+    time.sleep(0.3)
+    assert len(rig.backups.started) == 2  # the third waits for a backup slot, still due
+    # recorded as the schedule's before the work: found even if the daemon dies mid-way
+    assert all(len(p) == 1 and p[0].startswith("pending:") for p in rig.backups.pending_seen)
+
+    began = time.monotonic()
+    assert rig.runner.stop(10) == 0  # the backups cancelled at their next step, and waited for
+    assert time.monotonic() - began < 2
+    rig.runner._dispatch()
+    time.sleep(0.2)
+    assert len(rig.backups.started) == 2  # nothing starts once stopping
+    for v in ("a", "b", "c"):  # cut off by the exit: no failure, no pending row, still due
+        s = rig.store.schedule(v, "backup")
+        assert s.failures == 0 and s.runs == 0 and clock.parse(s.next_at) < time.time()
+        assert rig.store.scheduled_backups(v, "file:///r") == []
+
+
+def test_a_stop_with_no_run_in_flight_returns_at_once(runner_rig):
+    began = time.monotonic()
+    assert runner_rig.runner.stop(20) == 0
+    assert time.monotonic() - began < 0.1
+
+
+def test_a_backup_left_pending_by_a_crash_is_found_or_forgotten_at_the_next_run(runner_rig):
+    rig = runner_rig
+    s = put_row(rig.store, "a", "backup", target="file:///r", keep={"last": 1})
+    with rig.store.tx():  # a daemon died in two runs: one after its manifest, one before
+        rig.store.add_scheduled_backup("a", "pending:made", "file:///r", clock.stamp())
+        rig.store.add_scheduled_backup("a", "pending:lost", "file:///r", clock.stamp())
+    rig.backups.listed = [{"id": "made", "url": "file:///r#k/made",
+                           "created": clock.stamp(time.time() - 60)},
+                          {"id": "users", "url": "file:///r#k/users", "created": clock.stamp()}]
+    rig.backups.release.set()
+    rig.runner.run_once(s)
+    s = rig.store.schedule("a", "backup")
+    assert s.runs == 1 and s.last_error is None
+    rows = [u for u, _ in rig.store.scheduled_backups("a", "file:///r")]
+    # the one found is the schedule's, and its retention (keep 1) removed it; never the user's
+    assert rig.backups.removed == ["file:///r#k/made"] and rows == [s.last_result], rows
+
+
+def test_a_slot_set_while_the_clock_was_ahead_is_moved_back(runner_rig):
+    rig = runner_rig
+    put_row(rig.store, "a", "snapshot", every=3600, at=clock.stamp(time.time() + 90 * 86400))
+    near = put_row(rig.store, "b", "snapshot", every=3600, at=clock.stamp(time.time() + 1800))
+    rig.runner._dispatch()
+    moved = clock.parse(rig.store.schedule("a", "snapshot").next_at)
+    assert time.time() < moved <= time.time() + 3600
+    assert rig.store.schedule("b", "snapshot").next_at == near.next_at
+
+
+def test_a_shared_volume_made_on_another_host_takes_a_schedule_here(workdir, ebs_rig):
+    """A host with no row yet for a shared volume adopts it before the schedule's row refers
+    to it (a 500, a foreign-key error, before); ebs:// is a destination of ebs volumes."""
+    from test_ebs import ebs_host
+
+    a = ebs_host(workdir, ebs_rig, 0)
+    b = ebs_host(workdir, ebs_rig, 1)
+    try:
+        a.api.ok("/VolumeDriver.Create", {"Name": "v", "Opts": {"size": "1G"}})
+        code, body = put(b, "v", {"snapshot-every": "1h", "snapshot-keep": "3",
+                                  "backup-every": "1d", "backup-keep": "7",
+                                  "backup-to": "ebs://us-east-1"})
+        assert code == 200, body
+        assert set(schedules(b, "v")) == {"snapshot", "backup"}
+        code, body = put(b, "v", {"backup-to": "ebs://us-east-1/snap-0123abcd"})
+        assert code == 400 and "ebs://REGION" in body["Err"], body
+    finally:
+        a.stop()
+        b.stop()
