@@ -14,9 +14,9 @@ the settings of the past.
 
 A worker that exits (``systemctl stop``, a recycled worker) stops the runner from its
 ``worker_exit`` hook (server.py): no run starts any more, backups in flight are cancelled at
-their next step, and the runs in flight are waited for, within the graceful timeout. A
-snapshot is never cut off inside its filesystem freeze by a worker exiting on its own, which
-no reconcile would follow; a run stopped by the exit is not recorded, and its slot, still
+their next step, and the runs in flight are waited for, within the graceful timeout (18 s
+of its 20, about FREEZE_LIMIT): a snapshot is not cut off inside its filesystem freeze by a
+worker exiting on its own, which no reconcile would follow (only a SIGKILL still can); a run stopped by the exit is not recorded, and its slot, still
 due, runs at the next start.
 
 A run that fails is retried at the schedule's next slot; its error is shown in Status and
