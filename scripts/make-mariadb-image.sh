@@ -13,23 +13,21 @@ docker=${DOCKER:-docker}
 packages="mariadb-server,mariadb-client"
 mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 cache=/var/cache/pyvol-mariadb
-key=$({ cat "$0"; printf '%s' "$mirror"; } | sha256sum | cut -c1-12)
+key=$({ cat "$0" "$(dirname "$0")/debian-tree.sh"; printf '%s' "$mirror"; } | sha256sum | cut -c1-12)
 tarball="$cache/mariadb-bookworm-$key.tar"
 
-command -v debootstrap >/dev/null || { echo "make-mariadb-image.sh: needs debootstrap (apt-get install debootstrap)" >&2; exit 1; }
-if [ ! -s "$tarball" ]; then
-    mkdir -p "$cache"
-    tree=$(mktemp -d /var/tmp/pyvol-mariadb.XXXXXX)
-    trap 'rm -rf "$tree"' EXIT
-    # no service may start inside the tree while packages are configured
-    mkdir -p "$tree/usr/sbin"
-    printf '#!/bin/sh\nexit 101\n' > "$tree/usr/sbin/policy-rc.d"
-    chmod 755 "$tree/usr/sbin/policy-rc.d"
-    timeout 1200 debootstrap --variant=minbase --include="$packages" bookworm "$tree" "$mirror" >/dev/null
-    rm -f "$tree/usr/sbin/policy-rc.d"
+# no service may start inside the tree while packages are configured
+prepare() {
+    mkdir -p "$1/usr/sbin"
+    printf '#!/bin/sh\nexit 101\n' > "$1/usr/sbin/policy-rc.d"
+    chmod 755 "$1/usr/sbin/policy-rc.d"
+}
+
+finish() {
+    rm -f "$1/usr/sbin/policy-rc.d"
     # the datadir the packages made is the image's; a container's is made on its volume
-    rm -rf "$tree"/var/lib/mysql/* "$tree"/var/cache/apt/archives/*.deb "$tree"/var/lib/apt/lists/*
-    cat > "$tree/usr/local/bin/pyvol-mariadb" <<'EOF'
+    rm -rf "$1"/var/lib/mysql/*
+    cat > "$1/usr/local/bin/pyvol-mariadb" <<'EOF'
 #!/bin/sh
 # A datadir on the volume at /var/lib/mysql (made on first start), then mariadbd in the
 # foreground with its log on stderr. Commits are durable: one redo-log flush per commit.
@@ -43,9 +41,12 @@ fi
 exec mariadbd --user=mysql --datadir=/var/lib/mysql --skip-name-resolve \
     --innodb-flush-log-at-trx-commit=1 "$@"
 EOF
-    chmod 755 "$tree/usr/local/bin/pyvol-mariadb"
-    tar -C "$tree" -cf "$tarball.tmp" .
-    mv "$tarball.tmp" "$tarball"
+    chmod 755 "$1/usr/local/bin/pyvol-mariadb"
+}
+
+. "$(dirname "$0")/debian-tree.sh"
+if [ ! -s "$tarball" ]; then
+    debian_tarball "$tarball" "$packages" prepare finish
     find "$cache" -name 'mariadb-bookworm-*.tar' ! -path "$tarball" -delete
 fi
 "$docker" import --change 'CMD ["/usr/local/bin/pyvol-mariadb"]' \
