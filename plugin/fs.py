@@ -127,26 +127,31 @@ def thaw(mount_point: Path) -> bool:
     return True
 
 
-def grow(device: str, fstype: str, mount_point: Path) -> None:
-    """Grow the filesystem on ``device`` to fill it.
+def grow(device: str, fstype: str, mount_point: Path, size: int) -> None:
+    """Grow the filesystem on ``device`` to ``size`` bytes: the volume's recorded size, which
+    the device already holds, and never past it. The device may be larger than its record (a
+    resize a crash cut short before the record; EBS's whole GiB); a filesystem spread over
+    that would outgrow the record, which is what a snapshot keeps and how many bytes a block
+    backup reads: the backup of such a filesystem, cut off, would not mount once restored.
 
     ext4 is grown offline when it is not mounted (online growth needs CAP_SYS_RESOURCE, which
     containers and sandboxes often drop); xfs can only grow online, so it is mounted briefly.
+    The size it already has again is not an error: both tools then do nothing.
     """
-    if fstype == "ext4" and not mountinfo.is_mounted(mount_point):
-        run(["e2fsck", "-f", "-p", device], timeout=600, ok_codes=(0, 1))
-        run(["resize2fs", device], timeout=600)
-    elif fstype == "ext4":
-        run(["resize2fs", device], timeout=600)
-    else:
-        was_mounted = mountinfo.is_mounted(mount_point)
+    if fstype == "ext4":
+        if not mountinfo.is_mounted(mount_point):
+            run(["e2fsck", "-f", "-p", device], timeout=600, ok_codes=(0, 1))
+        run(["resize2fs", device, f"{size // 1024}K"], timeout=600)
+        return
+    was_mounted = mountinfo.is_mounted(mount_point)
+    if not was_mounted:
+        mount(device, mount_point, fstype)
+    try:
+        block = os.statvfs(mount_point).f_frsize  # xfs_growfs -D counts the fs's blocks
+        run(["xfs_growfs", "-D", str(size // block), str(mount_point)], timeout=600)
+    finally:
         if not was_mounted:
-            mount(device, mount_point, fstype)
-        try:
-            run(["xfs_growfs", str(mount_point)], timeout=600)
-        finally:
-            if not was_mounted:
-                umount(mount_point)
+            umount(mount_point)
 
 
 CAP_SYS_RESOURCE = 24  # <linux/capability.h>

@@ -40,13 +40,16 @@ class VolumeKind:
     def prepare(self, backend: Backend, v: Volume) -> None:
         """Make a new, empty volume usable (a filesystem on a device)."""
 
-    def grow(self, backend: Backend, v: Volume, mp: Path) -> None:
-        """Fill a volume made larger than its source."""
+    def check_resizable(self, v: Volume, mp: Path) -> None:
+        """Refuse, before anything changes, a resize whose filesystem step cannot be done
+        now (so that no device is left grown under a filesystem that could not follow)."""
 
-    def resize(self, backend: Backend, v: Volume, mp: Path, size: int) -> None:
-        """Make volume ``v`` ``size`` bytes, mounted or not: what its users see grows too.
-        Repeating it finishes one a crash interrupted."""
-        backend.grow(v.name, size)
+    def fill_fs(self, backend: Backend, v: Volume, mp: Path) -> None:
+        """Grow the volume's filesystem, mounted or not, to ``v.size``: the recorded size,
+        which its storage already holds (a volume made larger than its source, one resized,
+        one rolled back to a snapshot taken before a resize). Never past the record; the
+        size it has again does nothing, so a repeat finishes one a crash interrupted. A
+        directory volume holds no filesystem of pyvol's: nothing to do."""
 
     def attach(self, backend: Backend, v: Volume, mp: Path) -> None:
         raise NotImplementedError
@@ -91,22 +94,18 @@ class BlockVolumes(VolumeKind):
         finally:
             backend.deactivate(v.name)
 
-    def grow(self, backend, v, mp):
+    def check_resizable(self, v, mp):
+        if mountinfo.is_mounted(mp) and (why := fs.online_grow_refusal(v.fs)):
+            raise InvalidInput(f"cannot resize volume {v.name} while it is mounted: {why}")
+
+    def fill_fs(self, backend, v, mp):
+        mounted = mountinfo.is_mounted(mp)  # then online, under the container's writes
         dev = backend.activate(v.name)
         try:
-            fs.grow(dev, v.fs, mp)
+            fs.grow(dev, v.fs, mp, v.size)
         finally:
-            backend.deactivate(v.name)
-
-    def resize(self, backend, v, mp, size):
-        mounted = mountinfo.is_mounted(mp)
-        if mounted and (why := fs.online_grow_refusal(v.fs)):
-            raise InvalidInput(f"cannot resize volume {v.name} while it is mounted: {why}")
-        backend.grow(v.name, size)  # the device first: a filesystem only grows into it
-        if mounted:  # online, under the container's writes
-            fs.grow(backend.activate(v.name), v.fs, mp)
-        else:
-            self.grow(backend, v, mp)
+            if not mounted:  # a mounted volume's device stays with its mount
+                backend.deactivate(v.name)
 
     def attach(self, backend, v, mp):
         dev = backend.activate(v.name)

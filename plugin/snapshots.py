@@ -96,7 +96,7 @@ class Snapshots:
             backend.rollback(volume, snap)
             crashpoint("rollback.swapped")
             if s.size < v.size:  # the snapshot's filesystem, in a volume grown since
-                self.host.kind(backend).grow(backend, v, self.host.mountpoint(volume))
+                self.host.kind(backend).fill_fs(backend, v, self.host.mountpoint(volume))
         event(log, "volume rolled back", volume=volume, snapshot=snap, kept=kept)
         return {"Volume": volume, "Snapshot": f"{volume}@{snap}",
                 "Kept": f"{volume}@{kept}" if kept else None}

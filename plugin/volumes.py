@@ -14,7 +14,9 @@ its source (``sources``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import os
 import time
 
@@ -39,6 +41,7 @@ from .units import format_size, parse_size
 log = logging.getLogger(__name__)
 
 DEFAULT_SIZE = 10 << 30
+ALIGN = 1 << 20  # every volume's size is a whole number of MiB (see aligned)
 
 COMMON_OPTIONS = {
     "size": "volume size, a number with a K/M/G/T suffix (default 10G)",
@@ -105,7 +108,7 @@ class Volumes:
             try:
                 source.fill(self.host, backend, spec, record, job)
                 if source.size is not None and size > source.size and source.fs:
-                    kind.grow(backend, record, self.host.mountpoint(name))
+                    kind.fill_fs(backend, record, self.host.mountpoint(name))
                 crashpoint("create.filled")
             except BaseException:
                 self.undo_create(backend, name)
@@ -118,10 +121,7 @@ class Volumes:
         return self.get(name)
 
     def _size(self, opts, backend: Backend, source, min_size: int, fstype: str | None) -> int:
-        size = parse_size(opts["size"]) if "size" in opts else None
-        if size is not None and size <= 0:
-            raise InvalidInput(f"invalid size {opts['size']!r}: accepted is a positive size, "
-                               "e.g. 512M or 10G")
+        size = parse_size(opts["size"]) if "size" in opts else None  # refuses 0 and less
         if source.size is not None:
             if size is not None and size < source.size:
                 raise InvalidInput(f"size {format_size(size)} is smaller than {source.label} "
@@ -130,11 +130,7 @@ class Volumes:
             size = size or source.size
         if size is None and backend.default_size:
             size = parse_size(backend.default_size, f"{backend.name} default_size")
-        size = size or DEFAULT_SIZE
-        size = -(-size // backend.size_unit) * backend.size_unit  # EBS counts in GiB
-        if size >= 1 << 63:
-            raise InvalidInput(f"size {opts.get('size')!r} is too large: accepted is less than "
-                               "8 EiB")
+        size = aligned(size or DEFAULT_SIZE, backend, opts.get("size"))
         if size < min_size:
             raise InvalidInput(f"size {format_size(size)} is too small for {fstype}: "
                                f"accepted is at least {format_size(min_size)}")
@@ -215,33 +211,36 @@ class Volumes:
 
     # resize
     def resize(self, name, size_text) -> dict:
-        """Grow a volume, also while containers use it: the storage, then its filesystem
-        (the kind's), then the record. Never shrinks: data past the new end would be lost.
-        A crash before the record leaves the storage larger than the record says; the same
-        resize again finishes it."""
+        """Grow a volume, also while containers use it: its storage, then the record, then
+        its filesystem (the kind's), which grows to the recorded size and never past it.
+
+        In this order a crash leaves at worst storage larger than its record, or a
+        filesystem smaller than both: harmless, and the same resize again finishes it. The
+        other order could leave a filesystem larger than its record, and a snapshot keeps
+        the record's size, a block backup reads that many bytes: a backup of a cut-off
+        filesystem, which would not mount once restored. Never shrinks (data past the new
+        end would be lost): refused here, the one place for every backend."""
         check_name(name)
         if not isinstance(size_text, str) or not size_text:
             raise InvalidInput("missing size: accepted is a size with a K, M, G or T suffix, "
                                "e.g. 20G")
-        size = parse_size(size_text)
-        if size <= 0:
-            raise InvalidInput(f"invalid size {size_text!r}: accepted is a positive size, "
-                               "e.g. 20G")
+        requested = parse_size(size_text)  # refuses 0 and less
         with self.host.lock(name):
             v = self.catalogue.adopt(self.catalogue.ready(name))
             backend = self.host.backend(v)
-            size = -(-size // backend.size_unit) * backend.size_unit  # EBS counts in GiB
-            if size >= 1 << 63:
-                raise InvalidInput(f"size {size_text!r} is too large: accepted is less than "
-                                   "8 EiB")
+            size = aligned(requested, backend, size_text)
             if size < v.size:
                 raise InvalidInput(f"size {format_size(size)} is smaller than volume {name} "
                                    f"({format_size(v.size)}): a volume only grows (shrinking "
                                    "would cut off data); accepted is "
                                    f"{format_size(v.size)} or larger")
-            self.host.kind(backend).resize(backend, v, self.host.mountpoint(name), size)
+            kind, mp = self.host.kind(backend), self.host.mountpoint(name)
+            kind.check_resizable(v, mp)
+            backend.grow(name, size)
             crashpoint("resize.grown")
             self.store.set_volume_size(name, size)
+            crashpoint("resize.recorded")
+            kind.fill_fs(backend, dataclasses.replace(v, size=size), mp)
         event(log, "volume resized", volume=name, size=size, was=v.size)
         return self.get(name)
 
@@ -395,6 +394,19 @@ class Volumes:
             status.update(backend.volume_usage(v.name))
         return {"Name": v.name, "Mountpoint": mountpoint, "CreatedAt": v.created_at,
                 "Status": status}
+
+
+def aligned(size: int, backend: Backend, text) -> int:
+    """``size`` rounded up to a whole MiB (and to the backend's unit: EBS counts whole GiB),
+    the one rounding of every size a volume is made or resized to. A device holds whole
+    sectors (devicemapper's table counts 512-byte ones, a loop device 4096-byte blocks), so
+    a size between two would be recorded larger than the device, and a block backup, which
+    reads the recorded size, would read past the device's end."""
+    unit = math.lcm(ALIGN, backend.size_unit)
+    size = -(-size // unit) * unit
+    if size >= 1 << 63:
+        raise InvalidInput(f"size {text!r} is too large: accepted is less than 8 EiB")
+    return size
 
 
 def _check_options(opts) -> dict[str, str]:

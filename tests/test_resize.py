@@ -154,14 +154,25 @@ def test_resize_of_a_directory_volume_changes_its_advisory_size(workdir, nfs_exp
         d.stop()
 
 
+def _fs_bytes(mp: str) -> int:
+    st = os.statvfs(mp)
+    return st.f_blocks * st.f_frsize
+
+
+@pytest.mark.parametrize("step,recorded", [
+    ("resize.grown", 320 * MiB),   # the device grown, the record not yet
+    ("resize.recorded", 1 << 30),  # the record says 1G, the filesystem not grown yet
+])
 def test_a_daemon_killed_during_a_resize_keeps_the_mount_and_data_and_a_rerun_finishes(
-        workdir):
-    """Killed after the device and the filesystem grew but before the record: the container's
-    mount and data are untouched, the record still says the old size, and the same resize
-    again finishes it."""
+        workdir, step, recorded):
+    """Killed at either step of a resize of a mounted volume: the container's mount and data
+    are untouched, the filesystem is never larger than the record (a snapshot keeps the
+    record's size and a block backup reads that many bytes: a filesystem past it would be
+    backed up cut off), a snapshot taken then clones into a volume that mounts with the
+    data, and the same resize again finishes it."""
     root, sock = workdir / "root", workdir / "pyvol.sock"
     data = os.urandom(4 * MiB)
-    d = Daemon(root, sock, env={"PYVOL_CRASH_AT": "resize.grown"}).start()
+    d = Daemon(root, sock, env={"PYVOL_CRASH_AT": step}).start()
     d.cli("create", "killed", "--size", "320M", "--fs", "xfs")
     mp = d.cli("mount", "killed", "--id", "container-1").stdout.strip()
     with open(os.path.join(mp, "data"), "wb") as f:
@@ -174,12 +185,50 @@ def test_a_daemon_killed_during_a_resize_keeps_the_mount_and_data_and_a_rerun_fi
     try:
         v = json.loads(d.cli("inspect", "killed", "--json").stdout)
         assert v["Status"]["mounts"] == 1 and v["Mountpoint"] == mp
-        assert v["Status"]["size"] == 320 * MiB  # the record was not reached
+        assert v["Status"]["size"] == recorded
+        assert _fs_bytes(mp) <= 320 * MiB  # the filesystem has not grown, at either step
         assert open(os.path.join(mp, "data"), "rb").read() == data
+        # what a snapshot keeps now holds the whole filesystem
+        d.cli("snapshot", "create", "killed", "--name", "then")
+        d.cli("create", "copy", "--from-snapshot", "killed@then")
+        copy = d.cli("mount", "copy").stdout.strip()
+        assert open(os.path.join(copy, "data"), "rb").read() == data
+        d.cli("umount", "copy")
         d.cli("resize", "killed", "1G")
-        st = os.statvfs(mp)
-        assert st.f_blocks * st.f_frsize > 950 * MiB
+        assert 950 * MiB < _fs_bytes(mp) <= 1 << 30
         assert _size(d, "killed") == 1 << 30
         d.cli("umount", "killed", "--id", "container-1")
     finally:
         d.stop()
+
+
+@pytest.mark.parametrize("fstype", ["ext4", "xfs"])
+def test_the_filesystem_grows_to_the_recorded_size_never_to_a_larger_device(daemon, fstype):
+    """A device a crash left larger than its record (grown, not recorded), then resized to
+    less than the device: the device is not shrunk, and the filesystem grows to the record,
+    not over the whole device, which the record (and every backup) would cut off."""
+    daemon.cli("create", "big", "--size", "320M", "--fs", fstype)
+    image = daemon.root / "loop" / "pool" / "volumes" / "big.img"
+    os.truncate(image, 1 << 30)  # what the loop backend's grow to 1G leaves
+    daemon.cli("resize", "big", "512M")
+    assert image.stat().st_size == 1 << 30 and _size(daemon, "big") == 512 * MiB
+    mp = daemon.cli("mount", "big").stdout.strip()
+    try:
+        assert 400 * MiB < _fs_bytes(mp) <= 512 * MiB  # (less what xfs keeps for its log)
+    finally:
+        daemon.cli("umount", "big")
+
+
+def test_sizes_are_whole_mebibytes_at_create_and_resize(daemon):
+    """A size between two MiB is rounded up, at create and at resize alike: a device holds
+    whole sectors, so a record between two would say more than the device holds, and a
+    block backup reads what the record says."""
+    daemon.cli("create", "odd", "--size", "100000001")  # 95.37 MiB
+    image = daemon.root / "loop" / "pool" / "volumes" / "odd.img"
+    assert _size(daemon, "odd") == 96 * MiB == image.stat().st_size
+    daemon.cli("resize", "odd", "0.18750001G")  # 192 MiB and 10 bytes
+    assert _size(daemon, "odd") == 193 * MiB == image.stat().st_size
+    r = daemon.cli("resize", "odd", "200000001", check=False)  # 190.73 MiB, rounded: 191M
+    assert r.returncode == 1 and "size 191M is smaller than volume odd (193M)" in r.stderr
+    r = daemon.cli("resize", "odd", "8191.9999999999P", check=False)
+    assert r.returncode == 1 and "8 EiB" in r.stderr
