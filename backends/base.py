@@ -156,11 +156,18 @@ class Backend(ABC):
 
     @abstractmethod
     def grow(self, name: str, size: int) -> None:
-        """Make the volume ``size`` bytes (never smaller: callers refuse a shrink), also while
-        it is active and in use: an active device shows the new size when this returns, so
-        that its filesystem can be grown at once. The same size again is not an error (a
-        grow interrupted after this step is finished by repeating it). Refuses, with what
-        is accepted, a size the storage cannot or may not hold (pool size, over-commit)."""
+        """Make the volume at least ``size`` bytes, also while it is active and in use: an
+        active device shows the new size when this returns, so that its filesystem can be
+        grown at once.
+
+        ``size`` is never below the volume's recorded size: the lifecycle (Volumes.resize)
+        refuses a shrink, in that one place for every backend, so a backend does not check
+        again. Storage already larger than ``size`` (a resize a crash cut short before its
+        record) stays as large: a grow never makes anything smaller, and the filesystem
+        grows to the record, not to the device (fs.grow). The same size again is not an
+        error (a grow interrupted after this step is finished by repeating it). Refuses,
+        with what is accepted, a size the storage cannot or may not hold (pool size,
+        over-commit)."""
 
     @abstractmethod
     def rollback(self, name: str, snap: str) -> None:

@@ -611,10 +611,7 @@ class EbsBackend(SharedBackend, BlockBackend):
             raise Conflict(f"volume {name} ({v['VolumeId']}) is attached to instance "
                            f"{', '.join(others)}: resize it on that host")
         gib = max(1, math.ceil(size / GiB))
-        if gib < v["Size"]:
-            raise InvalidInput(f"size {gib} GiB is smaller than volume {name} ({v['Size']} "
-                               "GiB): accepted is that size or larger")
-        if gib > v["Size"]:
+        if gib > v["Size"]:  # never smaller (base.py: the caller refuses a shrink)
             self._aws("modify_volume", VolumeId=v["VolumeId"], Size=gib)
         self._wait(f"EC2 to resize {name} ({v['VolumeId']}) to {gib} GiB",
                    lambda: self._modified(v["VolumeId"], gib), self.attach_timeout)
