@@ -7,7 +7,10 @@ pyvol works out of the box with no spare disk and never touches the host filesys
     ROOT/loop/pool.img                   sparse, formatted XFS (reflink=1)
     ROOT/loop/pool/volumes/NAME.img      one sparse image per volume
     ROOT/loop/pool/snapshots/NAME/S.img  reflink copies: constant time, shared blocks
-    ROOT/loop/pool/tmp/                  work in progress; emptied at start
+    ROOT/loop/pool/tmp/                  work in progress; emptied at start: NAME.img (a
+                                         create or clone), NAME@SNAP.img (a snapshot),
+                                         NAME+rollback.img (a rollback); '@' and '+' are
+                                         in no volume name, so no two of them collide
 
 Snapshots are FICLONE copies, and the changed blocks between two snapshots are the logical
 ranges whose physical extents differ (FIEMAP): exact, and read from metadata only.
@@ -239,7 +242,10 @@ class LoopBackend(BlockBackend):
         if loopdev.find(image) is not None:  # a holder outside pyvol keeps it bound
             raise Conflict(f"volume {name}'s image is still bound to a loop device in use "
                            f"({loopdev.find(image)}): release it, then retry")
-        tmp = self.tmp_dir / f"{name}.rollback.img"
+        # '+': in no volume or snapshot name (names.py), so never the temporary name of
+        # another volume's create or clone (NAME.img) or of a snapshot (NAME@SNAP.img),
+        # whose lock is not this one
+        tmp = self.tmp_dir / f"{name}+rollback.img"
         tmp.unlink(missing_ok=True)
         extents.reflink(source, tmp)
         try:

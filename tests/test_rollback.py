@@ -214,3 +214,35 @@ def test_a_daemon_killed_during_a_devicemapper_rollback_leaves_old_or_new_and_no
         workdir, step, expect):
     env = {"PYVOL_BACKEND": "devicemapper", "PYVOL_DEVICEMAPPER_DATA_SIZE": "1G"}
     assert _crash_run(workdir, env, step, _dm_pool_check) == expect
+
+
+def test_a_rollback_and_a_create_of_a_volume_named_like_its_temporary_never_collide(workdir,
+                                                                                  monkeypatch):
+    """Volume names may hold '.': the rollback of ``a`` once made ``tmp/a.rollback.img``, the
+    very temporary of a create of volume ``a.rollback``, under another lock. A create run
+    while the rollback's copy waits in tmp/ works, and both volumes end as they should."""
+    from pyvol.backends import VolumeSpec, loop
+    from pyvol.backends.loop import LoopBackend
+
+    b = LoopBackend(workdir, {"pool_size": "2G"})
+    b.setup()
+    b.create(VolumeSpec("a", 64 * MiB))
+    dev = b.activate("a")
+    with open(dev, "r+b") as f:
+        f.write(b"A" * 4096)
+    b.snapshot("a", "s1")
+    with open(dev, "r+b") as f:
+        f.write(b"B" * 4096)
+    b.deactivate("a")
+
+    def meanwhile(step):  # another request, on another volume's lock, at this very moment
+        b.create(VolumeSpec("a.rollback", 32 * MiB))
+
+    monkeypatch.setattr(loop, "crashpoint", meanwhile)
+    b.rollback("a", "s1")
+    assert sorted(b.list()) == ["a", "a.rollback"]
+    assert (b.volumes_dir / "a.rollback.img").stat().st_size == 32 * MiB
+    with open(b.activate("a"), "rb") as f:
+        assert f.read(4096) == b"A" * 4096
+    b.deactivate("a")
+    assert list(b.tmp_dir.iterdir()) == []
