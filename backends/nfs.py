@@ -161,6 +161,12 @@ def _write_json(path: Path, doc: dict, exclusive: bool = False) -> None:
         raise FileExistsError(path)
 
 
+def _said(value) -> str:
+    """A value from another host's record, as a message may quote it: short, whatever it is."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:30]}..."
+
+
 def _seconds(settings: dict[str, str], key: str, default: float) -> float:
     text = settings.get(key, str(default))
     try:
@@ -655,14 +661,42 @@ class NfsBackend(SharedBackend, DirectoryBackend):
 
     @staticmethod
     def _set_size(share: Share, name: str, size: int) -> None:
+        """The record is another host's, so untrusted: refused unless it is an object whose
+        status is 'ready' (one another host is creating or removing is not to be written
+        back: a remove writes 'removing', moves the trees away and unlinks the record, and
+        a write after that would leave a record of a volume that no longer exists), and
+        re-checked, the same file (inode), just before it is replaced. A size in it that is
+        not a whole number of bytes is overwritten; a larger one is kept (never smaller)."""
         meta = share.base / "meta" / f"{name}.json"
         try:
-            rec = json.loads(meta.read_text())
+            with open(meta, "rb") as f:
+                seen = os.fstat(f.fileno()).st_ino
+                text = f.read()
         except FileNotFoundError:
             raise NotFound(f"volume {name} not found on nfs share {share.name}") from None
-        if size < int(rec.get("size", 0)):
-            raise InvalidInput(f"size {size} bytes is smaller than volume {name}'s "
-                               f"({rec['size']}): accepted is that size or larger")
+        try:
+            rec = json.loads(text)
+        except ValueError:
+            rec = None
+        if not isinstance(rec, dict):
+            raise Conflict(f"volume {name}'s record on nfs share {share.name} ({meta}) is not "
+                           "a JSON object pyvol can read: not resized; fix or remove that "
+                           "record")
+        if rec.get("status") != "ready":
+            raise Conflict(f"volume {name}'s record on nfs share {share.name} has status "
+                           f"{_said(rec.get('status'))}, not 'ready' (another host is making "
+                           "or removing it): not resized; retry once it is ready")
+        old = rec.get("size")
+        if type(old) is int and size < old < 1 << 63:
+            size = old
+        try:
+            same = os.stat(meta).st_ino == seen
+        except FileNotFoundError:
+            same = False
+        if not same:
+            raise Conflict(f"volume {name}'s record on nfs share {share.name} changed while "
+                           "it was being resized (another host removed or changed it): not "
+                           "resized; retry")
         _write_json(meta, {**rec, "size": size})
 
     def rollback(self, name: str, snap: str) -> None:

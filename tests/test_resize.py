@@ -232,3 +232,82 @@ def test_sizes_are_whole_mebibytes_at_create_and_resize(daemon):
     assert r.returncode == 1 and "size 191M is smaller than volume odd (193M)" in r.stderr
     r = daemon.cli("resize", "odd", "8191.9999999999P", check=False)
     assert r.returncode == 1 and "8 EiB" in r.stderr
+
+
+class _Share:
+    name = "main"
+
+    def __init__(self, base):
+        self.base = base
+
+
+def _nfs_record(tmp_path, doc) -> tuple[_Share, object]:
+    (tmp_path / "meta").mkdir()
+    meta = tmp_path / "meta" / "v.json"
+    meta.write_text(doc if isinstance(doc, str) else json.dumps(doc))
+    return _Share(tmp_path), meta
+
+
+READY = {"name": "v", "size": 1 << 30, "status": "ready", "created_by": "host-b"}
+
+
+@pytest.mark.parametrize("doc,why", [
+    ("[1, 2]", "not a JSON object"),
+    ("not json", "not a JSON object"),
+    ({**READY, "status": "removing"}, "'removing'"),
+    ({**READY, "status": "creating"}, "'creating'"),
+    ({"size": 1 << 30}, "None"),
+])
+def test_an_nfs_resize_refuses_a_record_that_is_not_a_ready_volumes(tmp_path, doc, why):
+    """Another host's record is untrusted: one that is no object, or not 'ready' (another
+    host making or removing it), is refused with a 409 saying so and left as it was."""
+    from pyvol.backends.nfs import NfsBackend
+    from pyvol.errors import Conflict
+
+    share, meta = _nfs_record(tmp_path, doc)
+    before = meta.read_text()
+    with pytest.raises(Conflict, match="not resized") as e:
+        NfsBackend._set_size(share, "v", 2 << 30)
+    assert why in str(e.value) and e.value.http_status == 409
+    assert meta.read_text() == before
+
+
+def test_an_nfs_resize_overwrites_a_size_that_is_no_number_and_keeps_a_larger_one(tmp_path):
+    from pyvol.backends.nfs import NfsBackend
+
+    share, meta = _nfs_record(tmp_path, {**READY, "size": "lots"})
+    NfsBackend._set_size(share, "v", 2 << 30)
+    assert json.loads(meta.read_text()) == {**READY, "size": 2 << 30}
+    NfsBackend._set_size(share, "v", 1 << 30)  # never smaller
+    assert json.loads(meta.read_text())["size"] == 2 << 30
+
+
+@pytest.mark.parametrize("race", ["removed", "rewritten"])
+def test_an_nfs_resize_racing_another_hosts_remove_writes_no_ghost_record(
+        tmp_path, monkeypatch, race):
+    """Host B removes (or rewrites) the record between this host's read and its write: the
+    resize is refused, and no record of a removed volume is written back."""
+    from pyvol.backends import nfs
+    from pyvol.errors import Conflict
+
+    share, meta = _nfs_record(tmp_path, READY)
+    real = nfs.json.loads
+
+    def read_then_race(text, *a, **k):
+        doc = real(text, *a, **k)
+        if race == "removed":
+            meta.unlink()
+        else:  # as _write_json does: a new file renamed over the record
+            tmp = meta.with_suffix(".tmp")
+            tmp.write_text(json.dumps({**READY, "status": "removing"}))
+            os.replace(tmp, meta)
+        return doc
+
+    monkeypatch.setattr(nfs.json, "loads", read_then_race)
+    with pytest.raises(Conflict, match="changed while it was being resized"):
+        nfs.NfsBackend._set_size(share, "v", 2 << 30)
+    monkeypatch.setattr(nfs.json, "loads", real)
+    if race == "removed":
+        assert not meta.exists()
+    else:
+        assert json.loads(meta.read_text())["status"] == "removing"
