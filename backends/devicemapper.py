@@ -44,6 +44,9 @@ from .base import BlockBackend, DeactivateFailed, Quiesce, Range, VolumeSpec, re
 log = logging.getLogger(__name__)
 
 SECTOR = 512
+# what a "delete" of a thin id says when the pool holds no such device (deleted already, or
+# never made: a crash between allocating its id and create_snap); ENODATA from dm-thin
+GONE = ("No data available", "No such file", "does not exist")
 # A snapshot of a mounted volume runs inside its filesystem's freeze (pyvol.fs.frozen thaws
 # after FREEZE_LIMIT, 20 s): each dm step in that window has a timeout well inside it.
 SUSPEND_TIMEOUT = 8.0
@@ -347,11 +350,14 @@ class DevicemapperBackend(BlockBackend):
                 f"{format_size(max(int(limit - committed + extra), 0))} "
                 "(or raise PYVOL_DEVICEMAPPER_OVERCOMMIT_RATIO)")
 
-    def _new_id(self, devices: dict) -> int:
+    def _new_id(self, devices: dict, retire: bool = False) -> int:
         """Allocate a thin id and persist it before the pool hears of it: a crash in between
-        leaks an id, never reuses one."""
+        leaks an id, never reuses one. ``retire``: listed under "retired" in that same write,
+        for a device whose end a crash must not leak (setup deletes what is listed there)."""
         new = devices["next_id"]
         devices["next_id"] = new + 1
+        if retire:
+            devices.setdefault("retired", []).append(new)
         self._save(devices)
         return new
 
@@ -382,13 +388,15 @@ class DevicemapperBackend(BlockBackend):
             del devices["volumes"][name]
 
     def _drop(self, thin_id: int) -> None:
+        """Deactivate and delete a thin device; one the pool no longer holds, or never made
+        (a crash between allocating its id and create_snap), is already gone: no error."""
         dm_name = self._thin_name(thin_id)
         if self._exists(dm_name):
             dmsetup("remove", "--retry", dm_name)
         try:
             self._message("delete", str(thin_id))
         except PyvolError as e:
-            if "No such file" not in str(e) and "does not exist" not in str(e):
+            if not any(gone in str(e) for gone in GONE):
                 raise
 
     def list(self) -> list[str]:
@@ -556,20 +564,22 @@ class DevicemapperBackend(BlockBackend):
                     raise Conflict(f"volume {name}'s device {dm_old} is open (in use outside "
                                    "pyvol's mounts): close it, then retry")
                 dmsetup("remove", "--retry", dm_old)
-            retired = devices.setdefault("retired", [])
-            new = devices["next_id"]
-            devices["next_id"] = new + 1
-            retired.append(new)
-            self._save(devices)
+            new = self._new_id(devices, retire=True)
             self._message("create_snap", str(new), str(rec["id"]))
             crashpoint("devicemapper.rollback.made")
             vol["id"] = new
             vol.pop("active", None)
+            retired = devices["retired"]
             retired.remove(new)
             retired.append(old)
             self._save(devices)  # the swap: the volume is the snapshot's data from here on
             crashpoint("devicemapper.rollback.swapped")
-            self._drop(old)
+            try:
+                self._drop(old)
+            except Exception as e:  # rolled back all the same: the caller must hear success
+                log.error("rollback of %s: could not delete its old thin device %d: %s; "
+                          "left listed as retired, deleted at the next start", name, old, e)
+                return
             retired.remove(old)
 
     def _drop_retired(self) -> None:
@@ -579,10 +589,9 @@ class DevicemapperBackend(BlockBackend):
                 try:
                     self._drop(thin_id)
                 except PyvolError as e:
-                    if "No data available" not in str(e):  # never made: nothing to delete
-                        log.error("could not delete retired thin device %d: %s; retried at "
-                                  "the next start", thin_id, e)
-                        continue
+                    log.error("could not delete retired thin device %d: %s; retried at the "
+                              "next start", thin_id, e)
+                    continue
                 devices["retired"].remove(thin_id)
                 event(log, "deleted a thin device a killed rollback left", thin_id=thin_id)
 

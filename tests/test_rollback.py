@@ -246,3 +246,62 @@ def test_a_rollback_and_a_create_of_a_volume_named_like_its_temporary_never_coll
         assert f.read(4096) == b"A" * 4096
     b.deactivate("a")
     assert list(b.tmp_dir.iterdir()) == []
+
+
+def _dm_without_a_pool(root, monkeypatch, drop):
+    """A devicemapper backend whose pool calls are stand-ins: devices.json is real, so what
+    rollback records is what setup would find. ``drop`` stands in for deleting a thin id."""
+    from pyvol.backends.devicemapper import DevicemapperBackend
+
+    b = DevicemapperBackend(root)
+    b.base.mkdir(parents=True)
+    b._save({"version": 1, "next_id": 3, "volumes": {"v": {
+        "id": 1, "size": 64 * MiB, "snapshots": {"s1": {"id": 2, "size": 64 * MiB}}}}})
+    made = []
+    monkeypatch.setattr(b, "_exists", lambda dm_name: False)
+    monkeypatch.setattr(b, "_check_space", lambda devices, extra: None)
+    monkeypatch.setattr(b, "_message", lambda *words, timeout=60: made.append(words))
+    monkeypatch.setattr(b, "_drop", drop)
+    return b, made
+
+
+def test_devicemapper_rollback_that_cannot_delete_the_old_device_still_succeeds(workdir,
+                                                                                monkeypatch):
+    """The swap is done when the old thin device's delete fails: the rollback happened, so
+    its caller hears success (and goes on to fill the filesystem); the old id stays listed
+    as retired, and the next start deletes it."""
+    from pyvol.errors import CommandFailed
+
+    def failing(thin_id):
+        raise CommandFailed(f"dmsetup message delete {thin_id}: Device or resource busy")
+
+    b, made = _dm_without_a_pool(workdir, monkeypatch, failing)
+    b.rollback("v", "s1")
+    devices = b._load()
+    assert made == [("create_snap", "3", "2")]
+    assert devices["volumes"]["v"]["id"] == 3 and devices["next_id"] == 4
+    assert devices["retired"] == [1]
+    dropped = []
+    b._drop = dropped.append  # the next start: the delete works now
+    b._drop_retired()
+    assert dropped == [1] and b._load()["retired"] == []
+
+
+def test_devicemapper_drop_of_a_thin_id_the_pool_no_longer_holds_is_no_error(workdir,
+                                                                             monkeypatch):
+    """One place (_drop) knows what 'already gone' looks like: a retired id that was never
+    made (killed before create_snap) and a snapshot's id deleted before are both done."""
+    from pyvol.backends.devicemapper import DevicemapperBackend
+    from pyvol.errors import CommandFailed
+
+    b = DevicemapperBackend(workdir)
+    monkeypatch.setattr(b, "_exists", lambda dm_name: False)
+    for said in ("No data available", "Device or resource busy"):
+        def message(*words, timeout=60):
+            raise CommandFailed(f"dmsetup message {' '.join(words)} failed: {said}")
+        monkeypatch.setattr(b, "_message", message)
+        if said == "No data available":
+            b._drop(7)
+        else:
+            with pytest.raises(CommandFailed, match="busy"):
+                b._drop(7)
