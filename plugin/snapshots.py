@@ -72,12 +72,11 @@ class Snapshots:
         never removes by itself) unless ``discard_current``. The swap is the backend's, whole
         or not at all; a crash before it leaves the old data (and perhaps that snapshot),
         after it the snapshot's data in a filesystem that may not fill a volume grown since
-        (the next ``pyvol resize`` to its size fills it).
+        (the next ``pyvol resize`` to its size fills it). ``discard_current`` is a bool: the
+        API, where the request's field is known, refuses anything else.
         """
         check_name(volume)
         check_snap_name(snap)
-        if not isinstance(discard_current, bool):
-            raise InvalidInput("invalid DiscardCurrent: accepted are true and false")
         with self.host.lock(volume):
             v = self.catalogue.adopt(self.catalogue.ready(volume))
             s = self.catalogue.snapshot(v, snap)
