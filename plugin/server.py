@@ -176,6 +176,18 @@ class _Arbiter(Arbiter):
             self.ready = True
             self.notify("READY=1", f"STATUS=serving on {self.socket_path}")
 
+    def spawn_worker(self):
+        """Fork a worker with SIGTERM held back until its own handler is in place
+        (post_worker_init lets it through). Before that, a SIGTERM (a stop right after a
+        start) runs the master's inherited handler, which only queues it in the child's copy
+        of the master: lost, and the master then waits out the whole graceful timeout
+        before it kills the worker."""
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        try:
+            return super().spawn_worker()
+        finally:  # in the master; the worker never returns here
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
     def _stopping(self) -> None:
         self.notify("STOPPING=1", "STATUS=stopping")
 
@@ -239,6 +251,8 @@ def serve(config: Config) -> None:
         die_with_parent(server.pid, signal.SIGTERM)
 
     def post_worker_init(worker):
+        # the worker's own SIGTERM handler is in place now (_Arbiter.spawn_worker)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         # every worker starts one; only the holder of ROOT/scheduler.lock runs schedules. It
         # starts no run once the worker is told to exit (worker.alive false on SIGTERM)
         parts.runner.start(lambda: worker.alive)

@@ -1,6 +1,7 @@
 """Test plumbing: a real pyvol daemon process, a raw client for its socket, a real dockerd."""
 
 import contextlib
+import gc
 import json
 import os
 import shutil
@@ -9,6 +10,7 @@ import stat
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import backend_probes
@@ -21,9 +23,29 @@ from pyvol.backends.devicemapper import DevicemapperBackend
 class Api:
     """Raw HTTP over a Unix socket, the way dockerd talks: no Content-Type, body as bytes."""
 
+    # every client's transport, by socket: a dropped client's connections live on in
+    # reference cycles until the garbage collector runs
+    _transports: "weakref.WeakValueDictionary[int, httpx.HTTPTransport]" = \
+        weakref.WeakValueDictionary()
+
     def __init__(self, socket: Path, timeout: float = 60):
-        self.http = httpx.Client(transport=httpx.HTTPTransport(uds=str(socket)),
-                                 base_url="http://plugin", timeout=timeout)
+        self.socket = str(socket)
+        self.transport = httpx.HTTPTransport(uds=self.socket)
+        self.http = httpx.Client(transport=self.transport, base_url="http://plugin",
+                                 timeout=timeout)
+        self.transport._pyvol_socket = self.socket
+        Api._transports[id(self.transport)] = self.transport
+
+    @classmethod
+    def hang_up(cls, socket: Path) -> None:
+        """Close every kept-alive connection to ``socket`` (the clients stay usable: the
+        next request opens a new one). A daemon told to stop lets each open connection
+        linger up to 2 s before its worker exits, as it should for dockerd; the suite's
+        clients are done by then, and would make every stop of every test pay for it."""
+        gc.collect()  # a dropped client's socket is closed when its cycle is collected
+        for transport in list(cls._transports.values()):
+            if getattr(transport, "_pyvol_socket", None) == str(socket):
+                transport.close()
 
     def raw(self, path: str, body: bytes = b"", method: str = "POST") -> httpx.Response:
         return self.http.request(method, path, content=body,
@@ -95,6 +117,7 @@ class Daemon:
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
+            Api.hang_up(self.socket)
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
                 self.proc.wait(timeout=30)

@@ -150,3 +150,19 @@ def test_no_ready_while_no_worker_answers(workdir, systemd):
         assert _activate(d.socket, timeout=5) == {"Implements": ["VolumeDriver"]}
     finally:
         d.stop()
+
+
+def test_a_stop_right_after_a_start_never_waits_out_the_graceful_timeout(workdir):
+    """`systemctl restart` twice in a row, or a stop while a worker is still booting: the
+    SIGTERM must reach every worker's own handler. One that arrived before the handler was
+    installed used to be lost in the worker's copy of the master's handler, and the master
+    then waited its whole graceful timeout (20 s) before killing that worker; about one
+    stop in ten right after a start did so."""
+    d = Daemon(workdir / "root", workdir / "pyvol.sock")
+    for _ in range(6):
+        d.start()
+        Api.hang_up(d.socket)
+        started = time.monotonic()
+        os.killpg(d.proc.pid, signal.SIGTERM)
+        d.proc.wait(timeout=30)
+        assert time.monotonic() - started < 10, "a worker missed its SIGTERM"
