@@ -68,6 +68,15 @@ def test_a_volume_another_instance_grew_is_seen_and_snapshotted_at_its_new_size(
     reads), say 2 GiB, not what b's row once said."""
     a, b = instances
     a.api.ok("/VolumeDriver.Create", {"Name": "grown", "Opts": {"size": "1G"}})
+    # b has no row of it yet: a schedule set there adopts it first (it was a foreign-key
+    # error, a 500); ebs:// is a backup destination of ebs volumes, a snapshot id is not
+    b.cli("schedule", "set", "grown", "--snapshot-every", "1h", "--snapshot-keep", "3",
+          "--backup-every", "1d", "--backup-keep", "7", "--backup-to", "ebs://us-east-1")
+    rows = json.loads(b.cli("schedule", "ls", "grown", "--json").stdout)
+    assert sorted(r["what"] for r in rows) == ["backup", "snapshot"]
+    r = b.cli("schedule", "set", "grown", "--backup-to", "ebs://us-east-1/snap-0123abcd",
+              check=False)
+    assert r.returncode == 1 and "ebs://REGION" in r.stderr
     b.api.ok("/VolumeDriver.Mount", {"Name": "grown", "ID": "c1"})
     b.api.ok("/VolumeDriver.Unmount", {"Name": "grown", "ID": "c1"})
     a.cli("resize", "grown", "2G")

@@ -419,24 +419,3 @@ def test_a_slot_set_while_the_clock_was_ahead_is_moved_back(runner_rig):
     moved = clock.parse(rig.store.schedule("a", "snapshot").next_at)
     assert time.time() < moved <= time.time() + 3600
     assert rig.store.schedule("b", "snapshot").next_at == near.next_at
-
-
-def test_a_shared_volume_made_on_another_host_takes_a_schedule_here(workdir, ebs_rig):
-    """A host with no row yet for a shared volume adopts it before the schedule's row refers
-    to it (a 500, a foreign-key error, before); ebs:// is a destination of ebs volumes."""
-    from test_ebs import ebs_host
-
-    a = ebs_host(workdir, ebs_rig, 0)
-    b = ebs_host(workdir, ebs_rig, 1)
-    try:
-        a.api.ok("/VolumeDriver.Create", {"Name": "v", "Opts": {"size": "1G"}})
-        code, body = put(b, "v", {"snapshot-every": "1h", "snapshot-keep": "3",
-                                  "backup-every": "1d", "backup-keep": "7",
-                                  "backup-to": "ebs://us-east-1"})
-        assert code == 200, body
-        assert set(schedules(b, "v")) == {"snapshot", "backup"}
-        code, body = put(b, "v", {"backup-to": "ebs://us-east-1/snap-0123abcd"})
-        assert code == 400 and "ebs://REGION" in body["Err"], body
-    finally:
-        a.stop()
-        b.stop()
