@@ -12,8 +12,9 @@ from pathlib import Path
 
 from . import mountinfo
 from .crashpoint import crashpoint
-from .errors import CommandFailed, InvalidInput, PyvolError
+from .errors import CommandFailed, Conflict, InvalidInput, PyvolError
 from .run import run
+from .units import format_size
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +140,16 @@ def grow(device: str, fstype: str, mount_point: Path, size: int) -> None:
     The size it already has again is not an error: both tools then do nothing.
     """
     if fstype == "ext4":
+        spans = _ext4_size(device)
+        if spans > size:
+            # resize2fs takes a smaller size as an order to shrink: never. Only a crash in a
+            # resize of an older pyvol leaves a filesystem past its record; resizing to its
+            # size puts the record right.
+            raise Conflict(f"the filesystem on {device} spans {format_size(spans)}, more than "
+                           f"{format_size(size)}: resize the volume to at least "
+                           f"{format_size(spans)}")
+        if spans == size:
+            return
         if not mountinfo.is_mounted(mount_point):
             run(["e2fsck", "-f", "-p", device], timeout=600, ok_codes=(0, 1))
         run(["resize2fs", device, f"{size // 1024}K"], timeout=600)
@@ -152,6 +163,18 @@ def grow(device: str, fstype: str, mount_point: Path, size: int) -> None:
     finally:
         if not was_mounted:
             umount(mount_point)
+
+
+def _ext4_size(device: str) -> int:
+    """The bytes the ext4 filesystem on ``device`` spans, from its superblock."""
+    fields = {}
+    for line in run(["dumpe2fs", "-h", device], timeout=60).splitlines():
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    try:
+        return int(fields["Block count"]) * int(fields["Block size"])
+    except (KeyError, ValueError):
+        raise PyvolError(f"dumpe2fs gave no block count and size for {device}") from None
 
 
 CAP_SYS_RESOURCE = 24  # <linux/capability.h>

@@ -6,7 +6,9 @@ volume_changes_its_advisory_size, in the qemu lane.)"""
 
 import json
 import os
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -218,6 +220,30 @@ def test_the_filesystem_grows_to_the_recorded_size_never_to_a_larger_device(daem
     finally:
         daemon.cli("umount", "big")
 
+
+
+def test_an_ext4_past_its_record_is_never_shrunk_and_the_error_says_what_fixes_it(daemon):
+    """A resize of an older pyvol, cut short by a crash, could leave ext4 spread over a
+    device larger than the record. resize2fs takes a smaller size as an order to shrink:
+    pyvol never gives it one, and says which size puts the record right."""
+    daemon.cli("create", "past", "--size", "320M", "--fs", "ext4")
+    mp = daemon.cli("mount", "past").stdout.strip()
+    payload = os.urandom(1 << 20)
+    Path(mp, "data").write_bytes(payload)
+    daemon.cli("umount", "past")
+    image = daemon.root / "loop" / "pool" / "volumes" / "past.img"
+    os.truncate(image, 1 << 30)
+    subprocess.run(["e2fsck", "-f", "-p", str(image)], capture_output=True)
+    subprocess.run(["resize2fs", str(image), "1G"], check=True, capture_output=True)
+    r = daemon.cli("resize", "past", "512M", check=False)
+    assert r.returncode == 1 and "resize the volume to at least 1G" in r.stderr, r.stderr
+    daemon.cli("resize", "past", "1G")
+    mp = daemon.cli("mount", "past").stdout.strip()
+    try:
+        assert 900 * MiB < _fs_bytes(mp) <= 1 << 30
+        assert Path(mp, "data").read_bytes() == payload
+    finally:
+        daemon.cli("umount", "past")
 
 def test_sizes_are_whole_mebibytes_at_create_and_resize(daemon):
     """A size between two MiB is rounded up, at create and at resize alike: a device holds
