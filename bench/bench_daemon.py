@@ -45,7 +45,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from helpers import Api, Daemon, Dockerd, release  # noqa: E402
+from helpers import Api, Daemon, Dockerd, dispose  # noqa: E402
 
 
 def pct(values, p):
@@ -354,11 +354,7 @@ def main():
         if "scale" in only:
             scale(base, args.scale_volumes, args.scale_mounted, args.scale_rounds)
     finally:
-        if daemon:
-            daemon.stop()
-            daemon.socket.unlink(missing_ok=True)
-        release(base)
-        subprocess.run(["rm", "-rf", str(base)])
+        dispose(base, daemon)
 
 
 if __name__ == "__main__":

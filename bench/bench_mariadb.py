@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from helpers import Daemon, Dockerd, release  # noqa: E402
+from helpers import Daemon, Dockerd, dispose  # noqa: E402
 from mariadb import InsertLoad, MariaDB, make_image  # noqa: E402
 
 CONFIGS = ("local", "pyvol", "pyvol+snapshots")
@@ -111,11 +111,7 @@ def main():
     finally:
         if engine:
             engine.stop()
-        if daemon:
-            daemon.stop()
-            daemon.socket.unlink(missing_ok=True)
-        release(base)
-        subprocess.run(["rm", "-rf", str(base)])
+        dispose(base, daemon)
 
 
 if __name__ == "__main__":
