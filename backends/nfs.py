@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import re
 import secrets
@@ -47,6 +46,7 @@ from pyvol.log import event
 from pyvol.run import run
 
 from .base import DeactivateFailed, DirectoryBackend, Quiesce, VolumeSpec, release_each
+from .settings import seconds
 from .shared import SharedBackend
 
 SHARE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
@@ -167,18 +167,6 @@ def _said(value) -> str:
     return text if len(text) <= 40 else f"{text[:30]}..."
 
 
-def _seconds(settings: dict[str, str], key: str, default: float) -> float:
-    text = settings.get(key, str(default))
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not (value > 0 and math.isfinite(value)):
-        raise InvalidInput(f"invalid PYVOL_NFS_{key.upper()} {text!r}: accepted is a positive "
-                           "number of seconds")
-    return value
-
-
 class NfsBackend(SharedBackend, DirectoryBackend):
     name = "nfs"
     scope = "global"
@@ -195,7 +183,7 @@ class NfsBackend(SharedBackend, DirectoryBackend):
         self._instance: str | None = self.settings.get("instance")
         # copying or deleting a tree takes as long as the data: bounded by this, not by the
         # short guard that notices a dead server
-        self.copy_timeout = _seconds(self.settings, "copy_timeout", 3600)
+        self.copy_timeout = seconds("nfs", self.settings, "copy_timeout", 3600)
         self._deleters: set[threading.Thread] = set()
         self._rm_procs: set[subprocess.Popen] = set()
         self._closed = False
@@ -205,7 +193,7 @@ class NfsBackend(SharedBackend, DirectoryBackend):
             if version not in VERSIONS:
                 raise InvalidInput(f"invalid PYVOL_NFS_VERSION {version}: accepted are "
                                    f"{', '.join(VERSIONS)}")
-            timeout = _seconds(self.settings, "timeout", 10)
+            timeout = seconds("nfs", self.settings, "timeout", 10)
             for name, (source, opts) in parse_shares(text).items():
                 self.shares[name] = Share(name, source, opts, self.root / "nfs" / name,
                                           version, timeout)
@@ -297,10 +285,19 @@ class NfsBackend(SharedBackend, DirectoryBackend):
 
     @staticmethod
     def _read_meta(share: Share, volume: str) -> dict | None:
+        """A volume's record; another host (or a person) wrote it, so one that is no JSON
+        object is refused by name rather than read (what List does: leaves it out)."""
+        path = share.base / "meta" / f"{volume}.json"
         try:
-            return json.loads((share.base / "meta" / f"{volume}.json").read_text())
+            rec = json.loads(path.read_text())
         except FileNotFoundError:
             return None
+        except (ValueError, UnicodeDecodeError):
+            rec = None
+        if not isinstance(rec, dict):
+            raise Conflict(f"the record of volume {volume} on nfs share {share.name} ({path}) "
+                           "is not a JSON object; repair it or move it away")
+        return rec
 
     # the trash: a tree is renamed there at once (quick, under the guard), then deleted by a
     # killable process bounded by the copy timeout, off the caller's path
@@ -390,8 +387,8 @@ class NfsBackend(SharedBackend, DirectoryBackend):
         out = {}
         for p in (share.base / "meta").glob("*.json"):
             with contextlib.suppress(FileNotFoundError, ValueError):
-                rec = json.loads(p.read_text())
-                if rec.get("status") == "ready":
+                rec = json.loads(p.read_text())  # UnicodeDecodeError is a ValueError
+                if isinstance(rec, dict) and rec.get("status") == "ready":
                     out[p.stem] = rec
         return out
 

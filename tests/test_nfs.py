@@ -485,3 +485,28 @@ def test_get_never_walks_the_volume(workdir, nfs_export, monkeypatch):
         assert took < 5, f"volume_usage took {took:.1f} s"
     finally:
         probe.teardown(b)
+
+
+def test_records_that_are_no_json_object_are_left_out_of_list_and_named_by_get(workdir,
+                                                                               nfs_export):
+    """A volume's record on the export is another host's (or a person's) writing: one that
+    is no JSON object is left out of List and refused by name at Get and Create, never a
+    traceback, and the volumes beside it are served as before."""
+    d = host(workdir, "h", nfs_export, PYVOL_BACKENDS="nfs")
+    try:
+        d.api.ok("/VolumeDriver.Create", {"Name": "good", "Opts": {"size": "1G"}})
+        meta = Path(nfs_export) / "pyvol" / "meta"
+        (meta / "alist.json").write_text("[1, 2]")
+        (meta / "text.json").write_text("not json at all")
+        (meta / "binary.json").write_bytes(b"\xff\xfe\x00garbage")
+        names = [v["Name"] for v in d.api.ok("/VolumeDriver.List")["Volumes"]]
+        assert names == ["good"]
+        for name in ("alist", "text", "binary"):
+            r = d.api.raw("/VolumeDriver.Get", json.dumps({"Name": name}).encode())
+            assert r.status_code != 500 and "is not a JSON object" in r.json()["Err"], r.text
+            assert f"/pyvol/meta/{name}.json" in r.json()["Err"]  # as this host mounts it
+            r = d.api.raw("/VolumeDriver.Create", json.dumps({"Name": name}).encode())
+            assert r.status_code != 500 and r.json()["Err"], r.text
+        assert d.api.ok("/VolumeDriver.Get", {"Name": "good"})["Volume"]["Name"] == "good"
+    finally:
+        d.stop()
