@@ -27,6 +27,7 @@ from pathlib import Path
 
 from pyvol.crashpoint import crashpoint
 from pyvol.errors import CommandFailed, Conflict, InvalidInput, NotFound, PoolFull
+from pyvol.files import fsync_dir
 from pyvol.run import run
 from pyvol.units import format_size, parse_size
 
@@ -239,9 +240,10 @@ class LoopBackend(BlockBackend):
         source = self._need(self._snap(name, snap), f"snapshot {name}@{snap}")
         self._check_space(0)
         self.deactivate(name)
-        if loopdev.find(image) is not None:  # a holder outside pyvol keeps it bound
+        held = loopdev.find(image)
+        if held is not None:  # a holder outside pyvol keeps it bound
             raise Conflict(f"volume {name}'s image is still bound to a loop device in use "
-                           f"({loopdev.find(image)}): release it, then retry")
+                           f"({held}): release it, then retry")
         # '+': in no volume or snapshot name (names.py), so never the temporary name of
         # another volume's create or clone (NAME.img) or of a snapshot (NAME@SNAP.img),
         # whose lock is not this one
@@ -257,7 +259,7 @@ class LoopBackend(BlockBackend):
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_dir(self.volumes_dir)
+        fsync_dir(self.volumes_dir)
 
     def _extents(self, name: str, snap: str):
         return extents.extents(self._need(self._snap(name, snap), f"snapshot {name}@{snap}"))
@@ -287,12 +289,3 @@ class LoopBackend(BlockBackend):
             return {"allocated": self._image(name).stat().st_blocks * 512}
         except FileNotFoundError:
             return {}
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename in ``path`` durable: a power cut must not bring the old name back."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

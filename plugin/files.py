@@ -89,9 +89,15 @@ def write_whole(path: Path, data: bytes, exclusive: bool = False, direct: bool =
             os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    dirfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dirfd)
-    finally:
-        os.close(dirfd)
+    fsync_dir(path.parent)
     return True
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or link in directory ``path`` durable: a power cut must not bring the
+    old name back."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
