@@ -52,12 +52,13 @@ def reconcile(host: Host, volumes: Volumes) -> None:
     for s in store.snapshots():
         if s.status != "ready":
             unfinished.setdefault(s.volume, []).append(s)
-    for name, vs in by_backend.items():
-        _backend(host, volumes, host.backends[name], vs, unfinished)
+    listed = {name: _backend(host, volumes, host.backends[name], vs, unfinished)
+              for name, vs in by_backend.items()}
     known = set(store.volume_names())
     for name, backend in host.backends.items():
         try:
-            orphans = set(backend.list()) - known
+            held = listed.get(name)
+            orphans = (set(backend.list()) if held is None else held) - known
         except Exception:
             log.exception("backend %s could not list its volumes", name)
             continue
@@ -92,9 +93,11 @@ def _thaw(host: Host, v: Volume, backend: Backend) -> None:
 
 
 def _backend(host: Host, volumes: Volumes, backend: Backend, vs: list[Volume],
-             unfinished: dict[str, list[Snapshot]]) -> None:
+             unfinished: dict[str, list[Snapshot]]) -> set[str] | None:
     """Every volume of one backend: interrupted operations one by one (rare), then the mount
-    state of the rest from one listing, and one release of all that nothing has mounted."""
+    state of the rest from one listing, and one release of all that nothing has mounted.
+    The listing, for the search for storage without a record (a remote call on shared
+    backends: made once), or None where none was made."""
     steady = []
     for v in vs:
         try:
@@ -103,13 +106,13 @@ def _backend(host: Host, volumes: Volumes, backend: Backend, vs: list[Volume],
         except Exception:
             log.exception("recovery of volume %s failed; it is left as it was", v.name)
     if not steady:
-        return
+        return None
     try:
         held = set(backend.list())
     except Exception:
         log.exception("backend %s could not list its volumes; their mounts are left as they "
                       "were", backend.name)
-        return
+        return None
     users = host.store.mounts()  # volume -> its counts' sum, for volumes that have any
     # One look at the mount table for all: read again on every change (mountinfo), it would
     # be parsed once per volume on a host whose other mounts come and go meanwhile. Nothing
@@ -125,6 +128,7 @@ def _backend(host: Host, volumes: Volumes, backend: Backend, vs: list[Volume],
         except Exception:
             log.exception("recovery of volume %s failed; it is left as it was", v.name)
     _release(backend, release)
+    return held
 
 
 def _interrupted(host: Host, volumes: Volumes, backend: Backend, v: Volume,
