@@ -9,7 +9,9 @@ number of seconds on a fresh database each time: on a volume of Docker's local d
 pyvol loop volume (xfs), and on a pyvol loop volume with `pyvol snapshot create` every N
 seconds while it writes. Rounds alternate the order. Printed: rows/s for each (median over the
 rounds), the ratios, the longest wait between two commits (a snapshot freezes the filesystem
-for its instant), and how long each snapshot took.
+for its instant), how long each snapshot took, and what each commit cost the disk under
+both: its write and cache-flush requests per row (the disk's own counters in /sys/block), which
+show where the layers between a commit and the disk add I/O of their own.
 
 The image is scripts/make-mariadb-image.sh's (a first build takes a few minutes).
 """
@@ -30,8 +32,23 @@ from mariadb import InsertLoad, MariaDB, make_image  # noqa: E402
 CONFIGS = ("local", "pyvol", "pyvol+snapshots")
 
 
+def disk_counters(path: Path):
+    """A function giving (write requests, flush requests) so far of the disk holding ``path``
+    (/sys/block's stat: fields 5 and 16; flushes are counted by kernels since 5.5)."""
+    st = os.stat(path)
+    dev = os.path.realpath(f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}")
+    if os.path.exists(os.path.join(dev, "partition")):
+        dev = os.path.dirname(dev)
+
+    def read() -> tuple[int, int]:
+        with open(os.path.join(dev, "stat")) as f:
+            fields = [int(x) for x in f.read().split()]
+        return fields[4], (fields[15] if len(fields) > 15 else 0)
+    return read
+
+
 def one_run(engine: Dockerd, daemon: Daemon, config: str, n: int, seconds: float,
-            every: float) -> dict:
+            every: float, disk) -> dict:
     """A fresh database on a fresh volume, the load for ``seconds``; its rate and waits."""
     vol = f"bench-{config.replace('+', '-')}-{n}"
     if config == "local":
@@ -46,6 +63,7 @@ def one_run(engine: Dockerd, daemon: Daemon, config: str, n: int, seconds: float
         load = InsertLoad(db).start()
         load.wait_rows(100)  # the client is running: the window starts now
         start = time.time()
+        before = disk()
         end = start + seconds
         next_snap = start + every
         while time.time() < end:
@@ -55,12 +73,15 @@ def one_run(engine: Dockerd, daemon: Daemon, config: str, n: int, seconds: float
                 snaps.append(time.monotonic() - t)
                 next_snap += every
             time.sleep(0.05)
+        after = disk()
         rc, err = load.stop()
         if rc != 0:
             raise RuntimeError(f"the client failed in {config}: {err}")
         times = [at for _, at in load.commits if start <= at < end]
         waits = [b - a for a, b in zip(times, times[1:])]
         return {"rate": len(times) / seconds, "max_wait": max(waits),
+                "writes": (after[0] - before[0]) / len(times),
+                "flushes": (after[1] - before[1]) / len(times),
                 "p99_wait": sorted(waits)[int(len(waits) * 0.99)], "snaps": snaps}
     finally:
         db.stop()
@@ -90,16 +111,19 @@ def main():
               f"{'the same' if same else 'DIFFERENT'} filesystem ({where})")
         print(f"{args.rounds} rounds of {args.seconds:.0f} s each, one row per transaction, "
               f"snapshots every {args.snapshot_every:.0f} s in pyvol+snapshots")
+        disk = disk_counters(base)
         results = {c: [] for c in CONFIGS}
         for r in range(args.rounds):
             order = CONFIGS if r % 2 == 0 else tuple(reversed(CONFIGS))
             for config in order:
-                res = one_run(engine, daemon, config, r, args.seconds, args.snapshot_every)
+                res = one_run(engine, daemon, config, r, args.seconds, args.snapshot_every,
+                              disk)
                 results[config].append(res)
                 snaps = ", ".join(f"{s:.2f}" for s in res["snaps"])
                 print(f"  round {r + 1} {config:16} {res['rate']:8.0f} rows/s   longest wait "
                       f"between commits {res['max_wait'] * 1e3:6.1f} ms, p99 "
-                      f"{res['p99_wait'] * 1e3:5.1f} ms"
+                      f"{res['p99_wait'] * 1e3:5.1f} ms   disk writes {res['writes']:.2f}, "
+                      f"flushes {res['flushes']:.2f} per row"
                       + (f"   snapshots took {snaps} s" if snaps else ""), flush=True)
         med = {c: statistics.median(x["rate"] for x in results[c]) for c in CONFIGS}
         print("\nrows/s, median of the rounds:")
@@ -108,6 +132,10 @@ def main():
         print(f"  pyvol / local:                 {med['pyvol'] / med['local']:.2f}")
         print(f"  pyvol+snapshots / local:       {med['pyvol+snapshots'] / med['local']:.2f}")
         print(f"  pyvol+snapshots / pyvol:       {med['pyvol+snapshots'] / med['pyvol']:.2f}")
+        print("\nthe disk's write and flush requests per committed row, median of the rounds:")
+        for c in CONFIGS:
+            print(f"  {c:16} writes {statistics.median(x['writes'] for x in results[c]):5.2f}"
+                  f"   flushes {statistics.median(x['flushes'] for x in results[c]):5.2f}")
     finally:
         if engine:
             engine.stop()
