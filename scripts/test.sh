@@ -23,6 +23,10 @@ venv="$here/.venv"
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 "$venv/bin/pip" install -q --upgrade pip
 "$venv/bin/pip" install -q -e ".[test]"
+# Compile pyvol's modules once, here: with PYTHONDONTWRITEBYTECODE set (as on these machines)
+# every daemon, CLI call and job would compile them again, a few seconds each under the qemu
+# lane's emulated CPU, where the guest reads this tree read-only.
+"$venv/bin/python" -m compileall -q plugin backends tests >/dev/null
 
 # Two lanes at once: this kernel's tests, and the kernel lane (dm-thin and the kernel NFS
 # server, inside Debian's kernel under qemu: tests/vm/run_in_vm.py). The qemu lane mostly

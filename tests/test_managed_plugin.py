@@ -82,6 +82,7 @@ def test_seed_demo_through_the_managed_plugin(dockerd, managed):
     assert info["root"] == "/var/lib/pyvol" and (managed / "state.db").exists()
 
 
+@pytest.mark.slow  # faster relative: the seed demo through the managed plugin (same calls)
 def test_docker_compose_v1_with_the_managed_driver(dockerd, managed, tmp_path):
     (tmp_path / "docker-compose.yml").write_text(textwrap.dedent(f"""\
         version: "2"

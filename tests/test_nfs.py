@@ -253,6 +253,7 @@ def test_a_server_down_at_start_is_mounted_at_first_use_once_back(workdir, nfs_e
         d.stop()
 
 
+@pytest.mark.slow  # faster relative: test_both_hosts_see_one_volume_and_its_data (NFSv4)
 def test_nfsv3_share_works_the_same(workdir, nfs_export):
     a = host(workdir, "a3", nfs_export, PYVOL_BACKENDS="nfs", PYVOL_NFS_VERSION="3")
     b = host(workdir, "b3", nfs_export, PYVOL_BACKENDS="nfs", PYVOL_NFS_VERSION="3")
