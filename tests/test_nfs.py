@@ -193,6 +193,26 @@ def populate(mp: str) -> None:
             f.write(os.urandom(200 << 10))
 
 
+def test_a_tree_backup_restores_into_an_nfs_volume_identically(workdir, nfs_export):
+    """The CI relative of the slow test below: a directory volume backed up as a tree and
+    restored into another, everything tree_digest looks at kept."""
+    url = f"file://{workdir / 'repo'}"
+    (workdir / "repo").mkdir()
+    d = host(workdir, "t", nfs_export, PYVOL_BACKENDS="nfs")
+    try:
+        d.api.ok("/VolumeDriver.Create", {"Name": "files"})
+        mp = d.api.ok("/VolumeDriver.Mount", {"Name": "files", "ID": "w"})["Mountpoint"]
+        populate(mp)
+        backup = json.loads(d.cli("backup", "create", "files", "--dest", url, "--json").stdout)
+        assert backup["kind"] == "tree" and backup["stats"]["chunks_new"] > 3
+        d.cli("restore", backup["url"], "copy")
+        got = d.api.ok("/VolumeDriver.Mount", {"Name": "copy", "ID": "r"})["Mountpoint"]
+        assert tree_digest(got) == tree_digest(mp)
+    finally:
+        d.stop()
+
+
+@pytest.mark.slow  # minutes under the qemu lane's CPU; relative: the test above
 def test_tree_backup_restores_into_nfs_and_loop_volumes_identically(workdir, nfs_export):
     repo = workdir / "repo"
     repo.mkdir()
