@@ -341,6 +341,33 @@ def test_cli_killed_mid_backup_leaves_no_backup_and_the_rerun_reuses_chunks(prox
     d.cli("backup", "verify", rerun["url"])
 
 
+def test_the_parent_snapshot_of_a_running_incremental_backup_cannot_be_removed(proxied, moto):
+    """An incremental backup reads its changes against the previous backup's snapshot: that
+    snapshot is held from the moment it is chosen, so removing it meanwhile is refused
+    instead of leaving the backup to compare against nothing."""
+    d, proxy, bucket = proxied
+    url = f"s3://{bucket}/r"
+    mp = with_volume(d, "v", "512M")
+    fill(f"{mp}/old", 16 * MiB)
+    first = backup(d, "v", url)
+    [parent] = json.loads(d.cli("snapshot", "ls", "v", "--json").stdout)
+    fill(f"{mp}/new", 96 * MiB)  # enough new chunks to keep the slowed backup running
+    cli = slow_backup(d, proxy, url, 6)
+    r = d.cli("snapshot", "rm", parent["Ref"], check=False)
+    assert r.returncode == 1 and "being read by a running backup" in r.stderr, r.stderr
+    assert cli.poll() is None, "the backup ended before the removal was tried"
+    proxy.set("pass")
+    out, err = cli.communicate(timeout=120)
+    assert cli.returncode == 0, err
+    [second] = [b for b in json.loads(d.cli("backup", "ls", url, "--json").stdout)
+                if b["url"] != first["url"]]
+    assert second["incremental"], second
+    d.cli("backup", "verify", second["url"])
+    # once the backup is written its parent is superseded, and goes
+    refs = [x["Ref"] for x in json.loads(d.cli("snapshot", "ls", "v", "--json").stdout)]
+    assert parent["Ref"] not in refs and len(refs) == 1, refs
+
+
 def _engines(d: Daemon) -> dict[int, int]:
     """The daemon's job processes (backup/engine.py): pid -> parent pid."""
     out = {}

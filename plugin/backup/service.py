@@ -8,6 +8,7 @@ manifest says.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from datetime import datetime, timezone
@@ -18,7 +19,7 @@ from typing import Protocol
 from .. import clock
 from ..backends import Backend
 from ..crashpoint import crashpoint
-from ..errors import InvalidInput, NotFound, PyvolError
+from ..errors import Conflict, InvalidInput, NotFound, PyvolError
 from ..names import check_name, parse_snap_ref
 from ..log import event
 from ..state import Snapshot, Volume
@@ -296,8 +297,11 @@ class Backups:
         event(log, "backup created", volume=v.name, backup=result["url"])
         return result
 
-    def _parent(self, repo: Repository, volume: str) -> tuple[dict | None, str]:
-        """The latest backup of ``volume`` whose snapshot this daemon still holds."""
+    def _parent(self, repo: Repository, volume: str,
+                held: contextlib.ExitStack) -> tuple[dict | None, str]:
+        """The latest backup of ``volume`` whose snapshot this daemon still holds; that
+        snapshot is held for reading in ``held``, so that nothing removes it while the
+        changed ranges are read against it (a removal waits, or is refused, until then)."""
         m = self.access
         recent = repo.backup_ids(volume)[-PARENT_LOOKBACK:]
         if not recent:
@@ -310,19 +314,33 @@ class Backups:
             src = man.get("source", {})
             if src.get("instance") != m.instance_id():
                 continue
+            # the manifest is untrusted: its name is used only once it names one of ours
             s = m.snapshot(volume, src.get("snapshot", ""))
-            if s is not None and s.status == "ready" and s.created_at == src.get(
-                    "snapshot_created"):
+            if not _still_its_snapshot(s, src):
+                continue
+            reading = contextlib.ExitStack()
+            try:
+                reading.enter_context(m.reading(volume, s.name))
+            except Conflict:  # being removed right now
+                continue
+            if _still_its_snapshot(m.snapshot(volume, s.name), src):
+                held.enter_context(reading)
                 return man, ""
+            reading.close()  # removed, or made again under its name, before the hold
         return None, ("the snapshot of the previous backup is gone from this host, so every "
                       "mapped range is read (only new chunks are uploaded)")
 
     def _backup(self, repo, v, backend, snap: str, bid: str, job: Job) -> dict:
         if self.access.archive(backend) == "tree":
             return self._tree_backup(repo, v, backend, snap, bid, job)
+        with contextlib.ExitStack() as parent_held:
+            return self._block_backup(repo, v, backend, snap, bid, job, parent_held)
+
+    def _block_backup(self, repo, v, backend, snap: str, bid: str, job: Job,
+                      parent_held: contextlib.ExitStack) -> dict:
         m = self.access
         srec = m.snapshot(v.name, snap)
-        parent, why_full = self._parent(repo, v.name)
+        parent, why_full = self._parent(repo, v.name, parent_held)
         mapped = backend.mapped_ranges(v.name, snap)
         changed, chain = None, {}
         if parent is not None:
@@ -598,3 +616,10 @@ class Backups:
                            "removed": sum(not r["kept"] for r in rows),
                            "_manifests": [(r, manifests[r["url"]]) for r in rows]})
         return groups, unreadable
+
+
+def _still_its_snapshot(s: Snapshot | None, source: dict) -> bool:
+    """Whether ``s`` is the snapshot a backup's manifest says it read (the same name made
+    again later is another snapshot)."""
+    return s is not None and s.status == "ready" and s.created_at == source.get(
+        "snapshot_created")
