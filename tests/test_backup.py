@@ -368,6 +368,27 @@ def test_the_parent_snapshot_of_a_running_incremental_backup_cannot_be_removed(p
     assert parent["Ref"] not in refs and len(refs) == 1, refs
 
 
+def test_previous_manifests_with_a_malformed_source_are_no_parent(workdir, daemon, file_repo):
+    """A repository is untrusted: newer manifests of the volume whose source is no object,
+    or whose snapshot name is no string, are passed over when the next backup looks for its
+    parent; it finds the real one behind them."""
+    from pyvol.backup.repo import Repository, new_backup_id
+
+    mp = with_volume(daemon, "v")
+    fill(f"{mp}/f", 8 * MiB)
+    first = backup(daemon, "v", file_repo)
+    repo = Repository.open(file_repo, None)
+    instance = first["source"]["instance"]
+    for source in (["not", "an", "object"], {"instance": instance, "snapshot": ["x"],
+                                             "snapshot_created": 1}):
+        time.sleep(1.1)  # ids are by the second: each newer than the last
+        repo.put_manifest({"format": 1, "id": new_backup_id(), "kind": "block", "volume": "v",
+                           "source": source, "chunks": [], "chunk_size": repo.chunk_size})
+    fill(f"{mp}/g", 4 * MiB)
+    second = backup(daemon, "v", file_repo)
+    assert second["incremental"] and second["parent"] == first["id"], second
+
+
 def _engines(d: Daemon) -> dict[int, int]:
     """The daemon's job processes (backup/engine.py): pid -> parent pid."""
     out = {}

@@ -301,7 +301,8 @@ class Backups:
                 held: contextlib.ExitStack) -> tuple[dict | None, str]:
         """The latest backup of ``volume`` whose snapshot this daemon still holds; that
         snapshot is held for reading in ``held``, so that nothing removes it while the
-        changed ranges are read against it (a removal waits, or is refused, until then)."""
+        changed ranges are read against it (a removal meanwhile is refused, naming the
+        backup). The manifests are untrusted: check_manifest passes over malformed ones."""
         m = self.access
         recent = repo.backup_ids(volume)[-PARENT_LOOKBACK:]
         if not recent:
