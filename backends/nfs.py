@@ -292,7 +292,7 @@ class NfsBackend(SharedBackend, DirectoryBackend):
             rec = json.loads(path.read_text())
         except FileNotFoundError:
             return None
-        except (ValueError, UnicodeDecodeError):
+        except ValueError:  # not JSON, or not UTF-8 (UnicodeDecodeError is a ValueError)
             rec = None
         if not isinstance(rec, dict):
             raise Conflict(f"the record of volume {volume} on nfs share {share.name} ({path}) "

@@ -167,7 +167,6 @@ def release(root: Path) -> None:
         subprocess.run(["umount", "-l", entry.mount_point], capture_output=True)
 
 
-
 def dispose(base: Path, daemon: "Daemon | None" = None) -> None:
     """A bench's end, after a failure too: stop ``daemon`` and remove its socket (which may
     live outside ``base``, in Docker's plugin directory), then unmount, detach and remove
@@ -177,6 +176,7 @@ def dispose(base: Path, daemon: "Daemon | None" = None) -> None:
         daemon.socket.unlink(missing_ok=True)
     release(base)
     shutil.rmtree(base, ignore_errors=True)
+
 
 def loop_devices_under(root: Path) -> dict[str, str]:
     """Loop devices bound to files under ``root``, deleted ones included: /dev/loopN -> its
