@@ -22,6 +22,7 @@ from collections.abc import Collection
 from pathlib import Path
 
 from pyvol import clock, devwait
+from pyvol.crashpoint import crashpoint
 from pyvol.errors import Conflict, InvalidInput, NotFound, PoolFull, PyvolError
 from pyvol.fs import device_size
 
@@ -696,6 +697,7 @@ def _differing(new: str, old: str | None, unit: int) -> list[Range]:
 # request. A restore makes a volume from it in this instance's zone (any zone of the region),
 # copying it into this region first when it lives elsewhere.
 BACKUP_TAG = "pyvol-backup"
+BACKUP_ID_TAG = "pyvol-backup-id"  # pyvol's id of the backup, chosen before the copy exists
 
 
 def parse_ebs_url(url: str) -> tuple[str, str | None]:
@@ -731,6 +733,7 @@ class EbsBackups:
                          SourceSnapshotId=snap_id, Description=what,
                          TagSpecifications=[{"ResourceType": "snapshot", "Tags": tags}])
         sid = new["SnapshotId"]
+        crashpoint("ebs.copying")
         try:
             self.b._await("snapshot_completed", f"the copy {sid} of snapshot {snap_id} to "
                           f"complete in {region}", self.b.snapshot_timeout,
@@ -741,10 +744,11 @@ class EbsBackups:
             raise
         return sid
 
-    def create(self, name: str, snap: str, region: str, fs: str, size: int) -> dict:
+    def create(self, name: str, snap: str, region: str, fs: str, size: int,
+               bid: str) -> dict:
         src = self.b._completed(name, snap)
         tags = [{"Key": BACKUP_TAG, "Value": name}, {"Key": "pyvol-fs", "Value": fs},
-                {"Key": "pyvol-size", "Value": str(size)}]
+                {"Key": "pyvol-size", "Value": str(size)}, {"Key": BACKUP_ID_TAG, "Value": bid}]
         sid = self._copy(self.b.region, src, region, tags, f"pyvol backup of {name}@{snap}")
         return self.describe(region, sid)
 
@@ -755,6 +759,7 @@ class EbsBackups:
         s = found[0]
         tags = {t["Key"]: t["Value"] for t in s.get("Tags", [])}
         return {"url": f"ebs://{region}/{sid}", "kind": "ebs-snapshot",
+                "id": tags.get(BACKUP_ID_TAG),
                 "volume": tags.get(BACKUP_TAG), "region": region, "snapshot_id": sid,
                 "state": s["State"], "created": clock.stamp(s["StartTime"]),
                 "source": {"backend": "ebs", "fs": tags.get("pyvol-fs", "ext4"),

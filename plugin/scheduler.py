@@ -253,14 +253,8 @@ class Runner:
     def _backup(self, s: Schedule, job: Job) -> str:
         """Back up into the schedule's repository. The backup is recorded as the schedule's
         (PENDING_BACKUP + its id) before it starts, so that one whose daemon died after its
-        manifest was written is still found, and judged by retention, at the next run; an
-        ebs:// backup's id is AWS's, known only after it (recorded then)."""
-        if s.target.startswith("ebs://"):
-            result = self.backups.create(s.volume, s.target, job)
-            with self.store.tx():
-                self.store.add_scheduled_backup(s.volume, result["url"], s.target,
-                                                result.get("created") or clock.stamp())
-            return result["url"]
+        manifest was written (or, for ebs://, after its copy was asked for: the copy is tagged
+        with the id) is still found, and judged by retention, at the next run."""
         self._settle(s)
         bid = new_backup_id()
         pending = PENDING_BACKUP + bid

@@ -499,3 +499,42 @@ def test_issue14_a_metadata_service_that_does_not_answer_is_a_clear_err_in_bound
     assert took < 10
     if service == "stall":
         assert took >= 2.5  # 1 s for the token, then 1 s for each of 2 attempts
+
+
+def test_a_scheduled_ebs_backup_cut_off_by_a_crash_is_found_and_judged_by_retention(
+        workdir, ebs_rig):
+    """The daemon dies once its scheduled backup's copy has been asked for. The copy is
+    tagged with the id the schedule recorded before the work, so the next run finds it as the
+    schedule's and its retention (keep 1) removes it; the snapshot the backup took of the
+    volume goes at the restart."""
+    import boto3
+
+    env = {**ebs_rig.env(0), "PYVOL_BACKENDS": "ebs"}
+    d = Daemon(workdir / "i0", workdir / "i0.sock",
+               env={**env, "PYVOL_CRASH_AT": "ebs.copying"}).start()
+    d.api.ok("/VolumeDriver.Create", {"Name": "ledger", "Opts": {
+        "size": "1G", "backup-every": "2s", "backup-keep": "1",
+        "backup-to": "ebs://us-west-2"}})
+    d.proc.wait(timeout=60)
+    d.stop()
+    west = boto3.client("ec2", region_name="us-west-2")
+
+    def copies() -> list[str]:
+        return [s["SnapshotId"] for s in west.describe_snapshots(OwnerIds=["self"], Filters=[
+            {"Name": "tag:pyvol-backup", "Values": ["ledger"]}])["Snapshots"]]
+
+    crashed = copies()
+    assert len(crashed) == 1
+    d = Daemon(workdir / "i0", workdir / "i0.sock", env=env).start()
+    try:
+        def ran() -> dict | None:
+            rows = json.loads(d.cli("schedule", "ls", "ledger", "--json").stdout)
+            return rows[0] if rows[0]["runs"] >= 1 else None
+
+        row = _until("a scheduled backup after the restart", ran, timeout=60)
+        assert row["error"] is None, row
+        left = copies()
+        assert len(left) == 1 and left != crashed and row["result"].endswith(left[0])
+        assert json.loads(d.cli("snapshot", "ls", "ledger", "--json").stdout) == []
+    finally:
+        d.stop()

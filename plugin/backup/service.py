@@ -169,10 +169,10 @@ class Backups:
         m = self.access
         v = m.volume(vol)
         backend = m.backend(v)
-        if isinstance(dest, str) and dest.startswith("ebs://"):
-            return self._ebs_backup(v, backend, snap, dest)
-        repo = self._repo(dest, create=True)
         bid = bid or new_backup_id()
+        if isinstance(dest, str) and dest.startswith("ebs://"):
+            return self._ebs_backup(v, backend, snap, dest, bid)
+        repo = self._repo(dest, create=True)
         with locked(repo, "shared", self.lease) as lease:
             lease.on_lost(job.cancel)  # the engine stops at its next step
             auto = snap is None
@@ -277,7 +277,11 @@ class Backups:
 
         return EbsBackups(self.access.backend_named("ebs", what))
 
-    def _ebs_backup(self, v, backend, snap: str | None, dest: str) -> dict:
+    def _ebs_backup(self, v, backend, snap: str | None, dest: str, bid: str) -> dict:
+        """The copy carries ``bid`` in a tag, as a repository's manifest carries its id: a
+        schedule that recorded it before the work finds its backup after a crash, even one
+        whose copy was still pending. The snapshot taken for it is noted before it exists,
+        as a repository backup's is, so that recover() removes it after a crash."""
         from ..backends.ebs import parse_ebs_url
 
         region, sid = parse_ebs_url(dest)
@@ -287,13 +291,17 @@ class Backups:
         m = self.access
         auto = snap is None
         if auto:
-            snap = AUTO_PREFIX + new_backup_id()
-            m.take_snapshot(v.name, snap, origin="backup")
+            snap = AUTO_PREFIX + bid
+            m.set_note(f"{PENDING}{v.name}@{snap}", bid)
         try:
-            result = self._ebs("an ebs:// backup").create(v.name, snap, region, v.fs, v.size)
+            if auto:
+                m.take_snapshot(v.name, snap, origin="backup")
+            result = self._ebs("an ebs:// backup").create(v.name, snap, region, v.fs, v.size,
+                                                          bid)
         finally:
             if auto:  # the backup is an independent copy: the volume's snapshot can go
                 self._drop_own_snapshot(v.name, snap, "of an ebs:// backup")
+                m.drop_note(f"{PENDING}{v.name}@{snap}")
         event(log, "backup created", volume=v.name, backup=result["url"])
         return result
 
