@@ -13,6 +13,7 @@ docs/ebs.md has the details, and what is emulated in the tests.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -34,6 +35,10 @@ GiB = 1 << 30
 NAME_TAG, OPT_TAG, SNAP_VOL_TAG, SNAP_TAG, TEMP_TAG = (
     "pyvol-name", "pyvol-opt:", "pyvol-volume", "pyvol-snapshot", "pyvol-temp")
 CREATOR_TAG = "pyvol-creator"  # the instance that made the volume
+# a volume's schedule of one kind, as compact JSON (or "null": removed); and its last claimed
+# run, "SLOT INSTANCE" (docs/schedules.md)
+SCHEDULE_TAG, RUN_TAG = "pyvol-schedule:", "pyvol-run:"
+TAG_VALUE_MAX = 256  # EC2's limit on a tag's value
 # A temporary volume (a snapshot being read) or snapshot (a restore's copy from another
 # region) carries TEMP_TAG=a token of its own, CREATOR_TAG and OWNER_TAG (the daemon that
 # made it, see _process_token) and never NAME_TAG: no host lists it as a volume.
@@ -333,8 +338,46 @@ class EbsBackend(SharedBackend, BlockBackend):
     def _record(self, v: dict) -> dict:
         tags = {t["Key"]: t["Value"] for t in v.get("Tags", [])}
         opts = {k[len(OPT_TAG):]: val for k, val in tags.items() if k.startswith(OPT_TAG)}
-        return {"size": v["Size"] * GiB, "options": opts, "volume_id": v["VolumeId"],
-                "created": clock.stamp(v["CreateTime"])}
+        rec = {"size": v["Size"] * GiB, "options": opts, "volume_id": v["VolumeId"],
+               "created": clock.stamp(v["CreateTime"])}
+        schedules = {}
+        for k, val in tags.items():
+            if k.startswith(SCHEDULE_TAG):
+                try:  # another host's: checked by the reader (plugin/schedules.py)
+                    schedules[k[len(SCHEDULE_TAG):]] = json.loads(val)
+                except ValueError:
+                    schedules[k[len(SCHEDULE_TAG):]] = val
+        if schedules:
+            rec["schedules"] = schedules
+        return rec
+
+    def set_schedules(self, name: str, schedules: dict[str, dict | None]) -> None:
+        tags = []
+        for what, spec in schedules.items():
+            value = json.dumps(spec, separators=(",", ":"), sort_keys=True)
+            if len(value) > TAG_VALUE_MAX:
+                raise InvalidInput(f"the {what} schedule of {name} does not fit in an EBS tag "
+                                   f"({len(value)} characters written, {TAG_VALUE_MAX} "
+                                   "accepted): use a shorter backup-to or keep policy")
+            tags.append({"Key": SCHEDULE_TAG + what, "Value": value})
+        self._aws("create_tags", Resources=[self._find(name)["VolumeId"]], Tags=tags)
+
+    def claim_run(self, name: str, what: str, slot: str) -> str:
+        """EC2 tags have no compare-and-swap, so a claim is settled as a create is: written,
+        then read again after ``race_settle``; of hosts that claimed together, every one
+        reads the last write, and that host runs the slot."""
+        def holder() -> tuple[str, str]:
+            slot_, _, who = _tags(self._find(name)).get(RUN_TAG + what, "").partition(" ")
+            return slot_, who
+
+        held, who = holder()
+        if held >= slot and who:  # claimed already, or a newer slot is: not this host's
+            return who
+        self._aws("create_tags", Resources=[self._find(name)["VolumeId"]],
+                  Tags=[{"Key": RUN_TAG + what, "Value": f"{slot} {self.instance_id}"}])
+        time.sleep(self.race_settle)
+        held, who = holder()
+        return who if held >= slot and who else self.instance_id
 
     def created_here(self, name: str) -> bool:
         return all(_tags(v).get(CREATOR_TAG) == self.instance_id for v in self._by_name(name))

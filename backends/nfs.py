@@ -7,6 +7,7 @@ lives on the export, so every host sees the same volumes:
     EXPORT/pyvol/volumes/NAME/             the volume's files (bind-mounted for containers)
     EXPORT/pyvol/meta/NAME.json            its record: size, options, created, status
     EXPORT/pyvol/leases/NAME/INSTANCE.json one per host that has it mounted
+    EXPORT/pyvol/leases/NAME/runs/KIND@SLOT the host that claimed a schedule's slot
     EXPORT/pyvol/snapshots/NAME/SNAP/      point-in-time copies (reflink where the server can)
     EXPORT/pyvol/tmp/INSTANCE.*            copies in progress
     EXPORT/pyvol/trash/INSTANCE.*          removed trees, being deleted
@@ -658,12 +659,32 @@ class NfsBackend(SharedBackend, DirectoryBackend):
 
     @staticmethod
     def _set_size(share: Share, name: str, size: int) -> None:
-        """The record is another host's, so untrusted: refused unless it is an object whose
-        status is 'ready' (one another host is creating or removing is not to be written
-        back: a remove writes 'removing', moves the trees away and unlinks the record, and
-        a write after that would leave a record of a volume that no longer exists), and
-        re-checked, the same file (inode), just before it is replaced. A size in it that is
-        not a whole number of bytes is overwritten; a larger one is kept (never smaller)."""
+        """A size in the record that is not a whole number of bytes is overwritten; a larger
+        one is kept (never smaller)."""
+        def grown(rec: dict) -> dict:
+            old = rec.get("size")
+            return {**rec, "size": old if type(old) is int and size < old < 1 << 63 else size}
+
+        NfsBackend._update_record(share, name, grown, "resized")
+
+    def set_schedules(self, name: str, schedules: dict[str, dict | None]) -> None:
+        def scheduled(rec: dict) -> dict:
+            old = rec.get("schedules")
+            return {**rec, "schedules": {**(old if isinstance(old, dict) else {}),
+                                         **schedules}}
+
+        share, _ = self._find(name)
+        share.call(self._update_record, share, name, scheduled, "given its schedules",
+                   what=f"writing the schedules of {name}")
+
+    @staticmethod
+    def _update_record(share: Share, name: str, change, done: str) -> None:
+        """Replace the volume's record with ``change(record)``. The record is another host's,
+        so untrusted: refused unless it is an object whose status is 'ready' (one another
+        host is creating or removing is not to be written back: a remove writes 'removing',
+        moves the trees away and unlinks the record, and a write after that would leave a
+        record of a volume that no longer exists), and re-checked, the same file (inode),
+        just before it is replaced. ``done``: what the caller does, for its errors."""
         meta = share.base / "meta" / f"{name}.json"
         try:
             with open(meta, "rb") as f:
@@ -677,24 +698,57 @@ class NfsBackend(SharedBackend, DirectoryBackend):
             rec = None
         if not isinstance(rec, dict):
             raise Conflict(f"volume {name}'s record on nfs share {share.name} ({meta}) is not "
-                           "a JSON object pyvol can read: not resized; fix or remove that "
+                           f"a JSON object pyvol can read: not {done}; fix or remove that "
                            "record")
         if rec.get("status") != "ready":
             raise Conflict(f"volume {name}'s record on nfs share {share.name} has status "
                            f"{_said(rec.get('status'))}, not 'ready' (another host is making "
-                           "or removing it): not resized; retry once it is ready")
-        old = rec.get("size")
-        if type(old) is int and size < old < 1 << 63:
-            size = old
+                           f"or removing it): not {done}; retry once it is ready")
+        rec = change(rec)
         try:
             same = os.stat(meta).st_ino == seen
         except FileNotFoundError:
             same = False
         if not same:
             raise Conflict(f"volume {name}'s record on nfs share {share.name} changed while "
-                           "it was being resized (another host removed or changed it): not "
-                           "resized; retry")
-        _write_json(meta, {**rec, "size": size})
+                           f"it was being {done.split()[0]} (another host removed or changed "
+                           f"it): not {done}; retry")
+        _write_json(meta, rec)
+
+    def claim_run(self, name: str, what: str, slot: str) -> str:
+        """A file per claimed slot, made with O_EXCL (atomic on NFSv3 and v4): the one that
+        made it holds the slot. Older slots' files go once a newer one is won; the volume's
+        go with its leases when it is removed."""
+        share, _ = self._find(name)
+        return share.call(self._claim_run, share, name, what, slot, self.instance,
+                          what=f"claiming the {what} run of {name}")
+
+    @staticmethod
+    def _claim_run(share: Share, name: str, what: str, slot: str, instance: str) -> str:
+        runs = share.base / "leases" / name / "runs"
+        runs.mkdir(parents=True, exist_ok=True)
+        mine = f"{what}@{slot}"
+        taken = sorted(p.name for p in runs.iterdir() if p.name.startswith(f"{what}@"))
+        if taken and taken[-1] > mine:  # a newer slot is claimed: this run is stale
+            return NfsBackend._run_holder(runs / taken[-1])
+        try:
+            _write_json(runs / mine, {"instance": instance}, exclusive=True)
+        except FileExistsError:
+            return NfsBackend._run_holder(runs / mine)
+        for old in taken:
+            if old < mine:
+                (runs / old).unlink(missing_ok=True)
+        return instance
+
+    @staticmethod
+    def _run_holder(path: Path) -> str:
+        """Who holds a claimed slot, as another host wrote it (untrusted: quoted short)."""
+        try:
+            held = json.loads(path.read_text())
+        except (OSError, ValueError):
+            held = None
+        who = held.get("instance") if isinstance(held, dict) else None
+        return who if isinstance(who, str) and len(who) <= 64 else "another host"
 
     def rollback(self, name: str, snap: str) -> None:
         raise InvalidInput(f"cannot roll back {name} to {snap}: {self.no_rollback}")

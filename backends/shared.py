@@ -54,6 +54,21 @@ class SharedBackend(Backend):
         """One ready volume's record, or None."""
 
     @abstractmethod
+    def set_schedules(self, name: str, schedules: dict[str, dict | None]) -> None:
+        """Write the volume's schedules into its record, by kind ("snapshot", "backup"): a
+        spec ``{"every": SECONDS, "keep": POLICY, "target": URL or None}``, or None for one
+        removed. Kinds not given are left as they are. Every host reads them back from
+        ``record()``/``records()`` as ``"schedules"``, with only the kinds ever written: a
+        host runs a shared volume's schedule wherever it was set (docs/schedules.md)."""
+
+    @abstractmethod
+    def claim_run(self, name: str, what: str, slot: str) -> str:
+        """Claim the run of ``name``'s ``what`` schedule at ``slot`` (an RFC 3339 stamp) for
+        this host; the instance that holds the claim (this one if it won). Of hosts that
+        claim one slot, one wins and every one is told which; a slot older than one already
+        claimed is the holder's of that newer one (a stale run is nobody's to start)."""
+
+    @abstractmethod
     def created_here(self, name: str) -> bool:
         """Whether this host made the storage now named ``name`` (True if there is none)."""
 

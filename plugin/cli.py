@@ -471,7 +471,8 @@ def _schedule_rows(items):
     _table(["VOLUME", "WHAT", "EVERY", "KEEP", "TARGET", "NEXT", "LAST", "RESULT", "FAILURES",
             "ERROR"],
            [(s["volume"], s["what"], s["every"], s["keep"], s["target"], s["next"], s["last"],
-             s["result"], s["failures"], s["error"]) for s in items])
+             f"run by {s['by']}" if s.get("by") else s["result"], s["failures"], s["error"])
+            for s in items])
 
 
 @schedule.command("set")

@@ -36,6 +36,8 @@ class Config:
     enabled_backends: list[str] | None = None
     # Where volumes are mounted; the managed plugin points it at its propagatedMount.
     mounts: Path | None = None
+    # How often the schedule runner reads shared volumes' schedules from their records.
+    schedule_sync: float = 30.0
 
     @property
     def mounts_dir(self) -> Path:
@@ -78,6 +80,7 @@ def load(root: str | None = None, socket: str | None = None, backend: str | None
         log_level=env.get("PYVOL_LOG_LEVEL", "info"),
         mounts=_real(env["PYVOL_MOUNTS"]) if "PYVOL_MOUNTS" in env else None,
         docker_timeout=float(env.get("PYVOL_DOCKER_TIMEOUT", 30)),
+        schedule_sync=float(env.get("PYVOL_SCHEDULE_SYNC", 30)),
         enabled_backends=[b.strip() for b in env["PYVOL_BACKENDS"].split(",") if b.strip()]
         if "PYVOL_BACKENDS" in env else None,
     )

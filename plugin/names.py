@@ -2,6 +2,7 @@
 matched whole, so that every path built from them stays under the root."""
 
 import re
+from datetime import datetime, timezone
 
 from .errors import InvalidInput
 
@@ -9,6 +10,10 @@ from .errors import InvalidInput
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 SNAP_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MOUNT_ID_RE = re.compile(r"[\x21-\x7e]{0,256}")
+# a schedule's snapshot (plugin/scheduler.py): sched-TIME, TIME compact UTC, and -N after it
+# for a later run in the same second. Its retention judges these names on shared storage,
+# where another host's snapshots have no row here to say who took them: no user may give one.
+SCHEDULED_SNAP_RE = re.compile(r"sched-([0-9]{8}T[0-9]{6}Z)(?:-[0-9]{1,6})?")
 
 
 def check_name(name, what: str = "volume name") -> str:
@@ -25,6 +30,26 @@ def check_snap_name(name) -> str:
             f"invalid snapshot name {name!r}: accepted are 1-64 characters of letters, "
             "digits, '_', '.' and '-', starting with a letter or digit")
     return name
+
+
+def check_user_snap_name(name) -> str:
+    check_snap_name(name)
+    if SCHEDULED_SNAP_RE.fullmatch(name):
+        raise InvalidInput(f"invalid snapshot name {name!r}: names sched-TIME are the "
+                           "snapshot schedules' own (their retention removes them); choose "
+                           "another name")
+    return name
+
+
+def scheduled_snapshot_time(name: str) -> datetime | None:
+    """When a schedule's snapshot was taken, from its name; None for any other name."""
+    m = SCHEDULED_SNAP_RE.fullmatch(name)
+    if m is None:
+        return None
+    try:
+        return datetime.strptime(m.group(1), "%Y%m%dT%H%M%SZ").replace(tzinfo=timezone.utc)
+    except ValueError:  # digits that are no date (month 13)
+        return None
 
 
 def check_mount_id(mount_id) -> str:

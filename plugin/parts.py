@@ -38,4 +38,4 @@ def wire(host: Host) -> Parts:
     backups = Backups(SnapshotAccess(host, catalogue, snapshots), host.config)
     volumes = Volumes(host, catalogue, snapshots, backups)
     return Parts(host, catalogue, snapshots, volumes, backups,
-                 Schedules(host, catalogue), Runner(host, snapshots, backups))
+                 Schedules(host, catalogue), Runner(host, snapshots, backups, catalogue))

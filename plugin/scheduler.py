@@ -19,6 +19,13 @@ of its 20, about FREEZE_LIMIT): a snapshot is not cut off inside its filesystem 
 worker exiting on its own, which no reconcile would follow (only a SIGKILL still can); a run stopped by the exit is not recorded, and its slot, still
 due, runs at the next start.
 
+A shared volume's schedules (nfs, ebs) live in its record on the shared storage, where every
+host's runner reads them every PYVOL_SCHEDULE_SYNC seconds into its own rows; each slot runs on
+one host: the one that has the volume mounted (its filesystem is frozen there for the instant
+of a snapshot), else the one whose claim on the slot wins (SharedBackend.claim_run). The others
+record the slot as run by that host. The schedule's snapshot retention on a shared volume
+judges every host's scheduled snapshots (named sched-TIME on the storage).
+
 A run that fails is retried at the schedule's next slot; its error is shown in Status and
 `pyvol schedule ls` for as long as it lasts, and logged once per streak of failures (and once
 when it ends), not at every retry.
@@ -38,9 +45,12 @@ from . import clock
 from .backup.job import Job
 from .backup.repo import new_backup_id
 from .backup.retention import Policy, keep
-from .errors import Conflict, NotFound, PyvolError
+from .backends.shared import SharedBackend
+from .errors import Conflict, InvalidInput, NotFound, PyvolError
 from .log import event
-from .schedules import MAX_PHASE, PHASE_FRACTION, next_after
+from .names import scheduled_snapshot_time
+from .schedules import (KINDS, MAX_PHASE, PHASE_FRACTION, check_published, next_after,
+                        spec_of, store_rows)
 from .state import Schedule
 
 log = logging.getLogger(__name__)
@@ -64,9 +74,12 @@ def _settings(s: Schedule) -> tuple:
 
 
 class Runner:
-    def __init__(self, host, snapshots, backups):
+    def __init__(self, host, snapshots, backups, catalogue=None):
         self.host, self.snapshots, self.backups = host, snapshots, backups
+        self.catalogue = catalogue
         self.store = host.store
+        self._synced = float("-inf")
+        self._refused: set[tuple] = set()  # records' schedules refused, said once each
         self.lock_path = host.config.root / "scheduler.lock"
         self._runs: dict[tuple[str, str], tuple[threading.Thread, Job | None]] = {}
         self._runs_lock = threading.Lock()
@@ -154,6 +167,10 @@ class Runner:
         if time.monotonic() - self._checked_clock >= CLOCK_CHECK:
             self._checked_clock = time.monotonic()
             self._fix_far_future(now)
+        if time.monotonic() - self._synced >= self.host.config.schedule_sync:
+            self._synced = time.monotonic()
+            for b in self.host.shared_backends():
+                self.sync_shared(b, now)
         for s in self.store.due_schedules(clock.stamp(now)):
             key = (s.volume, s.what)
             with self._runs_lock:
@@ -186,6 +203,52 @@ class Runner:
             event(log, "schedule's next run was further than its interval (the clock was "
                   "ahead); moved", volume=s.volume, what=s.what, was=s.next_at, now=at)
 
+    def sync_shared(self, b: SharedBackend, now: float) -> None:
+        """Bring this host's rows of ``b``'s volumes in line with their records: a schedule
+        set, changed or removed on another host is so here. A kind the record has never had
+        is this host's to write there (rows from before schedules were shared)."""
+        try:
+            records = b.records()
+        except PyvolError as e:  # the storage unreachable: the rows stay as they are
+            log.info("cannot read the schedules of backend %s: %s", b.name, e)
+            return
+        for name, rec in records.items():
+            try:  # one volume's record that cannot be followed holds up no other's
+                published = rec.get("schedules")
+                published = published if isinstance(published, dict) else {}
+                local = {s.what: s for s in self.store.schedules(name)}
+                unpublished = {w: spec_of(s) for w, s in local.items() if w not in published}
+                if unpublished:
+                    b.set_schedules(name, unpublished)
+                for what in KINDS:
+                    if what in published:
+                        self._sync_one(b, name, what, published[what], local.get(what), now)
+            except PyvolError as e:
+                log.info("cannot bring the schedules of %s in line with its record: %s",
+                         name, e)
+
+    def _sync_one(self, b: SharedBackend, name: str, what: str, value, have, now) -> None:
+        try:
+            spec = check_published(what, value, b.name)
+        except InvalidInput as e:  # another host's record: said once, and not run
+            if (name, what, repr(value)) not in self._refused:
+                self._refused.add((name, what, repr(value)))
+                log.warning("the %s schedule of %s in its record is refused: %s", what, name, e)
+            return
+        if spec is None:
+            if have is not None:
+                with self.store.tx():
+                    self.store.delete_schedules(name, what)
+                event(log, "schedule removed on another host", volume=name, what=what)
+        elif have is None or spec_of(have) != spec:
+            v = self.catalogue.find(name) if self.catalogue else None
+            if v is None:
+                return
+            self.catalogue.adopt(v)
+            with self.store.tx():
+                store_rows(self.store, name, {what: spec}, now)
+            event(log, "schedule set on another host", volume=name, what=what)
+
     def _run(self, s: Schedule, job: Job | None) -> None:
         try:
             self.run_once(s, job)
@@ -206,10 +269,12 @@ class Runner:
         s = current
         started = time.time()
         slot = clock.parse(s.next_at)
-        error, result, retention_error = None, None, None
+        error, result, retention_error, elsewhere = None, None, None, None
         try:
-            result = (self._snapshot(s) if s.what == "snapshot" else
-                      self._backup(s, job or Job("scheduled backup")))
+            elsewhere = self._runs_elsewhere(s)
+            if elsewhere is None:
+                result = (self._snapshot(s) if s.what == "snapshot" else
+                          self._backup(s, job or Job("scheduled backup")))
         except PyvolError as e:
             error = str(e)
         except Exception as e:  # a bug: its traceback in the log, once per streak
@@ -218,6 +283,14 @@ class Runner:
                 log.exception("scheduled %s of %s failed", s.what, s.volume)
         if error is not None and self._stopping.is_set():
             return  # cut off by the worker exiting: not a failure; the slot stays due
+        if elsewhere is not None:  # that host runs it, and applies the retention
+            with self.store.tx():
+                self.store.schedule_ran(replace(
+                    s, next_at=clock.stamp(next_after(max(time.time(), slot), s.volume, s.what,
+                                                      s.every)),
+                    last_at=clock.stamp(started), last_result=None, last_error=None,
+                    failures=0, ran_by=elsewhere))
+            return
         if error is None and s.keep:  # a row from before keep was required may have none
             try:
                 self._retain(s)
@@ -234,15 +307,34 @@ class Runner:
                 event(log, "schedule works again", volume=s.volume, what=s.what,
                       after_failures=s.failures)
             done = replace(done, last_result=result, last_error=retention_error, failures=0,
-                           runs=s.runs + 1)
+                           runs=s.runs + 1, ran_by=None)
         else:
             if s.failures == 0:
                 log.warning("scheduled %s of %s failed: %s (retried every %ss; logged again "
                             "when it works)", s.what, s.volume, error, s.every,
                             extra={"fields": {"volume": s.volume, "what": s.what}})
-            done = replace(done, last_result=None, last_error=error, failures=s.failures + 1)
+            done = replace(done, last_result=None, last_error=error, failures=s.failures + 1,
+                           ran_by=None)
         with self.store.tx():
             self.store.schedule_ran(done)
+
+    def _shared_backend(self, volume: str) -> SharedBackend | None:
+        v = self.store.volume(volume)
+        b = self.host.backends.get(v.backend) if v is not None else None
+        return b if isinstance(b, SharedBackend) else None
+
+    def _runs_elsewhere(self, s: Schedule) -> str | None:
+        """The host that runs this slot of a shared volume's schedule, if not this one: one
+        that has the volume mounted (a snapshot is consistent only where its filesystem can
+        be frozen), else the winner of the slot's claim. None: this host runs it."""
+        b = self._shared_backend(s.volume)
+        if b is None:
+            return None
+        holders = [c.get("instance") for c in b.claims(s.volume)]
+        if holders and b.instance not in holders:
+            return str(holders[0])
+        winner = b.claim_run(s.volume, s.what, s.next_at)
+        return None if winner == b.instance else winner
 
     # the work
     def _snapshot(self, s: Schedule) -> str:
@@ -297,9 +389,7 @@ class Runner:
     def _retain(self, s: Schedule) -> None:
         policy = Policy.parse(s.keep)
         if s.what == "snapshot":
-            items = [(x.name, _time(x.created_at)) for x in
-                     self.store.snapshots(s.volume, status="ready") if x.origin == "schedule"]
-            for v in keep(items, policy):
+            for v in keep(self._scheduled_snapshots(s.volume), policy):
                 if not v.kept:
                     self._drop_snapshot(s.volume, v.id)
         else:
@@ -309,6 +399,23 @@ class Runner:
             for v in keep(items, policy):
                 if not v.kept:
                     self._drop_backup(s.volume, v.id)
+
+    def _scheduled_snapshots(self, volume: str) -> list[tuple[str, datetime]]:
+        """The snapshots a schedule took, with their times: this host's rows of origin
+        'schedule', and on shared storage every host's, told by their name (sched-TIME, a
+        name no user may give: names.check_user_snap_name) unless a row here says a user
+        took it."""
+        rows = self.store.snapshots(volume)
+        items = {x.name: _time(x.created_at) for x in rows
+                 if x.origin == "schedule" and x.status == "ready"}
+        b = self._shared_backend(volume)
+        if b is not None:
+            others = {x.name for x in rows}
+            for name in b.snapshots(volume):
+                at = scheduled_snapshot_time(name)
+                if at is not None and name not in others:
+                    items[name] = at
+        return sorted(items.items(), key=lambda x: (x[1], x[0]))
 
     def _drop_snapshot(self, volume: str, snap: str) -> None:
         """Remove a schedule's snapshot past its policy. What protects the others is the

@@ -175,6 +175,34 @@ def parse_options(opts: dict[str, str], current: dict[str, Schedule] | None = No
     return out
 
 
+def spec_of(s: Schedule) -> dict:
+    """A schedule's settings as a shared volume's record holds them (docs/schedules.md)."""
+    return {"every": s.every, "keep": s.keep, "target": s.target}
+
+
+def check_published(what: str, value, backend: str) -> dict | None:
+    """A schedule as another host wrote it into a shared volume's record: untrusted, so
+    checked as the options are, and refused (InvalidInput) rather than run half-understood.
+    None: that host removed it."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) - {"every", "keep", "target"}:
+        raise InvalidInput(f"the {what} schedule in the record is not an object of every, keep "
+                           "and target")
+    every = value.get("every")
+    if type(every) is not int or not MIN_EVERY <= every <= MAX_EVERY:
+        raise InvalidInput(f"the {what} schedule in the record has every {every!r}: accepted "
+                           f"is a whole number of seconds from {MIN_EVERY} to {MAX_EVERY}")
+    keep = Policy.parse(value.get("keep")).as_dict()
+    target = value.get("target")
+    if what == "backup":
+        target = check_target(target, backend)
+    elif target is not None:
+        raise InvalidInput(f"the {what} schedule in the record has a target: only a backup "
+                           "schedule has one")
+    return {"every": every, "keep": keep, "target": target}
+
+
 def schedule_options(opts: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
     """Split a create's options into (the schedule's, the volume's)."""
     ours = {k: v for k, v in opts.items() if k in OPTIONS}
@@ -209,7 +237,19 @@ def describe(s: Schedule) -> dict:
     return {"volume": s.volume, "what": s.what, "every": format_interval(s.every),
             "keep": format_keep(s.keep), "target": s.target, "next": s.next_at,
             "last": s.last_at, "result": s.last_result, "error": s.last_error,
-            "failures": s.failures, "runs": s.runs}
+            "failures": s.failures, "runs": s.runs, "by": s.ran_by}
+
+
+def publish(host, v, specs: dict[str, dict | None]) -> bool:
+    """Write a shared volume's schedules (None: removed) into its record, where every host's
+    runner reads them (plugin/scheduler.py); whether the volume is shared."""
+    from .backends.shared import SharedBackend
+
+    b = host.backends.get(v.backend)
+    if not isinstance(b, SharedBackend):
+        return False
+    b.set_schedules(v.name, specs)
+    return True
 
 
 class Schedules:
@@ -231,9 +271,23 @@ class Schedules:
             # a shared volume another host made gets its row here first: the schedule refers
             # to it (schedules.volume REFERENCES volumes), as a snapshot's row does
             self.catalogue.adopt(v)
+            publish(self.host, v, specs)
             with self.store.tx():
                 store_rows(self.store, volume, specs)
         return self.list(volume)
+
+    def _unpublish(self, volume: str, kinds: list[str]) -> int:
+        """Remove a shared volume's schedules of ``kinds`` from its record, so that no host
+        runs them any more; how many the record had (0 for a volume that is not shared)."""
+        from .backends.shared import SharedBackend
+
+        v = self.catalogue.find(volume)
+        b = self.host.backends.get(v.backend) if v is not None else None
+        if not isinstance(b, SharedBackend):
+            return 0
+        had = (b.record(volume) or {}).get("schedules")
+        b.set_schedules(volume, {k: None for k in kinds})
+        return sum(isinstance(had, dict) and had.get(k) is not None for k in kinds)
 
     def list(self, volume=None) -> list[dict]:
         if volume is not None:
@@ -246,8 +300,9 @@ class Schedules:
             raise InvalidInput(f"invalid schedule kind {what!r}: accepted are "
                                f"{', '.join(KINDS)}, or none for both")
         with self.host.lock(volume):
+            in_record = self._unpublish(volume, [what] if what else list(KINDS))
             with self.store.tx():
-                n = self.store.delete_schedules(volume, what)
+                n = max(self.store.delete_schedules(volume, what), in_record)
         if n == 0:
             raise NotFound(f"volume {volume} has no {what + ' ' if what else ''}schedule")
         return {"removed": n}

@@ -17,7 +17,7 @@ from .crashpoint import crashpoint
 from .errors import Conflict, InvalidInput, NotFound
 from .host import Host
 from .log import event
-from .names import check_name, check_snap_name
+from .names import check_name, check_snap_name, check_user_snap_name
 from .state import Snapshot, Volume, now
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ class Snapshots:
         schedule's ``sched-``), unique for the volume."""
         check_name(volume)
         if snap is not None and snap != "":
-            check_snap_name(snap)
+            (check_user_snap_name if origin == "user" else check_snap_name)(snap)
         with self.host.lock(volume):
             v = self.catalogue.adopt(self.catalogue.ready(volume))
             if snap is None or snap == "":

@@ -15,7 +15,7 @@ from pathlib import Path
 from .clock import stamp
 from .errors import PyvolError
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 _VOLUMES_V3 = """
 CREATE TABLE IF NOT EXISTS volumes (
@@ -55,6 +55,12 @@ CREATE TABLE IF NOT EXISTS scheduled_backups (
 );
 """
 
+# Version 5: the schedules table has ran_by, the host that ran a shared volume's last slot
+# when another host did; a new state gets the column in the table's CREATE, an older one by
+# ALTER TABLE in _migrate.
+_RAN_BY_V5 = "    ran_by      TEXT"
+_RUNS = "    runs        INTEGER NOT NULL DEFAULT 0,\n"
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
@@ -79,7 +85,7 @@ CREATE TABLE IF NOT EXISTS mounts (
 );
 -- Docker's List: the names of ready volumes, from the index alone
 CREATE INDEX IF NOT EXISTS volumes_by_status ON volumes(status, name);
-""" + _SCHEDULES_V4
+""" + _SCHEDULES_V4.replace(_RUNS, _RUNS + _RAN_BY_V5 + ",\n")
 
 
 def now() -> str:
@@ -128,10 +134,11 @@ class Schedule:
     last_error: str | None = None
     failures: int = 0
     runs: int = 0
+    ran_by: str | None = None  # the host that ran the last slot of a shared volume, not this
 
 
 _SCHEDULE_COLUMNS = ("volume, what, every, keep, target, next_at, last_at, last_result, "
-                     "last_error, failures, runs")
+                     "last_error, failures, runs, ran_by")
 
 
 def _schedule(row: tuple) -> Schedule:
@@ -210,6 +217,8 @@ class Store:
                     for statement in _SCHEDULES_V4.split(";"):
                         if statement.strip():
                             conn.execute(statement)
+                if found < 5:
+                    conn.execute("ALTER TABLE schedules ADD COLUMN" + _RAN_BY_V5)
                 broken = conn.execute("PRAGMA foreign_key_check").fetchall()
                 if broken:
                     raise PyvolError(f"state {self.path}: the upgrade to schema version "
@@ -393,11 +402,12 @@ class Store:
         """Add or replace a volume's schedule of one kind; its outcome so far is kept when
         only its settings change."""
         self._conn().execute(
-            f"INSERT INTO schedules({_SCHEDULE_COLUMNS}) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            f"INSERT INTO schedules({_SCHEDULE_COLUMNS}) VALUES({', '.join('?' * 12)}) "
             "ON CONFLICT(volume, what) DO UPDATE SET every=excluded.every, "
             "keep=excluded.keep, target=excluded.target, next_at=excluded.next_at",
             (s.volume, s.what, s.every, None if s.keep is None else json.dumps(s.keep),
-             s.target, s.next_at, s.last_at, s.last_result, s.last_error, s.failures, s.runs))
+             s.target, s.next_at, s.last_at, s.last_result, s.last_error, s.failures, s.runs,
+             s.ran_by))
 
     def schedules(self, volume: str | None = None) -> list[Schedule]:
         sql = f"SELECT {_SCHEDULE_COLUMNS} FROM schedules"
@@ -429,9 +439,10 @@ class Store:
         (its settings changed) is left as it now is."""
         self._conn().execute(
             "UPDATE schedules SET next_at=?, last_at=?, last_result=?, last_error=?, "
-            "failures=?, runs=? WHERE volume=? AND what=? AND every=? AND keep IS ? AND "
-            "target IS ?",
-            (s.next_at, s.last_at, s.last_result, s.last_error, s.failures, s.runs, s.volume,
+            "failures=?, runs=?, ran_by=? WHERE volume=? AND what=? AND every=? AND keep IS ? "
+            "AND target IS ?",
+            (s.next_at, s.last_at, s.last_result, s.last_error, s.failures, s.runs, s.ran_by,
+             s.volume,
              s.what, s.every, None if s.keep is None else json.dumps(s.keep), s.target))
 
     def add_scheduled_backup(self, volume: str, url: str, repo: str, created_at: str) -> None:

@@ -32,6 +32,7 @@ from .names import check_mount_id, check_name
 from .schedules import OPTIONS as SCHEDULE_OPTIONS
 from .schedules import describe as describe_schedule
 from .schedules import parse_options as parse_schedules
+from .schedules import publish as publish_schedules
 from .schedules import schedule_options, store_rows
 from .snapshots import Snapshots
 from .sources import source_for
@@ -110,6 +111,8 @@ class Volumes:
                 if source.size is not None and size > source.size and source.fs:
                     kind.fill_fs(backend, record, self.host.mountpoint(name))
                 crashpoint("create.filled")
+                if schedules:  # on shared storage, where every host's runner reads them
+                    publish_schedules(self.host, record, schedules)
             except BaseException:
                 self.undo_create(backend, name)
                 raise

@@ -100,3 +100,44 @@ def test_a_dead_hosts_claim_is_cleared_by_another(hosts):
     assert b.claims("orphan") == []
     b.remove("orphan")
     assert b.record("orphan") is None
+
+
+def test_schedules_written_on_one_host_are_read_on_every_host(hosts):
+    a, b = hosts
+    a.create(spec("sched"))
+    a.create(spec("plain"))
+    assert "schedules" not in b.record("sched")  # never written: none to read
+    snap = {"every": 3600, "keep": {"last": 24}, "target": None}
+    backup = {"every": 86400, "keep": {"daily": 7, "weekly": 4}, "target": "s3://bucket/db"}
+    a.set_schedules("sched", {"snapshot": snap, "backup": backup})
+    assert b.record("sched")["schedules"] == {"snapshot": snap, "backup": backup}
+    assert b.records()["sched"]["schedules"] == {"snapshot": snap, "backup": backup}
+    b.set_schedules("sched", {"backup": None})  # removed on b; the snapshot one stays
+    assert a.record("sched")["schedules"] == {"snapshot": snap, "backup": None}
+    assert "schedules" not in a.records()["plain"]
+    assert a.record("sched")["size"] == GiB  # the rest of the record is unchanged
+
+
+def test_one_host_wins_a_runs_claim_and_every_host_is_told_which(hosts):
+    import threading
+
+    a, b = hosts
+    a.create(spec("claimed"))
+    assert a.claim_run("claimed", "snapshot", "2026-11-27T10:00:00Z") == a.instance
+    assert b.claim_run("claimed", "snapshot", "2026-11-27T10:00:00Z") == a.instance
+    # each kind and slot is claimed on its own
+    assert b.claim_run("claimed", "backup", "2026-11-27T10:00:00Z") == b.instance
+    assert b.claim_run("claimed", "snapshot", "2026-11-27T11:00:00Z") == b.instance
+    # a slot older than one claimed is stale: nobody's to start, and not the latecomer's
+    assert a.claim_run("claimed", "snapshot", "2026-11-27T10:30:00Z") == b.instance
+    won = {}
+
+    def claim(host, key):
+        won[key] = host.claim_run("claimed", "snapshot", "2026-11-27T12:00:00Z")
+
+    threads = [threading.Thread(target=claim, args=(h, i)) for i, h in enumerate(hosts)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert won[0] == won[1] and won[0] in (a.instance, b.instance)

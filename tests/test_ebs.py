@@ -538,3 +538,56 @@ def test_a_scheduled_ebs_backup_cut_off_by_a_crash_is_found_and_judged_by_retent
         assert json.loads(d.cli("snapshot", "ls", "ledger", "--json").stdout) == []
     finally:
         d.stop()
+
+
+def test_a_shared_volumes_schedule_runs_once_per_slot_on_the_host_that_has_it_mounted(
+        workdir, ebs_rig):
+    """Set on instance a, the schedule is read from the volume's record by b too. While b
+    has the volume mounted, b takes every snapshot (frozen there) and a records the slots as
+    b's; once nobody has it mounted, each slot is claimed by one host. The retention set on a
+    judges b's snapshots too, and a removal on b stops a's runner."""
+    from pyvol.names import scheduled_snapshot_time
+
+    env = {"PYVOL_BACKENDS": "ebs", "PYVOL_SCHEDULE_SYNC": "1", "PYVOL_EBS_RACE_SETTLE": "1"}
+    a, b = (Daemon(workdir / f"i{i}", workdir / f"i{i}.sock",
+                   env={**ebs_rig.env(i), **env}).start() for i in (0, 1))
+
+    def row(d) -> dict | None:
+        rows = json.loads(d.cli("schedule", "ls", "--json").stdout)
+        return rows[0] if rows else None
+
+    def taken() -> list[str]:
+        snaps = ebs_rig.ec2.describe_snapshots(OwnerIds=["self"], Filters=[
+            {"Name": "tag:pyvol-volume", "Values": ["ledger"]}])["Snapshots"]
+        return sorted(t["Value"] for s in snaps for t in s.get("Tags", [])
+                      if t["Key"] == "pyvol-snapshot")
+
+    try:
+        a.api.ok("/VolumeDriver.Create", {"Name": "ledger", "Opts": {"size": "1G"}})
+        b.api.ok("/VolumeDriver.Mount", {"Name": "ledger", "ID": "c1"})
+        a.cli("schedule", "set", "ledger", "--snapshot-every", "5s", "--snapshot-keep", "100")
+        _until("two runs on b, which has it mounted",
+               lambda: (row(b) or {}).get("runs", 0) >= 2, timeout=60)
+        _until("a to record a slot as b's", lambda: (row(a) or {}).get("by"), timeout=30)
+        assert row(a)["by"] == ebs_rig.instances[1] and row(a)["runs"] == 0
+        b.api.ok("/VolumeDriver.Unmount", {"Name": "ledger", "ID": "c1"})
+        before = len(taken())
+        _until("four more slots", lambda: len(taken()) >= before + 4, timeout=60)
+        names = taken()
+        times = [scheduled_snapshot_time(n).timestamp() for n in names]
+        # one snapshot per slot: two hosts running one slot take two within about a second
+        # (both wait the same race_settle); runs of two slots are about 5 s apart
+        assert all(t2 - t1 >= 2 for t1, t2 in zip(times, times[1:])), names
+        assert row(a)["runs"] + row(b)["runs"] == len(names)
+
+        a.cli("schedule", "set", "ledger", "--snapshot-keep", "2")
+        _until("the retention set on a to keep 2 of both hosts' snapshots",
+               lambda: len(taken()) == 2, timeout=60)
+        b.cli("schedule", "rm", "ledger")
+        _until("a to stop running it", lambda: row(a) is None, timeout=30)
+        left = taken()
+        time.sleep(6)
+        assert taken() == left
+    finally:
+        for d in (a, b):
+            d.stop()

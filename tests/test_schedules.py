@@ -83,6 +83,9 @@ def test_snapshot_schedule_keeps_its_newest_and_never_a_users_or_one_being_read(
         [(options,)] = db.execute("SELECT options FROM volumes WHERE name='v'")
     assert "snapshot" not in options, options
     d.cli("snapshot", "create", "v", "--name", "mine")
+    # a schedule's names are its own: on shared storage its retention knows them by name
+    r = d.cli("snapshot", "create", "v", "--name", "sched-20261127T090000Z", check=False)
+    assert r.returncode == 1 and "are the snapshot schedules' own" in r.stderr, r.stderr
     first = wait_for(lambda: snaps(d, "v", "schedule"), 10, "a first scheduled snapshot")[0]
     # a backup reading the first one (its readers lock, as `backup create v@sched-...` holds
     # it): kept whatever the policy, until the backup ends
@@ -320,7 +323,8 @@ def runner_rig(tmp_path):
     store.init()
     for name in ("a", "b", "c", "d"):
         store.add_volume(Volume(name, "loop", 1 << 26, "ext4", "ready", clock.stamp()))
-    host = SimpleNamespace(store=store, config=SimpleNamespace(root=tmp_path))
+    host = SimpleNamespace(store=store, config=SimpleNamespace(root=tmp_path, schedule_sync=30),
+                           backends={}, shared_backends=lambda: [])
     snapshots, backups = FakeSnapshots(), FakeBackups(store)
     r = Runner(host, snapshots, backups)
     yield SimpleNamespace(store=store, runner=r, snapshots=snapshots, backups=backups)
@@ -419,3 +423,36 @@ def test_a_slot_set_while_the_clock_was_ahead_is_moved_back(runner_rig):
     moved = clock.parse(rig.store.schedule("a", "snapshot").next_at)
     assert time.time() < moved <= time.time() + 3600
     assert rig.store.schedule("b", "snapshot").next_at == near.next_at
+
+
+@pytest.mark.parametrize("what,value,why", [
+    ("snapshot", [3600], "not an object"),
+    ("snapshot", {"every": 3600, "keep": {"last": 3}, "target": None, "x": 1}, "not an object"),
+    ("snapshot", {"every": "3600", "keep": {"last": 3}}, "every '3600'"),
+    ("snapshot", {"every": True, "keep": {"last": 3}}, "every True"),
+    ("snapshot", {"every": 0, "keep": {"last": 3}}, "every 0"),
+    ("snapshot", {"every": 3600}, "retention policy"),
+    ("snapshot", {"every": 3600, "keep": {"last": 0}}, "last"),
+    ("snapshot", {"every": 3600, "keep": {"last": 3}, "target": "file:///r"}, "has a target"),
+    ("backup", {"every": 3600, "keep": {"last": 3}}, "backup-to"),
+    ("backup", {"every": 3600, "keep": {"last": 3}, "target": "s3://k:s@b/p"}, "backup-to"),
+    ("backup", {"every": 3600, "keep": {"last": 3}, "target": "ebs://us-east-1"}, "ebs"),
+])
+def test_a_schedule_another_host_wrote_is_checked_before_it_runs(what, value, why):
+    """A shared volume's record is another host's: what is not a schedule as pyvol writes it
+    is refused by name, not run half-understood."""
+    from pyvol.errors import InvalidInput
+    from pyvol.schedules import check_published
+
+    with pytest.raises(InvalidInput) as e:
+        check_published(what, value, "nfs")
+    assert why in str(e.value) and "k:s" not in str(e.value), str(e.value)
+
+
+def test_a_schedule_another_host_wrote_reads_as_the_options_would_set_it():
+    from pyvol.schedules import check_published, parse_options
+
+    spec = parse_options({"backup-every": "1d", "backup-keep": "daily=7,weekly=4",
+                          "backup-to": "s3://bucket/db"}, backend="ebs")["backup"]
+    assert check_published("backup", json.loads(json.dumps(spec)), "ebs") == spec
+    assert check_published("snapshot", None, "ebs") is None  # removed on that host

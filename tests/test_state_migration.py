@@ -37,7 +37,7 @@ def test_a_version_1_state_is_upgraded_keeping_every_row(tmp_path):
     conn.close()
     store = Store(path)
     store.init()
-    assert store.meta("schema_version") == str(SCHEMA_VERSION) == "4"
+    assert store.meta("schema_version") == str(SCHEMA_VERSION) == "5"
     # version 3: a directory volume has no fs (it held the backend's name); a block one keeps it
     assert {v.name: (v.fs, v.options) for v in store.volumes()} == {
         "db": ("ext4", {}), "files": (None, {"backend": "nfs"})}
@@ -86,7 +86,7 @@ def test_a_version_3_state_gains_the_schedule_tables_and_keeps_its_rows(tmp_path
     conn.close()
     store = Store(path)
     store.init()
-    assert store.meta("schema_version") == "4"
+    assert store.meta("schema_version") == "5"
     assert [s.name for s in store.snapshots("db")] == ["nightly"]
     with store.tx():
         store.put_schedule(Schedule("db", "snapshot", 3600, {"last": 24}, None,
@@ -101,6 +101,39 @@ def test_a_version_3_state_gains_the_schedule_tables_and_keeps_its_rows(tmp_path
     with store.tx():  # removing a volume removes its schedules and their records
         store.delete_volume("db")
     assert store.schedules() == [] and store.scheduled_backups("db", "file:///b") == []
+
+
+def test_a_version_4_state_gains_ran_by_and_keeps_its_schedules_outcomes(tmp_path):
+    """Version 5 adds the column naming the host that ran a shared volume's last slot; a
+    schedule's outcome so far is kept, and it has run on no other host."""
+    from dataclasses import replace
+
+    from pyvol.state import Schedule
+
+    path = tmp_path / "state.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(V1)
+    conn.close()
+    old = Store(path)
+    old.init()
+    with old.tx():
+        old.put_schedule(Schedule("db", "snapshot", 3600, {"last": 24}, None,
+                                  "2026-11-25T22:00:00Z", "2026-11-25T21:00:00Z",
+                                  "db@sched-20261125T210000Z", None, 0, 7))
+    conn = sqlite3.connect(path)  # taken back to what version 4 had
+    conn.executescript("ALTER TABLE schedules DROP COLUMN ran_by;"
+                       "UPDATE meta SET value='4' WHERE key='schema_version';")
+    conn.close()
+    store = Store(path)
+    store.init()
+    assert store.meta("schema_version") == "5"
+    [s] = store.schedules("db")
+    assert (s.runs, s.last_result, s.ran_by) == (7, "db@sched-20261125T210000Z", None)
+    with store.tx():
+        store.schedule_ran(replace(s, ran_by="i-0b"))
+    assert store.schedule("db", "snapshot").ran_by == "i-0b"
+    store.init()  # a second start changes nothing
+    assert store.schedule("db", "snapshot").ran_by == "i-0b"
 
 
 def test_a_newer_state_is_refused(tmp_path):
