@@ -1,12 +1,16 @@
-"""The CLI's side of the control API: HTTP over the daemon's Unix socket (httpx), and which
-socket that is when none is named."""
+"""The CLI's side of the control API: HTTP over the daemon's Unix socket, and which socket
+that is when none is named.
+
+HTTP is the standard library's http.client: every CLI command pays for its imports before it
+does anything, and httpx's cost about 0.2 s of each `pyvol` call (bench/README.md); the client
+needs one request per connection, JSON bodies and a streamed answer read line by line."""
 
 import glob
+import http.client
 import json
 import os
 import socket as _socket
-
-import httpx
+from urllib.parse import urlencode
 
 from .config import DEFAULT_SOCKET, MANAGED_GLOB
 from .errors import PyvolError
@@ -16,52 +20,94 @@ class DaemonUnreachable(PyvolError):
     pass
 
 
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """An HTTP connection to the server listening on the Unix socket ``path``."""
+
+    def __init__(self, path: str, timeout: float):
+        super().__init__("pyvol", timeout=timeout)
+        self.path = path
+
+    def connect(self) -> None:
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(self.path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def request(path: str, method: str, url: str, body=None, timeout: float = 120.0):
+    """Send one request to the socket ``path``: (connection, response), the response's body
+    still to read; OSError or http.client.HTTPException if the server cannot be reached."""
+    conn = UnixHTTPConnection(path, timeout)
+    data = None if body is None else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"} if data is not None else {}
+    try:
+        conn.request(method, url, body=data, headers=headers)
+        return conn, conn.getresponse()
+    except BaseException:
+        conn.close()
+        raise
+
+
 class Client:
     def __init__(self, socket: str, timeout: float = 120.0):
-        self.socket = socket
-        self._http = httpx.Client(transport=httpx.HTTPTransport(uds=socket),
-                                  base_url="http://pyvol", timeout=timeout)
+        self.socket, self.timeout = socket, timeout
 
-    def call(self, method: str, path: str, body: dict | None = None, params: dict | None = None):
+    def _send(self, method: str, path: str, body, params: dict | None):
+        query = {k: v for k, v in (params or {}).items() if v is not None}
+        url = "/pyvol/v1" + path + (f"?{urlencode(query)}" if query else "")
         try:
-            resp = self._http.request(method, "/pyvol/v1" + path, json=body, params=params)
-        except httpx.TransportError as e:
+            return request(self.socket, method, url, body, self.timeout)
+        except (OSError, http.client.HTTPException) as e:
             raise DaemonUnreachable(
                 f"cannot reach the pyvol daemon at {self.socket} ({e}): is it running? "
                 "Start it with `pyvol daemon`, or point --socket / PYVOL_SOCKET at it") from None
+
+    def call(self, method: str, path: str, body: dict | None = None, params: dict | None = None):
+        conn, resp = self._send(method, path, body, params)
         try:
-            data = resp.json()
+            text = resp.read()
+        except (OSError, http.client.HTTPException) as e:
+            raise DaemonUnreachable(f"lost the pyvol daemon at {self.socket} during the call "
+                                    f"({e})") from None
+        finally:
+            conn.close()
+        try:
+            data = json.loads(text)
         except ValueError:
-            raise PyvolError(f"the daemon answered HTTP {resp.status_code} with no JSON") from None
-        if resp.status_code != 200 or (isinstance(data, dict) and data.get("Err")):
+            raise PyvolError(f"the daemon answered HTTP {resp.status} with no JSON") from None
+        if resp.status != 200 or (isinstance(data, dict) and data.get("Err")):
             raise PyvolError(data.get("Err") if isinstance(data, dict) else str(data))
         return data
 
     def stream(self, method: str, path: str, body: dict, on_progress) -> dict:
         """Call a long-running endpoint, passing each progress report to ``on_progress``."""
         outcome = None
+        conn, resp = self._send(method, path, body, {"stream": "1"})
         try:
-            with self._http.stream(method, "/pyvol/v1" + path, json=body,
-                                   params={"stream": "1"}) as resp:
-                if resp.status_code != 200:
-                    resp.read()
-                    try:
-                        err = resp.json().get("Err")
-                    except ValueError:
-                        err = None
-                    raise PyvolError(err or f"the daemon answered HTTP {resp.status_code}")
-                for line in resp.iter_lines():
-                    if not line.strip():
-                        continue
-                    msg = json.loads(line)
-                    if "progress" in msg:
-                        on_progress(msg["progress"])
-                    else:
-                        outcome = msg
-        except httpx.TransportError as e:
+            if resp.status != 200:
+                try:
+                    err = json.loads(resp.read()).get("Err")
+                except (ValueError, AttributeError):
+                    err = None
+                raise PyvolError(err or f"the daemon answered HTTP {resp.status}")
+            for line in resp:
+                if not line.strip():
+                    continue
+                msg = json.loads(line)
+                if "progress" in msg:
+                    on_progress(msg["progress"])
+                else:
+                    outcome = msg
+        except (OSError, http.client.HTTPException) as e:
             raise DaemonUnreachable(
                 f"lost the pyvol daemon at {self.socket} during the call ({e}); whatever was "
                 "interrupted left nothing half-done behind, run it again") from None
+        finally:
+            conn.close()
         if outcome is None:
             raise PyvolError("the daemon ended the call without a result; see its log")
         if outcome.get("Err"):

@@ -7,6 +7,7 @@ refuses to start instead of corrupting the first one's state.
 """
 
 import fcntl
+import json
 import logging
 import os
 import signal
@@ -149,13 +150,18 @@ class Notify:
 
 def _answers(path, timeout: float) -> bool:
     """Whether the socket at ``path`` answers Docker's first call, POST /Plugin.Activate."""
-    import httpx
+    import http.client
+
+    from .client import request
 
     try:
-        with httpx.Client(transport=httpx.HTTPTransport(uds=str(path)), timeout=timeout) as c:
-            reply = c.post("http://plugin/Plugin.Activate")
-        return reply.status_code == 200 and "VolumeDriver" in reply.json()["Implements"]
-    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        conn, reply = request(str(path), "POST", "/Plugin.Activate", timeout=timeout)
+        try:
+            doc = json.loads(reply.read())
+        finally:
+            conn.close()
+        return reply.status == 200 and "VolumeDriver" in doc["Implements"]
+    except (OSError, http.client.HTTPException, ValueError, KeyError, TypeError):
         return False
 
 
