@@ -18,7 +18,6 @@ bound, so a change made before that is seen by the check, and one made after by 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -91,6 +90,8 @@ def until(check: Callable[[], T], timeout: float, error: str | BaseException, *,
     deadline = time.monotonic() + timeout
     found = check()
     if not found:
+        import asyncio  # here: a daemon that never waits for a device never loads it
+
         found = asyncio.run(_until(check, deadline, set(names), fallback, listen))
     if found:
         return found
@@ -98,6 +99,8 @@ def until(check: Callable[[], T], timeout: float, error: str | BaseException, *,
 
 
 async def _until(check, deadline: float, names: set[str], fallback: float, listen):
+    import asyncio
+
     async with contextlib.AsyncExitStack() as stack:
         try:
             events = await stack.enter_async_context(listen())
