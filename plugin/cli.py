@@ -482,9 +482,12 @@ def _schedule_rows(items):
 @schedule.command("set")
 @click.argument("volume")
 @click.option("--snapshot-every", metavar="INTERVAL", help="Snapshot every 30s, 10m, 1h, 1d...")
+@click.option("--snapshot-cron", metavar="EXPR",
+              help="Snapshot at a cron expression's times, in UTC: '0 3 * * *'.")
 @click.option("--snapshot-keep", metavar="N|POLICY",
               help="Keep the N newest, or a policy such as hourly=24,daily=7.")
 @click.option("--backup-every", metavar="INTERVAL", help="Back up every INTERVAL.")
+@click.option("--backup-cron", metavar="EXPR", help="Back up at a cron expression's times.")
 @click.option("--backup-to", metavar="URL", help="s3://BUCKET[/PREFIX], file:///PATH or "
                                                  "ebs://REGION.")
 @click.option("--backup-keep", metavar="N|POLICY",
@@ -498,8 +501,9 @@ def schedule_set(ctx, volume, pairs, as_json, **named):
     opts = _opts(pairs)
     opts.update({k.replace("_", "-"): v for k, v in named.items() if v is not None})
     if not opts:
-        raise click.UsageError("nothing to set: give --snapshot-every, --backup-every "
-                               "with --backup-to, or the keep options")
+        raise click.UsageError("nothing to set: give --snapshot-every or --snapshot-cron, "
+                               "--backup-every or --backup-cron with --backup-to, or the keep "
+                               "options")
     rows = _client(ctx).call("PUT", f"/volumes/{volume}/schedules", {"Opts": opts})
     _print(rows, as_json, _schedule_rows)
 

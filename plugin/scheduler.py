@@ -70,7 +70,11 @@ def _time(text: str) -> datetime:
 
 
 def _settings(s: Schedule) -> tuple:
-    return s.every, s.keep, s.target, s.next_at
+    return s.every, s.keep, s.target, s.cron, s.next_at
+
+
+def _next(s: Schedule, after: float) -> str:
+    return clock.stamp(next_after(after, s.volume, s.what, s.every, s.cron))
 
 
 class Runner:
@@ -187,17 +191,18 @@ class Runner:
                 t.start()
 
     def _fix_far_future(self, now: float) -> None:
-        """A slot further away than a whole interval (and its phase) was set while the clock
-        was ahead, and then it was put right: without this the schedule would sit idle
-        until the old time. Such a slot is moved to the next one from now."""
+        """A slot further away than a whole interval and its phase (for a cron schedule:
+        than its next time from now) was set while the clock was ahead, and then it was put
+        right: without this the schedule would sit idle until the old time. Such a slot is
+        moved to the next one from now."""
         for s in self.store.schedules():
-            bound = s.every + min(s.every * PHASE_FRACTION, MAX_PHASE) + 1
-            if clock.parse(s.next_at) <= now + bound:
+            at = _next(s, now)
+            bound = max(clock.parse(at), now + s.every + min(s.every * PHASE_FRACTION, MAX_PHASE))
+            if clock.parse(s.next_at) <= bound + 1:
                 continue
             with self._runs_lock:
                 if (s.volume, s.what) in self._runs:
                     continue
-            at = clock.stamp(next_after(now, s.volume, s.what, s.every))
             with self.store.tx():
                 self.store.schedule_ran(replace(s, next_at=at))
             event(log, "schedule's next run was further than its interval (the clock was "
@@ -286,9 +291,7 @@ class Runner:
         if elsewhere is not None:  # that host runs it, and applies the retention
             with self.store.tx():
                 self.store.schedule_ran(replace(
-                    s, next_at=clock.stamp(next_after(max(time.time(), slot), s.volume, s.what,
-                                                      s.every)),
-                    last_at=clock.stamp(started), last_result=None, last_error=None,
+                    s, next_at=_next(s, max(time.time(), slot)), last_at=clock.stamp(started), last_result=None, last_error=None,
                     failures=0, ran_by=elsewhere))
             return
         if error is None and s.keep:  # a row from before keep was required may have none
@@ -299,9 +302,7 @@ class Runner:
             except Exception as e:
                 log.exception("retention of the %s schedule of %s failed", s.what, s.volume)
                 retention_error = f"retention: internal error ({type(e).__name__})"
-        done = replace(s, next_at=clock.stamp(next_after(max(time.time(), slot), s.volume,
-                                                         s.what, s.every)),
-                       last_at=clock.stamp(started))
+        done = replace(s, next_at=_next(s, max(time.time(), slot)), last_at=clock.stamp(started))
         if error is None:
             if s.failures:
                 event(log, "schedule works again", volume=s.volume, what=s.what,

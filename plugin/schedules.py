@@ -24,9 +24,12 @@ KINDS = ("snapshot", "backup")
 ACCEPTED_TARGETS = "accepted are s3://BUCKET[/PREFIX], file:///PATH or ebs://REGION (ebs volumes)"
 OPTIONS = {
     "snapshot-every": "take a snapshot every INTERVAL (30s, 10m, 1h, 1d, 1h30m)",
+    "snapshot-cron": "take a snapshot at the times of a cron expression, in UTC ('0 3 * * *'), "
+                     "instead of every INTERVAL",
     "snapshot-keep": "snapshots of the schedule kept: N (the N newest) or a policy "
                      "last=N,hourly=N,daily=N,weekly=N,monthly=N,yearly=N,within=DURATION",
     "backup-every": "back up every INTERVAL into backup-to",
+    "backup-cron": "back up at the times of a cron expression, in UTC, instead of every INTERVAL",
     "backup-to": "the schedule's repository: " + ACCEPTED_TARGETS,
     "backup-keep": "backups of the schedule kept: N or a policy as snapshot-keep's "
                    "(daily=7,weekly=4)",
@@ -51,6 +54,29 @@ def parse_interval(text, what: str) -> int:
     if not MIN_EVERY <= seconds <= MAX_EVERY:
         raise InvalidInput(f"invalid {what} {text!r}: {_ACCEPTED_EVERY}")
     return seconds
+
+
+_ACCEPTED_CRON = ("accepted is a cron expression of 5 fields, minute hour day-of-month month "
+                  "day-of-week, read in UTC (such as '0 3 * * *' or '*/15 * * * 1-5'), or of 6 "
+                  "with seconds last")
+CRON_SAMPLE = 16  # firings looked at for a cron expression's shortest gap
+
+
+def parse_cron(text, what: str) -> tuple[str, int]:
+    """A cron expression (croniter's dialect, 5 fields or 6 with seconds last) and the
+    shortest gap between two of its runs, which stands for its interval: it bounds the phase
+    (runs keep their order) and how far ahead a slot may be."""
+    from croniter import CroniterError, croniter
+
+    if not isinstance(text, str) or len(text) > 200 or len(text.split()) not in (5, 6):
+        raise InvalidInput(f"invalid {what} {text!r}: {_ACCEPTED_CRON}")
+    expr = " ".join(text.split())
+    try:
+        it = croniter(expr, 0.0, ret_type=float)
+        times = [it.get_next() for _ in range(CRON_SAMPLE)]
+    except (CroniterError, ValueError, KeyError, OverflowError):  # bad, or never runs
+        raise InvalidInput(f"invalid {what} {text!r}: {_ACCEPTED_CRON}") from None
+    return expr, max(MIN_EVERY, min(MAX_EVERY, int(min(b - a for a, b in zip(times, times[1:])))))
 
 
 def format_interval(seconds: int) -> str:
@@ -154,16 +180,23 @@ def parse_options(opts: dict[str, str], current: dict[str, Schedule] | None = No
             continue
         old = current.get(what)
         spec = {"every": old.every if old else None, "keep": old.keep if old else None,
-                "target": old.target if old else None}
+                "target": old.target if old else None, "cron": old.cron if old else None}
+        if "every" in given and "cron" in given:
+            raise InvalidInput(f"{what}-every and {what}-cron were both given: a schedule runs "
+                               "every INTERVAL or at the times of a cron expression; give one")
         if "every" in given:
             spec["every"] = parse_interval(given["every"], f"{what}-every")
+            spec["cron"] = None
+        if "cron" in given:
+            spec["cron"], spec["every"] = parse_cron(given["cron"], f"{what}-cron")
         if "keep" in given:
             spec["keep"] = parse_keep(given["keep"], f"{what}-keep")
         if "to" in given:
             spec["target"] = check_target(given["to"], backend)
         if spec["every"] is None:
-            raise InvalidInput(f"a {what} schedule needs {what}-every (an interval such as 1h);"
-                               f" only {', '.join(f'{what}-{k}' for k in given)} was given")
+            raise InvalidInput(f"a {what} schedule needs {what}-every (an interval such as 1h)"
+                               f" or {what}-cron; only "
+                               f"{', '.join(f'{what}-{k}' for k in given)} was given")
         if what == "backup" and spec["target"] is None:
             raise InvalidInput("a backup schedule needs backup-to, its repository: "
                                + ACCEPTED_TARGETS)
@@ -177,7 +210,7 @@ def parse_options(opts: dict[str, str], current: dict[str, Schedule] | None = No
 
 def spec_of(s: Schedule) -> dict:
     """A schedule's settings as a shared volume's record holds them (docs/schedules.md)."""
-    return {"every": s.every, "keep": s.keep, "target": s.target}
+    return {"every": s.every, "keep": s.keep, "target": s.target, "cron": s.cron}
 
 
 def check_published(what: str, value, backend: str) -> dict | None:
@@ -186,9 +219,9 @@ def check_published(what: str, value, backend: str) -> dict | None:
     None: that host removed it."""
     if value is None:
         return None
-    if not isinstance(value, dict) or set(value) - {"every", "keep", "target"}:
-        raise InvalidInput(f"the {what} schedule in the record is not an object of every, keep "
-                           "and target")
+    if not isinstance(value, dict) or set(value) - {"every", "keep", "target", "cron"}:
+        raise InvalidInput(f"the {what} schedule in the record is not an object of every, keep, "
+                           "target and cron")
     every = value.get("every")
     if type(every) is not int or not MIN_EVERY <= every <= MAX_EVERY:
         raise InvalidInput(f"the {what} schedule in the record has every {every!r}: accepted "
@@ -200,7 +233,10 @@ def check_published(what: str, value, backend: str) -> dict | None:
     elif target is not None:
         raise InvalidInput(f"the {what} schedule in the record has a target: only a backup "
                            "schedule has one")
-    return {"every": every, "keep": keep, "target": target}
+    cron = value.get("cron")
+    if cron is not None:
+        cron, every = parse_cron(cron, f"{what}-cron")
+    return {"every": every, "keep": keep, "target": target, "cron": cron}
 
 
 def schedule_options(opts: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
@@ -215,10 +251,15 @@ def phase(volume: str, what: str, every: int) -> int:
     return int(h / 2 ** 64 * min(every * PHASE_FRACTION, MAX_PHASE))
 
 
-def next_after(t: float, volume: str, what: str, every: int) -> float:
+def next_after(t: float, volume: str, what: str, every: int, cron: str | None = None) -> float:
     """The first slot of the schedule after ``t``: however long the daemon was down, a
-    missed slot is run once (it is due) and the next one is in the future."""
+    missed slot is run once (it is due) and the next one is in the future. A cron schedule's
+    slots are its expression's times, shifted by the same phase."""
     p = phase(volume, what, every)
+    if cron is not None:
+        from croniter import croniter
+
+        return croniter(cron, t - p, ret_type=float).get_next() + p
     return p + (int((t - p) // every) + 1) * every
 
 
@@ -227,14 +268,16 @@ def store_rows(store: Store, volume: str, specs: dict[str, dict],
     """Write the schedules of ``specs`` for ``volume`` (inside the caller's transaction)."""
     now = time.time() if now is None else now
     for what, spec in specs.items():
-        at = clock.stamp(next_after(now, volume, what, spec["every"]))
+        cron = spec.get("cron")
+        at = clock.stamp(next_after(now, volume, what, spec["every"], cron))
         store.put_schedule(Schedule(volume, what, spec["every"], spec["keep"], spec["target"],
-                                    at))
+                                    at, cron=cron))
 
 
 def describe(s: Schedule) -> dict:
     """A schedule as Status and `schedule ls` show it (a repository URL, never a secret)."""
-    return {"volume": s.volume, "what": s.what, "every": format_interval(s.every),
+    return {"volume": s.volume, "what": s.what,
+            "every": f"cron {s.cron}" if s.cron else format_interval(s.every),
             "keep": format_keep(s.keep), "target": s.target, "next": s.next_at,
             "last": s.last_at, "result": s.last_result, "error": s.last_error,
             "failures": s.failures, "runs": s.runs, "by": s.ran_by}

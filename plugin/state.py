@@ -56,9 +56,10 @@ CREATE TABLE IF NOT EXISTS scheduled_backups (
 """
 
 # Version 5: the schedules table has ran_by, the host that ran a shared volume's last slot
-# when another host did; a new state gets the column in the table's CREATE, an older one by
-# ALTER TABLE in _migrate.
+# when another host did, and cron, a schedule's cron expression (every is then its shortest
+# gap); a new state gets the columns in the table's CREATE, an older one by ALTER TABLE.
 _RAN_BY_V5 = "    ran_by      TEXT"
+_CRON_V5 = "    cron        TEXT"
 _RUNS = "    runs        INTEGER NOT NULL DEFAULT 0,\n"
 
 _SCHEMA = """
@@ -85,7 +86,7 @@ CREATE TABLE IF NOT EXISTS mounts (
 );
 -- Docker's List: the names of ready volumes, from the index alone
 CREATE INDEX IF NOT EXISTS volumes_by_status ON volumes(status, name);
-""" + _SCHEDULES_V4.replace(_RUNS, _RUNS + _RAN_BY_V5 + ",\n")
+""" + _SCHEDULES_V4.replace(_RUNS, _RUNS + _RAN_BY_V5 + ",\n" + _CRON_V5 + ",\n")
 
 
 def now() -> str:
@@ -135,10 +136,11 @@ class Schedule:
     failures: int = 0
     runs: int = 0
     ran_by: str | None = None  # the host that ran the last slot of a shared volume, not this
+    cron: str | None = None    # runs at a cron expression's times (UTC) rather than every
 
 
 _SCHEDULE_COLUMNS = ("volume, what, every, keep, target, next_at, last_at, last_result, "
-                     "last_error, failures, runs, ran_by")
+                     "last_error, failures, runs, ran_by, cron")
 
 
 def _schedule(row: tuple) -> Schedule:
@@ -219,6 +221,7 @@ class Store:
                             conn.execute(statement)
                 if found < 5:
                     conn.execute("ALTER TABLE schedules ADD COLUMN" + _RAN_BY_V5)
+                    conn.execute("ALTER TABLE schedules ADD COLUMN" + _CRON_V5)
                 broken = conn.execute("PRAGMA foreign_key_check").fetchall()
                 if broken:
                     raise PyvolError(f"state {self.path}: the upgrade to schema version "
@@ -402,12 +405,13 @@ class Store:
         """Add or replace a volume's schedule of one kind; its outcome so far is kept when
         only its settings change."""
         self._conn().execute(
-            f"INSERT INTO schedules({_SCHEDULE_COLUMNS}) VALUES({', '.join('?' * 12)}) "
+            f"INSERT INTO schedules({_SCHEDULE_COLUMNS}) VALUES({', '.join('?' * 13)}) "
             "ON CONFLICT(volume, what) DO UPDATE SET every=excluded.every, "
-            "keep=excluded.keep, target=excluded.target, next_at=excluded.next_at",
+            "keep=excluded.keep, target=excluded.target, next_at=excluded.next_at, "
+            "cron=excluded.cron",
             (s.volume, s.what, s.every, None if s.keep is None else json.dumps(s.keep),
              s.target, s.next_at, s.last_at, s.last_result, s.last_error, s.failures, s.runs,
-             s.ran_by))
+             s.ran_by, s.cron))
 
     def schedules(self, volume: str | None = None) -> list[Schedule]:
         sql = f"SELECT {_SCHEDULE_COLUMNS} FROM schedules"
@@ -440,10 +444,11 @@ class Store:
         self._conn().execute(
             "UPDATE schedules SET next_at=?, last_at=?, last_result=?, last_error=?, "
             "failures=?, runs=?, ran_by=? WHERE volume=? AND what=? AND every=? AND keep IS ? "
-            "AND target IS ?",
+            "AND target IS ? AND cron IS ?",
             (s.next_at, s.last_at, s.last_result, s.last_error, s.failures, s.runs, s.ran_by,
              s.volume,
-             s.what, s.every, None if s.keep is None else json.dumps(s.keep), s.target))
+             s.what, s.every, None if s.keep is None else json.dumps(s.keep), s.target,
+             s.cron))
 
     def add_scheduled_backup(self, volume: str, url: str, repo: str, created_at: str) -> None:
         self._conn().execute(

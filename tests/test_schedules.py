@@ -456,3 +456,38 @@ def test_a_schedule_another_host_wrote_reads_as_the_options_would_set_it():
                           "backup-to": "s3://bucket/db"}, backend="ebs")["backup"]
     assert check_published("backup", json.loads(json.dumps(spec)), "ebs") == spec
     assert check_published("snapshot", None, "ebs") is None  # removed on that host
+
+
+def test_a_cron_schedule_runs_at_its_expressions_times_and_bad_ones_are_refused(daemon):
+    """Cron expressions beside intervals: 5 fields (UTC), or 6 with seconds last, which lets
+    a test see several runs in seconds."""
+    from pyvol.schedules import next_after, parse_cron, parse_options, phase
+
+    assert parse_cron(" 0  3 * * * ", "x") == ("0 3 * * *", 86400)
+    assert parse_cron("*/15 * * * 1-5", "x")[1] == 900
+    t = 1_800_000_000.0
+    n = next_after(t, "db", "snapshot", 86400, "0 3 * * *")
+    p = phase("db", "snapshot", 86400)
+    assert t < n <= t + 86400 and (n - p) % 86400 == 3 * 3600  # 03:00 UTC, plus the phase
+    for bad in ("0 3 * *", "61 * * * *", "0 0 31 2 *", "bogus", "* " * 7, "", "0 3 * * * * *"):
+        with pytest.raises(Exception, match="accepted is a cron expression"):
+            parse_cron(bad, "snapshot-cron")
+    with pytest.raises(Exception, match="give one"):
+        parse_options({"snapshot-every": "1h", "snapshot-cron": "0 3 * * *",
+                       "snapshot-keep": "3"})
+
+    d = daemon
+    err = d.api.err("/VolumeDriver.Create", {"Name": "c", "Opts": {
+        "size": "64M", "snapshot-cron": "0 25 * * *", "snapshot-keep": "2"}})
+    assert "invalid snapshot-cron '0 25 * * *'" in err and "accepted" in err
+    d.api.ok("/VolumeDriver.Create", {"Name": "c", "Opts": {
+        "size": "64M", "snapshot-cron": "* * * * * */2", "snapshot-keep": "2"}})
+    row = wait_for(lambda: (s := schedules(d, "c")["snapshot"])["runs"] >= 3 and s, 20,
+                   "three runs of a cron schedule every 2 s")
+    assert row["every"] == "cron * * * * * */2" and row["error"] is None
+    wait_for(lambda: len(snaps(d, "c", "schedule")) == 2, 10, "the policy keeping 2")
+    times = sorted(snaps(d, "c", "schedule"))
+    assert times[0] != times[1]
+    # back to an interval: the cron expression goes
+    code, body = put(d, "c", {"snapshot-every": "1h"})
+    assert code == 200 and body[0]["every"] == "1h", body

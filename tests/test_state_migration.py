@@ -103,9 +103,10 @@ def test_a_version_3_state_gains_the_schedule_tables_and_keeps_its_rows(tmp_path
     assert store.schedules() == [] and store.scheduled_backups("db", "file:///b") == []
 
 
-def test_a_version_4_state_gains_ran_by_and_keeps_its_schedules_outcomes(tmp_path):
-    """Version 5 adds the column naming the host that ran a shared volume's last slot; a
-    schedule's outcome so far is kept, and it has run on no other host."""
+def test_a_version_4_state_gains_ran_by_and_cron_and_keeps_its_schedules_outcomes(tmp_path):
+    """Version 5 adds the column naming the host that ran a shared volume's last slot and
+    the one for cron expressions; a schedule's outcome so far is kept, it has run on no other
+    host, and it runs every interval as before."""
     from dataclasses import replace
 
     from pyvol.state import Schedule
@@ -122,13 +123,15 @@ def test_a_version_4_state_gains_ran_by_and_keeps_its_schedules_outcomes(tmp_pat
                                   "db@sched-20261125T210000Z", None, 0, 7))
     conn = sqlite3.connect(path)  # taken back to what version 4 had
     conn.executescript("ALTER TABLE schedules DROP COLUMN ran_by;"
+                       "ALTER TABLE schedules DROP COLUMN cron;"
                        "UPDATE meta SET value='4' WHERE key='schema_version';")
     conn.close()
     store = Store(path)
     store.init()
     assert store.meta("schema_version") == "5"
     [s] = store.schedules("db")
-    assert (s.runs, s.last_result, s.ran_by) == (7, "db@sched-20261125T210000Z", None)
+    assert (s.runs, s.last_result, s.ran_by, s.cron) == (7, "db@sched-20261125T210000Z", None,
+                                                         None)
     with store.tx():
         store.schedule_ran(replace(s, ran_by="i-0b"))
     assert store.schedule("db", "snapshot").ran_by == "i-0b"
