@@ -351,15 +351,23 @@ class EbsBackend(SharedBackend, BlockBackend):
             rec["schedules"] = schedules
         return rec
 
-    def set_schedules(self, name: str, schedules: dict[str, dict | None]) -> None:
+    @staticmethod
+    def _schedule_tags(schedules: dict[str, dict | None]) -> list[dict]:
         tags = []
         for what, spec in schedules.items():
             value = json.dumps(spec, separators=(",", ":"), sort_keys=True)
             if len(value) > TAG_VALUE_MAX:
-                raise InvalidInput(f"the {what} schedule of {name} does not fit in an EBS tag "
+                raise InvalidInput(f"the {what} schedule does not fit in an EBS tag "
                                    f"({len(value)} characters written, {TAG_VALUE_MAX} "
                                    "accepted): use a shorter backup-to or keep policy")
             tags.append({"Key": SCHEDULE_TAG + what, "Value": value})
+        return tags
+
+    def check_schedules(self, schedules: dict[str, dict | None]) -> None:
+        self._schedule_tags(schedules)
+
+    def set_schedules(self, name: str, schedules: dict[str, dict | None]) -> None:
+        tags = self._schedule_tags(schedules)
         self._aws("create_tags", Resources=[self._find(name)["VolumeId"]], Tags=tags)
 
     def claim_run(self, name: str, what: str, slot: str) -> str:

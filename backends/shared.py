@@ -61,6 +61,11 @@ class SharedBackend(Backend):
         ``record()``/``records()`` as ``"schedules"``, with only the kinds ever written: a
         host runs a shared volume's schedule wherever it was set (docs/schedules.md)."""
 
+    def check_schedules(self, schedules: dict[str, dict | None]) -> None:
+        """Refuse (InvalidInput) schedules a record cannot hold, before anything is made for
+        them: a create is checked before its volume exists. Every record holds any, unless
+        the backend says otherwise."""
+
     @abstractmethod
     def claim_run(self, name: str, what: str, slot: str) -> str:
         """Claim the run of ``name``'s ``what`` schedule at ``slot`` (an RFC 3339 stamp) for

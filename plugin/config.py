@@ -9,6 +9,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import PyvolError
+
 DEFAULT_ROOT = "/var/lib/pyvol"
 DEFAULT_SOCKET = "/run/docker/plugins/pyvol.sock"
 
@@ -61,6 +63,19 @@ def _real(path: str) -> Path:
     return Path(os.path.realpath(path))
 
 
+def _seconds(env: dict[str, str], name: str, default: float, low: float, high: float) -> float:
+    """A number of seconds from ``env``, refused (naming it) unless from ``low`` to ``high``."""
+    text = env.get(name)
+    try:
+        value = default if text is None else float(text)
+    except ValueError:
+        value = float("nan")
+    if not low <= value <= high:  # also nan
+        raise PyvolError(f"invalid {name} {text!r}: accepted is a number of seconds from "
+                         f"{low:g} to {high:g}")
+    return value
+
+
 def load(root: str | None = None, socket: str | None = None, backend: str | None = None,
          env: dict[str, str] | None = None) -> Config:
     """Build the configuration: flags win over ``PYVOL_*`` variables, which win over defaults.
@@ -80,7 +95,7 @@ def load(root: str | None = None, socket: str | None = None, backend: str | None
         log_level=env.get("PYVOL_LOG_LEVEL", "info"),
         mounts=_real(env["PYVOL_MOUNTS"]) if "PYVOL_MOUNTS" in env else None,
         docker_timeout=float(env.get("PYVOL_DOCKER_TIMEOUT", 30)),
-        schedule_sync=float(env.get("PYVOL_SCHEDULE_SYNC", 30)),
+        schedule_sync=_seconds(env, "PYVOL_SCHEDULE_SYNC", 30.0, 1.0, 86400.0),
         enabled_backends=[b.strip() for b in env["PYVOL_BACKENDS"].split(",") if b.strip()]
         if "PYVOL_BACKENDS" in env else None,
     )

@@ -51,7 +51,7 @@ from .log import event
 from .names import scheduled_snapshot_time
 from .schedules import (KINDS, MAX_PHASE, PHASE_FRACTION, check_published, next_after,
                         spec_of, store_rows)
-from .state import Schedule
+from .state import PUBLISH_SCHEDULES, Schedule
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,9 @@ TICK = 0.5       # how often the runner looks for due schedules
 SLOTS = {"snapshot": 2, "backup": 2}
 CLOCK_CHECK = 5.0  # how often the runner looks for slots set by a clock that was ahead
 SNAPSHOT_PREFIX = "sched-"
+# seconds a host that does not have a shared volume mounted leaves the host that does to
+# claim a slot first (at least; a quarter of the interval when longer, at most 300)
+HOLDER_GRACE = 3.0
 # a scheduled backup's row in scheduled_backups before its manifest exists: PENDING + its id
 PENDING_BACKUP = "pending:"
 
@@ -173,8 +176,7 @@ class Runner:
             self._fix_far_future(now)
         if time.monotonic() - self._synced >= self.host.config.schedule_sync:
             self._synced = time.monotonic()
-            for b in self.host.shared_backends():
-                self.sync_shared(b, now)
+            self._sync_all()
         for s in self.store.due_schedules(clock.stamp(now)):
             key = (s.volume, s.what)
             with self._runs_lock:
@@ -208,29 +210,50 @@ class Runner:
             event(log, "schedule's next run was further than its interval (the clock was "
                   "ahead); moved", volume=s.volume, what=s.what, was=s.next_at, now=at)
 
-    def sync_shared(self, b: SharedBackend, now: float) -> None:
+    def sync_shared(self, b: SharedBackend, now: float) -> bool:
         """Bring this host's rows of ``b``'s volumes in line with their records: a schedule
-        set, changed or removed on another host is so here. A kind the record has never had
-        is this host's to write there (rows from before schedules were shared)."""
+        set, changed or removed on another host is so here, and the rows of a volume another
+        host removed go with it. Once, after the upgrade that made schedules shared
+        (state.PUBLISH_SCHEDULES), a kind a record has never had is written there from this
+        host's row; never after, or the rows of a removed volume would give their schedules
+        to a new volume of the same name. Whether every record was read."""
         try:
             records = b.records()
         except PyvolError as e:  # the storage unreachable: the rows stay as they are
             log.info("cannot read the schedules of backend %s: %s", b.name, e)
-            return
+            return False
+        publish_old = self.store.meta(PUBLISH_SCHEDULES) is not None
+        for name in {s.volume for s in self.store.schedules()} - set(records):
+            v = self.store.volume(name)
+            if v is not None and v.backend == b.name and self.catalogue is not None:
+                self.catalogue.forget_if_removed(name)
         for name, rec in records.items():
             try:  # one volume's record that cannot be followed holds up no other's
                 published = rec.get("schedules")
                 published = published if isinstance(published, dict) else {}
                 local = {s.what: s for s in self.store.schedules(name)}
-                unpublished = {w: spec_of(s) for w, s in local.items() if w not in published}
-                if unpublished:
+                unpublished = {w: spec_of(s) for w, s in local.items()
+                               if w not in published and s.keep}
+                if unpublished and publish_old:
                     b.set_schedules(name, unpublished)
                 for what in KINDS:
                     if what in published:
                         self._sync_one(b, name, what, published[what], local.get(what), now)
-            except PyvolError as e:
-                log.info("cannot bring the schedules of %s in line with its record: %s",
-                         name, e)
+            except Exception as e:  # noqa: BLE001 -- said once per volume and error
+                key = (name, type(e).__name__, str(e))
+                if key not in self._refused:
+                    self._refused.add(key)
+                    log.warning("cannot bring the schedules of %s in line with its record: %s",
+                                name, e)
+        return True
+
+    def _sync_all(self) -> None:
+        now, read = time.time(), True
+        for b in self.host.shared_backends():
+            read = self.sync_shared(b, now) and read
+        if read and self.store.meta(PUBLISH_SCHEDULES) is not None:
+            with self.store.tx():
+                self.store.delete_meta(PUBLISH_SCHEDULES)
 
     def _sync_one(self, b: SharedBackend, name: str, what: str, value, have, now) -> None:
         try:
@@ -238,7 +261,11 @@ class Runner:
         except InvalidInput as e:  # another host's record: said once, and not run
             if (name, what, repr(value)) not in self._refused:
                 self._refused.add((name, what, repr(value)))
-                log.warning("the %s schedule of %s in its record is refused: %s", what, name, e)
+                log.warning("the %s schedule of %s in its record is refused, and not run "
+                            "here: %s", what, name, e)
+            if have is not None:  # nor with settings from before the record changed
+                with self.store.tx():
+                    self.store.delete_schedules(name, what)
             return
         if spec is None:
             if have is not None:
@@ -277,6 +304,9 @@ class Runner:
         error, result, retention_error, elsewhere = None, None, None, None
         try:
             elsewhere = self._runs_elsewhere(s)
+            again = self.store.schedule(s.volume, s.what)
+            if elsewhere is None and (again is None or _settings(again) != _settings(s)):
+                return  # removed or changed while its claim was settled: not this run's
             if elsewhere is None:
                 result = (self._snapshot(s) if s.what == "snapshot" else
                           self._backup(s, job or Job("scheduled backup")))
@@ -325,16 +355,29 @@ class Runner:
         return b if isinstance(b, SharedBackend) else None
 
     def _runs_elsewhere(self, s: Schedule) -> str | None:
-        """The host that runs this slot of a shared volume's schedule, if not this one: one
-        that has the volume mounted (a snapshot is consistent only where its filesystem can
-        be frozen), else the winner of the slot's claim. None: this host runs it."""
+        """The host that runs this slot of a shared volume's schedule, if not this one: the
+        winner of the slot's claim. A host that has the volume mounted claims at once (a
+        snapshot is consistent only where its filesystem can be frozen); the others claim
+        after HOLDER_GRACE, so that a holder that does not run it (dead, or a pyvol without
+        shared schedules) leaves the slot to them rather than to nobody. None: this host
+        runs it."""
         b = self._shared_backend(s.volume)
         if b is None:
             return None
-        holders = [c.get("instance") for c in b.claims(s.volume)]
+        try:
+            claims = b.claims(s.volume)
+            holders = {str(c["instance"])[:64] for c in claims}
+        except (KeyError, TypeError, ValueError) as e:  # another host's lease, unreadable
+            raise PyvolError(f"the claims on {s.volume} cannot be read ({type(e).__name__}); "
+                             "see `pyvol claim ls`") from None
         if holders and b.instance not in holders:
-            return str(holders[0])
+            if self._stopping.wait(min(max(HOLDER_GRACE, s.every * PHASE_FRACTION), 300)):
+                raise PyvolError("the runner is stopping")
         winner = b.claim_run(s.volume, s.what, s.next_at)
+        if winner == b.instance and holders and b.instance not in holders:
+            log.warning("the %s slot %s of %s was not claimed by %s, which has it mounted: "
+                        "run here, without the freeze that host would have made", s.what,
+                        s.next_at, s.volume, ", ".join(sorted(holders)))
         return None if winner == b.instance else winner
 
     # the work
@@ -376,7 +419,8 @@ class Runner:
                    if url.startswith(PENDING_BACKUP)}
         if not pending:
             return
-        found = {b["id"]: b for b in self.backups.list(s.target, s.volume) if b["id"] in pending}
+        found = {b["id"]: b for b in self.backups.list(s.target, s.volume)
+                 if b.get("id") in pending and b.get("state") != "error"}  # a failed ebs copy
         with self.store.tx():
             for bid, row in pending.items():
                 self.store.delete_scheduled_backup(s.volume, row)

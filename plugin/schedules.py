@@ -324,7 +324,9 @@ class Schedules:
         runs them any more; how many the record had (0 for a volume that is not shared)."""
         from .backends.shared import SharedBackend
 
-        v = self.catalogue.find(volume)
+        # this host's row first: a share it cannot reach now must fail the removal (its
+        # record would bring the schedule back), not make the volume look absent
+        v = self.store.volume(volume) or self.catalogue.find(volume)
         b = self.host.backends.get(v.backend) if v is not None else None
         if not isinstance(b, SharedBackend):
             return 0

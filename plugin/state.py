@@ -16,6 +16,9 @@ from .clock import stamp
 from .errors import PyvolError
 
 SCHEMA_VERSION = 5
+# meta key, set by the upgrade to version 5 until the runner has written the schedules of
+# shared volumes into their records
+PUBLISH_SCHEDULES = "publish_schedules"
 
 _VOLUMES_V3 = """
 CREATE TABLE IF NOT EXISTS volumes (
@@ -220,6 +223,8 @@ class Store:
                         if statement.strip():
                             conn.execute(statement)
                 if found < 5:
+                    # the rows of shared volumes go into their records, once (scheduler.py)
+                    self.set_meta(PUBLISH_SCHEDULES, "1")
                     conn.execute("ALTER TABLE schedules ADD COLUMN" + _RAN_BY_V5)
                     conn.execute("ALTER TABLE schedules ADD COLUMN" + _CRON_V5)
                 broken = conn.execute("PRAGMA foreign_key_check").fetchall()

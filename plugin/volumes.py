@@ -77,6 +77,8 @@ class Volumes:
         backend = self._pick_backend(opts)
         # refused before anything is made; an ebs:// backup-to needs the backend known
         schedules = parse_schedules(scheduled, backend=backend.name)
+        if schedules and isinstance(backend, SharedBackend):  # and fit in its record
+            backend.check_schedules(schedules)
         kind = self.host.kind(backend)
         accepted = {**COMMON_OPTIONS, **SCHEDULE_OPTIONS, **backend.options}
         unknown = sorted(set(opts) - set(accepted))

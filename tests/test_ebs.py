@@ -585,9 +585,66 @@ def test_a_shared_volumes_schedule_runs_once_per_slot_on_the_host_that_has_it_mo
                lambda: len(taken()) == 2, timeout=60)
         b.cli("schedule", "rm", "ledger")
         _until("a to stop running it", lambda: row(a) is None, timeout=30)
+        time.sleep(6)  # a run that had claimed its slot before the removal ends
         left = taken()
         time.sleep(6)
         assert taken() == left
     finally:
         for d in (a, b):
             d.stop()
+
+
+def test_a_slot_the_holder_does_not_claim_is_run_by_another_host_after_the_grace(
+        workdir, ebs_rig):
+    """Instance b has the volume mounted and its daemon is gone (stopped here; dead, or a
+    pyvol without shared schedules, alike): a waits for b's claim, then claims each slot
+    itself and runs it, saying once per slot that it ran without b's freeze."""
+    env = {"PYVOL_BACKENDS": "ebs", "PYVOL_SCHEDULE_SYNC": "1", "PYVOL_EBS_RACE_SETTLE": "1"}
+    a, b = (Daemon(workdir / f"i{i}", workdir / f"i{i}.sock",
+                   env={**ebs_rig.env(i), **env}).start() for i in (0, 1))
+    try:
+        a.api.ok("/VolumeDriver.Create", {"Name": "orphaned", "Opts": {"size": "1G"}})
+        b.api.ok("/VolumeDriver.Mount", {"Name": "orphaned", "ID": "c1"})
+        b.stop()  # the volume stays attached to instance b
+        assert [x["InstanceId"] for x in ebs_rig.volumes("orphaned")[0]["Attachments"]] == \
+            [ebs_rig.instances[1]]
+        a.cli("schedule", "set", "orphaned", "--snapshot-every", "5s", "--snapshot-keep", "3")
+
+        def ran():
+            rows = json.loads(a.cli("schedule", "ls", "orphaned", "--json").stdout)
+            return rows[0] if rows[0]["runs"] >= 2 else None
+
+        row = _until("two runs on a", ran, timeout=60)
+        assert row["by"] is None and row["error"] is None and row["result"], row
+        assert "which has it mounted: run here, without the freeze" in a.log_path.read_text()
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_a_removed_volumes_schedules_go_with_it_and_never_pass_to_a_new_one_of_its_name(
+        workdir, ebs_rig):
+    """a set the schedule; b removes the volume and makes a new one of the same name: a
+    forgets the old schedule, and does not write it into the new volume's record."""
+    env = {"PYVOL_BACKENDS": "ebs", "PYVOL_SCHEDULE_SYNC": "1"}
+    a, b = (Daemon(workdir / f"i{i}", workdir / f"i{i}.sock",
+                   env={**ebs_rig.env(i), **env}).start() for i in (0, 1))
+
+    def schedule_tags() -> list[str]:
+        return sorted(t["Key"] for v in ebs_rig.volumes("reborn") for t in v.get("Tags", [])
+                      if t["Key"].startswith("pyvol-schedule:"))
+
+    try:
+        a.api.ok("/VolumeDriver.Create", {"Name": "reborn", "Opts": {
+            "size": "1G", "snapshot-every": "1h", "snapshot-keep": "3"}})
+        assert schedule_tags() == ["pyvol-schedule:snapshot"]
+        b.api.ok("/VolumeDriver.Remove", {"Name": "reborn"})
+        _until("a to forget the removed volume's schedule", lambda: json.loads(
+            a.cli("schedule", "ls", "--json").stdout) == [], timeout=30)
+        b.api.ok("/VolumeDriver.Create", {"Name": "reborn", "Opts": {"size": "1G"}})
+        time.sleep(4)  # several of a's syncs
+        assert schedule_tags() == []
+        assert json.loads(a.cli("schedule", "ls", "--json").stdout) == []
+    finally:
+        a.stop()
+        b.stop()

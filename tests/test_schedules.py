@@ -437,6 +437,8 @@ def test_a_slot_set_while_the_clock_was_ahead_is_moved_back(runner_rig):
     ("backup", {"every": 3600, "keep": {"last": 3}}, "backup-to"),
     ("backup", {"every": 3600, "keep": {"last": 3}, "target": "s3://k:s@b/p"}, "backup-to"),
     ("backup", {"every": 3600, "keep": {"last": 3}, "target": "ebs://us-east-1"}, "ebs"),
+    ("backup", {"every": 3600, "keep": {"last": 3}, "target": "s3://[x"}, "backup-to"),
+    ("snapshot", {"every": 3600, "keep": {"last": 3}, "cron": "61 * * * *"}, "cron"),
 ])
 def test_a_schedule_another_host_wrote_is_checked_before_it_runs(what, value, why):
     """A shared volume's record is another host's: what is not a schedule as pyvol writes it

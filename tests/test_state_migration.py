@@ -129,6 +129,8 @@ def test_a_version_4_state_gains_ran_by_and_cron_and_keeps_its_schedules_outcome
     store = Store(path)
     store.init()
     assert store.meta("schema_version") == "5"
+    # the schedules of shared volumes go into their records once, after this upgrade
+    assert store.meta("publish_schedules") == "1"
     [s] = store.schedules("db")
     assert (s.runs, s.last_result, s.ran_by, s.cron) == (7, "db@sched-20261125T210000Z", None,
                                                          None)
@@ -142,6 +144,7 @@ def test_a_version_4_state_gains_ran_by_and_cron_and_keeps_its_schedules_outcome
 def test_a_newer_state_is_refused(tmp_path):
     store = Store(tmp_path / "state.db")
     store.init()
+    assert store.meta("publish_schedules") is None  # a new state has nothing to publish
     store.set_meta("schema_version", "99")
     with pytest.raises(PyvolError, match="newer than this pyvol"):
         Store(tmp_path / "state.db").init()

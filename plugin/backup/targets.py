@@ -76,7 +76,10 @@ def parse_repo_url(url) -> tuple[str, str, str]:
     long before they open it. Errors never echo a query string or credentials."""
     if not isinstance(url, str) or "://" not in url:
         raise InvalidInput(f"invalid repository URL {shown_url(url)}: {ACCEPTED}")
-    parsed = urllib.parse.urlsplit(url)
+    try:
+        parsed = urllib.parse.urlsplit(url)
+    except ValueError:  # an unbalanced '[' (an IPv6 host that is not one)
+        raise InvalidInput(f"invalid repository URL {shown_url(url)}: {ACCEPTED}") from None
     if parsed.query or parsed.fragment or "?" in url or "#" in url:
         raise InvalidInput(f"invalid repository URL {shown_url(url)}: no '?' or '#' part; "
                            f"{ACCEPTED}")
