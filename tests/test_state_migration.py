@@ -30,13 +30,18 @@ INSERT INTO mounts VALUES ('db', 'abc', 2, '2026-11-25T20:00:00Z');
 """
 
 
-def test_a_version_1_state_is_upgraded_keeping_every_row(tmp_path):
-    path = tmp_path / "state.db"
+def v1_store(path) -> Store:
+    """A version 1 state at ``path``, opened (and so upgraded) by today's Store."""
     conn = sqlite3.connect(path)
     conn.executescript(V1)
     conn.close()
     store = Store(path)
     store.init()
+    return store
+
+
+def test_a_version_1_state_is_upgraded_keeping_every_row(tmp_path):
+    store = v1_store(tmp_path / "state.db")
     assert store.meta("schema_version") == str(SCHEMA_VERSION) == "5"
     # version 3: a directory volume has no fs (it held the backend's name); a block one keeps it
     assert {v.name: (v.fs, v.options) for v in store.volumes()} == {
@@ -112,11 +117,7 @@ def test_a_version_4_state_gains_ran_by_and_cron_and_keeps_its_schedules_outcome
     from pyvol.state import Schedule
 
     path = tmp_path / "state.db"
-    conn = sqlite3.connect(path)
-    conn.executescript(V1)
-    conn.close()
-    old = Store(path)
-    old.init()
+    old = v1_store(path)
     with old.tx():
         old.put_schedule(Schedule("db", "snapshot", 3600, {"last": 24}, None,
                                   "2026-11-25T22:00:00Z", "2026-11-25T21:00:00Z",
