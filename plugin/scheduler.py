@@ -21,9 +21,10 @@ due, runs at the next start.
 
 A shared volume's schedules (nfs, ebs) live in its record on the shared storage, where every
 host's runner reads them every PYVOL_SCHEDULE_SYNC seconds into its own rows; each slot runs on
-one host: the one that has the volume mounted (its filesystem is frozen there for the instant
-of a snapshot), else the one whose claim on the slot wins (SharedBackend.claim_run). The others
-record the slot as run by that host. The schedule's snapshot retention on a shared volume
+one host, the winner of the slot's claim (SharedBackend.claim_run). The host that has the
+volume mounted claims at once (its filesystem is frozen there for the instant of a snapshot),
+the others after HOLDER_GRACE, so a holder whose daemon is gone leaves the slot to them. The
+others record the slot as run by the winner. The schedule's snapshot retention on a shared volume
 judges every host's scheduled snapshots (named sched-TIME on the storage).
 
 A run that fails is retried at the schedule's next slot; its error is shown in Status and
@@ -321,8 +322,8 @@ class Runner:
         if elsewhere is not None:  # that host runs it, and applies the retention
             with self.store.tx():
                 self.store.schedule_ran(replace(
-                    s, next_at=_next(s, max(time.time(), slot)), last_at=clock.stamp(started), last_result=None, last_error=None,
-                    failures=0, ran_by=elsewhere))
+                    s, next_at=_next(s, max(time.time(), slot)), last_at=clock.stamp(started),
+                    last_result=None, last_error=None, failures=0, ran_by=elsewhere))
             return
         if error is None and s.keep:  # a row from before keep was required may have none
             try:
