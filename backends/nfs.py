@@ -542,8 +542,25 @@ class NfsBackend(SharedBackend, DirectoryBackend):
     # that directory's name) while it has the volume active
     def claims(self, name: str) -> list[dict]:
         share, _ = self._find(name)
-        return share.call(lambda: [json.loads(p.read_text()) for p in sorted(
-            (share.base / "leases" / name).glob("*.json"))], what=f"reading claims on {name}")
+        return share.call(lambda: list(self._leases(share, name).values()),
+                          what=f"reading claims on {name}")
+
+    @staticmethod
+    def _leases(share: Share, name: str) -> dict[Path, dict]:
+        """The volume's lease files and what they say. Another host wrote them: one that is
+        not a JSON object still claims the volume for the instance its name gives; one
+        released while this looked is not there."""
+        out = {}
+        for p in sorted((share.base / "leases" / name).glob("*.json")):
+            try:
+                doc = json.loads(p.read_text())
+            except FileNotFoundError:
+                continue
+            except ValueError:  # not JSON, or not UTF-8
+                doc = None
+            ok = isinstance(doc, dict) and isinstance(doc.get("instance"), str)
+            out[p] = doc if ok else {"host": p.stem, "instance": p.stem, "since": None}
+        return out
 
     def clear_claim(self, name: str, host: str) -> int:
         """Drop the claims of a dead ``host`` (its hostname or instance id)."""
@@ -551,8 +568,7 @@ class NfsBackend(SharedBackend, DirectoryBackend):
 
         def clear():
             n = 0
-            for p in (share.base / "leases" / name).glob("*.json"):
-                doc = json.loads(p.read_text())
+            for p, doc in self._leases(share, name).items():
                 if host in (doc.get("host"), doc.get("instance")):
                     p.unlink(missing_ok=True)
                     n += 1

@@ -56,7 +56,8 @@ class SharedBackend(Backend):
     @abstractmethod
     def set_schedules(self, name: str, schedules: dict[str, dict | None]) -> None:
         """Write the volume's schedules into its record, by kind ("snapshot", "backup"): a
-        spec ``{"every": SECONDS, "keep": POLICY, "target": URL or None}``, or None for one
+        spec ``{"every": SECONDS, "keep": POLICY, "target": URL or None, "cron": EXPR or
+        None}``, or None for one
         removed. Kinds not given are left as they are. Every host reads them back from
         ``record()``/``records()`` as ``"schedules"``, with only the kinds ever written: a
         host runs a shared volume's schedule wherever it was set (docs/schedules.md)."""

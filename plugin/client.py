@@ -10,7 +10,7 @@ import http.client
 import json
 import os
 import socket as _socket
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 from .config import DEFAULT_SOCKET, MANAGED_GLOB
 from .errors import PyvolError
@@ -58,7 +58,9 @@ class Client:
 
     def _send(self, method: str, path: str, body, params: dict | None):
         query = {k: v for k, v in (params or {}).items() if v is not None}
-        url = "/pyvol/v1" + path + (f"?{urlencode(query)}" if query else "")
+        # quoted as httpx did: a name with a space or beyond ASCII reaches the daemon,
+        # which says what a name may be
+        url = quote("/pyvol/v1" + path, safe="/@") + (f"?{urlencode(query)}" if query else "")
         try:
             return request(self.socket, method, url, body, self.timeout)
         except (OSError, http.client.HTTPException) as e:
@@ -94,7 +96,7 @@ class Client:
                 except (ValueError, AttributeError):
                     err = None
                 raise PyvolError(err or f"the daemon answered HTTP {resp.status}")
-            for line in resp:
+            for line in _lines(resp):
                 if not line.strip():
                     continue
                 msg = json.loads(line)
@@ -113,6 +115,19 @@ class Client:
         if outcome.get("Err"):
             raise PyvolError(outcome["Err"])
         return outcome["result"]
+
+
+def _lines(resp: http.client.HTTPResponse):
+    """The lines of a streamed answer as they arrive. Read with read1, which raises
+    IncompleteRead when a chunked answer is cut off (the daemon killed mid-call): iterating
+    the response itself reads through peek, which takes a cut-off for the end."""
+    pending = b""
+    while chunk := resp.read1(65536):
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        yield from lines
+    if pending:
+        yield pending
 
 
 def _answers(path: str) -> bool:

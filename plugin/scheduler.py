@@ -63,8 +63,9 @@ SLOTS = {"snapshot": 2, "backup": 2}
 CLOCK_CHECK = 5.0  # how often the runner looks for slots set by a clock that was ahead
 SNAPSHOT_PREFIX = "sched-"
 # seconds a host that does not have a shared volume mounted leaves the host that does to
-# claim a slot first (at least; a quarter of the interval when longer, at most 300)
-HOLDER_GRACE = 3.0
+# claim a slot first: HOLDER_GRACE, or HOLDER_GRACE_FRACTION of the interval if longer, at
+# most HOLDER_GRACE_MAX (the wait holds one of the host's SLOTS)
+HOLDER_GRACE, HOLDER_GRACE_FRACTION, HOLDER_GRACE_MAX = 3.0, 0.05, 30.0
 # a scheduled backup's row in scheduled_backups before its manifest exists: PENDING + its id
 PENDING_BACKUP = "pending:"
 
@@ -224,10 +225,14 @@ class Runner:
             log.info("cannot read the schedules of backend %s: %s", b.name, e)
             return False
         publish_old = self.store.meta(PUBLISH_SCHEDULES) is not None
+        complete = True
         for name in {s.volume for s in self.store.schedules()} - set(records):
             v = self.store.volume(name)
             if v is not None and v.backend == b.name and self.catalogue is not None:
-                self.catalogue.forget_if_removed(name)
+                try:
+                    self.catalogue.forget_if_removed(name)
+                except PyvolError as e:
+                    self._say_once(name, e)
         for name, rec in records.items():
             try:  # one volume's record that cannot be followed holds up no other's
                 published = rec.get("schedules")
@@ -236,17 +241,23 @@ class Runner:
                 unpublished = {w: spec_of(s) for w, s in local.items()
                                if w not in published and s.keep}
                 if unpublished and publish_old:
-                    b.set_schedules(name, unpublished)
+                    try:
+                        b.set_schedules(name, unpublished)
+                    except Exception:
+                        complete = False  # the upgrade's publishing is not done: next sync
+                        raise
                 for what in KINDS:
                     if what in published:
                         self._sync_one(b, name, what, published[what], local.get(what), now)
             except Exception as e:  # noqa: BLE001 -- said once per volume and error
-                key = (name, type(e).__name__, str(e))
-                if key not in self._refused:
-                    self._refused.add(key)
-                    log.warning("cannot bring the schedules of %s in line with its record: %s",
-                                name, e)
-        return True
+                self._say_once(name, e)
+        return complete
+
+    def _say_once(self, name: str, e: Exception) -> None:
+        key = (name, type(e).__name__, str(e))
+        if key not in self._refused:
+            self._refused.add(key)
+            log.warning("cannot bring the schedules of %s in line with its record: %s", name, e)
 
     def _sync_all(self) -> None:
         now, read = time.time(), True
@@ -372,7 +383,8 @@ class Runner:
             raise PyvolError(f"the claims on {s.volume} cannot be read ({type(e).__name__}); "
                              "see `pyvol claim ls`") from None
         if holders and b.instance not in holders:
-            if self._stopping.wait(min(max(HOLDER_GRACE, s.every * PHASE_FRACTION), 300)):
+            grace = min(max(HOLDER_GRACE, s.every * HOLDER_GRACE_FRACTION), HOLDER_GRACE_MAX)
+            if self._stopping.wait(grace):
                 raise PyvolError("the runner is stopping")
         winner = b.claim_run(s.volume, s.what, s.next_at)
         if winner == b.instance and holders and b.instance not in holders:

@@ -60,6 +60,7 @@ _ACCEPTED_CRON = ("accepted is a cron expression of 5 fields, minute hour day-of
                   "day-of-week, read in UTC (such as '0 3 * * *' or '*/15 * * * 1-5'), or of 6 "
                   "with seconds last")
 CRON_SAMPLE = 16  # firings looked at for a cron expression's shortest gap
+_RANDOM_FIELD = re.compile(r"[hHrR](\([0-9]+-[0-9]+\))?(/[0-9]+)?")
 
 
 def parse_cron(text, what: str) -> tuple[str, int]:
@@ -71,10 +72,15 @@ def parse_cron(text, what: str) -> tuple[str, int]:
     if not isinstance(text, str) or len(text) > 200 or len(text.split()) not in (5, 6):
         raise InvalidInput(f"invalid {what} {text!r}: {_ACCEPTED_CRON}")
     expr = " ".join(text.split())
+    if any(_RANDOM_FIELD.fullmatch(f) for f in expr.split()):
+        # croniter draws R (and H, hashed) afresh for each reader: every host, every sync
+        # would see other times
+        raise InvalidInput(f"invalid {what} {text!r}: random (R) or hashed (H) fields are "
+                           f"not accepted; {_ACCEPTED_CRON}")
     try:
         it = croniter(expr, 0.0, ret_type=float)
         times = [it.get_next() for _ in range(CRON_SAMPLE)]
-    except (CroniterError, ValueError, KeyError, OverflowError):  # bad, or never runs
+    except (CroniterError, Exception):  # noqa: BLE001 -- bad, or never runs: refused
         raise InvalidInput(f"invalid {what} {text!r}: {_ACCEPTED_CRON}") from None
     return expr, max(MIN_EVERY, min(MAX_EVERY, int(min(b - a for a, b in zip(times, times[1:])))))
 

@@ -34,8 +34,9 @@ CASES = [
     ("/VolumeDriver.Create", b'{"Name": "b1", "Opts": {"size": "1T"}}', "larger than the loop pool"),
     ("/VolumeDriver.Create", b'{"Name": "b1", "Opts": {"size": "1M"}}', "too small"),
     ("/VolumeDriver.Create", b'{"Name": "b1", "Opts": {"colour": "red"}}',
-     "unknown option colour: accepted are backend, backup-every, backup-keep, backup-to, "
-     "from-backup, from-snapshot, fs, size, snapshot-every, snapshot-keep"),
+     "unknown option colour: accepted are backend, backup-cron, backup-every, backup-keep, "
+     "backup-to, from-backup, from-snapshot, fs, size, snapshot-cron, snapshot-every, "
+     "snapshot-keep"),
     ("/VolumeDriver.Create", b'{"Name": "b1", "Opts": {"size": 5}}', "map of option names to strings"),
     ("/VolumeDriver.Create", b'{"Name": "b1", "Opts": [1]}', "map of option names to strings"),
     ("/VolumeDriver.Create", b'{"Name": "b1", "Opts": {"fs": "btrfs"}}', "accepted are ext4, xfs"),

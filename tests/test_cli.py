@@ -56,6 +56,10 @@ def test_cli_errors_exit_nonzero_with_the_daemons_message(shared_daemon):
     assert "Traceback" not in r.stderr
     r = shared_daemon.cli("rm", "missing", check=False)
     assert r.returncode == 1 and "no such volume: missing" in r.stderr
+    # a name in a URL's path reaches the daemon quoted, whatever it holds
+    for name in ("bad name", "caf\u00e9", "a%2Fb", "a?b"):
+        r = shared_daemon.cli("inspect", name, check=False)
+        assert r.returncode == 1 and "invalid volume name" in r.stderr, (name, r.stderr)
     r = shared_daemon.cli("snapshot", "rm", "novolumeref", check=False)
     assert r.returncode == 1 and "VOLUME@SNAPSHOT" in r.stderr
     r = shared_daemon.cli("create", "x", "--opt", "novalue", check=False)

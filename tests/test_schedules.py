@@ -471,7 +471,8 @@ def test_a_cron_schedule_runs_at_its_expressions_times_and_bad_ones_are_refused(
     n = next_after(t, "db", "snapshot", 86400, "0 3 * * *")
     p = phase("db", "snapshot", 86400)
     assert t < n <= t + 86400 and (n - p) % 86400 == 3 * 3600  # 03:00 UTC, plus the phase
-    for bad in ("0 3 * *", "61 * * * *", "0 0 31 2 *", "bogus", "* " * 7, "", "0 3 * * * * *"):
+    for bad in ("0 3 * *", "61 * * * *", "0 0 31 2 *", "bogus", "* " * 7, "", "0 3 * * * * *",
+                "R 3 * * *", "H(0-29) * * * *", "0 r/2 * * *"):
         with pytest.raises(Exception, match="accepted is a cron expression"):
             parse_cron(bad, "snapshot-cron")
     with pytest.raises(Exception, match="give one"):
