@@ -65,7 +65,7 @@ SNAPSHOT_PREFIX = "sched-"
 # seconds a host that does not have a shared volume mounted leaves the host that does to
 # claim a slot first: HOLDER_GRACE, or HOLDER_GRACE_FRACTION of the interval if longer, at
 # most HOLDER_GRACE_MAX (the wait holds one of the host's SLOTS)
-HOLDER_GRACE, HOLDER_GRACE_FRACTION, HOLDER_GRACE_MAX = 3.0, 0.05, 30.0
+HOLDER_GRACE, HOLDER_GRACE_FRACTION, HOLDER_GRACE_MAX = 10.0, 0.05, 30.0
 # a scheduled backup's row in scheduled_backups before its manifest exists: PENDING + its id
 PENDING_BACKUP = "pending:"
 
