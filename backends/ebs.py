@@ -374,17 +374,18 @@ class EbsBackend(SharedBackend, BlockBackend):
         """EC2 tags have no compare-and-swap, so a claim is settled as a create is: written,
         then read again after ``race_settle``; of hosts that claimed together, every one
         reads the last write, and that host runs the slot."""
-        def holder() -> tuple[str, str]:
-            slot_, _, who = _tags(self._find(name)).get(RUN_TAG + what, "").partition(" ")
+        def holder(v: dict) -> tuple[str, str]:
+            slot_, _, who = _tags(v).get(RUN_TAG + what, "").partition(" ")
             return slot_, who
 
-        held, who = holder()
+        v = self._find(name)
+        held, who = holder(v)
         if held >= slot and who:  # claimed already, or a newer slot is: not this host's
             return who
-        self._aws("create_tags", Resources=[self._find(name)["VolumeId"]],
+        self._aws("create_tags", Resources=[v["VolumeId"]],
                   Tags=[{"Key": RUN_TAG + what, "Value": f"{slot} {self.instance_id}"}])
         time.sleep(self.race_settle)
-        held, who = holder()
+        held, who = holder(self._find(name))
         return who if held >= slot and who else self.instance_id
 
     def created_here(self, name: str) -> bool:
