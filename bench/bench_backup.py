@@ -1,15 +1,18 @@
 """Backup benchmark: pyvol against restic on the same data, in the same run, as ratios.
 
     sudo .venv/bin/python bench/bench_backup.py [--gib 1] [--data mixed|random] [--no-encrypt]
+        [--target file|s3]
 
-Both tools back up the same volume's contents to a local repository (pyvol: the block
-snapshot, into file://; restic: the mounted files, into a local repo). restic always
-encrypts, so pyvol runs with a key too unless told otherwise. The page cache is dropped
-before every step. Printed, all from this one run:
+Both tools back up the same volume's contents to a repository (pyvol: the block snapshot;
+restic: the mounted files): with ``--target file`` (the default) a directory on the same
+disk, with ``--target s3`` a bucket of a SeaweedFS server on this machine, over HTTP
+(restic through its own S3 backend). restic always encrypts, so pyvol runs with a key too
+unless told otherwise. The page cache is dropped before every step. Printed, all from this
+one run:
 - this machine's rates on all cores for keyed hashing, zstd level 3 and AES-256-GCM on the
   benchmark's data, a cold disk read, and the pipeline limit they make;
 - time ratios pyvol/restic for a full backup, an incremental after rewriting 1% of the data,
-  and a restore; pyvol's verify; pyvol's full-backup rate as a fraction of the limit;
+  and a restore, and both tools' rates for the full backup and the restore; pyvol's verify; pyvol's full-backup rate as a fraction of the limit;
 - bytes pyvol read and uploaded for the incremental, against the 1% changed;
 - the daemon's RSS (every process of it, the job process too) idle and at its peak during a
   backup, a restore and a verify, sampled every 50 ms; restic's peak from wait4;
@@ -35,7 +38,7 @@ from helpers import Daemon, release  # noqa: E402
 MiB = 1 << 20
 
 
-def restic(repo: Path, *args, env) -> tuple[float, int, str]:
+def restic(repo: str, *args, env) -> tuple[float, int, str]:
     t = time.perf_counter()
     proc = subprocess.Popen(["restic", "-r", str(repo), "--no-cache", "-q", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -211,6 +214,21 @@ class Prober(Sampler):
         self.times.append(time.perf_counter() - t)
 
 
+def repo_bytes(work: Path, s3, bucket: str) -> tuple[int, int]:
+    """The bytes each tool's repository holds."""
+    if s3 is None:
+        return tuple(sum(f.stat().st_size for f in (work / d).rglob("*") if f.is_file())
+                     for d in ("pyvol-repo", "restic-repo"))
+    pages = s3.client().get_paginator("list_objects_v2").paginate(Bucket=bucket)
+    sizes = {"pyvol/": 0, "restic/": 0}
+    for page in pages:
+        for o in page.get("Contents", []):
+            for prefix in sizes:
+                if o["Key"].startswith(prefix):
+                    sizes[prefix] += o["Size"]
+    return sizes["pyvol/"], sizes["restic/"]
+
+
 def p99(xs: list[float]) -> float:
     return sorted(xs)[min(len(xs) - 1, int(len(xs) * .99))]
 
@@ -226,9 +244,17 @@ def main() -> None:
     ap.add_argument("--gib", type=float, default=1.0)
     ap.add_argument("--no-encrypt", action="store_true")
     ap.add_argument("--data", choices=["mixed", "random"], default="mixed")
+    ap.add_argument("--target", choices=["file", "s3"], default="file")
     args = ap.parse_args()
     if shutil.which("restic") is None:
         sys.exit("restic is not installed: apt-get install restic (scripts/test.sh does)")
+    s3 = None
+    if args.target == "s3":
+        from s3servers import Seaweed, weed_binary
+
+        if weed_binary() is None:
+            sys.exit("SeaweedFS's weed is not installed (scripts/test.sh installs it)")
+        s3 = Seaweed().start()
     total = int(args.gib * (1 << 30))
     work = Path(tempfile.mkdtemp(prefix="pyvol-bb-", dir="/var/tmp"))
     env = {"PYVOL_WORKERS": "1"}  # the worst case for Docker: one worker serves every call
@@ -237,8 +263,15 @@ def main() -> None:
         key = os.urandom(32)
         (work / "key").write_text(key.hex())
         env["PYVOL_BACKUP_KEY_FILE"] = str(work / "key")
+    if s3 is not None:
+        env.update(s3.env)
     d = Daemon(work / "root", work / "s.sock", env={**env, "PYVOL_LOOP_POOL_SIZE": "40G"})
-    d.start()
+    try:
+        d.start()
+    except BaseException:
+        if s3 is not None:
+            s3.stop()
+        raise
     out = {}
     try:
         api = d.api
@@ -248,10 +281,16 @@ def main() -> None:
         write_data(mp, total, args.data)
         time.sleep(1)
         out["idle_rss"] = rss(tree_pids(d.proc.pid))
-        (work / "pyvol-repo").mkdir()
-        repo = f"file://{work / 'pyvol-repo'}"
-        rrepo = work / "restic-repo"
         renv = {"RESTIC_PASSWORD": "bench"}
+        if s3 is None:
+            (work / "pyvol-repo").mkdir()
+            repo = f"file://{work / 'pyvol-repo'}"
+            rrepo = str(work / "restic-repo")
+        else:
+            bucket = s3.bucket()
+            repo = f"s3://{bucket}/pyvol"
+            rrepo = f"s3:{s3.endpoint}/{bucket}/restic"
+            renv.update(s3.env)
         restic(rrepo, "init", env=renv)
         with open(f"{mp}/table000.ibd", "rb") as f:
             sample = f.read(64 * MiB)
@@ -287,17 +326,20 @@ def main() -> None:
         drop_caches()
         out["restic_restore"], _, _ = restic(rrepo, "restore", "latest", "--target",
                                              str(work / "restic-restore"), env=renv)
-        pyvol_bytes = sum(f.stat().st_size for f in (work / "pyvol-repo").rglob("*")
-                          if f.is_file())
-        restic_bytes = sum(f.stat().st_size for f in rrepo.rglob("*") if f.is_file())
+        pyvol_bytes, restic_bytes = repo_bytes(work, s3, bucket if s3 else "")
     finally:
         d.stop()
         release(work)
         shutil.rmtree(work, ignore_errors=True)
+        if s3 is not None:
+            s3.stop()
 
     enc = "encrypted" if not args.no_encrypt else "plain"
+    where = ("a directory on the same disk" if s3 is None
+             else "SeaweedFS on this machine, over HTTP (S3)")
     print(f"data: {total / (1 << 30):.2f} GiB ({args.data}); pyvol {enc}, "
-          f"{os.cpu_count()} cores; page cache dropped before every step")
+          f"{os.cpu_count()} cores; repositories in {where}; page cache dropped before every "
+          "step")
     lim = out["limit"]
     print("this machine, all cores: " + ", ".join(f"{k} {v / MiB:.0f} MiB/s"
                                                   for k, v in lim.items())
@@ -308,6 +350,10 @@ def main() -> None:
                                ("incremental (1%)", out["inc"], out["restic_inc"]),
                                ("restore", out["restore"], out["restic_restore"])):
         print(f"{step:17s} pyvol {ours:6.2f}s  restic {theirs:6.2f}s  ratio {ours / theirs:.2f}")
+    for step, ours, theirs in (("full backup", out["full"], out["restic_full"]),
+                               ("restore", out["restore"], out["restic_restore"])):
+        print(f"{step} rate (data over the whole call): pyvol {total / ours / MiB:.0f} MiB/s, "
+              f"restic {total / theirs / MiB:.0f} MiB/s")
     print(f"verify            pyvol {out['verify']:6.2f}s  ratio to pyvol's restore "
           f"{out['verify'] / out['restore']:.2f}")
     read = full["stats"]["read"]

@@ -29,6 +29,17 @@ def aligned_buffer(size: int, use: str = "write") -> mmap.mmap:
     return buf
 
 
+def page_aligned(view: memoryview) -> bool:
+    """Whether ``view`` starts at an ``ALIGN`` boundary of memory, as O_DIRECT needs: then
+    it goes to the device as it is, without a copy into an aligned buffer. Read-only views
+    (bytes) are never taken as aligned."""
+    import ctypes
+
+    if view.readonly or not view.contiguous or not len(view):
+        return False
+    return ctypes.addressof(ctypes.c_char.from_buffer(view)) % ALIGN == 0
+
+
 def pwrite_all(fd: int, view: memoryview, offset: int) -> None:
     """All of ``view`` at ``offset`` (pwrite may write less than asked)."""
     while view:
@@ -50,9 +61,12 @@ def _write_direct(fd: int, data) -> int:
     except OSError:
         return 0
     try:
-        buf = aligned_buffer(n)
-        buf[:n] = memoryview(data)[:n]
-        pwrite_all(fd, memoryview(buf)[:n], 0)
+        head = memoryview(data)[:n]
+        if not page_aligned(head):  # a chunk sealed into a thread's buffer already is
+            buf = aligned_buffer(n)
+            buf[:n] = head
+            head = memoryview(buf)[:n]
+        pwrite_all(fd, head, 0)
     except OSError as e:
         if e.errno != errno.EINVAL:  # EINVAL: some filesystems take the flag, refuse the I/O
             raise

@@ -14,6 +14,7 @@ import os
 import threading
 
 from ..errors import PyvolError
+from ..files import ALIGN, aligned_buffer
 
 # zstandard and cryptography are imported where a Codec uses them, not here: every daemon
 # worker imports this module (the backup service names its errors), and only the backup job
@@ -73,13 +74,15 @@ class Codec:
             from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
             salt = bytes.fromhex(repo_id)
-            self._aead = AESGCM(_hkdf(key, salt, "pyvol/1 chunk encryption"))
+            self._object_key = _hkdf(key, salt, "pyvol/1 chunk encryption")
+            self._aead = AESGCM(self._object_key)
             self._id_key = _hkdf(key, salt, "pyvol/1 chunk id")
             self._config_key = _hkdf(key, salt, "pyvol/1 config mac")
             self.key_check = hmac.new(self._id_key, b"pyvol/1 key check",
                                       "sha256").digest()[:16].hex()
         else:
             self._aead = None
+            self._object_key = None
             self._id_key = None
             self._config_key = None
             self.key_check = None
@@ -110,13 +113,16 @@ class Codec:
             return volume
         return hmac.new(self._id_key, volume.encode(), "sha256").hexdigest()[:32]
 
-    def seal(self, key: str, plaintext) -> bytes | bytearray:
+    def seal(self, key: str, plaintext, reuse: bool = False) -> bytes | bytearray | memoryview:
         """Compress when it saves at least 1/16, then encrypt with the object key as AAD.
 
         Data that a sample shows to be incompressible (already compressed or encrypted
         files, random pages) is not compressed at all: zstd would spend as long on it as
-        the encryption does, to save nothing. The plaintext is copied once, into the object
-        being built; the cipher writes straight into the stored bytes.
+        the encryption does, to save nothing. The cipher reads the plaintext (or its
+        compressed form) where it is and writes straight into the stored object. With
+        ``reuse`` (a chunk), that object is a buffer of this thread's, valid until its next
+        sealing: a fresh 4 MiB allocation for every chunk, page-faulted in, costs more than
+        the cipher.
         """
         view = memoryview(plaintext).cast("B")
         kind, body = RAW, view
@@ -124,41 +130,49 @@ class Codec:
             packed = self._zstd().c.compress(view)
             if len(packed) <= len(view) - len(view) // 16:
                 kind, body = ZSTD, packed
-        inner = bytearray(1 + len(body))
-        inner[0] = kind
-        inner[1:] = body
         if self._aead is None:
+            inner = _buffer(1 + len(body), "sealed", reuse)
+            inner[0] = kind
+            inner[1:] = body
             return inner
+        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
         nonce = os.urandom(NONCE)
-        if not hasattr(self._aead, "encrypt_into"):  # cryptography before 47: a copy more
-            return bytes([SEALED]) + nonce + self._aead.encrypt(nonce, bytes(inner),
-                                                                 key.encode())
-        out = bytearray(1 + NONCE + len(inner) + TAG)
+        out = _buffer(1 + NONCE + 1 + len(body) + TAG, "sealed", reuse)
         out[0] = SEALED
         out[1:1 + NONCE] = nonce
-        self._aead.encrypt_into(nonce, inner, key.encode(), memoryview(out)[1 + NONCE:])
+        # AES-GCM over the type byte and the body as one message, written in place: the
+        # same bytes as encrypting their concatenation, without building it. update_into
+        # asks for room for one block more than it writes, which the tag's place gives.
+        at = 1 + NONCE
+        enc = Cipher(algorithms.AES(self._object_key), modes.GCM(nonce)).encryptor()
+        enc.authenticate_additional_data(key.encode())
+        stream = memoryview(out)
+        written = enc.update_into(bytes([kind]), stream[at:at + 1 + TAG])
+        written += enc.update_into(body, stream[at + 1:])
+        enc.finalize()
+        if written != 1 + len(body):
+            raise RuntimeError("AES-GCM wrote a different length than it was given")
+        stream[-TAG:] = enc.tag
         return out
 
-    def open(self, key: str, blob: bytes, limit: int) -> bytes:
+    def open(self, key: str, blob, limit: int, reuse: bool = False) -> bytes | memoryview:
         """The plaintext of the object at ``key``, refusing more than ``limit`` bytes of it.
 
         The limit is checked before anything is allocated: a zstd frame that declares its
         content size is refused on that declaration, and one that does not is cut off at
-        the limit, so a small hostile blob cannot claim gigabytes of memory.
+        the limit, so a small hostile blob cannot claim gigabytes of memory. With ``reuse``
+        (a chunk) the plaintext may be a view of this thread's buffer, valid until its next
+        ``open``.
         """
         if not blob:
             raise CorruptObject(f"object {key} is empty")
+        blob = memoryview(blob)
         kind = blob[0]
         if kind == SEALED:
-            from cryptography.exceptions import InvalidTag
-
             if self._aead is None:
                 raise PyvolError(f"object {key} is encrypted and no backup key is configured")
-            try:
-                blob = self._aead.decrypt(blob[1:13], blob[13:], key.encode())
-            except InvalidTag:
-                raise CorruptObject(f"object {key} fails authentication: it is corrupt, was "
-                                    "moved, or the key is wrong") from None
+            blob = self._decrypt(key, blob, reuse)
             kind = blob[0]
         elif self._aead is not None:
             raise CorruptObject(f"object {key} is not encrypted in an encrypted repository")
@@ -166,12 +180,29 @@ class Codec:
             if len(blob) - 1 > limit:
                 raise CorruptObject(f"object {key} holds {len(blob) - 1} bytes, more than the "
                                     f"{limit} an object of its kind may hold")
-            return blob[1:]
+            return blob[1:] if reuse else blob[1:].tobytes()
         if kind == ZSTD:
-            return self._decompress(key, blob[1:], limit)
+            return self._decompress(key, blob[1:], limit, reuse)
         raise CorruptObject(f"object {key} has unknown type byte {kind:#04x}")
 
-    def _decompress(self, key: str, frame: bytes, limit: int) -> bytes:
+    def _decrypt(self, key: str, blob: memoryview, reuse: bool) -> memoryview:
+        from cryptography.exceptions import InvalidTag
+
+        nonce, sealed = blob[1:1 + NONCE], blob[1 + NONCE:]
+        try:
+            if not reuse or len(sealed) < TAG or not hasattr(self._aead, "decrypt_into"):
+                return memoryview(self._aead.decrypt(nonce, sealed, key.encode()))
+            # the type byte just before a page boundary: a raw chunk's bytes start on one,
+            # and a restore hands them to O_DIRECT without another copy
+            n = len(sealed) - TAG
+            plain = memoryview(aligned_buffer(ALIGN + n, "opening"))[ALIGN - 1:ALIGN - 1 + n]
+            self._aead.decrypt_into(nonce, sealed, key.encode(), plain)
+            return plain
+        except InvalidTag:
+            raise CorruptObject(f"object {key} fails authentication: it is corrupt, was "
+                                "moved, or the key is wrong") from None
+
+    def _decompress(self, key: str, frame, limit: int, reuse: bool) -> bytes | memoryview:
         import zstandard
 
         try:
@@ -182,8 +213,18 @@ class Codec:
             raise CorruptObject(f"object {key} declares {declared} bytes of content, more than "
                                 f"the {limit} an object of its kind may hold")
         try:
-            # without a declared size, python-zstandard stops at max_output_size
-            out = self._zstd().d.decompress(frame, max_output_size=limit)
+            if reuse and declared >= 0:
+                # into this thread's page-aligned buffer: a restore writes it as it is. A
+                # stream reader stops quietly where a cut-off frame ends: the declared size
+                # is what tells the two apart
+                room = memoryview(aligned_buffer(declared + 1, "unpacking"))[:declared + 1]
+                out = _unpack_into(self._zstd().d, frame, room)
+                if len(out) != declared:
+                    raise CorruptObject(f"object {key} does not decompress: its frame holds "
+                                        f"{'more than' if len(out) > declared else len(out)}"
+                                        f" of the {declared} bytes it declares")
+            else:  # without a declared size, python-zstandard stops at max_output_size
+                out = self._zstd().d.decompress(frame, max_output_size=limit)
         except zstandard.ZstdError as e:
             raise CorruptObject(f"object {key} does not decompress within {limit} bytes: "
                                 f"{e}") from None
@@ -191,6 +232,27 @@ class Codec:
             raise CorruptObject(f"object {key} decompresses past the {limit} bytes an object "
                                 "of its kind may hold")
         return out
+
+
+def _unpack_into(decompressor, frame, into: memoryview) -> memoryview:
+    """The first zstd frame of ``frame`` decompressed into ``into``, stopping where ``into``
+    is full (``decompress`` too ignores what follows the first frame)."""
+    n = 0
+    with decompressor.stream_reader(frame) as reader:
+        while n < len(into):
+            got = reader.readinto(into[n:])
+            if not got:
+                break
+            n += got
+    return into[:n]
+
+
+def _buffer(size: int, use: str, reuse: bool) -> bytearray | memoryview:
+    """``size`` bytes to build an object in: this thread's buffer for ``use`` when the caller
+    drops the object before the thread's next one, else a new bytearray."""
+    if reuse:
+        return memoryview(aligned_buffer(size, use))[:size]
+    return bytearray(size)
 
 
 def _worth_compressing(probe, view: memoryview) -> bool:

@@ -51,10 +51,11 @@ def nonzero_runs(data: bytes, block: int) -> list[tuple[int, int]]:
     """The [start, end) runs of ``data`` made of ``block``-sized pieces that are not all
     zero: what a restore writes (the rest stays a hole in a thin volume)."""
     zero = bytes(block)
+    view = memoryview(data)
     runs: list[tuple[int, int]] = []
     for off in range(0, len(data), block):
         end = min(off + block, len(data))
-        if data[off:end] != zero[:end - off]:  # a slice and memcmp: fast on bytes
+        if not zero.startswith(view[off:end]):  # a memcmp, and no copy of the block
             if runs and runs[-1][1] == off:
                 runs[-1] = (runs[-1][0], end)
             else:
@@ -124,12 +125,11 @@ def restore(repo: Repository, manifest: dict, device: str, job: Job, threads: in
     def one(item):
         index, name = item
         job.check()
-        data = repo.get_chunk(name)
+        data = repo.chunk_view(name)
         base = index * cs
         n = 0
-        view = memoryview(data)
         for start, end in nonzero_runs(data, WRITE_BLOCK):
-            writer.write(base + start, view[start:end])
+            writer.write(base + start, data[start:end])
             n += end - start
         job.advance(len(data))
         return n
@@ -162,7 +162,7 @@ def verify(repo: Repository, manifest: dict, job: Job, threads: int) -> dict:
     def one(name):
         job.check()
         try:
-            n = len(repo.get_chunk(name))
+            n = len(repo.chunk_view(name))
         except CorruptObject as e:
             return name, str(e)
         job.advance(n)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import errno
 import os
 
-from ..files import ALIGN, aligned_buffer, pwrite_all
+from ..files import ALIGN, aligned_buffer, page_aligned, pwrite_all
 
 
 class _Device:
@@ -52,10 +52,13 @@ class DeviceWriter(_Device):
         n = len(data)
         if self.direct is not None and offset % ALIGN == 0 and n % ALIGN == 0 \
                 and n <= self.buffer_size:
-            buf = aligned_buffer(n)
-            buf[:n] = data
+            view = memoryview(data)
+            if not page_aligned(view):  # a chunk decrypted for a restore already is
+                buf = aligned_buffer(n)
+                buf[:n] = view
+                view = memoryview(buf)[:n]
             try:
-                pwrite_all(self.direct, memoryview(buf)[:n], offset)
+                pwrite_all(self.direct, view, offset)
                 return
             except OSError as e:
                 if e.errno != errno.EINVAL:
@@ -106,4 +109,4 @@ class DeviceReader(_Device):
         return os.preadv(self.fd, [view], offset)
 
     def is_zero(self, view: memoryview) -> bool:
-        return view.tobytes() == self.zero[:len(view)]  # a copy and a memcmp: fast
+        return len(view) <= len(self.zero) and self.zero.startswith(view)  # a memcmp, no copy

@@ -219,33 +219,40 @@ class Repository:
     def put_chunk(self, name: str, plaintext) -> int:
         """Seal and store a chunk; the number of bytes stored."""
         key = self.chunk_key(name)
-        blob = self.codec.seal(key, plaintext)
+        blob = self.codec.seal(key, plaintext, reuse=True)
         self.target.put(key, blob)
         with self._known_lock:
             if self._known is not None:
                 self._known.add(name)
         return len(blob)
 
-    def read_object(self, key: str, cap: int) -> bytes:
+    def read_object(self, key: str, cap: int, reuse: bool = False) -> bytes | memoryview:
         """An object's plaintext, of at most ``cap`` bytes: the stored bytes are refused
-        before decoding when longer than any honest writer makes them."""
-        blob = self.target.get(key, cap + SEAL_OVERHEAD)
-        if len(blob) > cap + SEAL_OVERHEAD:
+        before decoding when longer than any honest writer makes them. With ``reuse``, both
+        may be in buffers of this thread's (``Target.get_view``, ``Codec.open``)."""
+        limit = cap + SEAL_OVERHEAD
+        blob = self.target.get_view(key, limit) if reuse else self.target.get(key, limit)
+        if len(blob) > limit:
             raise CorruptObject(f"object {key} in {self.url} is larger than any object of its "
                                 f"kind may be ({cap} bytes)")
-        return self.codec.open(key, blob, limit=cap)
+        return self.codec.open(key, blob, limit=cap, reuse=reuse)
 
-    def get_chunk(self, name: str) -> bytes:
-        """A chunk's plaintext, checked against its name."""
+    def chunk_view(self, name: str) -> memoryview:
+        """A chunk's plaintext, checked against its name, in this thread's buffers: valid
+        until the thread reads its next chunk (a restore writes it out, a verify drops it)."""
         key = self.chunk_key(name)
         try:
-            data = self.read_object(key, self.chunk_size)
+            data = memoryview(self.read_object(key, self.chunk_size, reuse=True))
         except NotFound:
             raise CorruptObject(f"chunk {name} is missing from {self.url}") from None
         if self.codec.chunk_name(data) != name:
             raise CorruptObject(f"chunk {name} in {self.url} is corrupt: its content does not "
                                 "hash to its name")
         return data
+
+    def get_chunk(self, name: str) -> bytes:
+        """A chunk's plaintext, checked against its name, the caller's to keep."""
+        return self.chunk_view(name).tobytes()
 
     # manifests
     def volume_key(self, volume: str) -> str:
