@@ -165,8 +165,14 @@ class FileTarget(Target):
 
     def get_view(self, key: str, limit: int) -> memoryview:
         view = memoryview(aligned_buffer(limit + 1, "object"))[:limit + 1]
-        with self._reading(key) as fd, os.fdopen(fd, "rb", buffering=0, closefd=False) as f:
-            return view[:_fill(f.readinto, view)]
+        n = 0
+        with self._reading(key) as fd:
+            while n < len(view):
+                got = os.preadv(fd, [view[n:]], n)
+                if not got:
+                    break
+                n += got
+        return view[:n]
 
     def _write(self, key: str, data: bytes, exclusive: bool) -> bool:
         try:
@@ -204,17 +210,6 @@ class FileTarget(Target):
         except OSError as e:
             if e.errno != errno.ENOENT:
                 raise TargetError(f"{self.url}: cannot delete {key}: {e.strerror}") from None
-
-
-def _fill(readinto, view: memoryview) -> int:
-    """Read into ``view`` until it is full or the stream ends; the bytes read."""
-    n = 0
-    while n < len(view):
-        got = readinto(view[n:])
-        if not got:
-            break
-        n += got
-    return n
 
 
 def s3_environment() -> dict:
@@ -299,31 +294,19 @@ class S3Target(Target):
         except (bx.BotoCoreError, bx.ClientError) as e:
             raise self._err(op, key, e) from None
 
-    @contextlib.contextmanager
-    def _body(self, key: str):
-        """The object's body to read from; any failure, while asking or reading, becomes a
-        NotFound or a TargetError."""
+    def get(self, key: str, limit: int) -> bytes:
         import botocore.exceptions as bx
 
         try:
             resp = self.s3.get_object(Bucket=self.bucket, Key=self.prefix + key)
             with contextlib.closing(resp["Body"]) as body:
-                yield body
+                return body.read(limit + 1)
         except bx.ClientError as e:
             if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 raise NotFound(f"{self.url}: no object {key}") from None
             raise self._err("get", key, e) from None
         except bx.BotoCoreError as e:
             raise self._err("get", key, e) from None
-
-    def get(self, key: str, limit: int) -> bytes:
-        with self._body(key) as body:
-            return body.read(limit + 1)
-
-    def get_view(self, key: str, limit: int) -> memoryview:
-        view = memoryview(aligned_buffer(limit + 1, "object"))[:limit + 1]
-        with self._body(key) as body:
-            return view[:_fill(body.readinto, view)]
 
     def put(self, key: str, data: bytes) -> None:
         self._call("put", key, self.s3.put_object, Key=self.prefix + key, Body=bytes(data))
