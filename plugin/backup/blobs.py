@@ -173,6 +173,8 @@ class Codec:
             if self._aead is None:
                 raise PyvolError(f"object {key} is encrypted and no backup key is configured")
             blob = self._decrypt(key, blob, reuse)
+            if not blob:
+                raise CorruptObject(f"object {key} holds no type byte inside its encryption")
             kind = blob[0]
         elif self._aead is not None:
             raise CorruptObject(f"object {key} is not encrypted in an encrypted repository")
@@ -220,9 +222,9 @@ class Codec:
                 room = memoryview(aligned_buffer(declared + 1, "unpacking"))[:declared + 1]
                 out = _unpack_into(self._zstd().d, frame, room)
                 if len(out) != declared:
-                    raise CorruptObject(f"object {key} does not decompress: its frame holds "
-                                        f"{'more than' if len(out) > declared else len(out)}"
-                                        f" of the {declared} bytes it declares")
+                    held = "more than" if len(out) > declared else f"only {len(out)} of"
+                    raise CorruptObject(f"object {key} does not decompress: it holds {held} "
+                                        f"the {declared} bytes its frame declares")
             else:  # without a declared size, python-zstandard stops at max_output_size
                 out = self._zstd().d.decompress(frame, max_output_size=limit)
         except zstandard.ZstdError as e:
@@ -235,8 +237,9 @@ class Codec:
 
 
 def _unpack_into(decompressor, frame, into: memoryview) -> memoryview:
-    """The first zstd frame of ``frame`` decompressed into ``into``, stopping where ``into``
-    is full (``decompress`` too ignores what follows the first frame)."""
+    """``frame`` decompressed into ``into``, stopping where ``into`` is full. Unlike
+    ``decompress``, the reader goes on past the first frame, so a chunk with anything after
+    its frame comes out longer than declared, and is refused (pyvol never writes one)."""
     n = 0
     with decompressor.stream_reader(frame) as reader:
         while n < len(into):
