@@ -388,6 +388,10 @@ class EbsBackend(SharedBackend, BlockBackend):
         held, who = holder(self._find(name))
         return who if held >= slot and who else self.instance_id
 
+    def incarnation(self, name: str) -> str | None:
+        rec = self.record(name)
+        return None if rec is None else rec["volume_id"]
+
     def created_here(self, name: str) -> bool:
         return all(_tags(v).get(CREATOR_TAG) == self.instance_id for v in self._by_name(name))
 
@@ -750,6 +754,7 @@ def _differing(new: str, old: str | None, unit: int) -> list[Range]:
 # copying it into this region first when it lives elsewhere.
 BACKUP_TAG = "pyvol-backup"
 BACKUP_ID_TAG = "pyvol-backup-id"  # pyvol's id of the backup, chosen before the copy exists
+SCHEDULE_OF_TAG = "pyvol-schedule-of"  # a schedule's copy: the incarnation of its volume
 
 
 def parse_ebs_url(url: str) -> tuple[str, str | None]:
@@ -797,10 +802,12 @@ class EbsBackups:
         return sid
 
     def create(self, name: str, snap: str, region: str, fs: str, size: int,
-               bid: str) -> dict:
+               bid: str, schedule_of: str | None = None) -> dict:
         src = self.b._completed(name, snap)
         tags = [{"Key": BACKUP_TAG, "Value": name}, {"Key": "pyvol-fs", "Value": fs},
                 {"Key": "pyvol-size", "Value": str(size)}, {"Key": BACKUP_ID_TAG, "Value": bid}]
+        if schedule_of is not None:
+            tags.append({"Key": SCHEDULE_OF_TAG, "Value": schedule_of})
         sid = self._copy(self.b.region, src, region, tags, f"pyvol backup of {name}@{snap}")
         return self.describe(region, sid)
 
@@ -811,7 +818,7 @@ class EbsBackups:
         s = found[0]
         tags = {t["Key"]: t["Value"] for t in s.get("Tags", [])}
         return {"url": f"ebs://{region}/{sid}", "kind": "ebs-snapshot",
-                "id": tags.get(BACKUP_ID_TAG),
+                "id": tags.get(BACKUP_ID_TAG), "schedule_of": tags.get(SCHEDULE_OF_TAG),
                 "volume": tags.get(BACKUP_TAG), "region": region, "snapshot_id": sid,
                 "state": s["State"], "created": clock.stamp(s["StartTime"]),
                 "source": {"backend": "ebs", "fs": tags.get("pyvol-fs", "ext4"),

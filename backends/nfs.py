@@ -403,6 +403,14 @@ class NfsBackend(SharedBackend, DirectoryBackend):
             return None
         return rec if rec.get("status") == "ready" else None
 
+    def incarnation(self, name: str) -> str | None:
+        rec = self.record(name)
+        if rec is None:
+            return None
+        # records from before the token: their maker and second of birth
+        made = rec.get("incarnation") or f"{rec.get('created_by')}/{rec.get('created')}"
+        return str(made)[:128]
+
     def created_here(self, name: str) -> bool:
         try:
             _, rec = self._find(name)
@@ -414,7 +422,7 @@ class NfsBackend(SharedBackend, DirectoryBackend):
         return {"name": spec.name, "share": share.name, "size": spec.size,
                 "options": dict(spec.meta), "created": time.strftime(
                     "%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "created_by": self.instance,
-                "status": "creating"}
+                "incarnation": secrets.token_hex(8), "status": "creating"}
 
     def create(self, spec: VolumeSpec) -> None:
         share = self._share(spec.options.get("share"))

@@ -75,6 +75,12 @@ class SharedBackend(Backend):
         claimed is the holder's of that newer one (a stale run is nobody's to start)."""
 
     @abstractmethod
+    def incarnation(self, name: str) -> str | None:
+        """What tells the volume now named ``name`` from any earlier or later one of that
+        name, the same string on every host (None if there is none): a schedule marks its
+        backups with it, and judges by it the backups that other hosts' runs made."""
+
+    @abstractmethod
     def created_here(self, name: str) -> bool:
         """Whether this host made the storage now named ``name`` (True if there is none)."""
 

@@ -66,6 +66,9 @@ SNAPSHOT_PREFIX = "sched-"
 # claim a slot first: HOLDER_GRACE, or HOLDER_GRACE_FRACTION of the interval if longer, at
 # most HOLDER_GRACE_MAX (the wait holds one of the host's SLOTS)
 HOLDER_GRACE, HOLDER_GRACE_FRACTION, HOLDER_GRACE_MAX = 10.0, 0.05, 30.0
+# how long a scheduled backup waits out a removal or gc holding its repository (another
+# host's retention of the same schedule, say) before its run counts as failed
+BACKUP_LOCK_WAIT = 30
 # a scheduled backup's row in scheduled_backups before its manifest exists: PENDING + its id
 PENDING_BACKUP = "pending:"
 
@@ -410,7 +413,9 @@ class Runner:
         with self.store.tx():
             self.store.add_scheduled_backup(s.volume, pending, s.target, clock.stamp())
         try:
-            result = self.backups.create(s.volume, s.target, job, bid=bid)
+            result = self.backups.create(s.volume, s.target, job, bid=bid,
+                                         schedule_of=self._incarnation(s.volume),
+                                         lock_wait=BACKUP_LOCK_WAIT)
         except PyvolError:  # refused or failed: the service wrote no manifest (or took it back)
             with self.store.tx():
                 self.store.delete_scheduled_backup(s.volume, pending)
@@ -451,12 +456,34 @@ class Runner:
                 if not v.kept:
                     self._drop_snapshot(s.volume, v.id)
         else:
-            items = [(url, _time(at)) for url, at in
-                     self.store.scheduled_backups(s.volume, s.target)
-                     if not url.startswith(PENDING_BACKUP)]
-            for v in keep(items, policy):
+            for v in keep(self._scheduled_backups(s), policy):
                 if not v.kept:
                     self._drop_backup(s.volume, v.id)
+
+    def _incarnation(self, volume: str) -> str | None:
+        b = self._shared_backend(volume)
+        return None if b is None else b.incarnation(volume)
+
+    def _scheduled_backups(self, s: Schedule) -> list[tuple[str, datetime]]:
+        """The backups this schedule made: this host's rows, and for a shared volume every
+        host's, found in the destination by the volume's incarnation, which the schedule
+        marks each of its backups with (a manifest's ``schedule_of``, an ebs:// copy's tag).
+        A backup made by hand has no mark; one of an earlier volume of this name has another.
+        What another host recorded is untrusted: a time that does not parse is passed over."""
+        items = {url: _time(at) for url, at in self.store.scheduled_backups(s.volume, s.target)
+                 if not url.startswith(PENDING_BACKUP)}
+        ident = self._incarnation(s.volume)
+        if ident is not None:
+            for b in self.backups.list(s.target, s.volume, passing_over_bad=True):
+                url, at = b.get("url"), b.get("created")
+                if b.get("schedule_of") != ident or not isinstance(url, str) or \
+                        b.get("state") == "error" or url in items:
+                    continue
+                try:
+                    items[url] = _time(at)
+                except (TypeError, ValueError, OverflowError):
+                    continue
+        return list(items.items())
 
     def _scheduled_snapshots(self, volume: str) -> list[tuple[str, datetime]]:
         """The snapshots a schedule took, with their times: this host's rows of origin
@@ -495,10 +522,16 @@ class Runner:
         event(log, "snapshot removed by its schedule's retention", volume=volume, snapshot=snap)
 
     def _drop_backup(self, volume: str, url: str) -> None:
+        """Remove a schedule's backup past its policy. A repository locked by a backup that
+        is running (another host's run of this schedule, once the volume moved; anyone's
+        backup into the same repository) keeps it for now: judged again after the next run."""
         try:
             self.backups.remove(url)
         except NotFound:  # removed by hand meanwhile
             pass
+        except Conflict as e:
+            log.info("kept backup %s past its schedule's policy for now: %s", url, e)
+            return
         with self.store.tx():
             self.store.delete_scheduled_backup(volume, url)
         event(log, "backup removed by its schedule's retention", volume=volume, backup=url)

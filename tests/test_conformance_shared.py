@@ -118,6 +118,20 @@ def test_schedules_written_on_one_host_are_read_on_every_host(hosts):
     assert a.record("sched")["size"] == GiB  # the rest of the record is unchanged
 
 
+def test_a_volumes_incarnation_is_the_same_on_every_host_and_new_when_made_again(hosts):
+    """What marks a schedule's backups as this volume's: every host reads the same one, and
+    a volume removed and made again under its name has another."""
+    a, b = hosts
+    assert a.incarnation("again") is None
+    a.create(spec("again"))
+    first = a.incarnation("again")
+    assert isinstance(first, str) and first and b.incarnation("again") == first
+    b.remove("again")
+    assert a.incarnation("again") is None
+    b.create(spec("again"))
+    assert a.incarnation("again") == b.incarnation("again") != first
+
+
 def test_one_host_wins_a_runs_claim_and_every_host_is_told_which(hosts):
     import threading
 

@@ -648,3 +648,50 @@ def test_a_removed_volumes_schedules_go_with_it_and_never_pass_to_a_new_one_of_i
     finally:
         a.stop()
         b.stop()
+
+
+def test_after_a_shared_volume_moves_its_schedules_backups_are_judged_on_the_new_host(
+        workdir, ebs_rig):
+    """A backup schedule (keep 2) runs on a while a has the volume mounted; then a's daemon
+    goes and the volume moves to b. Only b's retention can remove a's scheduled backups now,
+    and it does (the manifests carry the volume's id): two are left of both hosts' runs, both
+    b's. The backup made by hand, which no schedule marked, stays."""
+    repo = workdir / "repo"
+    repo.mkdir()
+    url = f"file://{repo}"
+    env = {"PYVOL_BACKENDS": "ebs", "PYVOL_SCHEDULE_SYNC": "1", "PYVOL_EBS_RACE_SETTLE": "1"}
+    a, b = (Daemon(workdir / f"i{i}", workdir / f"i{i}.sock",
+                   env={**ebs_rig.env(i), **env}).start() for i in (0, 1))
+
+    def runs(d) -> int:
+        rows = json.loads(d.cli("schedule", "ls", "--json").stdout)
+        assert not rows or rows[0]["error"] is None, rows
+        return rows[0]["runs"] if rows else 0
+
+    def backups(d) -> list[dict]:
+        return json.loads(d.cli("backup", "ls", url, "--volume", "moving", "--json").stdout)
+
+    try:
+        a.api.ok("/VolumeDriver.Create", {"Name": "moving", "Opts": {"size": "1G"}})
+        [vol] = ebs_rig.volumes("moving")
+        a.api.ok("/VolumeDriver.Mount", {"Name": "moving", "ID": "c1"})
+        by_hand = json.loads(a.cli("backup", "create", "moving", "--dest", url,
+                                   "--json").stdout)["url"]
+        a.cli("schedule", "set", "moving", "--backup-every", "5s", "--backup-keep", "2",
+              "--backup-to", url)
+        _until("two scheduled backups on a", lambda: runs(a) >= 2, timeout=120)
+        a.api.ok("/VolumeDriver.Unmount", {"Name": "moving", "ID": "c1"})
+        a.stop()
+        on_a = {x["url"] for x in backups(b) if x.get("schedule_of")}
+        assert len(on_a) >= 2
+        b.api.ok("/VolumeDriver.Mount", {"Name": "moving", "ID": "c2"})
+        _until("three scheduled backups on b after the move", lambda: runs(b) >= 3,
+               timeout=120)
+        got = backups(b)
+        marked = [x for x in got if x.get("schedule_of")]
+        assert {x["schedule_of"] for x in marked} == {vol["VolumeId"]}
+        assert len(marked) == 2 and not on_a & {x["url"] for x in marked}, got
+        assert [x["url"] for x in got if not x.get("schedule_of")] == [by_hand]
+    finally:
+        for d in (a, b):
+            d.stop()

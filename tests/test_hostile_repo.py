@@ -584,3 +584,30 @@ def test_config_with_changed_chunk_size_is_refused(place):
     rewrite_config(place, lambda c: c.update(chunk_size=1 << 20))
     with pytest.raises(PyvolError, match="config"):
         Repository.open(f"file://{place / 'repo'}", KEY)
+
+
+def test_a_schedules_listing_passes_over_a_bad_manifest_that_a_persons_listing_names(place):
+    """One manifest that does not decode (or whose schedule mark is no string) must not stop a
+    schedule's retention for good: its listing passes over it and keeps the rest, while
+    `pyvol backup ls` still fails naming it."""
+    from types import SimpleNamespace
+
+    from pyvol.backup.service import Backups
+
+    repo = open_repo(place, KEY)
+    good = tree_manifest(repo, [], 0)
+    marked = tree_manifest(repo, [], 0)
+    bad_mark = dict(marked, id=new_backup_id(), schedule_of=["not", "a", "string"])
+    bad_mark.pop("url")
+    repo.put_manifest(bad_mark)
+    garbled = tree_manifest(repo, [], 0)
+    path = place / "repo" / "manifests" / repo.volume_key("vol") / garbled["id"]
+    path.write_bytes(path.read_bytes()[:-1] + b"\0")
+    key_file = place / "key"
+    key_file.write_bytes(KEY)
+    backups = Backups(None, SimpleNamespace(backup_settings={"key_file": str(key_file)}))
+    url = f"file://{place / 'repo'}"
+    listed = backups.list(url, "vol", passing_over_bad=True)
+    assert sorted(b["id"] for b in listed) == sorted([good["id"], marked["id"]])
+    with pytest.raises(CorruptObject):
+        backups.list(url, "vol")

@@ -295,7 +295,7 @@ class FakeBackups:
         self.release = threading.Event()
         self.started, self.pending_seen, self.removed = [], [], []
 
-    def create(self, volume, target, job, bid=None):
+    def create(self, volume, target, job, bid=None, schedule_of=None, lock_wait=0.0):
         from pyvol.backup.job import Cancelled
 
         self.started.append(volume)
@@ -305,7 +305,7 @@ class FakeBackups:
                 raise Cancelled("cancelled")
         return {"url": f"{target}#k/{bid}", "created": clock.stamp()}
 
-    def list(self, target, volume):
+    def list(self, target, volume, passing_over_bad=False):
         return self.listed
 
     def remove(self, url):

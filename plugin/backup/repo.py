@@ -353,7 +353,7 @@ def check_manifest(m, what: str, bid: str, chunk_size: int) -> None:
     for key in ("snapshot", "snapshot_created", "instance", "backend"):
         if src.get(key) is not None and not isinstance(src[key], str):
             bad(f"source.{key} is not a string")
-    for key in ("parent", "parent_snapshot"):
+    for key in ("parent", "parent_snapshot", "schedule_of"):
         if m.get(key) is not None and not isinstance(m[key], str):
             bad(f"{key} is not a string")
     if not isinstance(m.get("stats", {}), dict):

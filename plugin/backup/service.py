@@ -158,10 +158,15 @@ class Backups:
         return repo, repo.get_manifest(volkey, bid)
 
     # backup
-    def create(self, ref, dest, job: Job | None = None, bid: str | None = None) -> dict:
+    def create(self, ref, dest, job: Job | None = None, bid: str | None = None,
+               schedule_of: str | None = None, lock_wait: float = 0.0) -> dict:
         """Back up ``VOLUME`` (from a new snapshot) or ``VOLUME@SNAPSHOT`` into ``dest``;
         ``bid``, the backup's id chosen by the caller (a schedule records it before the work,
-        so that a backup whose daemon died after its manifest is still found as its own)."""
+        so that a backup whose daemon died after its manifest is still found as its own).
+        ``schedule_of``: a shared volume's schedule marks its backup with the volume's
+        incarnation, so that the schedule's retention on any host judges it, and no other.
+        ``lock_wait``: how long to wait out a backup removal or gc that holds the repository
+        (a person's call is refused at once; a schedule's run would otherwise wait a period)."""
         job = job or Job("backup")
         if not isinstance(ref, str):
             raise InvalidInput("invalid volume: accepted is VOLUME or VOLUME@SNAPSHOT")
@@ -171,9 +176,9 @@ class Backups:
         backend = m.backend(v)
         bid = bid or new_backup_id()
         if isinstance(dest, str) and dest.startswith("ebs://"):
-            return self._ebs_backup(v, backend, snap, dest, bid)
+            return self._ebs_backup(v, backend, snap, dest, bid, schedule_of)
         repo = self._repo(dest, create=True)
-        with locked(repo, "shared", self.lease) as lease:
+        with locked(repo, "shared", self.lease, wait=lock_wait) as lease:
             lease.on_lost(job.cancel)  # the engine stops at its next step
             auto = snap is None
             if auto:
@@ -191,6 +196,8 @@ class Backups:
                 with m.reading(vol, snap):
                     try:
                         manifest = self._backup(repo, v, backend, snap, bid, job)
+                        if schedule_of is not None:
+                            manifest["schedule_of"] = schedule_of
                         job.check()  # a client that went away gets no backup at all
                     except PyvolError as e:
                         if lease.lost is not None:  # the cause, not "the client went away"
@@ -277,7 +284,8 @@ class Backups:
 
         return EbsBackups(self.access.backend_named("ebs", what))
 
-    def _ebs_backup(self, v, backend, snap: str | None, dest: str, bid: str) -> dict:
+    def _ebs_backup(self, v, backend, snap: str | None, dest: str, bid: str,
+                    schedule_of: str | None) -> dict:
         """The copy carries ``bid`` in a tag, as a repository's manifest carries its id: a
         schedule that recorded it before the work finds its backup after a crash, even one
         whose copy was still pending. The snapshot taken for it is noted before it exists,
@@ -297,7 +305,7 @@ class Backups:
             if auto:
                 m.take_snapshot(v.name, snap, origin="backup")
             result = self._ebs("an ebs:// backup").create(v.name, snap, region, v.fs, v.size,
-                                                          bid)
+                                                          bid, schedule_of)
         finally:
             if auto:  # the backup is an independent copy: the volume's snapshot can go
                 self._drop_own_snapshot(v.name, snap, "of an ebs:// backup")
@@ -400,7 +408,10 @@ class Backups:
         }
 
     # reading
-    def list(self, url, volume=None) -> list[dict]:
+    def list(self, url, volume=None, passing_over_bad: bool = False) -> list[dict]:
+        """The backups in ``url`` (of ``volume``). A manifest that cannot be read fails the
+        listing, unless ``passing_over_bad`` (a schedule's retention, which must not stop
+        for good at one bad manifest another host or a person left)."""
         if volume is not None:
             check_name(volume)
         if isinstance(url, str) and url.startswith("ebs://"):
@@ -408,7 +419,15 @@ class Backups:
 
             return self._ebs("listing ebs:// backups").list(parse_ebs_url(url)[0], volume)
         repo = self._repo(url)
-        return [_summary(repo.get_manifest(vk, bid)) for vk, bid in repo.backup_ids(volume)]
+        out = []
+        for vk, bid in repo.backup_ids(volume):
+            try:
+                out.append(_summary(repo.get_manifest(vk, bid)))
+            except (CorruptObject, NotFound) as e:
+                if not passing_over_bad:
+                    raise
+                log.warning("passed over backup %s/%s: %s", vk, bid, e)
+        return out
 
     def inspect(self, backup_url) -> dict:
         if isinstance(backup_url, str) and backup_url.startswith("ebs://"):
