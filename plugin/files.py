@@ -29,15 +29,20 @@ def aligned_buffer(size: int, use: str = "write") -> mmap.mmap:
     return buf
 
 
-def page_aligned(view: memoryview) -> bool:
-    """Whether ``view`` starts at an ``ALIGN`` boundary of memory, as O_DIRECT needs: then
-    it goes to the device as it is, without a copy into an aligned buffer. Read-only views
-    (bytes) are never taken as aligned."""
+def direct_view(data) -> memoryview:
+    """``data`` as O_DIRECT takes it: itself when it starts at an ``ALIGN`` boundary of
+    memory (a chunk sealed or decrypted into a thread's buffer does), else a copy in this
+    thread's aligned buffer. Read-only data (bytes) is always copied."""
     import ctypes
 
-    if view.readonly or not view.contiguous or not len(view):
-        return False
-    return ctypes.addressof(ctypes.c_char.from_buffer(view)) % ALIGN == 0
+    view = memoryview(data)
+    if not view.readonly and view.contiguous and len(view) and \
+            ctypes.addressof(ctypes.c_char.from_buffer(view)) % ALIGN == 0:
+        return view
+    n = len(view)
+    buf = aligned_buffer(n)
+    buf[:n] = view
+    return memoryview(buf)[:n]
 
 
 def pwrite_all(fd: int, view: memoryview, offset: int) -> None:
@@ -61,12 +66,7 @@ def _write_direct(fd: int, data) -> int:
     except OSError:
         return 0
     try:
-        head = memoryview(data)[:n]
-        if not page_aligned(head):  # a chunk sealed into a thread's buffer already is
-            buf = aligned_buffer(n)
-            buf[:n] = head
-            head = memoryview(buf)[:n]
-        pwrite_all(fd, head, 0)
+        pwrite_all(fd, direct_view(memoryview(data)[:n]), 0)
     except OSError as e:
         if e.errno != errno.EINVAL:  # EINVAL: some filesystems take the flag, refuse the I/O
             raise

@@ -20,7 +20,7 @@ from __future__ import annotations
 import errno
 import os
 
-from ..files import ALIGN, aligned_buffer, page_aligned, pwrite_all
+from ..files import ALIGN, aligned_buffer, direct_view, pwrite_all
 
 
 class _Device:
@@ -52,13 +52,8 @@ class DeviceWriter(_Device):
         n = len(data)
         if self.direct is not None and offset % ALIGN == 0 and n % ALIGN == 0 \
                 and n <= self.buffer_size:
-            view = memoryview(data)
-            if not page_aligned(view):  # a chunk decrypted for a restore already is
-                buf = aligned_buffer(n)
-                buf[:n] = view
-                view = memoryview(buf)[:n]
             try:
-                pwrite_all(self.direct, view, offset)
+                pwrite_all(self.direct, direct_view(data), offset)
                 return
             except OSError as e:
                 if e.errno != errno.EINVAL:
