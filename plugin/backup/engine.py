@@ -218,5 +218,15 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def _end(code: int) -> None:
+    """Leave without the interpreter's teardown. Everything the job wrote was on disk (or
+    acknowledged by the object store) before its answer, and the worker holds the repository
+    lock until this process is gone: the teardown (finalising modules, the threads' states,
+    the libraries' buffers) was 25 to 65 ms of a 0.8 s incremental backup, for nothing."""
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    _end(main(sys.argv[1:]))
