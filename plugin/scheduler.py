@@ -73,6 +73,10 @@ BACKUP_LOCK_WAIT = 30
 PENDING_BACKUP = "pending:"
 
 
+class _NotYet(Exception):
+    """A shared volume's slot that its holder may still claim: tried again after the grace."""
+
+
 def _time(text: str) -> datetime:
     return datetime.fromtimestamp(clock.parse(text), timezone.utc)
 
@@ -95,6 +99,10 @@ class Runner:
         self.lock_path = host.config.root / "scheduler.lock"
         self._runs: dict[tuple[str, str], tuple[threading.Thread, Job | None]] = {}
         self._runs_lock = threading.Lock()
+        # slots of volumes mounted on another host: when this runner first found each due,
+        # and (volume, what) -> not to be started again before (both monotonic)
+        self._due_since: dict[tuple[str, str, str], float] = {}
+        self._not_before: dict[tuple[str, str], float] = {}
         self._stopping = threading.Event()
         self._halted_at = 0.0
         self._checked_clock = float("-inf")
@@ -189,6 +197,8 @@ class Runner:
                     return
                 if key in self._runs:  # still running from an earlier slot
                     continue
+                if self._not_before.get(key, 0.0) > time.monotonic():
+                    continue  # in the grace of the host that has the volume mounted
                 if sum(k[1] == s.what for k in self._runs) >= SLOTS[s.what]:
                     continue  # stays due: started when a slot of its kind is free
                 job = Job("scheduled backup") if s.what == "backup" else None
@@ -316,15 +326,20 @@ class Runner:
         s = current
         started = time.time()
         slot = clock.parse(s.next_at)
-        error, result, retention_error, elsewhere = None, None, None, None
+        error, result, retention_error, elsewhere, ident = None, None, None, None, None
         try:
-            elsewhere = self._runs_elsewhere(s)
+            try:
+                elsewhere = self._runs_elsewhere(s)
+            except _NotYet:
+                return  # still due: started again once the grace has passed
             again = self.store.schedule(s.volume, s.what)
             if elsewhere is None and (again is None or _settings(again) != _settings(s)):
                 return  # removed or changed while its claim was settled: not this run's
-            if elsewhere is None:
-                result = (self._snapshot(s) if s.what == "snapshot" else
-                          self._backup(s, job or Job("scheduled backup")))
+            if elsewhere is None and s.what == "snapshot":
+                result = self._snapshot(s)
+            elif elsewhere is None:
+                ident = self._incarnation(s.volume)  # marks the backup, then finds its peers
+                result = self._backup(s, job or Job("scheduled backup"), ident)
         except PyvolError as e:
             error = str(e)
         except Exception as e:  # a bug: its traceback in the log, once per streak
@@ -341,7 +356,7 @@ class Runner:
             return
         if error is None and s.keep:  # a row from before keep was required may have none
             try:
-                self._retain(s)
+                self._retain(s, ident)
             except PyvolError as e:
                 retention_error = f"retention: {e}"
             except Exception as e:
@@ -386,9 +401,7 @@ class Runner:
             raise PyvolError(f"the claims on {s.volume} cannot be read ({type(e).__name__}); "
                              "see `pyvol claim ls`") from None
         if holders and b.instance not in holders:
-            grace = min(max(HOLDER_GRACE, s.every * HOLDER_GRACE_FRACTION), HOLDER_GRACE_MAX)
-            if self._stopping.wait(grace):
-                raise PyvolError("the runner is stopping")
+            self._wait_for_holder(s)
         winner = b.claim_run(s.volume, s.what, s.next_at)
         if winner == b.instance and holders and b.instance not in holders:
             log.warning("the %s slot %s of %s was not claimed by %s, which has it mounted: "
@@ -396,13 +409,31 @@ class Runner:
                         s.next_at, s.volume, ", ".join(sorted(holders)))
         return None if winner == b.instance else winner
 
+    def _wait_for_holder(self, s: Schedule) -> None:
+        """Raise _NotYet until the holder's grace (HOLDER_GRACE, or its share of the
+        interval) has passed since this runner first found the slot due. The waiting is the
+        dispatcher's, which does not start the slot again before then; no thread and no run
+        slot is held meanwhile."""
+        key, slot = (s.volume, s.what), (s.volume, s.what, s.next_at)
+        now = time.monotonic()
+        with self._runs_lock:
+            for old in [k for k in self._due_since if k[:2] == key and k != slot]:
+                del self._due_since[old]  # an earlier slot's, settled or changed since
+            since = self._due_since.setdefault(slot, now)
+            grace = min(max(HOLDER_GRACE, s.every * HOLDER_GRACE_FRACTION), HOLDER_GRACE_MAX)
+            if now < since + grace:
+                self._not_before[key] = since + grace
+                raise _NotYet
+            del self._due_since[slot]
+            self._not_before.pop(key, None)
+
     # the work
     def _snapshot(self, s: Schedule) -> str:
         # named by the Snapshots part, under the volume's lock: sched-TIME, or -2, -3 after it
         # for a run late enough to share a second with the last
         return self.snapshots.create(s.volume, origin="schedule", prefix=SNAPSHOT_PREFIX)["Ref"]
 
-    def _backup(self, s: Schedule, job: Job) -> str:
+    def _backup(self, s: Schedule, job: Job, ident: str | None) -> str:
         """Back up into the schedule's repository. The backup is recorded as the schedule's
         (PENDING_BACKUP + its id) before it starts, so that one whose daemon died after its
         manifest was written (or, for ebs://, after its copy was asked for: the copy is tagged
@@ -414,7 +445,7 @@ class Runner:
             self.store.add_scheduled_backup(s.volume, pending, s.target, clock.stamp())
         try:
             result = self.backups.create(s.volume, s.target, job, bid=bid,
-                                         schedule_of=self._incarnation(s.volume),
+                                         schedule_of=ident,
                                          lock_wait=BACKUP_LOCK_WAIT)
         except PyvolError:  # refused or failed: the service wrote no manifest (or took it back)
             with self.store.tx():
@@ -449,14 +480,14 @@ class Runner:
               found=len(found), forgotten=len(pending) - len(found))
 
     # retention: only what this schedule made
-    def _retain(self, s: Schedule) -> None:
+    def _retain(self, s: Schedule, ident: str | None) -> None:
         policy = Policy.parse(s.keep)
         if s.what == "snapshot":
             for v in keep(self._scheduled_snapshots(s.volume), policy):
                 if not v.kept:
                     self._drop_snapshot(s.volume, v.id)
         else:
-            for v in keep(self._scheduled_backups(s), policy):
+            for v in keep(self._scheduled_backups(s, ident), policy):
                 if not v.kept:
                     self._drop_backup(s.volume, v.id)
 
@@ -464,15 +495,14 @@ class Runner:
         b = self._shared_backend(volume)
         return None if b is None else b.incarnation(volume)
 
-    def _scheduled_backups(self, s: Schedule) -> list[tuple[str, datetime]]:
+    def _scheduled_backups(self, s: Schedule, ident: str | None) -> list[tuple[str, datetime]]:
         """The backups this schedule made: this host's rows, and for a shared volume every
-        host's, found in the destination by the volume's incarnation, which the schedule
+        host's, found in the destination by the volume's incarnation ``ident``, which the schedule
         marks each of its backups with (a manifest's ``schedule_of``, an ebs:// copy's tag).
         A backup made by hand has no mark; one of an earlier volume of this name has another.
         What another host recorded is untrusted: a time that does not parse is passed over."""
         items = {url: _time(at) for url, at in self.store.scheduled_backups(s.volume, s.target)
                  if not url.startswith(PENDING_BACKUP)}
-        ident = self._incarnation(s.volume)
         if ident is not None:
             for b in self.backups.list(s.target, s.volume, passing_over_bad=True):
                 url, at = b.get("url"), b.get("created")

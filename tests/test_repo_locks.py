@@ -103,6 +103,31 @@ def test_a_lock_of_a_sigkilled_process_on_this_host_is_broken_at_once(workdir, r
         d.stop()
 
 
+def test_a_scheduled_backup_waiting_for_the_repository_ends_with_the_daemons_stop(
+        workdir, repo):
+    """A removal or gc (another live process) holds the repository: a schedule's backup
+    waits for it, up to scheduler.BACKUP_LOCK_WAIT (30 s). A daemon told to stop meanwhile
+    stops at once, not after the wait, and the run cut off is no failure."""
+    proc, _key = hold(repo)
+    d = Daemon(workdir / "root", workdir / "s.sock").start()
+    try:
+        d.api.ok("/VolumeDriver.Create", {"Name": "v", "Opts": {
+            "size": "64M", "backup-every": "1s", "backup-to": repo.url,
+            "backup-keep": "last=2"}})
+        deadline = time.monotonic() + 30
+        while "waiting for the repository lock" not in d.log_path.read_text():
+            assert time.monotonic() < deadline, d.log_path.read_text()[-3000:]
+            time.sleep(0.2)
+        started = time.monotonic()
+        d.stop()
+        assert time.monotonic() - started < 8
+        assert "scheduled backup of v failed" not in d.log_path.read_text()
+    finally:
+        d.stop()
+        proc.kill()
+        proc.wait()
+
+
 def test_a_live_holder_blocks_and_another_hosts_lock_waits_for_lease_and_allowance(repo):
     proc, key = hold(repo, "shared")
     try:

@@ -205,8 +205,11 @@ class Lease:
         raise Conflict(f"repository {self.repo.url}: locks keep appearing and expiring; "
                        "retry later")
 
-    def acquire(self, wait: float = 0.0) -> None:
+    def acquire(self, wait: float = 0.0, check=None) -> None:
+        """Take the lock, waiting up to ``wait`` seconds for the locks that block it;
+        ``check()`` is called between tries and may raise to give up (a job cancelled)."""
         deadline = time.monotonic() + wait
+        said = False
         while True:
             try:
                 self._renewed = self._write_generation()
@@ -227,6 +230,14 @@ class Lease:
                     f"until {b.get('expires')}); "
                     + ("a backup is running; retry when it ends" if self.kind == "exclusive"
                        else "a backup delete or gc is running; retry when it ends"))
+            if not said:  # a wait of up to a minute is not silent
+                said = True
+                b = blockers[0]
+                event(log, "waiting for the repository lock", repo=self.repo.url,
+                      kind=self.kind, held=b.get("kind"), by_host=b.get("host"),
+                      pid=b.get("pid"), wait=wait)
+            if check is not None:
+                check()
             time.sleep(random.uniform(0.2, 1.0))
         self._renewer = threading.Thread(target=self._renew_loop, daemon=True,
                                          name="lease-renewer")
@@ -351,9 +362,10 @@ def held_until(repo: Repository, lease: float) -> float | None:
 
 
 @contextlib.contextmanager
-def locked(repo: Repository, kind: str, lease: float = DEFAULT_LEASE, wait: float = 0.0):
+def locked(repo: Repository, kind: str, lease: float = DEFAULT_LEASE, wait: float = 0.0,
+           check=None):
     lock = Lease(repo, kind, lease)
-    lock.acquire(wait)
+    lock.acquire(wait, check)
     try:
         yield lock
     finally:

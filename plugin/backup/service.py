@@ -178,7 +178,8 @@ class Backups:
         if isinstance(dest, str) and dest.startswith("ebs://"):
             return self._ebs_backup(v, backend, snap, dest, bid, schedule_of)
         repo = self._repo(dest, create=True)
-        with locked(repo, "shared", self.lease, wait=lock_wait) as lease:
+        # a schedule's wait ends with its runner's stop (the job is cancelled)
+        with locked(repo, "shared", self.lease, wait=lock_wait, check=job.check) as lease:
             lease.on_lost(job.cancel)  # the engine stops at its next step
             auto = snap is None
             if auto:
