@@ -18,7 +18,9 @@ one run:
   time to write the data into a fresh volume and fsync it (a restore is durable when it
   returns; restic's is not);
 - the daemon's RSS (every process of it, the job process too) idle and at its peak during a
-  backup, a restore and a verify, sampled every 50 ms; restic's peak from wait4;
+  backup, a restore and a verify, sampled every 50 ms; restic's peak from wait4; the same for
+  the daemon's PSS, which counts the pages its processes share (a forked worker's with its
+  master) once rather than once per process;
 - Docker Get latency (median, p99) on the daemon's one worker while a backup and a restore
   run, against idle.
 """
@@ -66,14 +68,17 @@ def tree_pids(root_pid: int) -> list[int]:
     return out
 
 
-def rss(pids: list[int]) -> int:
+def rss(pids: list[int], field: str = "Rss:") -> int:
+    """The processes' summed RSS (``Rss:``), or PSS (``Pss:``: each page shared by n of the
+    processes counted 1/n in each; a forked worker shares most of its pages with the master,
+    and the summed RSS counts those twice)."""
     total = 0
     for pid in pids:
         try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith(field):
                     total += int(line.split()[1]) * 1024
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):
             pass
     return total
 
@@ -101,15 +106,17 @@ class Sampler:
 
 
 class PeakRss(Sampler):
-    """The largest sum of the daemon's processes' RSS seen while a step runs (a job
-    process's own peak is gone with it, so it is sampled, every 50 ms)."""
+    """The largest sums of the daemon's processes' RSS and PSS seen while a step runs (a
+    job process's own peak is gone with it, so it is sampled, every 50 ms)."""
 
     def __init__(self, root_pid: int):
         super().__init__()
-        self.root_pid, self.peak = root_pid, 0
+        self.root_pid, self.peak, self.peak_pss = root_pid, 0, 0
 
     def sample(self):
-        self.peak = max(self.peak, rss(tree_pids(self.root_pid)))
+        pids = tree_pids(self.root_pid)
+        self.peak = max(self.peak, rss(pids))
+        self.peak_pss = max(self.peak_pss, rss(pids, "Pss:"))
 
 
 def drop_caches() -> None:
@@ -302,6 +309,7 @@ def main() -> None:
         write_data(mp, total, args.data)
         time.sleep(1)
         out["idle_rss"] = rss(tree_pids(d.proc.pid))
+        out["idle_pss"] = rss(tree_pids(d.proc.pid), "Pss:")
         renv = {"RESTIC_PASSWORD": "bench"}
         if s3 is None:
             (work / "pyvol-repo").mkdir()
@@ -401,6 +409,10 @@ def main() -> None:
           f"peak during backup {backup_rss.peak / MiB:.0f} MiB, restore "
           f"{restore_rss.peak / MiB:.0f} MiB, verify {verify_rss.peak / MiB:.0f} MiB; "
           f"restic's backup {restic_rss / MiB:.0f} MiB")
+    print(f"daemon PSS (pages shared between its processes counted once): idle "
+          f"{out['idle_pss'] / MiB:.0f} MiB; peak during backup {backup_rss.peak_pss / MiB:.0f} "
+          f"MiB, restore {restore_rss.peak_pss / MiB:.0f} MiB, verify "
+          f"{verify_rss.peak_pss / MiB:.0f} MiB")
     idle = out["idle"]
     for step, probe in (("backup", during_backup), ("restore", during_restore)):
         t = probe.times
