@@ -47,10 +47,10 @@ class Host:
     def shared_backends(self) -> list[SharedBackend]:
         return [b for b in self.backends.values() if isinstance(b, SharedBackend)]
 
-    def lock(self, *names: str):
+    def lock(self, *names: str, wait: float = locks.DEFAULT_WAIT):
         """Every change to a volume holds its lock, across workers, threads and restarts."""
         return locks.all_held(self.config.locks_dir, [f"vol.{n}" for n in names],
-                              what=f"volume {', '.join(names)}")
+                              what=f"volume {', '.join(names)}", wait=wait)
 
     def instance_id(self) -> str:
         """A random id for this root dir: tells this daemon's snapshots from another host's."""

@@ -260,8 +260,9 @@ class Runner:
                         complete = False  # the upgrade's publishing is not done: next sync
                         raise
                 for what in KINDS:
-                    if what in published:
-                        self._sync_one(b, name, what, published[what], local.get(what), now)
+                    if what in published and self._differs(b, name, what, published[what],
+                                                           local.get(what)):
+                        self._sync_locked(b, name, what, now)
             except Exception as e:  # noqa: BLE001 -- said once per volume and error
                 self._say_once(name, e)
         return complete
@@ -279,6 +280,30 @@ class Runner:
         if read and self.store.meta(PUBLISH_SCHEDULES) is not None:
             with self.store.tx():
                 self.store.delete_meta(PUBLISH_SCHEDULES)
+
+    def _differs(self, b: SharedBackend, name: str, what: str, value, have) -> bool:
+        """Whether the record's schedule asks for a change to this host's row."""
+        try:
+            spec = check_published(what, value, b.name)
+        except InvalidInput:  # refused: the row goes, and it is said once
+            return have is not None or (name, what, repr(value)) not in self._refused
+        return have is not None if spec is None else have is None or spec_of(have) != spec
+
+    def _sync_locked(self, b: SharedBackend, name: str, what: str, now: float) -> None:
+        """Follow the record under the volume's lock, read again there: a ``schedule set``
+        or ``rm`` on this host since the listing (which holds the lock while it writes the
+        record, then the row) is not undone with what the listing read before it. A lock
+        busy with another operation leaves the change to the next sync; the runner's thread
+        does not wait for it."""
+        try:
+            with self.host.lock(name, wait=0):
+                rec = b.record(name)
+                published = rec.get("schedules") if isinstance(rec, dict) else None
+                if isinstance(published, dict) and what in published:
+                    self._sync_one(b, name, what, published[what],
+                                   self.store.schedule(name, what), now)
+        except Conflict:
+            return
 
     def _sync_one(self, b: SharedBackend, name: str, what: str, value, have, now) -> None:
         try:

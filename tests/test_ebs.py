@@ -1,6 +1,7 @@
 """The ebs backend through two daemons standing for two EC2 instances, on moto's EC2 over
 real HTTP plus the data plane moto lacks (tests/ebsfake.py: a volume id is a loop device)."""
 
+import fcntl
 import hashlib
 import json
 import os
@@ -664,6 +665,36 @@ def test_a_removed_volumes_schedules_go_with_it_and_never_pass_to_a_new_one_of_i
         time.sleep(4)  # several of a's syncs
         assert schedule_tags() == []
         assert json.loads(a.cli("schedule", "ls", "--json").stdout) == []
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_a_schedule_set_elsewhere_is_followed_under_the_volumes_lock(workdir, ebs_rig):
+    """a's runner follows the schedule b sets only while a holds no lock on the volume: an
+    operation of a's in progress (here the lock held by the test, as a ``schedule rm`` of
+    a's holds it between writing the record and its row) is never undone by what a's sync
+    read before it. Once the lock is free the next sync follows the record."""
+    env = {"PYVOL_BACKENDS": "ebs", "PYVOL_SCHEDULE_SYNC": "1"}
+    a, b = (Daemon(workdir / f"i{i}", workdir / f"i{i}.sock",
+                   env={**ebs_rig.env(i), **env}).start() for i in (0, 1))
+
+    def rows() -> list:
+        return json.loads(a.cli("schedule", "ls", "--json").stdout)
+
+    try:
+        a.api.ok("/VolumeDriver.Create", {"Name": "locked", "Opts": {"size": "1G"}})
+        (workdir / "i0" / "locks").mkdir(exist_ok=True)
+        fd = os.open(workdir / "i0" / "locks" / "vol.locked.lock", os.O_RDWR | os.O_CREAT)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            b.cli("schedule", "set", "locked", "--snapshot-every", "1h", "--snapshot-keep", "3")
+            time.sleep(4)  # several of a's syncs
+            assert rows() == []
+        finally:
+            os.close(fd)
+        got = _until("a to follow the record", rows, timeout=20)
+        assert [(r["volume"], r["every"]) for r in got] == [("locked", "1h")], got
     finally:
         a.stop()
         b.stop()
