@@ -27,7 +27,7 @@ from pyvol.backup import block, tree
 from pyvol.backup.blobs import CorruptObject
 from pyvol.backup.job import Job
 from pyvol.backup.repo import Repository, new_backup_id, utcnow
-from pyvol.errors import PyvolError
+from pyvol.errors import Conflict, PyvolError
 
 KEY = bytes(range(32))
 CANARY = b"canary: nothing a restore does may change these bytes\n" * 3
@@ -451,6 +451,29 @@ def test_socket_is_skipped_without_changing_the_stream(place):
     os.utime(src, (1_600_000_000, 1_600_000_000))
     without, _ = tree.backup(repo, str(src), Job("backup"), 2)
     assert with_socket == without
+
+
+def test_a_directory_that_vanishes_while_it_is_read_fails_the_backup(place):
+    """The snapshot being read is removed (another host's retention moves it to its trash):
+    a directory listed in its parent but gone when the walk goes into it fails the backup,
+    rather than leaving a backup that lacks it. The job's per-entry check is the moment: by
+    the entry after "a", the root has been listed and "a" archived, not yet walked into."""
+    src = place / "source"
+    (src / "a").mkdir(parents=True)
+    (src / "a" / "inside").write_bytes(b"rows\n" * 1000)
+    (src / "z").write_bytes(b"z")
+
+    class RemovesA(Job):
+        checks = 0
+
+        def check(self):
+            RemovesA.checks += 1
+            if RemovesA.checks == 3:  # before the entry "z"
+                shutil.rmtree(src / "a")
+            super().check()
+
+    with pytest.raises(Conflict, match=r"^a vanished from the snapshot while the backup read"):
+        tree.backup(open_repo(place), str(src), RemovesA("backup"), 2)
 
 
 # -- block chunks and repository metadata --------------------------------------------------

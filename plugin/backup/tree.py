@@ -61,6 +61,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from pyfastcdc import FastCDC
 
+from ..errors import Conflict, PyvolError
 from .blobs import CorruptObject
 from .job import Job, bounded_map
 from .repo import Repository
@@ -71,13 +72,30 @@ XATTR = "SCHILY.xattr."
 
 
 def _entries(root: str) -> Iterator[tuple[str, str]]:
-    """(path, name in the archive) for the whole tree, in one fixed order."""
+    """(path, name in the archive) for the whole tree, in one fixed order. A directory that
+    cannot be listed fails the walk: os.walk's default passes over it in silence, and a
+    backup would then succeed without it (a snapshot removed by another host while this one
+    reads it, say)."""
     yield root, "."
-    for dirpath, dirs, files in os.walk(root):
+    for dirpath, dirs, files in os.walk(root, onerror=_unlistable):
         dirs.sort()
         for name in sorted(dirs + files):
             path = os.path.join(dirpath, name)
             yield path, os.path.relpath(path, root)
+
+
+def _unlistable(e: OSError) -> None:
+    raise e
+
+
+def _unreadable(e: OSError, root: str) -> PyvolError:
+    where = (os.path.relpath(e.filename, root) if isinstance(e.filename, str)
+             else "a file or directory")
+    if isinstance(e, FileNotFoundError):
+        return Conflict(f"{where} vanished from the snapshot while the backup read it (was "
+                        "the snapshot removed meanwhile?); no backup was written")
+    return PyvolError(f"cannot read {where} in the snapshot: {e.strerror or e}; no backup "
+                      "was written")
 
 
 def _xattrs(path: str) -> dict[str, str]:
@@ -135,8 +153,11 @@ def backup(repo: Repository, directory: str, job: Job, threads: int) -> tuple[li
     chunks: dict[int, str] = {}
     pipe: queue.Queue = queue.Queue(maxsize=threads + 2)
     failure: list[BaseException] = []
-    job.start("backup", sum(os.lstat(p).st_size for p, _ in _entries(directory)
-                            if os.path.isfile(p) and not os.path.islink(p)))
+    try:
+        job.start("backup", sum(os.lstat(p).st_size for p, _ in _entries(directory)
+                                if os.path.isfile(p) and not os.path.islink(p)))
+    except OSError as e:
+        raise _unreadable(e, directory) from None
 
     def produce():
         try:
@@ -159,6 +180,8 @@ def backup(repo: Repository, directory: str, job: Job, threads: int) -> tuple[li
                     stats["files"] += 1
             cutter.finish()
             stats["stream"] = cutter.size
+        except OSError as e:
+            failure.append(_unreadable(e, directory))
         except BaseException as e:  # noqa: BLE001 - handed to the consumer
             failure.append(e)
         finally:
