@@ -260,8 +260,11 @@ class EbsRig:
 
     def settings(self, host: int) -> dict:
         # release_wait: a Mount refused because another instance holds the volume answers
-        # after 2 s here, not the product's 20 (tests/test_move.py tests that bound)
+        # after 2 s here, not the product's 20 (tests/test_move.py tests that bound).
+        # poll_delay: the rig answers at once, so its waiters look every 0.5 s, not the
+        # product's 2 (every step of an ebs backup waits for one state or another)
         return {"imds_url": self.imds[host].url, "attach_timeout": "20", "release_wait": "2",
+                "poll_delay": "0.5",
                 "device_dir": str(self.plane.device_dir(self.instances[host]))}
 
     def env(self, host: int) -> dict:
