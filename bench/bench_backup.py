@@ -68,19 +68,21 @@ def tree_pids(root_pid: int) -> list[int]:
     return out
 
 
-def rss(pids: list[int], field: str = "Rss:") -> int:
-    """The processes' summed RSS (``Rss:``), or PSS (``Pss:``: each page shared by n of the
-    processes counted 1/n in each; a forked worker shares most of its pages with the master,
-    and the summed RSS counts those twice)."""
-    total = 0
+def memory(pids: list[int]) -> tuple[int, int]:
+    """The processes' summed RSS and PSS, from one read of each one's smaps_rollup. PSS counts
+    a page shared by n of the processes 1/n in each: a forked worker shares most of its pages
+    with the master, and the summed RSS counts those twice."""
+    rss = pss = 0
     for pid in pids:
         try:
             for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-                if line.startswith(field):
-                    total += int(line.split()[1]) * 1024
+                if line.startswith("Rss:"):
+                    rss += int(line.split()[1]) * 1024
+                elif line.startswith("Pss:"):
+                    pss += int(line.split()[1]) * 1024
         except (FileNotFoundError, ProcessLookupError):
             pass
-    return total
+    return rss, pss
 
 
 class Sampler:
@@ -114,9 +116,8 @@ class PeakRss(Sampler):
         self.root_pid, self.peak, self.peak_pss = root_pid, 0, 0
 
     def sample(self):
-        pids = tree_pids(self.root_pid)
-        self.peak = max(self.peak, rss(pids))
-        self.peak_pss = max(self.peak_pss, rss(pids, "Pss:"))
+        rss, pss = memory(tree_pids(self.root_pid))
+        self.peak, self.peak_pss = max(self.peak, rss), max(self.peak_pss, pss)
 
 
 def drop_caches() -> None:
@@ -308,8 +309,7 @@ def main() -> None:
         mp = api.ok("/VolumeDriver.Mount", {"Name": "db", "ID": "b"})["Mountpoint"]
         write_data(mp, total, args.data)
         time.sleep(1)
-        out["idle_rss"] = rss(tree_pids(d.proc.pid))
-        out["idle_pss"] = rss(tree_pids(d.proc.pid), "Pss:")
+        out["idle_rss"], out["idle_pss"] = memory(tree_pids(d.proc.pid))
         renv = {"RESTIC_PASSWORD": "bench"}
         if s3 is None:
             (work / "pyvol-repo").mkdir()

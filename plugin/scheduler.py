@@ -34,6 +34,7 @@ when it ends), not at every retry.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -49,7 +50,7 @@ from .backup.retention import Policy, keep
 from .backends.shared import SharedBackend
 from .errors import Conflict, InvalidInput, NotFound, PyvolError
 from .log import event
-from .names import scheduled_snapshot_time
+from .names import check_name, scheduled_snapshot_time
 from .schedules import (KINDS, MAX_PHASE, PHASE_FRACTION, check_published, next_after,
                         spec_of, store_rows)
 from .state import PUBLISH_SCHEDULES, Schedule
@@ -64,7 +65,7 @@ CLOCK_CHECK = 5.0  # how often the runner looks for slots set by a clock that wa
 SNAPSHOT_PREFIX = "sched-"
 # seconds a host that does not have a shared volume mounted leaves the host that does to
 # claim a slot first: HOLDER_GRACE, or HOLDER_GRACE_FRACTION of the interval if longer, at
-# most HOLDER_GRACE_MAX (the wait holds one of the host's SLOTS)
+# most HOLDER_GRACE_MAX (the slot stays due meanwhile, holding none of the host's SLOTS)
 HOLDER_GRACE, HOLDER_GRACE_FRACTION, HOLDER_GRACE_MAX = 10.0, 0.05, 30.0
 # how long a scheduled backup waits out a removal or gc holding its repository (another
 # host's retention of the same schedule, say) before its run counts as failed
@@ -295,15 +296,17 @@ class Runner:
         record, then the row) is not undone with what the listing read before it. A lock
         busy with another operation leaves the change to the next sync; the runner's thread
         does not wait for it."""
-        try:
-            with self.host.lock(name, wait=0):
-                rec = b.record(name)
-                published = rec.get("schedules") if isinstance(rec, dict) else None
-                if isinstance(published, dict) and what in published:
-                    self._sync_one(b, name, what, published[what],
-                                   self.store.schedule(name, what), now)
-        except Conflict:
-            return
+        check_name(name)  # another host's record: its name reaches the locks directory
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(self.host.lock(name, wait=0))
+            except Conflict:
+                return  # busy with another operation
+            rec = b.record(name)
+            published = rec.get("schedules") if isinstance(rec, dict) else None
+            if isinstance(published, dict) and what in published:
+                self._sync_one(b, name, what, published[what],
+                               self.store.schedule(name, what), now)
 
     def _sync_one(self, b: SharedBackend, name: str, what: str, value, have, now) -> None:
         try:
@@ -347,6 +350,7 @@ class Runner:
         schedule removed, changed or made again since (another ``next_at``) is not run."""
         current = self.store.schedule(s.volume, s.what)
         if current is None or _settings(current) != _settings(s) or self._stopping.is_set():
+            self._forget_wait(s)
             return
         s = current
         started = time.time()
@@ -427,6 +431,8 @@ class Runner:
                              "see `pyvol claim ls`") from None
         if holders and b.instance not in holders:
             self._wait_for_holder(s)
+        else:
+            self._forget_wait(s)
         winner = b.claim_run(s.volume, s.what, s.next_at)
         if winner == b.instance and holders and b.instance not in holders:
             log.warning("the %s slot %s of %s was not claimed by %s, which has it mounted: "
@@ -451,6 +457,13 @@ class Runner:
                 raise _NotYet
             del self._due_since[slot]
             self._not_before.pop(key, None)
+
+    def _forget_wait(self, s: Schedule) -> None:
+        """Drop what _wait_for_holder kept of this schedule: no grace to wait any more."""
+        with self._runs_lock:
+            self._not_before.pop((s.volume, s.what), None)
+            for k in [k for k in self._due_since if k[:2] == (s.volume, s.what)]:
+                del self._due_since[k]
 
     # the work
     def _snapshot(self, s: Schedule) -> str:

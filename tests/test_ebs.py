@@ -631,11 +631,12 @@ def test_a_slot_the_holder_does_not_claim_is_run_by_another_host_after_the_grace
             assert done[name]["by"] is None and done[name]["error"] is None, done[name]
             assert done[name]["result"], done[name]
         # each orphaned slot waited 10 s of grace, the two at once: with the waits in the run
-        # slots, "free" ran only between them (gaps of 9 s and more); without, every second
+        # slots, "free" ran only between them (gaps of 12-15 s seen); without, every second
+        # or two (a claim and its 1 s settle, then the snapshot), 4-5 s on a busy machine
         times = sorted(datetime.fromisoformat(x["CreatedAt"].replace("Z", "+00:00")).timestamp()
                        for x in json.loads(a.cli("snapshot", "ls", "free", "--json").stdout))
         gaps = [later - t for t, later in zip(times, times[1:])]
-        assert len(times) >= 5 and max(gaps) < 6, gaps
+        assert len(times) >= 5 and max(gaps) < 9, gaps
         assert "which has it mounted: run here, without the freeze" in a.log_path.read_text()
     finally:
         a.stop()
@@ -734,10 +735,12 @@ def test_after_a_shared_volume_moves_its_schedules_backups_are_judged_on_the_new
         a.stop()
         on_a = {x["url"] for x in backups(b) if x.get("schedule_of")}
         assert len(on_a) >= 2
-        before = runs(b)  # b may have won a slot a was late for
+        # b runs the slots from a's unmount on (nobody holds the volume): one of its runs
+        # may have written its manifest, listed in on_a, and not be counted yet. Three runs
+        # counted from here leave two backups newer than anything on_a lists (keep 2).
+        before = runs(b)
         b.api.ok("/VolumeDriver.Mount", {"Name": "moving", "ID": "c2"})
-        # two runs of b's own judge both of a's (keep 2): the first drops a's older
-        _until("two scheduled backups on b after the move", lambda: runs(b) >= before + 2,
+        _until("three scheduled backups on b after the move", lambda: runs(b) >= before + 3,
                timeout=120)
         got = backups(b)
         marked = [x for x in got if x.get("schedule_of")]
