@@ -100,10 +100,9 @@ class Runner:
         self.lock_path = host.config.root / "scheduler.lock"
         self._runs: dict[tuple[str, str], tuple[threading.Thread, Job | None]] = {}
         self._runs_lock = threading.Lock()
-        # slots of volumes mounted on another host: when this runner first found each due,
-        # and (volume, what) -> not to be started again before (both monotonic)
-        self._due_since: dict[tuple[str, str, str], float] = {}
-        self._not_before: dict[tuple[str, str], float] = {}
+        # (volume, what) of a volume mounted on another host -> (the slot, when this runner
+        # first found it due, monotonic): the holder's grace is counted from then
+        self._due_since: dict[tuple[str, str], tuple[str, float]] = {}
         self._stopping = threading.Event()
         self._halted_at = 0.0
         self._checked_clock = float("-inf")
@@ -198,8 +197,8 @@ class Runner:
                     return
                 if key in self._runs:  # still running from an earlier slot
                     continue
-                if self._not_before.get(key, 0.0) > time.monotonic():
-                    continue  # in the grace of the host that has the volume mounted
+                if self._in_grace(s):
+                    continue  # left to the host that has the volume mounted, for now
                 if sum(k[1] == s.what for k in self._runs) >= SLOTS[s.what]:
                     continue  # stays due: started when a slot of its kind is free
                 job = Job("scheduled backup") if s.what == "backup" else None
@@ -261,7 +260,7 @@ class Runner:
                         complete = False  # the upgrade's publishing is not done: next sync
                         raise
                 for what in KINDS:
-                    if what in published and self._differs(b, name, what, published[what],
+                    if what in published and self._change(b, name, what, published[what],
                                                            local.get(what)):
                         self._sync_locked(b, name, what, now)
             except Exception as e:  # noqa: BLE001 -- said once per volume and error
@@ -282,13 +281,20 @@ class Runner:
             with self.store.tx():
                 self.store.delete_meta(PUBLISH_SCHEDULES)
 
-    def _differs(self, b: SharedBackend, name: str, what: str, value, have) -> bool:
-        """Whether the record's schedule asks for a change to this host's row."""
+    def _change(self, b: SharedBackend, name: str, what: str, value, have) -> tuple | None:
+        """What the record's schedule ``value`` asks of this host's row ``have``: None
+        (nothing), ("refused", error) (the row goes, the error is said once), ("remove",) or
+        ("set", spec). The listing asks it to tell whether to take the lock; the change is
+        then decided again from the record read under it."""
         try:
             spec = check_published(what, value, b.name)
-        except InvalidInput:  # refused: the row goes, and it is said once
-            return have is not None or (name, what, repr(value)) not in self._refused
-        return have is not None if spec is None else have is None or spec_of(have) != spec
+        except InvalidInput as e:  # another host's record: said once, and not run
+            if have is not None or (name, what, repr(value)) not in self._refused:
+                return "refused", e
+            return None
+        if spec is None:
+            return ("remove",) if have is not None else None
+        return ("set", spec) if have is None or spec_of(have) != spec else None
 
     def _sync_locked(self, b: SharedBackend, name: str, what: str, now: float) -> None:
         """Follow the record under the volume's lock, read again there: a ``schedule set``
@@ -309,23 +315,23 @@ class Runner:
                                self.store.schedule(name, what), now)
 
     def _sync_one(self, b: SharedBackend, name: str, what: str, value, have, now) -> None:
-        try:
-            spec = check_published(what, value, b.name)
-        except InvalidInput as e:  # another host's record: said once, and not run
+        change = self._change(b, name, what, value, have)
+        if change is None:
+            return
+        if change[0] == "refused":
             if (name, what, repr(value)) not in self._refused:
                 self._refused.add((name, what, repr(value)))
                 log.warning("the %s schedule of %s in its record is refused, and not run "
-                            "here: %s", what, name, e)
+                            "here: %s", what, name, change[1])
             if have is not None:  # nor with settings from before the record changed
                 with self.store.tx():
                     self.store.delete_schedules(name, what)
-            return
-        if spec is None:
-            if have is not None:
-                with self.store.tx():
-                    self.store.delete_schedules(name, what)
-                event(log, "schedule removed on another host", volume=name, what=what)
-        elif have is None or spec_of(have) != spec:
+        elif change[0] == "remove":
+            with self.store.tx():
+                self.store.delete_schedules(name, what)
+            event(log, "schedule removed on another host", volume=name, what=what)
+        else:
+            spec = change[1]
             v = self.catalogue.find(name) if self.catalogue else None
             if v is None:
                 return
@@ -445,25 +451,24 @@ class Runner:
         interval) has passed since this runner first found the slot due. The waiting is the
         dispatcher's, which does not start the slot again before then; no thread and no run
         slot is held meanwhile."""
-        key, slot = (s.volume, s.what), (s.volume, s.what, s.next_at)
-        now = time.monotonic()
+        key = (s.volume, s.what)
         with self._runs_lock:
-            for old in [k for k in self._due_since if k[:2] == key and k != slot]:
-                del self._due_since[old]  # an earlier slot's, settled or changed since
-            since = self._due_since.setdefault(slot, now)
-            grace = min(max(HOLDER_GRACE, s.every * HOLDER_GRACE_FRACTION), HOLDER_GRACE_MAX)
-            if now < since + grace:
-                self._not_before[key] = since + grace
+            if self._due_since.get(key, ("",))[0] != s.next_at:  # an earlier slot's, or none
+                self._due_since[key] = (s.next_at, time.monotonic())
+            if self._in_grace(s):
                 raise _NotYet
-            del self._due_since[slot]
-            self._not_before.pop(key, None)
+            del self._due_since[key]
+
+    def _in_grace(self, s: Schedule) -> bool:
+        """Whether ``s``'s slot is still in its holder's grace; under ``_runs_lock``."""
+        slot, since = self._due_since.get((s.volume, s.what), ("", 0.0))
+        grace = min(max(HOLDER_GRACE, s.every * HOLDER_GRACE_FRACTION), HOLDER_GRACE_MAX)
+        return slot == s.next_at and time.monotonic() < since + grace
 
     def _forget_wait(self, s: Schedule) -> None:
         """Drop what _wait_for_holder kept of this schedule: no grace to wait any more."""
         with self._runs_lock:
-            self._not_before.pop((s.volume, s.what), None)
-            for k in [k for k in self._due_since if k[:2] == (s.volume, s.what)]:
-                del self._due_since[k]
+            self._due_since.pop((s.volume, s.what), None)
 
     # the work
     def _snapshot(self, s: Schedule) -> str:
