@@ -139,6 +139,19 @@ class Daemon:
         return proc
 
 
+def until(what: str, check, timeout: float = 30, every: float = 0.1):
+    """Poll ``check`` until it gives something true, and return that; fail naming ``what``
+    after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout:g} s: {what}")
+        time.sleep(every)
+
+
 def release(root: Path) -> None:
     """Unmount and detach everything pyvol made under ``root`` (as a host shutdown would).
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import Daemon
+from helpers import Daemon, until
 
 
 def ebs_host(workdir, rig, i: int, backends: str = "ebs") -> Daemon:
@@ -272,16 +272,6 @@ def _temp_volumes(ec2) -> list[dict]:
         "pyvol-temp"]}])["Volumes"] if v["State"] not in ("deleting", "deleted")]
 
 
-def _until(what: str, check, timeout: float = 30):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = check()
-        if got:
-            return got
-        time.sleep(0.1)
-    raise AssertionError(f"{what} did not happen in {timeout} s")
-
-
 def test_issue11_a_snapshot_being_read_is_no_volume_on_any_host(instances, ebs_rig, workdir):
     """A backup reads the snapshot through a temporary volume: while the read is held up
     (its device takes seconds to appear), host b lists only the user's volume, and the
@@ -297,7 +287,7 @@ def test_issue11_a_snapshot_being_read_is_no_volume_on_any_host(instances, ebs_r
         "backup", "create", "db@s1", "--dest", f"file://{repo}", "--json", check=False)))
     reader.start()
     try:
-        [temp] = _until("the read's temporary volume", lambda: _temp_volumes(ebs_rig.ec2))
+        [temp] = until("the read's temporary volume", lambda: _temp_volumes(ebs_rig.ec2))
         tags = {t["Key"]: t["Value"] for t in temp["Tags"]}
         assert "pyvol-name" not in tags and tags["pyvol-creator"] == ebs_rig.instances[0]
         for d in (b, a):
@@ -333,7 +323,7 @@ def test_issue11_a_crashed_daemons_temporary_volumes_go_at_its_next_start(workdi
     crashed, other, live = temp(0, dead), temp(1, dead), temp(0, running)
     ec2.attach_volume(VolumeId=crashed, InstanceId=ebs_rig.instances[0], Device="/dev/xvdf")
     device = ebs_rig.plane.device_dir(ebs_rig.instances[0]) / crashed
-    _until("the crashed read's device", device.exists)
+    until("the crashed read's device", device.exists)
     copy = ec2.create_snapshot(VolumeId=other, TagSpecifications=[{
         "ResourceType": "snapshot", "Tags": [
             {"Key": "pyvol-temp", "Value": "x"},
@@ -533,7 +523,7 @@ def test_a_scheduled_ebs_backup_cut_off_by_a_crash_is_found_and_judged_by_retent
             rows = json.loads(d.cli("schedule", "ls", "ledger", "--json").stdout)
             return rows[0] if rows[0]["runs"] >= 1 else None
 
-        row = _until("a scheduled backup after the restart", ran, timeout=60)
+        row = until("a scheduled backup after the restart", ran, timeout=60)
         assert row["error"] is None, row
         left = copies()
         assert len(left) == 1 and left != crashed and row["result"].endswith(left[0])
@@ -568,13 +558,13 @@ def test_a_shared_volumes_schedule_runs_once_per_slot_on_the_host_that_has_it_mo
         a.api.ok("/VolumeDriver.Create", {"Name": "ledger", "Opts": {"size": "1G"}})
         b.api.ok("/VolumeDriver.Mount", {"Name": "ledger", "ID": "c1"})
         a.cli("schedule", "set", "ledger", "--snapshot-every", "5s", "--snapshot-keep", "100")
-        _until("two runs on b, which has it mounted",
+        until("two runs on b, which has it mounted",
                lambda: (row(b) or {}).get("runs", 0) >= 2, timeout=60)
-        _until("a to record a slot as b's", lambda: (row(a) or {}).get("by"), timeout=30)
+        until("a to record a slot as b's", lambda: (row(a) or {}).get("by"), timeout=30)
         assert row(a)["by"] == ebs_rig.instances[1] and row(a)["runs"] == 0
         b.api.ok("/VolumeDriver.Unmount", {"Name": "ledger", "ID": "c1"})
         before = len(taken())
-        _until("four more slots", lambda: len(taken()) >= before + 4, timeout=60)
+        until("four more slots", lambda: len(taken()) >= before + 4, timeout=60)
         names = taken()
         times = [scheduled_snapshot_time(n).timestamp() for n in names]
         # one snapshot per slot: two hosts running one slot take two within about a second
@@ -583,10 +573,10 @@ def test_a_shared_volumes_schedule_runs_once_per_slot_on_the_host_that_has_it_mo
         assert row(a)["runs"] + row(b)["runs"] == len(names)
 
         a.cli("schedule", "set", "ledger", "--snapshot-keep", "2")
-        _until("the retention set on a to keep 2 of both hosts' snapshots",
+        until("the retention set on a to keep 2 of both hosts' snapshots",
                lambda: len(taken()) == 2, timeout=60)
         b.cli("schedule", "rm", "ledger")
-        _until("a to stop running it", lambda: row(a) is None, timeout=30)
+        until("a to stop running it", lambda: row(a) is None, timeout=30)
         time.sleep(6)  # a run that had claimed its slot before the removal ends
         left = taken()
         time.sleep(6)
@@ -622,9 +612,9 @@ def test_a_slot_the_holder_does_not_claim_is_run_by_another_host_after_the_grace
         def rows() -> dict:
             return {r["volume"]: r for r in json.loads(a.cli("schedule", "ls", "--json").stdout)}
 
-        first = _until("the orphaned volumes' first runs on a", lambda: (
+        first = until("the orphaned volumes' first runs on a", lambda: (
             r := rows(), all(r[n]["runs"] >= 1 for n in orphans) and r)[1], timeout=60)
-        done = _until("one more run of each on a, after its grace", lambda: (
+        done = until("one more run of each on a, after its grace", lambda: (
             r := rows(), all(r[n]["runs"] > first[n]["runs"] for n in orphans) and r)[1],
             timeout=60)
         for name in orphans:
@@ -660,7 +650,7 @@ def test_a_removed_volumes_schedules_go_with_it_and_never_pass_to_a_new_one_of_i
             "size": "1G", "snapshot-every": "1h", "snapshot-keep": "3"}})
         assert schedule_tags() == ["pyvol-schedule:snapshot"]
         b.api.ok("/VolumeDriver.Remove", {"Name": "reborn"})
-        _until("a to forget the removed volume's schedule", lambda: json.loads(
+        until("a to forget the removed volume's schedule", lambda: json.loads(
             a.cli("schedule", "ls", "--json").stdout) == [], timeout=30)
         b.api.ok("/VolumeDriver.Create", {"Name": "reborn", "Opts": {"size": "1G"}})
         time.sleep(4)  # several of a's syncs
@@ -694,7 +684,7 @@ def test_a_schedule_set_elsewhere_is_followed_under_the_volumes_lock(workdir, eb
             assert rows() == []
         finally:
             os.close(fd)
-        got = _until("a to follow the record", rows, timeout=20)
+        got = until("a to follow the record", rows, timeout=20)
         assert [(r["volume"], r["every"]) for r in got] == [("locked", "1h")], got
     finally:
         a.stop()
@@ -730,7 +720,7 @@ def test_after_a_shared_volume_moves_its_schedules_backups_are_judged_on_the_new
                                    "--json").stdout)["url"]
         a.cli("schedule", "set", "moving", "--backup-every", "5s", "--backup-keep", "2",
               "--backup-to", url)
-        _until("two scheduled backups on a", lambda: runs(a) >= 2, timeout=120)
+        until("two scheduled backups on a", lambda: runs(a) >= 2, timeout=120)
         a.api.ok("/VolumeDriver.Unmount", {"Name": "moving", "ID": "c1"})
         a.stop()
         on_a = {x["url"] for x in backups(b) if x.get("schedule_of")}
@@ -740,7 +730,7 @@ def test_after_a_shared_volume_moves_its_schedules_backups_are_judged_on_the_new
         # counted from here leave two backups newer than anything on_a lists (keep 2).
         before = runs(b)
         b.api.ok("/VolumeDriver.Mount", {"Name": "moving", "ID": "c2"})
-        _until("three scheduled backups on b after the move", lambda: runs(b) >= before + 3,
+        until("three scheduled backups on b after the move", lambda: runs(b) >= before + 3,
                timeout=120)
         got = backups(b)
         marked = [x for x in got if x.get("schedule_of")]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import backend_probes as probe
 import pytest
-from helpers import Daemon
+from helpers import Daemon, until
 from pyvol.backends import VolumeSpec
 
 pytestmark = pytest.mark.nfs
@@ -347,10 +347,7 @@ def entries(export, area: str) -> list[str]:
 
 
 def wait_until(what: str, ok, limit: float = 120) -> None:
-    deadline = time.monotonic() + limit
-    while not ok():
-        assert time.monotonic() < deadline, f"{what}: not within {limit:g} s"
-        time.sleep(0.5)
+    until(what, ok, limit, every=0.5)
 
 
 @pytest.mark.slow  # faster relative: test_a_copy_over_its_time_fails_clearly_and_leaves_no_directory

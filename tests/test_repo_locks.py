@@ -12,7 +12,7 @@ import threading
 import time
 
 import pytest
-from helpers import Daemon, slow_backup
+from helpers import Daemon, slow_backup, until
 from pyvol import clock
 from pyvol.backup import leases
 from pyvol.backup.repo import Repository, holder_identity
@@ -114,10 +114,8 @@ def test_a_scheduled_backup_waiting_for_the_repository_ends_with_the_daemons_sto
         d.api.ok("/VolumeDriver.Create", {"Name": "v", "Opts": {
             "size": "64M", "backup-every": "1s", "backup-to": repo.url,
             "backup-keep": "last=2"}})
-        deadline = time.monotonic() + 30
-        while "waiting for the repository lock" not in d.log_path.read_text():
-            assert time.monotonic() < deadline, d.log_path.read_text()[-3000:]
-            time.sleep(0.2)
+        until("the scheduled backup waiting for the repository lock",
+              lambda: "waiting for the repository lock" in d.log_path.read_text())
         started = time.monotonic()
         d.stop()
         assert time.monotonic() - started < 8
@@ -156,8 +154,8 @@ def test_a_live_holder_blocks_and_another_hosts_lock_waits_for_lease_and_allowan
         # breaking an expired shared lock leaves a record that holds gc back two leases
         records = [k for k, _ in repo.target.list(leases.BROKEN)]
         assert records == [leases.BROKEN + other.rpartition("/")[2]]
-        until = leases.held_until(repo, 300)
-        assert until is not None and time.time() < until <= time.time() + 2 * lease
+        held = leases.held_until(repo, 300)
+        assert held is not None and time.time() < held <= time.time() + 2 * lease
     finally:
         lock.release()
     time.sleep(2 * lease + 0.2)

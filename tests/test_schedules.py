@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from helpers import Daemon
+from helpers import Daemon, until
 from pyvol import clock
 
 SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYzzSECRETzz"
@@ -21,14 +21,7 @@ SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYzzSECRETzz"
 
 def wait_for(check, timeout: float, what: str):
     """Poll ``check`` until it gives something true; fail naming ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout:g} s: {what}")
-        time.sleep(0.2)
+    return until(what, check, timeout, every=0.2)
 
 
 def schedules(d: Daemon, volume: str) -> dict:
