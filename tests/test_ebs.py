@@ -520,7 +520,7 @@ def test_a_scheduled_ebs_backup_cut_off_by_a_crash_is_found_and_judged_by_retent
     d = Daemon(workdir / "i0", workdir / "i0.sock", env=env).start()
     try:
         def ran() -> dict | None:
-            rows = json.loads(d.cli("schedule", "ls", "ledger", "--json").stdout)
+            rows = d.get("/schedules?volume=ledger")
             return rows[0] if rows[0]["runs"] >= 1 else None
 
         row = until("a scheduled backup after the restart", ran, timeout=60)
@@ -545,7 +545,7 @@ def test_a_shared_volumes_schedule_runs_once_per_slot_on_the_host_that_has_it_mo
                    env={**ebs_rig.env(i), **env}).start() for i in (0, 1))
 
     def row(d) -> dict | None:
-        rows = json.loads(d.cli("schedule", "ls", "--json").stdout)
+        rows = d.get("/schedules")
         return rows[0] if rows else None
 
     def taken() -> list[str]:
@@ -564,7 +564,7 @@ def test_a_shared_volumes_schedule_runs_once_per_slot_on_the_host_that_has_it_mo
         assert row(a)["by"] == ebs_rig.instances[1] and row(a)["runs"] == 0
         b.api.ok("/VolumeDriver.Unmount", {"Name": "ledger", "ID": "c1"})
         before = len(taken())
-        until("four more slots", lambda: len(taken()) >= before + 4, timeout=60)
+        until("four more slots", lambda: len(taken()) >= before + 4, timeout=60, every=0.5)
         names = taken()
         times = [scheduled_snapshot_time(n).timestamp() for n in names]
         # one snapshot per slot: two hosts running one slot take two within about a second
@@ -574,7 +574,7 @@ def test_a_shared_volumes_schedule_runs_once_per_slot_on_the_host_that_has_it_mo
 
         a.cli("schedule", "set", "ledger", "--snapshot-keep", "2")
         until("the retention set on a to keep 2 of both hosts' snapshots",
-               lambda: len(taken()) == 2, timeout=60)
+               lambda: len(taken()) == 2, timeout=60, every=0.5)
         b.cli("schedule", "rm", "ledger")
         until("a to stop running it", lambda: row(a) is None, timeout=30)
         time.sleep(6)  # a run that had claimed its slot before the removal ends
@@ -610,7 +610,7 @@ def test_a_slot_the_holder_does_not_claim_is_run_by_another_host_after_the_grace
         a.cli("schedule", "set", "free", "--snapshot-every", "1s", "--snapshot-keep", "100")
 
         def rows() -> dict:
-            return {r["volume"]: r for r in json.loads(a.cli("schedule", "ls", "--json").stdout)}
+            return {r["volume"]: r for r in a.get("/schedules")}
 
         first = until("the orphaned volumes' first runs on a", lambda: (
             r := rows(), all(r[n]["runs"] >= 1 for n in orphans) and r)[1], timeout=60)
@@ -650,8 +650,8 @@ def test_a_removed_volumes_schedules_go_with_it_and_never_pass_to_a_new_one_of_i
             "size": "1G", "snapshot-every": "1h", "snapshot-keep": "3"}})
         assert schedule_tags() == ["pyvol-schedule:snapshot"]
         b.api.ok("/VolumeDriver.Remove", {"Name": "reborn"})
-        until("a to forget the removed volume's schedule", lambda: json.loads(
-            a.cli("schedule", "ls", "--json").stdout) == [], timeout=30)
+        until("a to forget the removed volume's schedule", lambda: a.get("/schedules") == [],
+              timeout=30)
         b.api.ok("/VolumeDriver.Create", {"Name": "reborn", "Opts": {"size": "1G"}})
         time.sleep(4)  # several of a's syncs
         assert schedule_tags() == []
@@ -671,7 +671,7 @@ def test_a_schedule_set_elsewhere_is_followed_under_the_volumes_lock(workdir, eb
                    env={**ebs_rig.env(i), **env}).start() for i in (0, 1))
 
     def rows() -> list:
-        return json.loads(a.cli("schedule", "ls", "--json").stdout)
+        return a.get("/schedules")
 
     try:
         a.api.ok("/VolumeDriver.Create", {"Name": "locked", "Opts": {"size": "1G"}})
@@ -705,7 +705,7 @@ def test_after_a_shared_volume_moves_its_schedules_backups_are_judged_on_the_new
                    env={**ebs_rig.env(i), **env}).start() for i in (0, 1))
 
     def runs(d) -> int:
-        rows = json.loads(d.cli("schedule", "ls", "--json").stdout)
+        rows = d.get("/schedules")
         assert not rows or rows[0]["error"] is None, rows
         return rows[0]["runs"] if rows else 0
 

@@ -25,14 +25,12 @@ def wait_for(check, timeout: float, what: str):
 
 
 def schedules(d: Daemon, volume: str) -> dict:
-    r = d.api.raw(f"/pyvol/v1/schedules?volume={volume}", method="GET")
-    assert r.status_code == 200, r.text
-    return {s["what"]: s for s in r.json()}
+    return {s["what"]: s for s in d.get(f"/schedules?volume={volume}")}
 
 
 def snaps(d: Daemon, volume: str, origin: str | None = None) -> list[str]:
-    r = d.api.raw(f"/pyvol/v1/snapshots?volume={volume}", method="GET").json()
-    return [s["Name"] for s in r if origin is None or s["Origin"] == origin]
+    return [s["Name"] for s in d.get(f"/snapshots?volume={volume}")
+            if origin is None or s["Origin"] == origin]
 
 
 def put(d: Daemon, volume: str, opts) -> tuple[int, dict]:
