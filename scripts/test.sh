@@ -50,7 +50,7 @@ ebs_pid=
 if [ "$selected" = 0 ]; then
     ebs_log=$(mktemp /tmp/pyvol-ebs-lane.XXXXXX)
     ( echo "test.sh: the ebs tests, beside the rest of this kernel's lane"
-      "$venv/bin/python" -m pytest "$@" tests/test_ebs.py ) >"$ebs_log" 2>&1 &
+      "$venv/bin/python" -m pytest -p no:cacheprovider "$@" tests/test_ebs.py ) >"$ebs_log" 2>&1 &
     ebs_pid=$!
     set -- "$@" --ignore=tests/test_ebs.py
 fi
