@@ -113,6 +113,12 @@ class Codec:
             return volume
         return hmac.new(self._id_key, volume.encode(), "sha256").hexdigest()[:32]
 
+    @property
+    def body_at(self) -> int:
+        """Where an object's body starts in its stored bytes: after the type byte, and when
+        encrypted after the marker, the nonce and the type byte sealed with it."""
+        return 1 + NONCE + 1 if self._aead is not None else 1
+
     def seal(self, key: str, plaintext, reuse: bool = False) -> bytes | bytearray | memoryview:
         """Compress when it saves at least 1/16, then encrypt with the object key as AAD.
 
@@ -194,10 +200,17 @@ class Codec:
         try:
             if not reuse or len(sealed) < TAG or not hasattr(self._aead, "decrypt_into"):
                 return memoryview(self._aead.decrypt(nonce, sealed, key.encode()))
-            # the type byte just before a page boundary: a raw chunk's bytes start on one,
-            # and a restore hands them to O_DIRECT without another copy
             n = len(sealed) - TAG
-            plain = memoryview(aligned_buffer(ALIGN + n, "opening"))[ALIGN - 1:ALIGN - 1 + n]
+            if not sealed.readonly:
+                # in place (AES-GCM's output may be its input): a restore's thread holds one
+                # 4 MiB buffer less. The body stays where the reader put it, on a page
+                # boundary for O_DIRECT (Repository.read_object)
+                plain = sealed[:n]
+            else:
+                # the type byte just before a page boundary: a raw chunk's bytes start on
+                # one, and a restore hands them to O_DIRECT without another copy
+                at = ALIGN - 1
+                plain = memoryview(aligned_buffer(ALIGN + n, "opening"))[at:at + n]
             self._aead.decrypt_into(nonce, sealed, key.encode(), plain)
             return plain
         except InvalidTag:

@@ -16,6 +16,7 @@ import threading
 import urllib.parse
 
 from .. import clock
+from ..files import ALIGN
 from ..errors import Conflict, InvalidInput, NotFound, PyvolError
 from .blobs import Codec, CorruptObject
 from .targets import Target, open_target
@@ -231,7 +232,10 @@ class Repository:
         before decoding when longer than any honest writer makes them. With ``reuse``, both
         may be in buffers of this thread's (``Target.get_view``, ``Codec.open``)."""
         limit = cap + SEAL_OVERHEAD
-        blob = self.target.get_view(key, limit) if reuse else self.target.get(key, limit)
+        if reuse:  # the body on a page boundary once decrypted in place
+            blob = self.target.get_view(key, limit, lead=ALIGN - self.codec.body_at)
+        else:
+            blob = self.target.get(key, limit)
         if len(blob) > limit:
             raise CorruptObject(f"object {key} in {self.url} is larger than any object of its "
                                 f"kind may be ({cap} bytes)")

@@ -38,10 +38,12 @@ class Target(ABC):
         longer than ``limit``: a repository's objects are untrusted); NotFound if it does not
         exist."""
 
-    def get_view(self, key: str, limit: int) -> memoryview:
+    def get_view(self, key: str, limit: int, lead: int = 0) -> memoryview:
         """As ``get``, but the bytes may be in a buffer of this thread's, valid until its next
-        ``get_view``: a backup's chunks are read and dropped by the thousand, and a fresh
-        4 MiB allocation for each costs more in page faults than decrypting it does."""
+        ``get_view``, and writable: a backup's chunks are read and dropped by the thousand, a
+        fresh 4 MiB allocation for each costs more in page faults than decrypting it does,
+        and they are decrypted where they are. In such a buffer they start ``lead`` bytes
+        past a page boundary, so that the body of a chunk can be written with O_DIRECT."""
         return memoryview(self.get(key, limit))
 
     @abstractmethod
@@ -163,8 +165,8 @@ class FileTarget(Target):
         with self._reading(key) as fd, os.fdopen(fd, "rb", closefd=False) as f:
             return f.read(limit + 1)
 
-    def get_view(self, key: str, limit: int) -> memoryview:
-        view = memoryview(aligned_buffer(limit + 1, "object"))[:limit + 1]
+    def get_view(self, key: str, limit: int, lead: int = 0) -> memoryview:
+        view = memoryview(aligned_buffer(lead + limit + 1, "object"))[lead:lead + limit + 1]
         n = 0
         with self._reading(key) as fd:
             while n < len(view):
