@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from helpers import Daemon, release  # noqa: E402
+from helpers import Daemon, compile_pyvol, release  # noqa: E402
 
 MiB = 1 << 20
 
@@ -275,6 +275,7 @@ def main() -> None:
     ap.add_argument("--data", choices=["mixed", "random"], default="mixed")
     ap.add_argument("--target", choices=["file", "s3"], default="file")
     args = ap.parse_args()
+    compile_pyvol()
     if shutil.which("restic") is None:
         sys.exit("restic is not installed: apt-get install restic (scripts/test.sh does)")
     s3 = None

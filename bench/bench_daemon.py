@@ -45,7 +45,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from helpers import Api, Daemon, Dockerd, dispose  # noqa: E402
+from helpers import Api, Daemon, Dockerd, compile_pyvol, dispose  # noqa: E402
 
 
 def pct(values, p):
@@ -332,6 +332,7 @@ def main():
     ap.add_argument("--only", default=",".join(SECTIONS),
                     help=f"comma-separated sections to run, of {', '.join(SECTIONS)}")
     args = ap.parse_args()
+    compile_pyvol()
     only = set(args.only.split(","))
     unknown = only - set(SECTIONS)
     if unknown:

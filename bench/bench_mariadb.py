@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from helpers import Daemon, Dockerd, dispose  # noqa: E402
+from helpers import Daemon, Dockerd, compile_pyvol, dispose  # noqa: E402
 from mariadb import InsertLoad, MariaDB, make_image  # noqa: E402
 
 CONFIGS = ("local", "pyvol", "pyvol+snapshots")
@@ -94,6 +94,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--snapshot-every", type=float, default=10)
     args = ap.parse_args()
+    compile_pyvol()
     if args.seconds <= 0 or args.rounds < 1 or args.snapshot_every <= 0:
         ap.error("--seconds and --snapshot-every must be positive, --rounds at least 1")
     base = Path(tempfile.mkdtemp(prefix="pyvol-bench-", dir="/tmp"))
