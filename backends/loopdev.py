@@ -214,8 +214,10 @@ def _cancel_autoclear(fd: int, dev: str, info: tuple) -> None:
                  _to_status(info).name)
 
 
-def attach(path: Path, direct_io: bool = True) -> str:
-    """Attach ``path`` (or return the device it is already bound to)."""
+def attach(path: Path, direct_io: bool = True, sector_size: int = 4096) -> str:
+    """Attach ``path`` (or return the device it is already bound to). ``sector_size`` (with
+    direct I/O) must be the one the filesystem in the file was made for. Where the file's
+    filesystem cannot take direct I/O at that size, the kernel attaches it buffered."""
     want = identity(path)
     existing = _reuse(path, want)
     if existing:
@@ -227,7 +229,7 @@ def attach(path: Path, direct_io: bool = True) -> str:
         # The sector size is pinned: with direct I/O the kernel would derive it from the image's
         # DIO alignment, which XFS raises from 512 to 4096 once the file shares extents with a
         # snapshot, and an xfs volume made on 512-byte sectors then refuses to mount.
-        argv += ["--direct-io=on", "--sector-size", "4096"]
+        argv += ["--direct-io=on", "--sector-size", str(sector_size)]
     dev = run(argv + [str(path)], timeout=60).strip()
     _wait_attached(dev, path, want)
     st = status(dev)

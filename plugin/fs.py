@@ -35,6 +35,14 @@ def detect(device: str) -> str | None:
     return out.strip() or None
 
 
+def sector_size(path: str) -> int | None:
+    """The sector size the filesystem in ``path`` (a device or an image file) was made for;
+    None when blkid finds no filesystem or does not say."""
+    out = run(["blkid", "-p", "-o", "value", "-s", "BLOCK_SIZE", path], timeout=30,
+              ok_codes=(0, 2)).strip()
+    return int(out) if out.isdigit() else None
+
+
 def mkfs(device: str, fstype: str, label: str = "") -> None:
     check_fstype(fstype)
     if fstype == "ext4":

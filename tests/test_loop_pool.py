@@ -162,3 +162,44 @@ def test_a_foreign_filesystem_on_the_pool_directory_is_refused(workdir):
     d.start()  # once it is gone, the pool is mounted again
     assert json.loads(d.cli("info", "--json").stdout)["backends"]["loop"]["available"]
     d.stop()
+
+
+def _pool_device(root) -> str:
+    dev = loopdev.find(root / "loop/pool.img")
+    assert dev is not None, "the pool file is not attached"
+    return os.path.basename(dev)
+
+
+def _sys(dev: str, attribute: str) -> str:
+    with open(f"/sys/block/{dev}/{attribute}") as f:
+        return f.read().strip()
+
+
+def test_the_pool_bypasses_the_page_cache_and_older_pools_still_mount(workdir):
+    """The pool's loop device uses direct I/O: buffered, the pool file's pages were a second
+    copy of what the volumes' filesystems cache. A pool that an earlier pyvol made (512-byte
+    sectors; new ones have 4096) is attached with its own sector size, so it still mounts."""
+    old = workdir / "old"
+    (old / "loop").mkdir(parents=True)
+    with open(old / "loop/pool.img", "wb") as f:
+        f.truncate(2 << 30)
+    subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", "-L", "pyvol-pool",
+                    str(old / "loop/pool.img")], check=True, timeout=120)
+    for root, sectors in ((workdir / "new", "4096"), (old, "512")):
+        d = Daemon(root, workdir / f"{root.name}.sock", env={"PYVOL_LOOP_POOL_SIZE": "2G"})
+        d.start()
+        try:
+            dev = _pool_device(root)
+            assert _sys(dev, "loop/dio") == "1", f"{root.name} pool attached buffered"
+            assert _sys(dev, "queue/logical_block_size") == sectors
+            api = d.api
+            api.ok("/VolumeDriver.Create", {"Name": "v", "Opts": {"size": "64M"}})
+            mp = api.ok("/VolumeDriver.Mount", {"Name": "v", "ID": "c"})["Mountpoint"]
+            with open(os.path.join(mp, "data"), "wb") as f:
+                f.write(b"x" * (1 << 20))
+                os.fsync(f.fileno())
+            api.ok("/VolumeDriver.Unmount", {"Name": "v", "ID": "c"})
+            api.ok("/VolumeDriver.Remove", {"Name": "v"})
+        finally:
+            d.stop()
+            release(root)
