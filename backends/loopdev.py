@@ -229,8 +229,17 @@ def attach(path: Path, direct_io: bool = True, sector_size: int = 4096) -> str:
         # The sector size is pinned: with direct I/O the kernel would derive it from the image's
         # DIO alignment, which XFS raises from 512 to 4096 once the file shares extents with a
         # snapshot, and an xfs volume made on 512-byte sectors then refuses to mount.
-        argv += ["--direct-io=on", "--sector-size", str(sector_size)]
-    dev = run(argv + [str(path)], timeout=60).strip()
+        argv += ["--sector-size", str(sector_size)]
+    try:
+        dev = run(argv + (["--direct-io=on"] if direct_io else []) + [str(path)],
+                  timeout=60).strip()
+    except CommandFailed as e:
+        if not direct_io:
+            raise
+        # A file on a filesystem without O_DIRECT (tmpfs): the kernel refuses the flag outright,
+        # where elsewhere it attaches buffered by itself when it cannot honour it
+        log.info("attaching %s with direct I/O failed (%s); attaching it buffered", path, e)
+        dev = run(argv + [str(path)], timeout=60).strip()
     _wait_attached(dev, path, want)
     st = status(dev)
     if st is None or (st.st_dev, st.st_ino) != want:

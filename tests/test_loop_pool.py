@@ -203,3 +203,22 @@ def test_the_pool_bypasses_the_page_cache_and_older_pools_still_mount(workdir):
         finally:
             d.stop()
             release(root)
+
+
+def test_a_file_that_refuses_direct_io_is_attached_buffered(workdir):
+    """ramfs has no O_DIRECT (nor tmpfs before Linux 6.6: the qemu lane's pools are on one),
+    and the kernel refuses a loop device with direct I/O on it: attach falls back to
+    buffered rather than fail."""
+    fs_dir = workdir / "ramfs"
+    fs_dir.mkdir()
+    subprocess.run(["mount", "-t", "ramfs", "pyvol-test", str(fs_dir)], check=True)
+    try:
+        image = fs_dir / "v.img"
+        with open(image, "wb") as f:
+            f.truncate(64 << 20)
+        dev = os.path.basename(loopdev.attach(image))
+        assert _sys(dev, "loop/dio") == "0"
+        assert _sys(dev, "queue/logical_block_size") == "4096"
+        loopdev.detach(image)
+    finally:
+        subprocess.run(["umount", str(fs_dir)], check=False)
