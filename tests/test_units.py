@@ -1,8 +1,11 @@
-"""Small pure pieces: sizes, mountinfo escapes, extent comparison."""
+"""Small pure pieces: sizes, mountinfo escapes, extent comparison, backup ids."""
+
+import time
 
 import pytest
 
 from pyvol.backends.extents import differing
+from pyvol.backup.repo import BACKUP_ID_RE, new_backup_id
 from pyvol.errors import InvalidInput
 from pyvol.mountinfo import _unescape
 from pyvol.units import format_size, parse_size
@@ -36,3 +39,14 @@ def test_differing_extents():
     assert differing(a, b) == [(12288, 4096), (40960, 4096)]
     assert differing(a, a) == []
     assert differing([], b) == [(0, 4096), (8192, 8192), (40960, 4096)]
+
+
+def test_backup_ids_made_within_a_second_sort_in_the_order_they_were_made():
+    """Retention keeps the newest by (created, id), to the second, and an incremental takes
+    the newest id as its parent: ids made in one second must not sort at random."""
+    ids = []
+    for _ in range(20):
+        ids.append(new_backup_id())
+        time.sleep(0.002)
+    assert ids == sorted(ids)
+    assert len(set(ids)) == 20 and all(BACKUP_ID_RE.fullmatch(i) for i in ids)

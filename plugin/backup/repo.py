@@ -13,6 +13,7 @@ import re
 import secrets
 import socket
 import threading
+import time
 import urllib.parse
 
 from .. import clock
@@ -41,7 +42,11 @@ def utcnow() -> str:
 
 
 def new_backup_id() -> str:
-    return clock.compact() + "-" + secrets.token_hex(4)
+    """The time to the second, then 8 hex characters: the millisecond in the first 3, so
+    that backups made within one second sort in the order they were made (retention keeps
+    the newest, an incremental takes the newest as its parent), and 5 random ones."""
+    now = time.time()
+    return f"{clock.compact(now)}-{int(now % 1 * 1000):03x}{secrets.token_hex(3)[:5]}"
 
 
 def split_backup_url(url) -> tuple[str, str, str]:
