@@ -17,8 +17,8 @@ import time
 import urllib.parse
 
 from .. import clock
-from ..files import ALIGN
 from ..errors import Conflict, InvalidInput, NotFound, PyvolError
+from ..files import ALIGN
 from .blobs import Codec, CorruptObject
 from .targets import Target, open_target
 
