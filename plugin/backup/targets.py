@@ -12,6 +12,7 @@ import contextlib
 import errno
 import os
 import stat
+import threading
 import urllib.parse
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -219,13 +220,13 @@ def s3_environment() -> dict:
     client resolves from the environment, and the name of the botocore provider that found
     credentials ("env", "shared-credentials-file", "iam-role", ...; None when none did).
     Never a key or a secret."""
-    import boto3
     import botocore.exceptions as bx
 
     try:
-        session = boto3.session.Session()
-        client = session.client("s3")
-        creds = session.get_credentials()
+        with _session_lock:
+            session = _boto_session()
+            client = session.client("s3")
+            creds = session.get_credentials()
     except (bx.BotoCoreError, ValueError) as e:
         return {"error": f"the daemon's AWS configuration cannot be used: {e}"}
     endpoint = urllib.parse.urlsplit(client.meta.endpoint_url)
@@ -233,6 +234,29 @@ def s3_environment() -> dict:
         endpoint = endpoint._replace(netloc=endpoint.netloc.rpartition("@")[2])
     return {"endpoint": endpoint.geturl(), "region": client.meta.region_name,
             "credentials": creds.method if creds is not None else None}
+
+
+_session = None
+_session_lock = threading.Lock()
+
+
+def _boto_session():
+    """This process's one boto3 session; the caller holds ``_session_lock`` (sessions are
+    not thread-safe, the clients they make are). A session parses botocore's S3 model once
+    (about 50 ms of JSON, holding the interpreter lock that Docker's calls wait on in a
+    worker): a new session for every repository call parsed it every time, where a client
+    from a warm session takes about 3 ms."""
+    global _session
+    import boto3
+
+    if _session is None:
+        _session = boto3.session.Session()
+    return _session
+
+
+def _client(cfg):
+    with _session_lock:
+        return _boto_session().client("s3", config=cfg)
 
 
 class S3Target(Target):
@@ -243,7 +267,6 @@ class S3Target(Target):
     """
 
     def __init__(self, bucket: str, prefix: str, settings: dict[str, str]):
-        import boto3
         import botocore.config
 
         self.bucket = bucket
@@ -260,10 +283,9 @@ class S3Target(Target):
             )
         except ValueError as e:
             raise InvalidInput(f"invalid backup setting: {e}; accepted are numbers") from None
-        session = boto3.session.Session()
         self.endpoint = (os.environ.get("AWS_ENDPOINT_URL_S3")
                          or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3")
-        self.s3 = session.client("s3", config=cfg)
+        self.s3 = _client(cfg)
 
     def _err(self, op: str, key: str, e: Exception) -> PyvolError:
         import botocore.exceptions as bx
