@@ -388,14 +388,6 @@ def test_previous_manifests_with_a_malformed_source_are_no_parent(workdir, daemo
     assert second["incremental"] and second["parent"] == first["id"], second
 
 
-def _ended(pid: int) -> bool:
-    """Gone, or a zombie nobody has reaped yet (its parent was killed)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
-
-
 def _engines(d: Daemon) -> dict[int, int]:
     """The daemon's job processes (backup/engine.py): pid -> parent pid."""
     out = {}
@@ -416,6 +408,8 @@ def test_a_backup_runs_in_its_own_process_which_dies_with_its_worker(proxied, mo
     """The engine works outside the worker that answers Docker (no shared interpreter
     lock), and a worker killed mid-backup takes its job process with it: nothing goes on
     writing into the repository, and the worker that replaces it serves at once."""
+    from pyvol.backup.repo import process_start
+
     d, proxy, bucket = proxied
     url = f"s3://{bucket}/r"
     mp = with_volume(d, "v", "512M")
@@ -428,7 +422,9 @@ def test_a_backup_runs_in_its_own_process_which_dies_with_its_worker(proxied, mo
         int(p) for p in subprocess.run(["pgrep", "-P", str(d.proc.pid)], capture_output=True,
                                        text=True).stdout.split()]
     os.kill(worker, signal.SIGKILL)
-    until("the job process to end with its worker", lambda: _ended(engine), 10, 0.05)
+    # gone, or a zombie nobody reaps (its parent was killed): no start time either way
+    until("the job process to end with its worker", lambda: process_start(engine) is None,
+          10, 0.05)
     cli.wait(30)
     proxy.set("pass")
     chunks = len(moto.keys(bucket, "r/chunks/"))
