@@ -27,19 +27,24 @@ def check_fstype(fstype: str) -> str:
     return fstype
 
 
+def _probe(path: str, tag: str) -> str:
+    """What blkid's low-level probe says of ``tag`` for the filesystem in ``path`` (a device
+    or an image file); empty when there is none. blkid exits 2 when it finds nothing; any
+    other failure (an I/O error) raises, so that a device that could not be read is never
+    taken for an empty one."""
+    return run(["blkid", "-p", "-o", "value", "-s", tag, path], timeout=30,
+               ok_codes=(0, 2)).strip()
+
+
 def detect(device: str) -> str | None:
     """The filesystem on ``device``, or None when it has none (never reformat one that has)."""
-    # blkid exits 2 when it finds nothing; any other failure (an I/O error) raises, so that a
-    # device that could not be read is never taken for an empty one
-    out = run(["blkid", "-p", "-o", "value", "-s", "TYPE", device], timeout=30, ok_codes=(0, 2))
-    return out.strip() or None
+    return _probe(device, "TYPE") or None
 
 
 def sector_size(path: str) -> int | None:
-    """The sector size the filesystem in ``path`` (a device or an image file) was made for;
-    None when blkid finds no filesystem or does not say."""
-    out = run(["blkid", "-p", "-o", "value", "-s", "BLOCK_SIZE", path], timeout=30,
-              ok_codes=(0, 2)).strip()
+    """The sector size the filesystem in ``path`` was made for; None when blkid finds no
+    filesystem or does not say."""
+    out = _probe(path, "BLOCK_SIZE")
     return int(out) if out.isdigit() else None
 
 
