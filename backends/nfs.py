@@ -105,14 +105,17 @@ class Share:
         self.options += [o for o in DEFAULT_OPTIONS if o.partition("=")[0] not in keys
                          and not (o == "hard" and "soft" in keys)] + opts
         self._pool: ThreadPoolExecutor | None = None
+        self._mounting = threading.Lock()
         self._pool_pid = 0
+        self._laid_out = False
         self.base = mount_dir / "pyvol"
 
     def _threads(self) -> ThreadPoolExecutor:
         # per process: the daemon sets shares up before gunicorn forks, and a forked worker
-        # inherits the pool's bookkeeping but none of its threads
+        # inherits the pool's bookkeeping but none of its threads (nor a lock one held)
         if self._pool is None or self._pool_pid != os.getpid():
             self._pool = ThreadPoolExecutor(8, thread_name_prefix=f"nfs-{self.name}")
+            self._mounting = threading.Lock()
             self._pool_pid = os.getpid()
         return self._pool
 
@@ -131,21 +134,39 @@ class Share:
         return mountinfo.is_mounted(self.mount_dir)
 
     def ensure_mounted(self) -> None:
-        if self.mounted():
+        """Mounted and laid out. A mount is not enough: one can be there that pyvol never laid
+        out (its mount command gave up at its timeout just as the server came back and the
+        kernel finished the mount, or a person mounted it), and every call would then miss
+        pyvol's directories. Serialised per share, so that two requests at a cold share neither
+        stack two mounts nor use one before its layout is done."""
+        if self._laid_out and self.mounted():
             return
-        self.mount_dir.mkdir(parents=True, exist_ok=True)
+        self._threads()  # a lock of this process's
+        if not self._mounting.acquire(timeout=self.timeout):
+            raise ServerUnreachable(
+                f"NFS share {self.name} ({self.source}) is being mounted for another request "
+                f"that has not finished in {self.timeout:g} s; check the server and the network")
         try:
-            run(["mount", "-t", "nfs", "-o", ",".join(self.options), self.source,
-                 str(self.mount_dir)], timeout=self.timeout + 5)
-        except PyvolError as e:
-            raise ServerUnreachable(f"cannot mount NFS share {self.name} ({self.source}): "
-                                    f"{e}") from None
-        self.call(self._layout, what="setting up pyvol's directories")
+            if not self.mounted():
+                self._laid_out = False
+                self.mount_dir.mkdir(parents=True, exist_ok=True)
+                try:
+                    run(["mount", "-t", "nfs", "-o", ",".join(self.options), self.source,
+                         str(self.mount_dir)], timeout=self.timeout + 5)
+                except PyvolError as e:
+                    raise ServerUnreachable(f"cannot mount NFS share {self.name} "
+                                            f"({self.source}): {e}") from None
+            if not self._laid_out:
+                self.call(self._layout, what="setting up pyvol's directories")
+                self._laid_out = True
+        finally:
+            self._mounting.release()
 
     def _layout(self) -> None:
+        """Idempotent: it runs again at the next use when an earlier run did not finish."""
         for d in ("volumes", "meta", "leases", "snapshots", "tmp", "trash"):
             (self.base / d).mkdir(parents=True, exist_ok=True)
-        probe = self.base / "tmp" / f".probe-{os.getpid()}"
+        probe = self.base / "tmp" / f".probe-{os.getpid()}-{threading.get_ident()}"
         probe.write_text("")
         owner = probe.stat().st_uid
         probe.unlink()

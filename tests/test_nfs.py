@@ -265,10 +265,29 @@ def test_a_server_down_at_start_is_mounted_at_first_use_once_back(workdir, nfs_e
         info = json.loads(d.cli("info", "--json").stdout)["backends"]["nfs"]
         assert info["available"] is True
         deadline = time.monotonic() + 60
-        while d.api.post("/VolumeDriver.Create", {"Name": "after"}).get("Err"):
-            assert time.monotonic() < deadline, "the share was never mounted"
+        while err := d.api.post("/VolumeDriver.Create", {"Name": "after"}).get("Err"):
+            assert time.monotonic() < deadline, f"the share was never mounted: {err}"
             time.sleep(2)
         d.api.ok("/VolumeDriver.Get", {"Name": "after"})
+    finally:
+        d.stop()
+
+
+def test_a_share_mounted_but_never_laid_out_is_laid_out_at_first_use(workdir, nfs_export):
+    """A mount can be there without pyvol's directories: its mount command gave up at its
+    timeout as the server came back and the kernel finished the mount anyway (a CI run's Create
+    then failed with FileNotFoundError for a minute), or a person mounted the share by hand."""
+    mnt = workdir / "early" / "nfs" / "main"
+    mnt.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "nfs", "-o", "vers=4.2", f"127.0.0.1:{nfs_export}",
+                    str(mnt)], check=True, timeout=60)
+    d = host(workdir, "early", nfs_export, PYVOL_BACKENDS="nfs")
+    try:
+        d.api.ok("/VolumeDriver.Create", {"Name": "v"})
+        mp = d.api.ok("/VolumeDriver.Mount", {"Name": "v", "ID": "m"})["Mountpoint"]
+        with open(os.path.join(mp, "f"), "w") as f:
+            f.write("there")
+        assert (nfs_export / "pyvol" / "volumes" / "v" / "f").read_text() == "there"
     finally:
         d.stop()
 
