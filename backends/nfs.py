@@ -129,6 +129,14 @@ class Share:
                 f"NFS server of share {self.name} ({self.source}) did not answer {what} within "
                 f"{self.timeout:g} s; check the server and the network (other backends are "
                 "unaffected)") from None
+        except OSError as e:
+            # the export is another host's and a person's too: what pyvol laid out there can
+            # go, and the next use lays it out again rather than failing the same way forever
+            if isinstance(e, FileNotFoundError):
+                self._laid_out = False
+            where = f" ({e.filename})" if e.filename else ""
+            raise PyvolError(f"{what} on NFS share {self.name} ({self.source}) failed: "
+                             f"{e.strerror or e}{where}") from None
 
     def mounted(self) -> bool:
         return mountinfo.is_mounted(self.mount_dir)

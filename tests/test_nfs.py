@@ -3,6 +3,7 @@ server, inside the qemu lane."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -288,6 +289,14 @@ def test_a_share_mounted_but_never_laid_out_is_laid_out_at_first_use(workdir, nf
         with open(os.path.join(mp, "f"), "w") as f:
             f.write("there")
         assert (nfs_export / "pyvol" / "volumes" / "v" / "f").read_text() == "there"
+        # pyvol's directories removed under a running daemon: a clear error, no internal
+        # one, and the next call lays them out again
+        d.api.ok("/VolumeDriver.Unmount", {"Name": "v", "ID": "m"})
+        shutil.rmtree(mnt / "pyvol")
+        err = d.api.err("/VolumeDriver.Create", {"Name": "w"})
+        assert "NFS share main" in err and "No such file" in err, err
+        d.api.ok("/VolumeDriver.Create", {"Name": "w"})
+        assert (nfs_export / "pyvol" / "volumes" / "w").is_dir()
     finally:
         d.stop()
 
