@@ -161,16 +161,17 @@ def compile_pyvol() -> None:
         compileall.compile_dir(os.path.dirname(package.__file__), quiet=1)
 
 
-def until(what: str, check, timeout: float = 30, every: float = 0.1):
+def until(what: str, check, timeout: float = 30, every: float = 0.1, why=None):
     """Poll ``check`` until it gives something true, and return that; fail naming ``what``
-    after ``timeout`` seconds."""
+    after ``timeout`` seconds, and what ``why()`` says then (the last error seen, say)."""
     deadline = time.monotonic() + timeout
     while True:
         value = check()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout:g} s: {what}")
+            raise AssertionError(f"not within {timeout:g} s: {what}"
+                                 + (f" ({why()})" if why is not None else ""))
         time.sleep(every)
 
 

@@ -18,6 +18,20 @@ from pyvol.backends import VolumeSpec
 pytestmark = pytest.mark.nfs
 
 
+class Answers:
+    """A check for ``until``: whether a call answers without an Err; ``last`` is the Err."""
+
+    def __init__(self, d: Daemon, path: str, body: dict):
+        self.d, self.path, self.body, self.err = d, path, body, None
+
+    def __call__(self) -> bool:
+        self.err = self.d.api.post(self.path, self.body).get("Err")
+        return not self.err
+
+    def last(self):
+        return self.err
+
+
 def host(workdir, name, export, **env) -> Daemon:
     # a generous start: under TCG, with the lane's CPUs shared, imports alone can take a minute
     return Daemon(workdir / name, workdir / f"{name}.sock", env={
@@ -136,12 +150,10 @@ def test_a_stopped_server_gives_bounded_clear_errors_and_other_backends_serve(
             assert d.api.ok("/VolumeDriver.Capabilities")["Capabilities"]["Scope"] == "local"
         finally:
             nfs_server.resume()
-        deadline = time.monotonic() + 60
-        while True:  # the client reconnects once the server answers again
-            if not d.api.post("/VolumeDriver.Mount", {"Name": "remote", "ID": "m"}).get("Err"):
-                break
-            assert time.monotonic() < deadline, "nfs did not recover after the server came back"
-            time.sleep(2)
+        # the client reconnects once the server answers again
+        answer = Answers(d, "/VolumeDriver.Mount", {"Name": "remote", "ID": "m"})
+        until("nfs to recover after the server came back", answer, timeout=60, every=2,
+              why=answer.last)
     finally:
         d.stop()
 
@@ -265,10 +277,9 @@ def test_a_server_down_at_start_is_mounted_at_first_use_once_back(workdir, nfs_e
     try:
         info = json.loads(d.cli("info", "--json").stdout)["backends"]["nfs"]
         assert info["available"] is True
-        deadline = time.monotonic() + 60
-        while err := d.api.post("/VolumeDriver.Create", {"Name": "after"}).get("Err"):
-            assert time.monotonic() < deadline, f"the share was never mounted: {err}"
-            time.sleep(2)
+        answer = Answers(d, "/VolumeDriver.Create", {"Name": "after"})
+        until("the share to be mounted at first use", answer, timeout=60, every=2,
+              why=answer.last)
         d.api.ok("/VolumeDriver.Get", {"Name": "after"})
     finally:
         d.stop()
