@@ -59,6 +59,7 @@ ALLOWED_OPTIONS = {"hard", "soft", "timeo", "retrans", "rsize", "wsize", "proto"
                    "nolock", "noac", "actimeo", "sec", "nconnect", "noresvport", "lookupcache",
                    "vers", "async", "sync"}
 DEFAULT_OPTIONS = ["hard", "timeo=100", "retrans=3"]
+RECORDS_LOCK_STALE = 60.0  # seconds: a records lock this old is a dead holder's
 # another host's trash older than this is its leftover from a crash: any host may empty it
 TRASH_AGE = 24 * 3600
 
@@ -189,6 +190,68 @@ def _write_json(path: Path, doc: dict, exclusive: bool = False) -> None:
     """A record on the export, whole or absent; FileExistsError when ``exclusive`` loses."""
     if not write_whole(path, json.dumps(doc).encode(), exclusive):
         raise FileExistsError(path)
+
+
+@contextlib.contextmanager
+def _records_locked(share: Share, done: str):
+    """One host at a time changes the share's volume records. A change reads a record,
+    changes it and replaces it; two hosts doing that at once each still saw the inode they
+    had read (their attribute caches), and the later replace dropped the other's change.
+
+    The lock is ``pyvol/records.lock``, made with O_EXCL (atomic at the server on NFSv3 and
+    v4, as names and slots are claimed) and deleted after the change. Not a POSIX lock: the
+    kernel client holds those back through a restarted server's grace period, and a first
+    lock after a restart took 56 s here. A lock older than RECORDS_LOCK_STALE seconds is a
+    dead holder's (a change takes milliseconds) and is taken over. The wait is at most half
+    the share's timeout, then the change is refused: the guard around the call must still
+    be waiting when this gives up. ``done``: what the caller does, for the refusal."""
+    path = share.base / "records.lock"
+    mine = json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                       "token": secrets.token_hex(8)}).encode()
+    deadline = time.monotonic() + share.timeout / 2
+    while True:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except FileExistsError:
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - os.stat(path).st_mtime > RECORDS_LOCK_STALE:
+                    _take_over(path)
+                    continue
+            if time.monotonic() > deadline:
+                raise Conflict(f"the volume records of nfs share {share.name} are being "
+                               f"changed by another host: not {done}; retry") from None
+            time.sleep(0.02)
+            continue
+        try:
+            os.write(fd, mine)
+        finally:
+            os.close(fd)
+        break
+    try:
+        yield
+    finally:
+        # not a lock taken over meanwhile (this holder stalled past RECORDS_LOCK_STALE)
+        with contextlib.suppress(FileNotFoundError):
+            if path.read_bytes() == mine:
+                path.unlink()
+
+
+def _take_over(path: Path) -> None:
+    """A dead holder's records lock goes, by a rename only one of several hosts wins. What
+    was renamed is looked at again: a host that saw the old lock as stale just as another
+    had taken it over and locked anew has renamed a live lock, and puts it back."""
+    aside = path.with_name(f"{path.name}.stale-{secrets.token_hex(4)}")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return
+    if time.time() - os.stat(aside).st_mtime <= RECORDS_LOCK_STALE:
+        with contextlib.suppress(FileExistsError):
+            os.link(aside, path)
+    else:
+        log.warning("took over the nfs records lock %s, held longer than %g s (its holder "
+                    "died while changing a record)", path, RECORDS_LOCK_STALE)
+    aside.unlink()
 
 
 def _said(value) -> str:
@@ -507,7 +570,7 @@ class NfsBackend(SharedBackend, DirectoryBackend):
             raise Conflict(f"volume {name} is mounted on other hosts ({holders}); unmount it "
                            f"there first, or if a host is dead: pyvol claim clear {name} HOST")
         meta = share.base / "meta" / f"{name}.json"
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError), _records_locked(share, f"removing {name}"):
             rec = json.loads(meta.read_text())
             _write_json(meta, {**rec, "status": "removing"})  # other hosts stop seeing it
         entry = NfsBackend._to_trash(share, instance, f"volume-{name}", [
@@ -737,36 +800,39 @@ class NfsBackend(SharedBackend, DirectoryBackend):
         host is creating or removing is not to be written back: a remove writes 'removing',
         moves the trees away and unlinks the record, and a write after that would leave a
         record of a volume that no longer exists), and re-checked, the same file (inode),
-        just before it is replaced. ``done``: what the caller does, for its errors."""
-        meta = share.base / "meta" / f"{name}.json"
-        try:
-            with open(meta, "rb") as f:
-                seen = os.fstat(f.fileno()).st_ino
-                text = f.read()
-        except FileNotFoundError:
-            raise NotFound(f"volume {name} not found on nfs share {share.name}") from None
-        try:
-            rec = json.loads(text)
-        except ValueError:
-            rec = None
-        if not isinstance(rec, dict):
-            raise Conflict(f"volume {name}'s record on nfs share {share.name} ({meta}) is not "
-                           f"a JSON object pyvol can read: not {done}; fix or remove that "
-                           "record")
-        if rec.get("status") != "ready":
-            raise Conflict(f"volume {name}'s record on nfs share {share.name} has status "
-                           f"{_said(rec.get('status'))}, not 'ready' (another host is making "
-                           f"or removing it): not {done}; retry once it is ready")
-        rec = change(rec)
-        try:
-            same = os.stat(meta).st_ino == seen
-        except FileNotFoundError:
-            same = False
-        if not same:
-            raise Conflict(f"volume {name}'s record on nfs share {share.name} changed while "
-                           f"it was being {done.split()[0]} (another host removed or changed "
-                           f"it): not {done}; retry")
-        _write_json(meta, rec)
+        just before it is replaced (a writer without the records lock, an older pyvol, is seen
+        there when the attribute cache allows). ``done``: what the caller does, for its
+        errors."""
+        with _records_locked(share, done):
+            meta = share.base / "meta" / f"{name}.json"
+            try:
+                with open(meta, "rb") as f:
+                    seen = os.fstat(f.fileno()).st_ino
+                    text = f.read()
+            except FileNotFoundError:
+                raise NotFound(f"volume {name} not found on nfs share {share.name}") from None
+            try:
+                rec = json.loads(text)
+            except ValueError:
+                rec = None
+            if not isinstance(rec, dict):
+                raise Conflict(f"volume {name}'s record on nfs share {share.name} ({meta}) is not "
+                               f"a JSON object pyvol can read: not {done}; fix or remove that "
+                               "record")
+            if rec.get("status") != "ready":
+                raise Conflict(f"volume {name}'s record on nfs share {share.name} has status "
+                               f"{_said(rec.get('status'))}, not 'ready' (another host is making "
+                               f"or removing it): not {done}; retry once it is ready")
+            rec = change(rec)
+            try:
+                same = os.stat(meta).st_ino == seen
+            except FileNotFoundError:
+                same = False
+            if not same:
+                raise Conflict(f"volume {name}'s record on nfs share {share.name} changed while "
+                               f"it was being {done.split()[0]} (another host removed or changed "
+                               f"it): not {done}; retry")
+            _write_json(meta, rec)
 
     def claim_run(self, name: str, what: str, slot: str) -> str:
         """A file per claimed slot, made with O_EXCL (atomic on NFSv3 and v4): the one that

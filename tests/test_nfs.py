@@ -567,3 +567,70 @@ def test_records_that_are_no_json_object_are_left_out_of_list_and_named_by_get(w
         assert d.api.ok("/VolumeDriver.Get", {"Name": "good"})["Volume"]["Name"] == "good"
     finally:
         d.stop()
+
+
+def test_two_hosts_changing_one_record_at_once_lose_neither_change(two_hosts, workdir,
+                                                                  nfs_export):
+    """Host a sets the volume's snapshot schedule while b sets its backup schedule, both at
+    once, round after round: each change that was answered as done is in the record. The
+    record is read, changed and replaced; without one lock across the hosts the later
+    replace drops the other's change (the inode check cannot see it: each host's attribute
+    cache still holds the inode it just opened)."""
+    import threading
+
+    a, b = two_hosts
+    a.api.ok("/VolumeDriver.Create", {"Name": "rec"})
+    record = nfs_export / "pyvol" / "meta" / "rec.json"
+    repo = f"file://{workdir}/repo"
+    for i in range(15):
+        opts = {a: {"snapshot-every": f"{100 + i}s", "snapshot-keep": "3"},
+                b: {"backup-every": f"{200 + i}s", "backup-to": repo, "backup-keep": "2"}}
+        answers = {}
+        start = threading.Barrier(2)
+
+        def put(d):
+            start.wait()
+            answers[d] = d.api.raw("/pyvol/v1/volumes/rec/schedules",
+                                   json.dumps({"Opts": opts[d]}).encode(), method="PUT")
+
+        threads = [threading.Thread(target=put, args=(d,)) for d in (a, b)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        schedules = json.loads(record.read_text()).get("schedules", {})
+        for d, kind, every in ((a, "snapshot", 100 + i), (b, "backup", 200 + i)):
+            r = answers[d]
+            if r.status_code == 200:
+                assert (schedules.get(kind) or {}).get("every") == every, (i, kind, schedules)
+            else:  # refused, saying why: the other host's change came first
+                assert r.status_code == 409 and "retry" in r.text, (r.status_code, r.text)
+
+
+def test_a_records_lock_is_waited_for_and_a_dead_holders_is_taken_over(workdir, nfs_export):
+    """Another host holding the records lock: a change waits at most half the share's
+    timeout, then is refused saying to retry. A lock its holder left long ago (it died
+    changing a record) is taken over, not waited on for ever."""
+    d = host(workdir, "h", nfs_export, PYVOL_BACKENDS="nfs")
+    try:
+        d.api.ok("/VolumeDriver.Create", {"Name": "r"})
+        lock = nfs_export / "pyvol" / "records.lock"
+        lock.write_text('{"host": "elsewhere", "pid": 1, "token": "x"}')
+        body = json.dumps({"Opts": {"snapshot-every": "1h", "snapshot-keep": "2"}}).encode()
+
+        def put():
+            return d.api.raw("/pyvol/v1/volumes/r/schedules", body, method="PUT")
+
+        started = time.monotonic()
+        r = put()
+        assert r.status_code == 409 and "another host" in r.text and "retry" in r.text, r.text
+        assert time.monotonic() - started < 4  # PYVOL_NFS_TIMEOUT
+        old = time.time() - 120
+        os.utime(lock, (old, old))  # its holder died two minutes ago
+        until("the dead holder's lock to be taken over", lambda: put().status_code == 200,
+              timeout=15, every=1)
+        record = json.loads((nfs_export / "pyvol" / "meta" / "r.json").read_text())
+        assert record["schedules"]["snapshot"]["every"] == 3600
+        assert sorted(p.name for p in lock.parent.glob("records.lock*")) == []
+    finally:
+        d.stop()
