@@ -11,6 +11,7 @@ lives on the export, so every host sees the same volumes:
     EXPORT/pyvol/snapshots/NAME/SNAP/      point-in-time copies (reflink where the server can)
     EXPORT/pyvol/tmp/INSTANCE.*            copies in progress
     EXPORT/pyvol/trash/INSTANCE.*          removed trees, being deleted
+    EXPORT/pyvol/records.lock              POSIX-locked while a record changes
 
 Every quick touch of an export (a record, a lease, a rename) runs in a guarded thread with a
 short timeout: a server that stops answering makes calls fail with a clear message in bounded
@@ -24,6 +25,8 @@ or the daemon dies is named with this host's instance id and removed at the next
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import logging
 import os
@@ -34,6 +37,7 @@ import socket
 import subprocess
 import threading
 import time
+import weakref
 from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -41,7 +45,14 @@ from pathlib import Path
 
 from pyvol import mountinfo
 from pyvol.crashpoint import crashpoint
-from pyvol.errors import CommandFailed, Conflict, InvalidInput, NotFound, PyvolError
+from pyvol.errors import (
+    CommandFailed,
+    Conflict,
+    InvalidInput,
+    NotFound,
+    PoolFull,
+    PyvolError,
+)
 from pyvol.files import write_whole
 from pyvol.log import event
 from pyvol.run import run
@@ -59,7 +70,6 @@ ALLOWED_OPTIONS = {"hard", "soft", "timeo", "retrans", "rsize", "wsize", "proto"
                    "nolock", "noac", "actimeo", "sec", "nconnect", "noresvport", "lookupcache",
                    "vers", "async", "sync"}
 DEFAULT_OPTIONS = ["hard", "timeo=100", "retrans=3"]
-RECORDS_LOCK_STALE = 60.0  # seconds: a records lock this old is a dead holder's
 # another host's trash older than this is its leftover from a crash: any host may empty it
 TRASH_AGE = 24 * 3600
 
@@ -105,39 +115,64 @@ class Share:
         self.options = [f"vers={version}"] if "vers" not in keys else []
         self.options += [o for o in DEFAULT_OPTIONS if o.partition("=")[0] not in keys
                          and not (o == "hard" and "soft" in keys)] + opts
-        self._pool: ThreadPoolExecutor | None = None
-        self._mounting = threading.Lock()
-        self._pool_pid = 0
-        self._laid_out = False
         self.base = mount_dir / "pyvol"
+        self._laid_out = False
+        self._local = threading.local()
+        self._per_process()
+        # the daemon sets shares up before gunicorn forks; a forked worker inherits the pool's
+        # bookkeeping but none of its threads, and a lock a thread held stays held
+        ref = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: (share := ref()) and share._per_process())
+
+    def _per_process(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+        self._mounting = threading.Lock()
 
     def _threads(self) -> ThreadPoolExecutor:
-        # per process: the daemon sets shares up before gunicorn forks, and a forked worker
-        # inherits the pool's bookkeeping but none of its threads (nor a lock one held)
-        if self._pool is None or self._pool_pid != os.getpid():
-            self._pool = ThreadPoolExecutor(8, thread_name_prefix=f"nfs-{self.name}")
-            self._mounting = threading.Lock()
-            self._pool_pid = os.getpid()
-        return self._pool
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(8, thread_name_prefix=f"nfs-{self.name}")
+            return self._pool
 
     def call(self, fn, *args, what: str = "the operation"):
-        """Run ``fn`` on the export in a guarded thread; give up after the share's timeout."""
-        future = self._threads().submit(fn, *args)
+        """Run ``fn`` on the export in a guarded thread; give up after the share's timeout.
+        The thread goes on (one stuck in the kernel cannot be stopped); ``fn`` can ask
+        ``gave_up()`` before it changes anything, so that a change reported as failed does
+        not land later."""
+        gave_up = threading.Event()
+
+        def guarded():
+            self._local.gave_up = gave_up
+            try:
+                return fn(*args)
+            except FileNotFoundError:
+                # the export is other hosts' and people's too: pyvol's directories there can
+                # go. Laid out again here (it is idempotent), for every process and host at
+                # once; this call still fails, saying what was missing
+                with contextlib.suppress(OSError):
+                    self._layout()
+                raise
+
+        future = self._threads().submit(guarded)
         try:
             return future.result(timeout=self.timeout)
         except FutureTimeout:
+            gave_up.set()
             raise ServerUnreachable(
                 f"NFS server of share {self.name} ({self.source}) did not answer {what} within "
                 f"{self.timeout:g} s; check the server and the network (other backends are "
                 "unaffected)") from None
         except OSError as e:
-            # the export is another host's and a person's too: what pyvol laid out there can
-            # go, and the next use lays it out again rather than failing the same way forever
-            if isinstance(e, FileNotFoundError):
-                self._laid_out = False
             where = f" ({e.filename})" if e.filename else ""
-            raise PyvolError(f"{what} on NFS share {self.name} ({self.source}) failed: "
-                             f"{e.strerror or e}{where}") from None
+            cls = PoolFull if e.errno in (errno.ENOSPC, errno.EDQUOT) else PyvolError
+            raise cls(f"{what} on NFS share {self.name} ({self.source}) failed: "
+                      f"{e.strerror or e}{where}") from None
+
+    def gave_up(self) -> bool:
+        """In ``fn`` of a ``call``: whether its caller has stopped waiting for it."""
+        event = getattr(self._local, "gave_up", None)
+        return event is not None and event.is_set()
 
     def mounted(self) -> bool:
         return mountinfo.is_mounted(self.mount_dir)
@@ -150,11 +185,12 @@ class Share:
         stack two mounts nor use one before its layout is done."""
         if self._laid_out and self.mounted():
             return
-        self._threads()  # a lock of this process's
-        if not self._mounting.acquire(timeout=self.timeout):
-            raise ServerUnreachable(
-                f"NFS share {self.name} ({self.source}) is being mounted for another request "
-                f"that has not finished in {self.timeout:g} s; check the server and the network")
+        mounting = self._mounting
+        if not mounting.acquire(timeout=self.timeout):
+            # not ServerUnreachable: _find would take the share for absent, and a remove
+            # would answer done without removing anything
+            raise Conflict(f"NFS share {self.name} ({self.source}) is being mounted for another "
+                           f"request that has not finished in {self.timeout:g} s; retry")
         try:
             if not self.mounted():
                 self._laid_out = False
@@ -169,7 +205,7 @@ class Share:
                 self.call(self._layout, what="setting up pyvol's directories")
                 self._laid_out = True
         finally:
-            self._mounting.release()
+            mounting.release()
 
     def _layout(self) -> None:
         """Idempotent: it runs again at the next use when an earlier run did not finish."""
@@ -198,60 +234,33 @@ def _records_locked(share: Share, done: str):
     changes it and replaces it; two hosts doing that at once each still saw the inode they
     had read (their attribute caches), and the later replace dropped the other's change.
 
-    The lock is ``pyvol/records.lock``, made with O_EXCL (atomic at the server on NFSv3 and
-    v4, as names and slots are claimed) and deleted after the change. Not a POSIX lock: the
-    kernel client holds those back through a restarted server's grace period, and a first
-    lock after a restart took 56 s here. A lock older than RECORDS_LOCK_STALE seconds is a
-    dead holder's (a change takes milliseconds) and is taken over. The wait is at most half
-    the share's timeout, then the change is refused: the guard around the call must still
-    be waiting when this gives up. ``done``: what the caller does, for the refusal."""
-    path = share.base / "records.lock"
-    mine = json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                       "token": secrets.token_hex(8)}).encode()
-    deadline = time.monotonic() + share.timeout / 2
-    while True:
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        except FileExistsError:
-            with contextlib.suppress(FileNotFoundError):
-                if time.time() - os.stat(path).st_mtime > RECORDS_LOCK_STALE:
-                    _take_over(path)
-                    continue
+    The lock is a POSIX lock on ``pyvol/records.lock``, held at the server (NFSv4's locks,
+    NFSv3's lock manager) and let go by it when the holder closes the file, or dies and its
+    lease ends: no clock or takeover of pyvol's decides that a holder is dead. A lock held
+    by another host is waited for at most half the share's timeout, then the change is
+    refused. For a grace period after the server restarts it grants no lock at all (the
+    kernel client waits it out): the guard's timeout ends the call, and the thread, once it
+    has the lock, sees that its caller gave up and changes nothing. ``done``: what the caller
+    does, for the refusal."""
+    fd = os.open(share.base / "records.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        deadline = time.monotonic() + share.timeout / 2
+        while True:
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
             if time.monotonic() > deadline:
                 raise Conflict(f"the volume records of nfs share {share.name} are being "
-                               f"changed by another host: not {done}; retry") from None
+                               f"changed by another host: not {done}; retry")
             time.sleep(0.02)
-            continue
-        try:
-            os.write(fd, mine)
-        finally:
-            os.close(fd)
-        break
-    try:
+        if share.gave_up():
+            raise Conflict(f"not {done}: the call gave up waiting for the records lock")
         yield
     finally:
-        # not a lock taken over meanwhile (this holder stalled past RECORDS_LOCK_STALE)
-        with contextlib.suppress(FileNotFoundError):
-            if path.read_bytes() == mine:
-                path.unlink()
-
-
-def _take_over(path: Path) -> None:
-    """A dead holder's records lock goes, by a rename only one of several hosts wins. What
-    was renamed is looked at again: a host that saw the old lock as stale just as another
-    had taken it over and locked anew has renamed a live lock, and puts it back."""
-    aside = path.with_name(f"{path.name}.stale-{secrets.token_hex(4)}")
-    try:
-        os.rename(path, aside)
-    except FileNotFoundError:
-        return
-    if time.time() - os.stat(aside).st_mtime <= RECORDS_LOCK_STALE:
-        with contextlib.suppress(FileExistsError):
-            os.link(aside, path)
-    else:
-        log.warning("took over the nfs records lock %s, held longer than %g s (its holder "
-                    "died while changing a record)", path, RECORDS_LOCK_STALE)
-    aside.unlink()
+        os.close(fd)  # lets the lock go
 
 
 def _said(value) -> str:
@@ -365,15 +374,21 @@ class NfsBackend(SharedBackend, DirectoryBackend):
         return share
 
     def _find(self, volume: str) -> tuple[Share, dict]:
-        """The share holding ``volume`` and its record (whatever its status)."""
+        """The share holding ``volume`` and its record (whatever its status). Not found
+        while a share cannot be asked is not "not found": a remove would answer done and
+        leave the volume on that share."""
+        unreachable = None
         for share in self.shares.values():
             try:
                 share.ensure_mounted()
-            except ServerUnreachable:
+            except ServerUnreachable as e:
+                unreachable = e
                 continue
             rec = share.call(self._read_meta, share, volume, what=f"a lookup of {volume}")
             if rec is not None:
                 return share, rec
+        if unreachable is not None:
+            raise unreachable
         raise NotFound(f"volume {volume} not found on any nfs share")
 
     @staticmethod

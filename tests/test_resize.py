@@ -263,10 +263,17 @@ def test_sizes_are_whole_mebibytes_at_create_and_resize(daemon):
 
 
 class _Share:
+    """What _update_record touches of an nfs share, on a local directory."""
+
     name = "main"
+    timeout = 4
 
     def __init__(self, base):
         self.base = base
+
+    @staticmethod
+    def gave_up() -> bool:
+        return False
 
 
 def _nfs_record(tmp_path, doc) -> tuple[_Share, object]:
