@@ -161,6 +161,12 @@ def compile_pyvol() -> None:
         compileall.compile_dir(os.path.dirname(package.__file__), quiet=1)
 
 
+def put_schedules(d: Daemon, volume: str, opts) -> tuple[int, dict]:
+    """``PUT /volumes/VOLUME/schedules`` on the control API: its status and its body."""
+    r = d.api.http.put(f"/pyvol/v1/volumes/{volume}/schedules", json={"Opts": opts})
+    return r.status_code, r.json()
+
+
 def until(what: str, check, timeout: float = 30, every: float = 0.1, why=None):
     """Poll ``check`` until it gives something true, and return that; fail naming ``what``
     after ``timeout`` seconds, and what ``why()`` says then (the last error seen, say)."""

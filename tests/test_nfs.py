@@ -12,7 +12,7 @@ from pathlib import Path
 
 import backend_probes as probe
 import pytest
-from helpers import Daemon, release, until
+from helpers import Daemon, put_schedules, release, until
 from pyvol.backends import VolumeSpec
 
 pytestmark = pytest.mark.nfs
@@ -615,8 +615,7 @@ def test_two_hosts_changing_one_record_at_once_lose_neither_change(two_hosts, wo
 
         def put(d, opts, start, answers):
             start.wait()
-            answers[d] = d.api.raw("/pyvol/v1/volumes/rec/schedules",
-                                   json.dumps({"Opts": opts}).encode(), method="PUT")
+            answers[d] = put_schedules(d, "rec", opts)
 
         threads = [threading.Thread(target=put, args=(d, opts[d], start, answers))
                    for d in (a, b)]
@@ -626,11 +625,11 @@ def test_two_hosts_changing_one_record_at_once_lose_neither_change(two_hosts, wo
             t.join()
         schedules = json.loads(record.read_text()).get("schedules", {})
         for d, kind, every in ((a, "snapshot", 100 + i), (b, "backup", 200 + i)):
-            r = answers[d]
-            if r.status_code == 200:
+            code, body = answers[d]
+            if code == 200:
                 assert (schedules.get(kind) or {}).get("every") == every, (i, kind, schedules)
             else:  # refused, saying why: the other host's change came first
-                assert r.status_code == 409 and "retry" in r.text, (r.status_code, r.text)
+                assert code == 409 and "retry" in body["Err"], (code, body)
 
 
 def test_a_records_lock_is_waited_for_and_let_go_when_its_holder_dies(workdir, nfs_export):
@@ -648,19 +647,15 @@ def test_a_records_lock_is_waited_for_and_let_go_when_its_holder_dies(workdir, n
                                     "time.sleep(600)"), str(lock)],
             stdout=subprocess.PIPE, text=True)
         assert holder.stdout.readline().strip() == "held"
-        body = json.dumps({"Opts": {"snapshot-every": "1h", "snapshot-keep": "2"}}).encode()
-
-        def put():
-            return d.api.raw("/pyvol/v1/volumes/r/schedules", body, method="PUT")
-
+        opts = {"snapshot-every": "1h", "snapshot-keep": "2"}
         started = time.monotonic()
-        r = put()
-        assert r.status_code == 409 and "another host" in r.text and "retry" in r.text, r.text
+        code, body = put_schedules(d, "r", opts)
+        assert code == 409 and "another host" in body["Err"] and "retry" in body["Err"], body
         assert time.monotonic() - started < 10  # half of PYVOL_NFS_TIMEOUT, and the call
         holder.kill()
         holder.wait()
-        until("the change once the holder is gone", lambda: put().status_code == 200,
-              timeout=30, every=1)
+        until("the change once the holder is gone",
+              lambda: put_schedules(d, "r", opts)[0] == 200, timeout=30, every=1)
         record = json.loads((nfs_export / "pyvol" / "meta" / "r.json").read_text())
         assert record["schedules"]["snapshot"]["every"] == 3600
     finally:

@@ -14,6 +14,7 @@ import time
 import pytest
 
 from helpers import Daemon, until
+from helpers import put_schedules as put
 from pyvol import clock
 
 SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYzzSECRETzz"
@@ -31,11 +32,6 @@ def schedules(d: Daemon, volume: str) -> dict:
 def snaps(d: Daemon, volume: str, origin: str | None = None) -> list[str]:
     return [s["Name"] for s in d.get(f"/snapshots?volume={volume}")
             if origin is None or s["Origin"] == origin]
-
-
-def put(d: Daemon, volume: str, opts) -> tuple[int, dict]:
-    r = d.api.http.put(f"/pyvol/v1/volumes/{volume}/schedules", json={"Opts": opts})
-    return r.status_code, r.json()
 
 
 def state(d: Daemon) -> sqlite3.Connection:
