@@ -26,6 +26,9 @@ class Source:
     def fill(self, host: Host, backend: Backend, spec: VolumeSpec, v: Volume, job) -> None:
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Let go of what the source holds open (a backup's repository), filled or not."""
+
 
 class Empty(Source):
     def fill(self, host, backend, spec, v, job):
@@ -55,6 +58,9 @@ class FromBackup(Source):
 
     def fill(self, host, backend, spec, v, job):
         self.restore.fill(host.kind(backend), backend, spec, v, host.mountpoint(v.name), job)
+
+    def close(self) -> None:
+        self.restore.close()
 
 
 def source_for(opts: dict[str, str], catalogue: Catalogue, backups) -> Source:

@@ -35,7 +35,7 @@ from .schedules import parse_options as parse_schedules
 from .schedules import publish as publish_schedules
 from .schedules import schedule_options, store_rows
 from .snapshots import Snapshots
-from .sources import source_for
+from .sources import Source, source_for
 from .state import Volume, now
 from .units import format_size, parse_size
 
@@ -74,6 +74,13 @@ class Volumes:
         # `schedule set` changes them): a copy in the volume's options would go stale
         scheduled, volume_opts = schedule_options(opts)
         source = source_for(opts, self.catalogue, self.backups)
+        try:
+            return self._create(name, opts, scheduled, volume_opts, source, job)
+        finally:
+            source.close()
+
+    def _create(self, name: str, opts: dict, scheduled: dict, volume_opts: dict,
+                source: Source, job) -> dict:
         backend = self._pick_backend(opts)
         # refused before anything is made; an ebs:// backup-to needs the backend known
         schedules = parse_schedules(scheduled, backend=backend.name)

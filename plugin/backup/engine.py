@@ -1,191 +1,188 @@
-"""The backup engine runs each job (backup, restore, verify) in a process of its own.
+"""The backup job process: a repository opened outside the daemon's worker, and the engine's
+jobs (backup, restore, verify) run beside it.
 
-Hashing, compression and encryption release the GIL only inside their C calls; around them,
-the engine's Python (slicing, queueing, bookkeeping) holds it. In the daemon's worker that
-would be the interpreter lock Docker's requests wait on: a Get during a backup took several
-times its idle time. So the worker only starts a job process (``python -m
-pyvol.backup.engine``), hands it the job over a pipe, and relays its progress; the process
-has both cores to itself and answers with the result or the error.
+Two reasons keep this work out of the worker that answers Docker. Hashing, compression and
+encryption release the GIL only inside their C calls; around them the engine's Python
+(slicing, queueing, bookkeeping) holds it, and in the worker that is the lock Docker's
+requests wait on: a Get during a backup took several times its idle time. And opening a
+repository imports cryptography, zstandard and (for S3) boto3: 13 MiB of the worker's idle
+RSS after its first job (40 more with boto3), and an import stall, holding that lock, in the
+first backup after a start. So the worker (backup/session.py) starts this process for each
+service call that opens a repository, asks it for what it needs over a pipe, and the
+process ends with the call. It has both cores to itself and runs below the workers' priority.
 
-The protocol, over two pipes (``multiprocessing.connection`` framing, pickled tuples):
+The protocol, over two pipes (``multiprocessing.connection`` framing, pickled tuples). Every
+request carries a number ``n`` and gets one answer with it:
 
-- to the job: ``("job", request)`` once, then ``("cancel",)`` if the client goes away or the
-  repository lock is lost; end of file (the worker died) cancels too;
-- from the job: ``("progress", phase, total, done)`` a few times a second, then one
-  ``("ok", result)``, ``("error", PyvolError)`` or ``("crash", text)``.
+- to the process: ``("open", 0, request)`` first (url, how: open, create or init, the key
+  file, settings); then any number of ``("call", n, name, args)`` (a name in ``CALLS``),
+  ``("job", n, request)`` (an engine entry point) and ``("cancel", n)`` for a running job.
+  End of file (the worker is done, or died) cancels the jobs, and the process ends;
+- from the process: ``("progress", n, phase, total, done)`` a few times a second while job
+  ``n`` runs, and for each request one ``("ok", n, value)``, ``("error", n, PyvolError)``
+  or ``("crash", n, text)`` (a bug; its traceback is in the daemon's log).
 
-The job process dies with the thread that started it (PR_SET_PDEATHSIG), so a killed daemon
-leaves no engine writing into a repository behind it, and runs at a lower CPU priority than
-the workers. The key never crosses the pipe: the job reads the key file itself.
+Calls are served on threads of their own, so that the lease renewer's calls go on while a
+job runs. The process dies with the thread that started it (PR_SET_PDEATHSIG): a killed
+daemon leaves no engine writing into a repository behind it. The key never crosses the
+pipe: the process reads the key file itself.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import logging
 import os
 import pickle
 import signal
-import subprocess
 import sys
 import threading
-import time
 from typing import TYPE_CHECKING
 
 from ..errors import PyvolError
 from ..lifeline import die_with_parent
 from .job import Job
 
-if TYPE_CHECKING:  # imported where a job starts: the daemon's workers never need it
+if TYPE_CHECKING:
     from multiprocessing.connection import Connection
+
+    from .repo import Repository
 
 log = logging.getLogger(__name__)
 
 #: the engine functions a job may name, and nothing else
 ENTRY_POINTS = {"block.backup", "block.restore", "block.verify", "tree.backup", "tree.restore"}
+#: the repository calls the worker may make (service.py and leases.py use these, no more)
+CALLS = {"get_manifest", "put_manifest", "delete_manifest", "backup_ids", "volume_key",
+         "read_object", "missing_chunks", "target.list", "target.get", "target.put",
+         "target.put_if_absent", "target.delete", "codec.seal"}
+CALL_THREADS = 4  # the worker's caller, its lease renewer, and room for one more of each
 PROGRESS_EVERY = 0.25  # seconds between progress messages
-POLL = 0.2  # how often the worker looks at its job's cancel switch while waiting
 NICENESS = 10
-ENDING = 30  # how long a job may take to stop once told to (one chunk's I/O at most)
 
 
-class EngineDied(PyvolError):
-    """The job process ended without an answer (killed, out of memory)."""
+class _Process:
+    def __init__(self, inp: Connection, out: Connection):
+        self.inp, self.out = inp, out
+        self.repo: Repository | None = None
+        self._send_lock = threading.Lock()
+        self._jobs: dict[int, Job] = {}
+        self._threads: list[threading.Thread] = []
 
-
-def run(fn: str, repo, args: tuple, job: Job, threads: int, key_file: str | None,
-        settings: dict[str, str]):
-    """Run ``pyvol.backup.<fn>(repo, *args, job, threads)`` in a job process and return its
-    result; its errors are raised here as they were raised there."""
-    if fn not in ENTRY_POINTS:
-        raise ValueError(f"not an engine entry point: {fn}")
-    request = {"fn": fn, "log_level": logging.getLevelName(logging.getLogger().level).lower(),
-               "url": repo.url, "config": repo.config, "key_file": key_file,
-               "settings": settings, "args": args, "threads": threads,
-               "deadline": None if job.deadline is None else job.deadline - time.monotonic(),
-               "late": job.late, "what": job.what}
-    to_job_r, to_job_w = os.pipe()
-    from_job_r, from_job_w = os.pipe()
-    try:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "pyvol.backup.engine", str(to_job_r), str(from_job_w),
-             str(os.getpid())],
-            pass_fds=(to_job_r, from_job_w), stdin=subprocess.DEVNULL, close_fds=True, cwd="/")
-    except BaseException:
-        os.close(to_job_w)
-        os.close(from_job_r)
-        raise
-    finally:
-        os.close(to_job_r)
-        os.close(from_job_w)
-    from multiprocessing.connection import Connection
-
-    out, inp = Connection(to_job_w, readable=False), Connection(from_job_r, writable=False)
-    try:
+    def send(self, msg) -> None:
         try:
-            out.send(("job", request))
-        except OSError:  # it died before reading: _relay reads the end and says how
+            with self._send_lock:
+                self.out.send(msg)
+        except OSError:  # the worker is gone: nobody is left to answer
             pass
-        return _relay(proc, out, inp, job)
-    finally:
-        out.close()  # a job still running takes the end of the pipe as a cancel
-        inp.close()
-        # the caller's repository lock is released after this: the job must be gone
+
+    def answer(self, n: int, fn, *args) -> None:
+        """Run ``fn(*args)`` and send its value, or its error, as the answer to ``n``."""
         try:
-            proc.wait(timeout=ENDING)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        except BaseException:  # interrupted while waiting: still never leave it running
-            proc.kill()
-            proc.wait()
-            raise
+            msg = ("ok", n, _plain(fn(*args)))
+        except PyvolError as e:
+            msg = ("error", n, _portable(e))
+        except BaseException as e:  # noqa: BLE001 - the worker reports it; the traceback is here
+            log.exception("backup job process failed")
+            msg = ("crash", n, f"{type(e).__name__}: {e}")
+        self.send(msg)
 
+    def serve(self) -> None:
+        _kind, n, req = self.inp.recv()
+        from .. import log as pyvol_log
 
-def _relay(proc: subprocess.Popen, out: Connection, inp: Connection, job: Job):
-    cancelled_at = None
-    while True:
-        if job.cancelled and cancelled_at is None:
-            with contextlib.suppress(OSError):
-                out.send(("cancel",))
-            cancelled_at = time.monotonic()
-        if cancelled_at is not None and time.monotonic() - cancelled_at > ENDING:
-            # it stops at its next step; one stuck in I/O (a hung server) is stopped here
-            proc.kill()
-            proc.wait()
-            job.check()  # raises the cancel's own reason
-        if not inp.poll(POLL):
-            continue
-        try:
-            msg = inp.recv()
-        except (EOFError, OSError):
-            code = proc.wait()
-            how = f"signal {-code}" if code < 0 else f"exit status {code}"
-            raise EngineDied(f"the {job.what or 'backup'} process ended without an answer "
-                             f"({how}); the daemon's log may say why") from None
-        kind = msg[0]
-        if kind == "progress":
-            job.mirror(*msg[1:])
-        elif kind == "ok":
-            return msg[1]
-        elif kind == "error":
-            raise msg[1]
-        else:  # "crash": a bug in the engine; its traceback is in the daemon's log
-            raise RuntimeError(msg[1])
+        pyvol_log.setup(req["log_level"])
+        self.answer(n, self._open, req)
+        if self.repo is None:
+            return
+        from concurrent.futures import ThreadPoolExecutor
 
-
-# the job process
-
-def _serve(inp: Connection, out: Connection) -> None:
-    from .. import log as pyvol_log
-    from .blobs import read_key_file
-    from .repo import Repository
-
-    _kind, req = inp.recv()
-    pyvol_log.setup(req["log_level"])
-    job = Job(req["what"], req["deadline"], req["late"])
-    send_lock = threading.Lock()
-
-    def send(msg) -> None:
-        with send_lock:
-            out.send(msg)
-
-    def listen() -> None:  # a cancel, or the worker gone
-        try:
-            while inp.recv()[0] != "cancel":
+        with ThreadPoolExecutor(CALL_THREADS, thread_name_prefix="pyvol-repo-call") as calls:
+            try:
+                while True:
+                    msg = self.inp.recv()
+                    if msg[0] == "call":
+                        calls.submit(self.answer, msg[1], self._call, msg[2], msg[3])
+                    elif msg[0] == "job":
+                        self._start_job(msg[1], msg[2])
+                    elif msg[0] == "cancel" and msg[1] in self._jobs:
+                        self._jobs[msg[1]].cancel()
+            except (EOFError, OSError):
                 pass
-        except (EOFError, OSError):
-            pass
-        job.cancel()
+            for job in list(self._jobs.values()):  # the worker is done with us, or died
+                job.cancel()
+            for t in self._threads:
+                t.join()
 
-    done = threading.Event()
+    def _open(self, req: dict) -> dict:
+        from .blobs import read_key_file
+        from .repo import Repository
 
-    def report() -> None:
-        while not done.wait(PROGRESS_EVERY):
-            s = job.snapshot()
-            send(("progress", s["phase"], s["total"], s["done"]))
-
-    threading.Thread(target=listen, daemon=True).start()
-    reporter = threading.Thread(target=report, daemon=True)
-    reporter.start()
-    try:
         key = read_key_file(req["key_file"]) if req["key_file"] else None
-        repo = Repository.attach(req["url"], req["config"], key, req["settings"])
-        module, name = req["fn"].split(".")
-        fn = getattr(importlib.import_module(f"pyvol.backup.{module}"), name)
-        result = fn(repo, *req["args"], job, req["threads"])
-        answer = ("ok", result)
-    except PyvolError as e:
-        answer = ("error", _portable(e))
-    except BaseException as e:  # noqa: BLE001 - the worker reports it; the traceback is here
-        log.exception("backup engine failed")
-        answer = ("crash", f"{type(e).__name__}: {e}")
-    done.set()
-    reporter.join()  # no progress line after the answer
-    s = job.snapshot()
-    send(("progress", s["phase"], s["total"], s["done"]))
-    send(answer)
+        if req["how"] == "init":
+            self.repo = Repository.init(req["url"], key, req["settings"])
+        else:
+            self.repo = Repository.open(req["url"], key, req["settings"],
+                                        create=req["how"] == "create")
+        return {"url": self.repo.url, "config": self.repo.config,
+                "encrypted": self.repo.encrypted}
+
+    def _call(self, name: str, args: tuple):
+        if name not in CALLS:
+            raise ValueError(f"not a repository call: {name}")
+        if name == "missing_chunks":
+            from .repo import missing_chunks
+
+            return missing_chunks(self.repo, *args)
+        owner, _, method = name.rpartition(".")
+        return getattr(getattr(self.repo, owner) if owner else self.repo, method)(*args)
+
+    def _start_job(self, n: int, req: dict) -> None:
+        job = Job(req["what"], req["deadline"], req["late"])
+        self._jobs[n] = job
+        t = threading.Thread(target=self._run_job, args=(n, job, req), daemon=True,
+                             name=f"pyvol-job-{n}")
+        self._threads.append(t)
+        t.start()
+
+    def _run_job(self, n: int, job: Job, req: dict) -> None:
+        done = threading.Event()
+
+        def report() -> None:
+            while not done.wait(PROGRESS_EVERY):
+                self._progress(n, job)
+
+        def work():
+            try:
+                if req["fn"] not in ENTRY_POINTS:
+                    raise ValueError(f"not an engine entry point: {req['fn']}")
+                module, name = req["fn"].split(".")
+                fn = getattr(importlib.import_module(f"pyvol.backup.{module}"), name)
+                return fn(self.repo, *req["args"], job, req["threads"])
+            finally:
+                done.set()
+                reporter.join()  # no progress line after the answer
+                self._progress(n, job)
+
+        reporter = threading.Thread(target=report, daemon=True)
+        reporter.start()
+        try:
+            self.answer(n, work)
+        finally:
+            self._jobs.pop(n, None)
+
+    def _progress(self, n: int, job: Job) -> None:
+        s = job.snapshot()
+        self.send(("progress", n, s["phase"], s["total"], s["done"]))
+
+
+def _plain(value):
+    """What crosses the pipe: a buffer as bytes, an iterator as a list."""
+    if isinstance(value, (memoryview, bytearray)):
+        return bytes(value)
+    if hasattr(value, "__next__"):
+        return list(value)
+    return value
 
 
 def _portable(e: PyvolError) -> PyvolError:
@@ -209,17 +206,17 @@ def main(argv: list[str]) -> int:
 
     inp, out = Connection(to_job, writable=False), Connection(from_job, readable=False)
     try:
-        _serve(inp, out)
+        _Process(inp, out).serve()
     except (EOFError, BrokenPipeError):
         return 1  # the worker went away; nobody is left to answer
     except BaseException:
-        log.exception("backup engine failed before it could answer")
+        log.exception("backup job process failed before it could answer")
         return 1
     return 0
 
 
 def _end(code: int) -> None:
-    """Leave without the interpreter's teardown. Everything the job wrote was on disk (or
+    """Leave without the interpreter's teardown. Everything the process wrote was on disk (or
     acknowledged by the object store) before its answer, and the worker holds the repository
     lock until this process is gone: with the teardown (finalising modules, the threads'
     states, the libraries' buffers) that wait was 32 to 64 ms of a 0.6 to 0.9 s incremental

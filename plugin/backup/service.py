@@ -23,13 +23,12 @@ from ..errors import Conflict, InvalidInput, NotFound, PyvolError
 from ..names import check_name, parse_snap_ref
 from ..log import event
 from ..state import Snapshot, Volume
-from . import engine
 from .blobs import CorruptObject, read_key_file
 from .job import Job
 from .leases import DEFAULT_LEASE, held_until, locked, stamp
 from .retention import Policy, keep
-from .repo import (Repository, host_id, missing_chunks, new_backup_id, split_backup_url,
-                   utcnow)
+from .repo import host_id, new_backup_id, split_backup_url, utcnow
+from .session import RemoteRepository
 from .targets import s3_environment
 
 log = logging.getLogger(__name__)
@@ -71,7 +70,7 @@ class Restore:
     """A backup ready to be written into a new volume (its manifest already read)."""
 
     service: Backups
-    repo: Repository
+    repo: RemoteRepository  # open until ``close``
     manifest: dict
 
     @property
@@ -105,6 +104,9 @@ class Restore:
         event(log, "backup restored", backup=self.manifest["url"], **result)
         return result
 
+    def close(self) -> None:
+        self.repo.close()
+
 
 @dataclass
 class EbsRestore:
@@ -130,6 +132,9 @@ class EbsRestore:
                                "between backends)")
         self.ebs.restore(self.region, self.snapshot_id, spec)
 
+    def close(self) -> None:
+        pass
+
 
 class Backups:
     def __init__(self, access: VolumeAccess, config):
@@ -142,20 +147,26 @@ class Backups:
         except ValueError as e:
             raise PyvolError(f"invalid PYVOL_BACKUP_ setting: {e}; accepted are numbers") from None
 
-    def engine(self, fn: str, repo: Repository, *args, job: Job):
-        """``pyvol.backup.<fn>(repo, *args, job, threads)``, run in a job process of its own
-        (backup/engine.py): the data's work never holds the interpreter lock that Docker's
-        requests wait on in this worker."""
-        return engine.run(fn, repo, args, job, self.threads, self.key_file, self.settings)
+    def engine(self, fn: str, repo: RemoteRepository, *args, job: Job):
+        """``pyvol.backup.<fn>(repo, *args, job, threads)``, run in the repository's job
+        process (backup/engine.py): the data's work never holds the interpreter lock that
+        Docker's requests wait on in this worker."""
+        return repo.run(fn, args, job, self.threads)
 
-    def _repo(self, url, create: bool = False) -> Repository:
-        key = read_key_file(self.key_file) if self.key_file else None
-        return Repository.open(url, key, self.settings, create=create)
+    def _repo(self, url, how: str = "open") -> RemoteRepository:
+        """The repository at ``url``, opened in a job process of its own: close it."""
+        return RemoteRepository(url, how, self.key_file, self.settings)
 
-    def _manifest(self, backup_url) -> tuple[Repository, dict]:
+    def _manifest(self, backup_url) -> tuple[RemoteRepository, dict]:
+        """The repository a backup URL names, open (the caller closes it), and the
+        backup's manifest."""
         repo_url, volkey, bid = split_backup_url(backup_url)
         repo = self._repo(repo_url)
-        return repo, repo.get_manifest(volkey, bid)
+        try:
+            return repo, repo.get_manifest(volkey, bid)
+        except BaseException:
+            repo.close()
+            raise
 
     # backup
     def create(self, ref, dest, job: Job | None = None, bid: str | None = None,
@@ -177,9 +188,9 @@ class Backups:
         bid = bid or new_backup_id()
         if isinstance(dest, str) and dest.startswith("ebs://"):
             return self._ebs_backup(v, backend, snap, dest, bid, schedule_of)
-        repo = self._repo(dest, create=True)
         # a schedule's wait ends with its runner's stop (the job is cancelled)
-        with locked(repo, "shared", self.lease, wait=lock_wait, check=job.check) as lease:
+        with self._repo(dest, "create") as repo, \
+                locked(repo, "shared", self.lease, wait=lock_wait, check=job.check) as lease:
             lease.on_lost(job.cancel)  # the engine stops at its next step
             auto = snap is None
             if auto:
@@ -207,7 +218,7 @@ class Backups:
                     lease.check()  # renews first if this process was held up for long
                     # chunks skipped as "already stored" were listed when the backup began:
                     # anything that deleted one since (whatever honoured no lock) shows here
-                    missing = missing_chunks(repo, (n for _, n in manifest["chunks"]))
+                    missing = repo.missing_chunks([n for _, n in manifest["chunks"]])
                     if missing:
                         raise PyvolError(
                             f"backup of {vol} not written: {len(missing)} chunks it reuses "
@@ -314,7 +325,7 @@ class Backups:
         event(log, "backup created", volume=v.name, backup=result["url"])
         return result
 
-    def _parent(self, repo: Repository, volume: str,
+    def _parent(self, repo: RemoteRepository, volume: str,
                 held: contextlib.ExitStack) -> tuple[dict | None, str]:
         """The latest backup of ``volume`` whose snapshot this daemon still holds; that
         snapshot is held for reading in ``held``, so that nothing removes it while the
@@ -419,21 +430,22 @@ class Backups:
             from ..backends.ebs import parse_ebs_url
 
             return self._ebs("listing ebs:// backups").list(parse_ebs_url(url)[0], volume)
-        repo = self._repo(url)
         out = []
-        for vk, bid in repo.backup_ids(volume):
-            try:
-                out.append(_summary(repo.get_manifest(vk, bid)))
-            except (CorruptObject, NotFound) as e:
-                if not passing_over_bad:
-                    raise
-                log.warning("passed over backup %s/%s: %s", vk, bid, e)
+        with self._repo(url) as repo:
+            for vk, bid in repo.backup_ids(volume):
+                try:
+                    out.append(_summary(repo.get_manifest(vk, bid)))
+                except (CorruptObject, NotFound) as e:
+                    if not passing_over_bad:
+                        raise
+                    log.warning("passed over backup %s/%s: %s", vk, bid, e)
         return out
 
     def inspect(self, backup_url) -> dict:
         if isinstance(backup_url, str) and backup_url.startswith("ebs://"):
             return self._ebs("an ebs:// backup").describe(*self._ebs_ref(backup_url))
-        _repo, manifest = self._manifest(backup_url)
+        repo, manifest = self._manifest(backup_url)
+        repo.close()
         return _summary(manifest)
 
     @staticmethod
@@ -452,6 +464,7 @@ class Backups:
             return EbsRestore(ebs, region, sid, ebs.describe(region, sid))
         repo, manifest = self._manifest(backup_url)
         if manifest.get("kind") not in ("block", "tree"):
+            repo.close()
             raise InvalidInput(f"backup {backup_url} is of kind {manifest.get('kind')!r}; "
                                "this pyvol restores block and tree backups")
         return Restore(self, repo, manifest)
@@ -459,7 +472,7 @@ class Backups:
     def verify(self, backup_url, job: Job | None = None) -> dict:
         job = job or Job("verify")
         repo, manifest = self._manifest(backup_url)
-        with locked(repo, "shared", self.lease):
+        with repo, locked(repo, "shared", self.lease):
             result = self.engine("block.verify", repo, manifest, job=job)
         result["backup"] = manifest["url"]
         if result["bad"]:
@@ -485,8 +498,8 @@ class Backups:
         if isinstance(url, str) and url.startswith("ebs://"):
             raise InvalidInput("an ebs:// destination holds EBS snapshots, not a repository: "
                                "there is nothing to initialise; back up into it directly")
-        repo = Repository.init(url, read_key_file(self.key_file) if self.key_file else None,
-                               self.settings)
+        repo = self._repo(url, "init")
+        repo.close()  # its config is all that is answered
         event(log, "repository initialised", repo=repo.url, encrypted=repo.encrypted)
         return {"url": repo.url, "id": repo.config["id"], "created": repo.config["created"],
                 "encrypted": repo.encrypted, "key_file": self.key_file if repo.encrypted else None}
@@ -497,8 +510,7 @@ class Backups:
             event(log, "backup removed", backup=backup_url)
             return {"removed": backup_url}
         repo_url, volkey, bid = split_backup_url(backup_url)
-        repo = self._repo(repo_url)
-        with locked(repo, "exclusive", self.lease) as lease:
+        with self._repo(repo_url) as repo, locked(repo, "exclusive", self.lease) as lease:
             manifest = repo.get_manifest(volkey, bid)  # NotFound, or unreadable with this key
             crashpoint("backup_rm.locked")
             lease.check()
@@ -524,8 +536,7 @@ class Backups:
         """Delete every chunk no manifest lists (docs/backup-repository.md, "What garbage
         collection may delete"): at once, unless a shared lock was broken by expiry less than
         two leases ago; then the unreferenced chunks are only counted, left for a later gc."""
-        repo = self._repo(url)
-        with locked(repo, "exclusive", self.lease) as lease:
+        with self._repo(url) as repo, locked(repo, "exclusive", self.lease) as lease:
             hold = held_until(repo, self.lease)  # before the manifests: the order matters
             live: set[str] = set()
             ids = repo.backup_ids()
@@ -571,27 +582,27 @@ class Backups:
             raise InvalidInput("backup forget works on pyvol repositories (s3://, file://); "
                                "ebs:// backups are EBS snapshots, removed one by one with "
                                "`pyvol backup rm`")
-        repo = self._repo(url)
         removed: list[dict] = []
-        if dry_run:  # changes nothing, so like `backup ls` it takes no lock
-            groups, unreadable = self._retention_plan(repo, volume, policy)
-        else:
-            with locked(repo, "exclusive", self.lease) as lease:
+        with self._repo(url) as repo:
+            if dry_run:  # changes nothing, so like `backup ls` it takes no lock
                 groups, unreadable = self._retention_plan(repo, volume, policy)
-                for group in groups:
-                    for row, manifest in group["_manifests"]:
-                        if row["kept"]:
-                            continue
-                        lease.check()  # a forget that stalled past its lease removes no more
-                        repo.delete_manifest(manifest["_volkey"], row["id"])
-                        crashpoint("forget.deleting")
-                        removed.append(manifest)
-            # a snapshot a kept backup also names stays (copied manifests share one)
-            named = {(m["volume"], m["source"].get("snapshot")) for g in groups
-                     for r, m in g["_manifests"] if r["kept"]}
-            for manifest in removed:
-                if (manifest["volume"], manifest["source"].get("snapshot")) not in named:
-                    self._drop_base_of(manifest, repo.url)
+            else:
+                with locked(repo, "exclusive", self.lease) as lease:
+                    groups, unreadable = self._retention_plan(repo, volume, policy)
+                    for group in groups:
+                        for row, manifest in group["_manifests"]:
+                            if row["kept"]:
+                                continue
+                            lease.check()  # stalled past its lease: removes no more
+                            repo.delete_manifest(manifest["_volkey"], row["id"])
+                            crashpoint("forget.deleting")
+                            removed.append(manifest)
+                # a snapshot a kept backup also names stays (copied manifests share one)
+                named = {(m["volume"], m["source"].get("snapshot")) for g in groups
+                         for r, m in g["_manifests"] if r["kept"]}
+                for manifest in removed:
+                    if (manifest["volume"], manifest["source"].get("snapshot")) not in named:
+                        self._drop_base_of(manifest, repo.url)
         for group in groups:
             group.pop("_manifests", None)
         kept = sum(g["kept"] for g in groups) + len(unreadable)
@@ -605,7 +616,7 @@ class Backups:
             result["gc"] = self.gc(url)
         return result
 
-    def _retention_plan(self, repo: Repository, volume: str | None,
+    def _retention_plan(self, repo: RemoteRepository, volume: str | None,
                         policy: Policy) -> tuple[list[dict], list[dict]]:
         """Every backup (of ``volume``) read and judged: one group per (volume, host), rows
         newest first with their reasons; and the backups that could not be judged."""
