@@ -55,7 +55,7 @@ ENTRY_POINTS = {"block.backup", "block.restore", "block.verify", "tree.backup", 
 #: the repository calls the worker may make (service.py and leases.py use these, no more)
 CALLS = {"get_manifest", "put_manifest", "delete_manifest", "backup_ids", "volume_key",
          "read_object", "missing_chunks", "target.list", "target.get", "target.put",
-         "target.put_if_absent", "target.delete", "codec.seal"}
+         "target.put_if_absent", "target.delete", "codec.seal", "holder"}
 CALL_THREADS = 4  # the worker's caller, its lease renewer, and room for one more of each
 PROGRESS_EVERY = 0.25  # seconds between progress messages
 NICENESS = 10
@@ -75,6 +75,10 @@ class _Process:
                 self.out.send(msg)
         except OSError:  # the worker is gone: nobody is left to answer
             pass
+        except Exception as e:  # did not pickle (nothing was written): a bug, still answered
+            log.exception("backup job process could not send its answer")
+            if msg[0] != "progress":
+                self.send(("crash", msg[1], f"the answer did not cross the pipe: {e}"))
 
     def answer(self, n: int, fn, *args) -> None:
         """Run ``fn(*args)`` and send its value, or its error, as the answer to ``n``."""
@@ -105,8 +109,10 @@ class _Process:
                         calls.submit(self.answer, msg[1], self._call, msg[2], msg[3])
                     elif msg[0] == "job":
                         self._start_job(msg[1], msg[2])
-                    elif msg[0] == "cancel" and msg[1] in self._jobs:
-                        self._jobs[msg[1]].cancel()
+                    elif msg[0] == "cancel":
+                        job = self._jobs.get(msg[1])  # None once it has answered
+                        if job is not None:
+                            job.cancel()
             except (EOFError, OSError):
                 pass
             for job in list(self._jobs.values()):  # the worker is done with us, or died

@@ -192,6 +192,9 @@ class RemoteRepository:
                 answer.event.set()
         except (EOFError, OSError):
             pass
+        except Exception:  # an answer that does not unpickle: nothing after it can be trusted
+            log.exception("unreadable message from the backup job process; stopping it")
+            self._proc.kill()
         try:
             code = self._proc.wait(timeout=ENDING)
             how = f"signal {-code}" if code < 0 else f"exit status {code}"
