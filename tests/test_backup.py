@@ -449,6 +449,29 @@ def test_a_backup_runs_in_its_own_process_which_dies_with_its_worker(proxied, mo
     d.cli("backup", "verify", rerun["url"])
 
 
+def test_a_job_process_killed_mid_backup_leaves_no_lock_that_blocks_the_next_taker(proxied,
+                                                                                 moto):
+    """A backup's lock names its job process as the holder. Killed (out of memory, by hand),
+    it fails the backup and leaves its lock objects, which the worker can no longer delete;
+    the next taker breaks them at once as a dead holder's, rather than waiting out a lease."""
+    d, proxy, bucket = proxied
+    url = f"s3://{bucket}/r"
+    mp = with_volume(d, "v", "512M")
+    fill(f"{mp}/f", 160 * MiB)
+    cli = slow_backup(d, proxy, url, 12)
+    (engine, _worker), = _engines(d).items()
+    os.kill(engine, signal.SIGKILL)
+    _out, err = cli.communicate(timeout=60)
+    assert cli.returncode == 1 and "ended without an answer (signal 9)" in err, err
+    proxy.set("pass")
+    assert moto.keys(bucket, "r/locks/"), "the killed job's lock objects are left"
+    assert moto.keys(bucket, "r/manifests/") == []
+    d.cli("backup", "gc", url)  # an exclusive lock, taken at once
+    assert moto.keys(bucket, "r/locks/") == []
+    assert json.loads(d.cli("snapshot", "ls", "v", "--json").stdout) == []
+    assert "breaking the repository lock of a dead holder" in d.log()
+
+
 def test_daemon_killed_mid_backup_leaves_no_backup_and_the_rerun_succeeds(proxied, moto,
                                                                           workdir):
     d, proxy, bucket = proxied

@@ -98,6 +98,7 @@ class Lease:
         assert kind in ("shared", "exclusive")
         self.repo, self.kind, self.lease = repo, kind, float(lease)
         self.holder = secrets.token_hex(8)  # the same in every generation
+        self.identity = repo.holder()  # the process named in the lock objects
         self.created = time.time()
         self.lost: str | None = None  # why, once the lease is lost
         self._keys: list[str] = []  # our generations, oldest first
@@ -119,7 +120,7 @@ class Lease:
 
     # objects
     def _body(self, key: str, now: float) -> bytes:
-        doc = {"kind": self.kind, **holder_identity(), "holder": self.holder,
+        doc = {"kind": self.kind, **self.identity, "holder": self.holder,
                "created": _ts(self.created), "expires": _ts_up(now + self.lease),
                "renewed": math.floor(now * 1000) / 1000, "lease": self.lease}
         return self.repo.codec.seal(key, json.dumps(doc).encode())

@@ -307,6 +307,15 @@ class Repository:
     def delete_manifest(self, volkey: str, bid: str) -> None:
         self.target.delete(f"manifests/{volkey}/{bid}")
 
+    # locks
+    @staticmethod
+    def holder() -> dict:
+        """Who a lock taken through this repository names as its holder: the process that
+        has it open. The daemon's job process holds its worker's repository
+        (backup/session.py), so a lock outlives neither: once that process is gone, whoever
+        takes a lock next finds its holder dead and breaks it at once."""
+        return holder_identity()
+
 
 def _read_config(target: Target) -> dict:
     blob = target.get("config", CONFIG_CAP)
