@@ -4,7 +4,8 @@
 ``RemoteRepository`` answers the calls of ``Repository`` that service.py and leases.py make
 (engine.CALLS) and runs the engine's jobs in the same process (``run``), so a backup's
 snapshot, lock, manifest and data all go through one process started once per service call.
-The worker itself never imports cryptography, zstandard or boto3.
+The worker itself imports neither cryptography nor zstandard, and boto3 only when
+``pyvol info`` asks which S3 settings this daemon resolves (targets.s3_environment).
 """
 
 from __future__ import annotations
