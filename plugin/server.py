@@ -39,6 +39,30 @@ GRACEFUL_TIMEOUT = 20
 LOCK_WAIT = 30.0  # a SIGKILLed predecessor's workers notice and exit within a few seconds
 
 
+def heartbeat_dir(candidates=("/dev/shm",)) -> str | None:
+    """Where gunicorn's workers keep the file they touch to show the master they are alive: a
+    tmpfs, or gunicorn's default (the temporary directory) where there is none.
+
+    A gthread worker's one accepting thread touches it (``os.utime``) before every
+    connection it takes. On a disk-backed /tmp that touch is a journaled metadata change,
+    and behind a restore writing gigabytes to the same disk it waited for the journal:
+    Docker's Get calls stalled 140 to 320 ms in bench_backup.py at 8 GiB (bench/README)."""
+    for path in candidates:
+        try:
+            if os.path.isdir(path) and os.access(path, os.W_OK) and _is_tmpfs(path):
+                return path
+        except OSError:
+            continue
+    return None
+
+
+def _is_tmpfs(path: str) -> bool:
+    from . import mountinfo
+
+    found = [e for e in mountinfo.entries() if e.mount_point == path]
+    return bool(found) and found[-1].fstype == "tmpfs"
+
+
 def _take_daemon_lock(config: Config) -> int:
     path = config.root / "daemon.lock"
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -288,6 +312,7 @@ def serve(config: Config) -> None:
         "workers": config.workers,
         "threads": config.threads,
         "worker_class": "gthread",
+        "worker_tmp_dir": heartbeat_dir(),
         "timeout": 300,
         "graceful_timeout": GRACEFUL_TIMEOUT,
         "control_socket_disable": True,

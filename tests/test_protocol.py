@@ -2,6 +2,7 @@
 
 import os
 import stat
+import subprocess
 
 from pyvol import mountinfo
 
@@ -17,6 +18,20 @@ def test_socket_is_0660(shared_daemon):
     assert stat.S_ISSOCK(st.st_mode)
     assert stat.S_IMODE(st.st_mode) == 0o660
     assert st.st_uid == 0
+
+
+def test_workers_touch_their_heartbeat_on_tmpfs_not_on_the_disk(shared_daemon):
+    """A gthread worker's accepting thread touches gunicorn's heartbeat file before every
+    connection it takes. In a disk-backed /tmp that touch waited for the disk's journal behind
+    a restore's writes, and Docker's calls with it (server.heartbeat_dir)."""
+    workers = subprocess.run(["pgrep", "-P", str(shared_daemon.proc.pid)], capture_output=True,
+                             text=True, timeout=10).stdout.split()
+    assert workers
+    for worker in workers:
+        fds = f"/proc/{worker}/fd"
+        beats = [t for t in (os.readlink(f"{fds}/{fd}") for fd in os.listdir(fds))
+                 if "/wgunicorn-" in t]
+        assert len(beats) == 1 and beats[0].startswith("/dev/shm/"), (worker, beats)
 
 
 def test_create_get_list_path_remove(shared_daemon):
