@@ -54,6 +54,7 @@ from pyvol.errors import (
     PyvolError,
 )
 from pyvol.files import write_whole
+from pyvol.locks import take_within
 from pyvol.log import event
 from pyvol.run import run
 
@@ -244,18 +245,9 @@ def _records_locked(share: Share, done: str):
     does, for the refusal."""
     fd = os.open(share.base / "records.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        deadline = time.monotonic() + share.timeout / 2
-        while True:
-            try:
-                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as e:
-                if e.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
-            if time.monotonic() > deadline:
-                raise Conflict(f"the volume records of nfs share {share.name} are being "
-                               f"changed by another host: not {done}; retry")
-            time.sleep(0.02)
+        take_within(lambda: fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB), share.timeout / 2,
+                    f"the volume records of nfs share {share.name} are being changed by "
+                    f"another host: not {done}; retry")
         if share.gave_up():
             raise Conflict(f"not {done}: the call gave up waiting for the records lock")
         yield

@@ -6,6 +6,7 @@ daemon never leaves a volume locked.
 """
 
 import contextlib
+import errno
 import fcntl
 import os
 import time
@@ -26,21 +27,32 @@ def held(locks_dir: Path, name: str, what: str, wait: float = DEFAULT_WAIT,
     locks_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(locks_dir / f"{name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        deadline = time.monotonic() + wait
-        delay = 0.005
-        while True:
-            try:
-                fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise Conflict(busy or f"{what} is busy with another operation; "
-                                   "try again") from None
-                time.sleep(delay)
-                delay = min(delay * 2, 0.1)
+        take_within(lambda: fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+                                        | fcntl.LOCK_NB),
+                    wait, busy or f"{what} is busy with another operation; try again")
         yield
     finally:
         os.close(fd)
+
+
+def take_within(take, wait: float, refusal: str) -> None:
+    """Call ``take``, a lock call that fails at once when the lock is taken (``LOCK_NB``),
+    until it succeeds, backing off up to 0.1 s between tries; Conflict(``refusal``) once
+    ``wait`` seconds have passed. flock says "taken" with EAGAIN, a POSIX lock with EAGAIN or
+    EACCES."""
+    deadline = time.monotonic() + wait
+    delay = 0.005
+    while True:
+        try:
+            take()
+            return
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+        if time.monotonic() >= deadline:
+            raise Conflict(refusal) from None
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
 
 
 @contextlib.contextmanager
