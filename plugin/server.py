@@ -19,6 +19,7 @@ from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
 
 from . import log as pyvol_log
+from . import mountinfo
 from .api import create_app
 from .backends import BACKENDS, default_name
 from .config import Config
@@ -39,28 +40,21 @@ GRACEFUL_TIMEOUT = 20
 LOCK_WAIT = 30.0  # a SIGKILLed predecessor's workers notice and exit within a few seconds
 
 
-def heartbeat_dir(candidates=("/dev/shm",)) -> str | None:
-    """Where gunicorn's workers keep the file they touch to show the master they are alive: a
-    tmpfs, or gunicorn's default (the temporary directory) where there is none.
+SHM = "/dev/shm"
+
+
+def heartbeat_dir() -> str | None:
+    """Where gunicorn's workers keep the file they touch to show the master they are alive:
+    /dev/shm where that is a tmpfs, else gunicorn's default (the temporary directory).
 
     A gthread worker's one accepting thread touches it (``os.utime``) before every
     connection it takes. On a disk-backed /tmp that touch is a journaled metadata change,
     and behind a restore writing gigabytes to the same disk it waited for the journal:
     Docker's Get calls stalled 140 to 320 ms in bench_backup.py at 8 GiB (bench/README)."""
-    for path in candidates:
-        try:
-            if os.path.isdir(path) and os.access(path, os.W_OK) and _is_tmpfs(path):
-                return path
-        except OSError:
-            continue
+    found = [e for e in mountinfo.entries() if e.mount_point == SHM]
+    if found and found[-1].fstype == "tmpfs" and os.access(SHM, os.W_OK):
+        return SHM
     return None
-
-
-def _is_tmpfs(path: str) -> bool:
-    from . import mountinfo
-
-    found = [e for e in mountinfo.entries() if e.mount_point == path]
-    return bool(found) and found[-1].fstype == "tmpfs"
 
 
 def _take_daemon_lock(config: Config) -> int:
