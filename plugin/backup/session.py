@@ -20,7 +20,7 @@ import time
 from functools import partial
 
 from ..errors import PyvolError
-from .engine import CALLS, ENTRY_POINTS
+from .engine import CALLS
 from .job import Job
 
 log = logging.getLogger(__name__)
@@ -136,10 +136,9 @@ class RemoteRepository:
         return f"{self.url}#{volkey}/{bid}"
 
     def run(self, fn: str, args: tuple, job: Job, threads: int):
-        """``pyvol.backup.<fn>(repo, *args, job, threads)`` in the job process; its errors
-        are raised here as they were raised there, and ``job`` mirrors its progress."""
-        if fn not in ENTRY_POINTS:
-            raise ValueError(f"not an engine entry point: {fn}")
+        """``pyvol.backup.<fn>(repo, *args, job, threads)`` in the job process (which runs
+        only engine.ENTRY_POINTS); its errors are raised here as they were raised there, and
+        ``job`` mirrors its progress."""
         request = {"fn": fn, "args": args, "threads": threads, "what": job.what,
                    "deadline": None if job.deadline is None else job.deadline - time.monotonic(),
                    "late": job.late}
