@@ -161,6 +161,14 @@ def compile_pyvol() -> None:
         compileall.compile_dir(os.path.dirname(package.__file__), quiet=1)
 
 
+def workers(d: Daemon) -> list[int]:
+    """The daemon's gunicorn workers (the master's children)."""
+    out = subprocess.run(["pgrep", "-P", str(d.proc.pid)], capture_output=True, text=True,
+                         timeout=10).stdout.split()
+    assert out, "the daemon has no workers"
+    return [int(p) for p in out]
+
+
 def put_schedules(d: Daemon, volume: str, opts) -> tuple[int, dict]:
     """``PUT /volumes/VOLUME/schedules`` on the control API: its status and its body."""
     r = d.api.http.put(f"/pyvol/v1/volumes/{volume}/schedules", json={"Opts": opts})

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import Daemon, slow_backup, until
+from helpers import Daemon, slow_backup, until, workers
 from s3servers import FaultProxy
 
 MiB = 1 << 20
@@ -274,19 +274,11 @@ def test_encrypted_repository_hides_names_and_content_and_needs_its_key(workdir,
         a.cli("backup", "verify", made["url"])
         # all that reading the repository took ran in job processes: the workers that answer
         # Docker never loaded the crypto or compression libraries (idle memory, import stalls)
-        for worker in _workers(a):
+        for worker in workers(a):
             maps = Path(f"/proc/{worker}/maps").read_text()
             assert "/cryptography/" not in maps and "/zstandard/" not in maps, worker
     finally:
         stop(a, plain, wrong)
-
-
-def _workers(d: Daemon) -> list[int]:
-    """The daemon's gunicorn workers (the master's children)."""
-    out = subprocess.run(["pgrep", "-P", str(d.proc.pid)], capture_output=True, text=True,
-                         timeout=10).stdout.split()
-    assert out, "the daemon has no workers"
-    return [int(p) for p in out]
 
 
 FAST_FAIL = {"PYVOL_BACKUP_CONNECT_TIMEOUT": "1", "PYVOL_BACKUP_READ_TIMEOUT": "2",
@@ -432,7 +424,7 @@ def test_a_backup_runs_in_its_own_process_which_dies_with_its_worker(proxied, mo
     engines = _engines(d)
     assert len(engines) == 1, engines
     (engine, worker), = engines.items()
-    assert worker != d.proc.pid and worker in _workers(d)
+    assert worker != d.proc.pid and worker in workers(d)
     os.kill(worker, signal.SIGKILL)
     # gone, or a zombie nobody reaps (its parent was killed): no start time either way
     until("the job process to end with its worker", lambda: process_start(engine) is None,

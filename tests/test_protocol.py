@@ -2,8 +2,8 @@
 
 import os
 import stat
-import subprocess
 
+from helpers import workers
 from pyvol import mountinfo
 
 
@@ -24,10 +24,7 @@ def test_workers_touch_their_heartbeat_on_tmpfs_not_on_the_disk(shared_daemon):
     """A gthread worker's accepting thread touches gunicorn's heartbeat file before every
     connection it takes. In a disk-backed /tmp that touch waited for the disk's journal behind
     a restore's writes, and Docker's calls with it (server.heartbeat_dir)."""
-    workers = subprocess.run(["pgrep", "-P", str(shared_daemon.proc.pid)], capture_output=True,
-                             text=True, timeout=10).stdout.split()
-    assert workers
-    for worker in workers:
+    for worker in workers(shared_daemon):
         fds = f"/proc/{worker}/fd"
         beats = [t for t in (os.readlink(f"{fds}/{fd}") for fd in os.listdir(fds))
                  if "/wgunicorn-" in t]
