@@ -29,7 +29,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from helpers import Daemon, Dockerd, compile_pyvol, dispose  # noqa: E402
 from mariadb import InsertLoad, MariaDB, make_image  # noqa: E402
 
-CONFIGS = ("local", "pyvol", "pyvol+snapshots")
+from pyvol import fs  # noqa: E402
+from pyvol.backends import loopdev  # noqa: E402
+
+CONFIGS = ("local", "loop", "pyvol", "pyvol+snapshots")
+
+
+class BareLoop:
+    """A filesystem on a loop device over a sparse file on the disk under dockerd's root,
+    made, attached and mounted exactly as a pyvol loop volume's (fs.mkfs, loopdev.attach,
+    fs.mount), with no pool and no pyvol: what any volume on a loop device reaches here, so
+    that pyvol's own cost (its pool: XFS on a second loop device) shows apart from the loop
+    device's."""
+
+    def __init__(self, base: Path, name: str, fstype: str):
+        self.image, self.mp, self.fstype = base / f"{name}.img", base / name, fstype
+
+    def __enter__(self) -> Path:
+        with open(self.image, "wb") as f:
+            f.truncate(4 << 30)
+        dev = loopdev.attach(self.image)
+        fs.mkfs(dev, self.fstype)
+        fs.mount(dev, self.mp, self.fstype, discard=True)
+        return self.mp
+
+    def __exit__(self, *exc) -> None:
+        subprocess.run(["umount", str(self.mp)], check=False, timeout=120)
+        loopdev.detach(self.image)
+        self.image.unlink()
+        self.mp.rmdir()
 
 
 def disk_counters(path: Path):
@@ -48,15 +76,25 @@ def disk_counters(path: Path):
 
 
 def one_run(engine: Dockerd, daemon: Daemon, config: str, n: int, seconds: float,
-            every: float, disk) -> dict:
+            every: float, disk, fstype: str, base: Path) -> dict:
     """A fresh database on a fresh volume, the load for ``seconds``; its rate and waits."""
     vol = f"bench-{config.replace('+', '-')}-{n}"
+    if config == "loop":
+        with BareLoop(base, vol, fstype) as mp:
+            engine.run("volume", "create", "-o", "type=none", "-o", "o=bind", "-o",
+                       f"device={mp}", vol)
+            return load_run(engine, daemon, config, vol, "local", seconds, every, disk)
     if config == "local":
         engine.run("volume", "create", vol)
         driver = "local"
     else:
-        engine.run("volume", "create", "-d", daemon.driver, "-o", "size=4G", "-o", "fs=xfs", vol)
+        engine.run("volume", "create", "-d", daemon.driver, "-o", "size=4G", "-o", f"fs={fstype}", vol)
         driver = daemon.driver
+    return load_run(engine, daemon, config, vol, driver, seconds, every, disk)
+
+
+def load_run(engine: Dockerd, daemon: Daemon, config: str, vol: str, driver: str,
+             seconds: float, every: float, disk) -> dict:
     db = MariaDB(engine, vol, vol, driver).start()
     snaps = []
     try:
@@ -93,6 +131,8 @@ def main():
     ap.add_argument("--seconds", type=float, default=30, help="load per run")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--snapshot-every", type=float, default=10)
+    ap.add_argument("--fs", choices=("ext4", "xfs"), default="ext4",
+                    help="the pyvol volume's filesystem (ext4: what a volume gets by default)")
     args = ap.parse_args()
     compile_pyvol()
     if args.seconds <= 0 or args.rounds < 1 or args.snapshot_every <= 0:
@@ -118,7 +158,7 @@ def main():
             order = CONFIGS if r % 2 == 0 else tuple(reversed(CONFIGS))
             for config in order:
                 res = one_run(engine, daemon, config, r, args.seconds, args.snapshot_every,
-                              disk)
+                              disk, args.fs, base)
                 results[config].append(res)
                 snaps = ", ".join(f"{s:.2f}" for s in res["snaps"])
                 print(f"  round {r + 1} {config:16} {res['rate']:8.0f} rows/s   longest wait "
@@ -131,6 +171,10 @@ def main():
         for c in CONFIGS:
             print(f"  {c:16} {med[c]:8.0f}")
         print(f"  pyvol / local:                 {med['pyvol'] / med['local']:.2f}")
+        print(f"  loop / local:                  {med['loop'] / med['local']:.2f}   "
+              "(a bare loop device: the most a loop-backed volume reaches here)")
+        print(f"  pyvol / loop:                  {med['pyvol'] / med['loop']:.2f}   "
+              "(pyvol's own cost: its pool)")
         print(f"  pyvol+snapshots / local:       {med['pyvol+snapshots'] / med['local']:.2f}")
         print(f"  pyvol+snapshots / pyvol:       {med['pyvol+snapshots'] / med['pyvol']:.2f}")
         print("\nthe disk's write and flush requests per committed row, median of the rounds:")
