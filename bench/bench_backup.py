@@ -18,6 +18,8 @@ one run:
 - two floors: the CLI's round trip from a cold cache (part of every incremental), and the
   time to write the data into a fresh volume and fsync it (a restore is durable when it
   returns; restic's is not);
+- the least ratio to restic each time goal could reach in this run, from those floors and
+  the pipeline limit;
 - the daemon's RSS (every process of it, the job process too) idle before the first job and
   after the last, and at its peak during a backup, a restore and a verify, sampled every
   50 ms; restic's peak from wait4; the same for
@@ -415,6 +417,15 @@ def main() -> None:
     print(f"verify            pyvol {out['verify']:6.2f}s  ratio to pyvol's restore "
           f"{out['verify'] / out['restore']:.2f}")
     read = full["stats"]["read"]
+    # What no engine could beat in this run: every call is a CLI round trip, a full backup
+    # must also move what it reads through the pipeline, and a restore must also write its
+    # data durably. Where these floors are above a goal, the goal cannot be met here.
+    floors = (("full", (out["cli"] + read / limit) / out["restic_full"], 0.35),
+              ("incremental", out["cli"] / out["restic_inc"], 0.10),
+              ("restore", (out["cli"] + out["durable_write"]) / out["restic_restore"], 0.35))
+    print("the least ratio to restic this run allows (the CLI's round trip, plus the full "
+          "backup's data at the pipeline limit, plus the restore's durable write): "
+          + "; ".join(f"{step} {floor:.2f} (goal {goal:.2f})" for step, floor, goal in floors))
     print(f"full backup rate: {read / out['full'] / MiB:.0f} MiB/s read, "
           f"{read / out['full'] / limit:.2f} of the pipeline limit")
     print(f"incremental bytes: changed {change / MiB:.1f} MiB, read "
