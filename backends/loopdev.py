@@ -11,8 +11,11 @@ the bound device holds its file open, so neither the inode nor its filesystem's 
 can be reused meanwhile.
 
 Attach goes through losetup, which knows the kernel's races (LOOP_CTL_GET_FREE,
-LOOP_CONFIGURE) better than we would; lookups and detach are ioctls on the device itself, so
-that the device checked is the device acted on.
+LOOP_CONFIGURE) better than we would, except for a file that must be bound through an fd of
+our own (``untimed``): losetup can only open a path. Then attach takes a free device and
+binds it with LOOP_CONFIGURE itself, as losetup does, trying the next free one when another
+process took it first. Lookups and detach are ioctls on the device itself, so that the device
+checked is the device acted on.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from pyvol import devwait
 from pyvol.errors import CommandFailed
 from pyvol.run import run
 
+from . import xfshandle
+
 log = logging.getLogger(__name__)
 
 SYS_BLOCK = Path("/sys/block")
@@ -40,12 +45,18 @@ SYS_BLOCK = Path("/sys/block")
 LOOP_CLR_FD = 0x4C01
 LOOP_SET_STATUS64 = 0x4C04
 LOOP_GET_STATUS64 = 0x4C05
+LOOP_CONFIGURE = 0x4C0A  # Linux 5.8
+LOOP_CTL_GET_FREE = 0x4C82
 LO_FLAGS_AUTOCLEAR = 4
+LO_FLAGS_DIRECT_IO = 16
 # struct loop_info64: lo_device, lo_inode, lo_rdevice, lo_offset, lo_sizelimit (u64);
 # lo_number, lo_encrypt_type, lo_encrypt_key_size, lo_flags (u32); lo_file_name[64],
 # lo_crypt_name[64], lo_encrypt_key[32]; lo_init[2] (u64). 232 bytes, no padding.
 _INFO64 = struct.Struct("=5Q4I64s64s32s2Q")
 _FLAGS = 8  # index of lo_flags in the unpacked tuple
+# struct loop_config: fd, block_size (u32); struct loop_info64 info; __reserved[8] (u64)
+_CONFIG = struct.Struct(f"=2I{_INFO64.size}s64x")
+
 
 # How long attach waits for the device losetup names to be a node of the file's size here
 # (where udevd, not devtmpfs, makes the nodes, they follow the attach by moments).
@@ -214,14 +225,22 @@ def _cancel_autoclear(fd: int, dev: str, info: tuple) -> None:
                  _to_status(info).name)
 
 
-def attach(path: Path, direct_io: bool = True, sector_size: int = 4096) -> str:
+def attach(path: Path, direct_io: bool = True, sector_size: int = 4096,
+           untimed: bool = False) -> str:
     """Attach ``path`` (or return the device it is already bound to). ``sector_size`` (with
     direct I/O) must be the one the filesystem in the file was made for. Where the file's
-    filesystem cannot take direct I/O at that size, the kernel attaches it buffered."""
+    filesystem cannot take direct I/O at that size, the kernel attaches it buffered.
+
+    ``untimed`` (with direct I/O only): writes through the device leave the file's mtime and
+    ctime alone (xfshandle), where the file is on XFS; elsewhere it is attached as any other."""
     want = identity(path)
     existing = _reuse(path, want)
     if existing:
         return existing
+    if untimed and direct_io:
+        dev = _attach_untimed(path, want, sector_size)
+        if dev:
+            return dev
     # no --nooverlap: it opens every loop device to compare, by path, holding others' detaches
     argv = ["losetup", "--find", "--show"]
     if direct_io:
@@ -251,6 +270,108 @@ def attach(path: Path, direct_io: bool = True, sector_size: int = 4096) -> str:
     return dev
 
 
+class _NotHere(Exception):
+    """The untimed attach cannot be done here: losetup attaches the file as ever."""
+
+
+_fallback_said = False
+
+
+def _attach_untimed(path: Path, want: tuple[int, int], sector_size: int) -> str | None:
+    """Bind a free device to ``path`` opened through its XFS handle; None where that cannot
+    be done here (not XFS, no LOOP_CONFIGURE, no /dev/loop-control), for losetup to attach
+    the file as ever. Only the file changing under us is an error."""
+    global _fallback_said
+    try:
+        with contextlib.ExitStack() as stack:
+            dev = _configure(_open_untimed(stack, path, want), path, sector_size)
+    except _NotHere as e:
+        log.log(logging.DEBUG if _fallback_said else logging.WARNING,
+                "%s: %s; attaching it with losetup, so that the pool records its times on "
+                "every flush, as before", path, e)
+        _fallback_said = True
+        return None
+    _wait_attached(dev, path, want)
+    return dev
+
+
+def _open_untimed(stack: contextlib.ExitStack, path: Path, want: tuple[int, int]) -> int:
+    """An fd on ``path`` through its XFS handle, checked to be the file ``want`` names."""
+    try:
+        directory = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        stack.callback(os.close, directory)
+        fd = os.open(os.path.basename(path), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW,
+                     dir_fd=directory)
+        stack.callback(os.close, fd)
+    except OSError as e:
+        raise _NotHere(f"could not be opened ({e.strerror})") from None
+    st = os.fstat(fd)
+    if (st.st_dev, st.st_ino) != want:
+        raise CommandFailed(f"{path} changed while it was being attached; try again")
+    try:
+        untimed = xfshandle.open_untimed(fd, directory, os.O_RDWR | os.O_DIRECT)
+    except OSError as e:
+        raise _NotHere(f"cannot be opened through its XFS handle ({e.strerror})") from None
+    stack.callback(os.close, untimed)
+    st = os.fstat(untimed)
+    if (st.st_dev, st.st_ino) != want:  # a handle names an inode on the directory's mount
+        raise _NotHere("its XFS handle opened another file")
+    return untimed
+
+
+def _configure(fd: int, path: Path, sector_size: int) -> str:
+    """LOOP_CONFIGURE a free device with ``fd`` (direct I/O, ``sector_size``), trying the
+    next free one while others take them first, for at most ATTACH_WAIT s."""
+    name = os.fsencode(path)[:63]
+    info = _INFO64.pack(0, 0, 0, 0, 0, 0, 0, 0, LO_FLAGS_DIRECT_IO, name, b"", b"", 0, 0)
+    config = _CONFIG.pack(fd, sector_size, info)
+    deadline = time.monotonic() + ATTACH_WAIT
+    offered = None
+    while True:
+        dev = _free_device()
+        if dev == offered:
+            time.sleep(0.2)  # offered again: someone holds it unbound, for a while perhaps
+        offered = dev
+        try:
+            dev_fd = os.open(dev, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno not in (errno.ENXIO, errno.ENOENT):  # (else: gone meanwhile)
+                raise _NotHere(f"the free loop device {dev} could not be opened "
+                               f"({e.strerror})") from None
+        else:
+            try:
+                fcntl.ioctl(dev_fd, LOOP_CONFIGURE, config)
+                return dev
+            except OSError as e:
+                if e.errno not in (errno.EBUSY, errno.EAGAIN):  # (else: taken meanwhile)
+                    raise _NotHere(f"LOOP_CONFIGURE on {dev} refused it ({e.strerror}: a kernel "
+                                   "older than 5.8, or one that refuses this configuration)") \
+                        from None
+            finally:
+                os.close(dev_fd)
+        if time.monotonic() > deadline:
+            raise _NotHere(f"the free loop devices offered were taken by others for "
+                           f"{ATTACH_WAIT:g} s")
+
+
+def _free_device() -> str:
+    """A free loop device (the kernel makes one if none is), once its node is here."""
+    try:
+        ctl = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        raise _NotHere(f"/dev/loop-control could not be opened ({e.strerror})") from None
+    try:
+        dev = f"/dev/loop{fcntl.ioctl(ctl, LOOP_CTL_GET_FREE)}"
+    except OSError as e:
+        raise _NotHere(f"no free loop device ({e.strerror})") from None
+    finally:
+        os.close(ctl)
+    devwait.until(lambda: devwait.block_device(dev, sized=False), ATTACH_WAIT, _NotHere(
+        f"the free loop device {dev} had no device node here within {ATTACH_WAIT:g} s"),
+        names=[os.path.basename(dev)])
+    return dev
+
+
 def _wait_attached(dev: str, path: Path, want: tuple[int, int]) -> None:
     """Wait for ``dev`` to be a block device node here, sized unless the file is smaller than
     a sector: on its uevents, polling where none arrive (devwait)."""
@@ -260,7 +381,7 @@ def _wait_attached(dev: str, path: Path, want: tuple[int, int]) -> None:
         sized = False
     try:
         devwait.until(lambda: devwait.block_device(dev, sized), ATTACH_WAIT, CommandFailed(
-            f"losetup attached {dev} to {path}, but {dev} was not a block device "
+            f"{dev} was bound to {path}, but it was not a block device "
             f"{'of its size ' if sized else ''}here within {ATTACH_WAIT:g} s"),
             names=[os.path.basename(dev)])
     except CommandFailed:

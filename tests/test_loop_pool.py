@@ -2,6 +2,7 @@
 
 import errno
 import json
+import mmap
 import os
 import subprocess
 import threading
@@ -208,7 +209,8 @@ def test_the_pool_bypasses_the_page_cache_and_older_pools_still_mount(workdir):
 def test_a_file_that_refuses_direct_io_is_attached_buffered(workdir):
     """ramfs has no O_DIRECT (nor tmpfs before Linux 6.6: the qemu lane's pools are on one),
     and the kernel refuses a loop device with direct I/O on it: attach falls back to
-    buffered rather than fail."""
+    buffered rather than fail. Nor has it XFS's handles, which an untimed attach falls back
+    from to losetup."""
     fs_dir = workdir / "ramfs"
     fs_dir.mkdir()
     subprocess.run(["mount", "-t", "ramfs", "pyvol-test", str(fs_dir)], check=True)
@@ -220,5 +222,70 @@ def test_a_file_that_refuses_direct_io_is_attached_buffered(workdir):
         assert _sys(dev, "loop/dio") == "0"
         assert _sys(dev, "queue/logical_block_size") == "4096"
         loopdev.detach(image)
+        # nor is it XFS: an untimed attach (a volume's) falls back to losetup's, as ever
+        dev = os.path.basename(loopdev.attach(image, untimed=True))
+        assert _sys(dev, "loop/backing_file") == str(image)
+        assert _sys(dev, "loop/dio") == "0"
+        loopdev.detach(image)
     finally:
         subprocess.run(["umount", str(fs_dir)], check=False)
+
+
+def test_writes_through_a_volume_leave_its_image_timestamps_alone(daemon):
+    """Each flush on a volume is a full fsync of its image in the pool's XFS, and an image
+    whose mtime had moved since the last one cost the pool a log commit and force to record
+    it. The image is bound through its XFS handle (no c/mtime updates): its blocks fill, its
+    times stay."""
+    api = daemon.api
+    api.ok("/VolumeDriver.Create", {"Name": "v", "Opts": {"size": "256M"}})
+    mp = api.ok("/VolumeDriver.Mount", {"Name": "v", "ID": "c"})["Mountpoint"]
+    image = daemon.root / "loop/pool/volumes/v.img"
+    dev = os.path.basename(loopdev.find(image))
+    assert _sys(dev, "loop/dio") == "1"
+    assert _sys(dev, "queue/logical_block_size") == "4096"
+    assert _sys(dev, "loop/backing_file") == str(image)
+    before = os.stat(image)
+    time.sleep(0.1)  # many clock ticks: a timestamp that moved would show it
+    with open(os.path.join(mp, "data"), "wb") as f:
+        for _ in range(32):
+            f.write(os.urandom(256 << 10))
+            os.fsync(f.fileno())
+    after = os.stat(image)
+    assert after.st_blocks - before.st_blocks >= (8 << 20) // 512, "the writes reached the image"
+    assert (after.st_mtime_ns, after.st_ctime_ns) == (before.st_mtime_ns, before.st_ctime_ns)
+    api.ok("/VolumeDriver.Unmount", {"Name": "v", "ID": "c"})
+    api.ok("/VolumeDriver.Remove", {"Name": "v"})
+
+
+def test_an_untimed_attach_the_kernel_refuses_falls_back_to_losetup(workdir, monkeypatch):
+    """A kernel without LOOP_CONFIGURE (before 5.8) answers it with EINVAL or ENOTTY: the
+    volume is then attached by losetup, with its timestamps following its writes, not
+    refused."""
+    pool, mnt = workdir / "pool.img", workdir / "pool"
+    with open(pool, "wb") as f:
+        f.truncate(512 << 20)
+    subprocess.run(["mkfs.xfs", "-q", "-s", "size=4096", str(pool)], check=True, timeout=120)
+    mnt.mkdir()
+    subprocess.run(["mount", loopdev.attach(pool), str(mnt)], check=True, timeout=60)
+    try:
+        image = mnt / "v.img"
+        with open(image, "wb") as f:
+            f.truncate(64 << 20)
+        monkeypatch.setattr(loopdev, "LOOP_CONFIGURE", 0x4CFF)  # no such loop ioctl
+        dev = loopdev.attach(image, untimed=True)
+        assert _sys(os.path.basename(dev), "loop/dio") == "1"
+        assert _sys(os.path.basename(dev), "loop/backing_file") == str(image)
+        before = os.stat(image).st_mtime_ns
+        time.sleep(0.1)
+        fd = os.open(dev, os.O_WRONLY | os.O_DIRECT)
+        try:
+            buf = mmap.mmap(-1, 4096)
+            os.pwrite(fd, buf, 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        assert os.stat(image).st_mtime_ns != before, "attached through the handle after all"
+        loopdev.detach(image)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False, timeout=60)
+        loopdev.detach(pool)
