@@ -34,6 +34,7 @@ from .. import clock
 from ..errors import Conflict, NotFound, PyvolError
 from ..log import event
 from .repo import LOCK_CAP, Repository, holder_dead, holder_identity, host_id
+from .session import EngineDied
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,11 @@ class Lease:
             try:
                 self.repo.target.delete(key)
                 self._keys.remove(key)
+            except EngineDied:
+                # they name the dead job process: the next taker breaks them at once
+                log.info("the job process holding repository lock objects %s ended; the next "
+                         "taker breaks them as a dead holder's", ", ".join(self._keys))
+                return
             except PyvolError as e:
                 log.warning("could not delete repository lock %s (it expires by itself): %s",
                             key, e)
