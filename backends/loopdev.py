@@ -57,9 +57,9 @@ _FLAGS = 8  # index of lo_flags in the unpacked tuple
 # struct loop_config: fd, block_size (u32); struct loop_info64 info; __reserved[8] (u64)
 _CONFIG = struct.Struct(f"=2I{_INFO64.size}s64x")
 
-
-# How long attach waits for the device losetup names to be a node of the file's size here
-# (where udevd, not devtmpfs, makes the nodes, they follow the attach by moments).
+# How long attach waits for the device it bound to be a node of the file's size here (where
+# udevd, not devtmpfs, makes the nodes, they follow the attach by moments), and for a free
+# device that others do not take first.
 ATTACH_WAIT = 10.0
 
 # How long detach waits for a short-lived opener (blkid, udev, another daemon's scan) to let
