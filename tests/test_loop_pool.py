@@ -2,13 +2,12 @@
 
 import errno
 import json
-import mmap
 import os
 import subprocess
 import threading
 import time
 
-from helpers import Daemon, in_mount_ns, release
+from helpers import Daemon, in_mount_ns, release, write_at
 from pyvol import mountinfo
 from pyvol.backends import loopdev
 
@@ -277,13 +276,7 @@ def test_an_untimed_attach_the_kernel_refuses_falls_back_to_losetup(workdir, mon
         assert _sys(os.path.basename(dev), "loop/backing_file") == str(image)
         before = os.stat(image).st_mtime_ns
         time.sleep(0.1)
-        fd = os.open(dev, os.O_WRONLY | os.O_DIRECT)
-        try:
-            buf = mmap.mmap(-1, 4096)
-            os.pwrite(fd, buf, 0)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_at(dev, 0, b"x" * 4096)
         assert os.stat(image).st_mtime_ns != before, "attached through the handle after all"
         loopdev.detach(image)
     finally:
