@@ -54,7 +54,7 @@ class BareLoop:
         return self.mp
 
     def __exit__(self, *exc) -> None:
-        subprocess.run(["umount", str(self.mp)], check=False, timeout=120)
+        fs.umount(self.mp)
         loopdev.detach(self.image)
         self.image.unlink()
         self.mp.rmdir()
