@@ -127,6 +127,8 @@ class FaultProxy:
         self.mode = "pass"
         self.delay = 0.0
         self.requests = 0
+        self.connections = 0  # open now: what a client sent may still be on its way upstream
+        self._count_lock = threading.Lock()
         self._listener: socket.socket | None = None
         self._stop = threading.Event()
         self._listen()
@@ -156,6 +158,15 @@ class FaultProxy:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
+        with self._count_lock:
+            self.connections += 1
+        try:
+            self._proxy(conn)
+        finally:
+            with self._count_lock:
+                self.connections -= 1
+
+    def _proxy(self, conn: socket.socket) -> None:
         with conn:
             if self.mode == "stall":
                 conn.recv(65536)

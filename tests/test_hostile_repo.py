@@ -478,9 +478,11 @@ def test_a_directory_that_vanishes_while_it_is_read_fails_the_backup(place):
 
 # -- block chunks and repository metadata --------------------------------------------------
 
-def block_backup(place: Path, key: bytes | None) -> tuple[Repository, dict]:
-    """A 3-piece sparse "device" (a plain file) backed up; the repository and manifest."""
-    repo = open_repo(place, key)
+def block_backup(place: Path, key: bytes | None,
+                 repo: Repository | None = None) -> tuple[Repository, dict]:
+    """A 3-piece sparse "device" (a plain file) backed up; the repository (``repo``, or a
+    file:// one in ``place``) and manifest."""
+    repo = repo or open_repo(place, key)
     cs = repo.chunk_size
     dev = place / "source" / "device"
     size = 3 * cs
@@ -560,6 +562,34 @@ def zstd_bomb(size: int, declared: bool) -> bytes:
         for _ in range(size // len(piece)):
             w.write(piece)
     return out.getvalue()
+
+
+@pytest.mark.parametrize("key", [None, KEY], ids=["plain", "encrypted"])
+def test_an_s3_repositorys_chunks_are_read_whole_and_checked(place, s3, monkeypatch, key):
+    """S3 reads a chunk into the thread's buffer piece by piece: a restore comes out byte for
+    byte, and an object too long, cut short or another chunk's is refused naming it."""
+    for var, value in s3.env.items():
+        monkeypatch.setenv(var, value)
+    bucket = s3.bucket()
+    repo, manifest = block_backup(
+        place, key, Repository.open(f"s3://{bucket}/r", key, create=True))
+    block_restore(repo, manifest, place)
+    assert (place / "target" / "device").read_bytes() == \
+        (place / "source" / "device").read_bytes()
+
+    client = s3.client()
+    names = [n for _, n in manifest["chunks"]]
+    stored = {n: client.get_object(Bucket=bucket, Key="r/" + repo.chunk_key(n))["Body"].read()
+              for n in names}
+    for bad, why in [(stored[names[0]] + os.urandom(repo.chunk_size), "larger than any"),
+                     (stored[names[0]][:len(stored[names[0]]) // 2], None),
+                     (stored[names[1]], None)]:
+        client.put_object(Bucket=bucket, Key="r/" + repo.chunk_key(names[0]), Body=bad)
+        with pytest.raises(CorruptObject, match=why or names[0]) as e:
+            block_restore(repo, manifest, place)
+        assert names[0] in str(e.value)
+    report = block.verify(repo, manifest, Job("verify"), 4)
+    assert len(report["bad"]) == 1 and names[0] in report["bad"][0], report
 
 
 @pytest.mark.parametrize("declared", [True, False], ids=["size-declared", "size-unknown"])

@@ -225,7 +225,7 @@ class Repository:
     def put_chunk(self, name: str, plaintext) -> int:
         """Seal and store a chunk; the number of bytes stored."""
         key = self.chunk_key(name)
-        blob = self.codec.seal(key, plaintext, reuse=True)
+        blob = self.codec.seal(key, plaintext, reuse=self.target.puts_views)
         self.target.put(key, blob)
         with self._known_lock:
             if self._known is not None:

@@ -21,6 +21,7 @@ from pathlib import Path
 from ..errors import InvalidInput, NotFound, PyvolError
 from ..files import TEMP_PREFIX, aligned_buffer, write_whole
 
+READ_PIECE = 256 << 10  # an S3 body is read into a chunk's buffer this much at a time
 ACCEPTED = "accepted are s3://BUCKET[/PREFIX] and file:///ABSOLUTE/PATH"
 
 
@@ -32,6 +33,10 @@ class TargetError(PyvolError):
 
 class Target(ABC):
     url: str
+    #: whether ``put`` takes a view of a thread's reused buffer (``Codec.seal(reuse=True)``)
+    #: as it is. A target that must have bytes would copy it: two buffers a chunk in flight
+    #: where one, sealed into a fresh bytearray, does (the same page faults, no copy).
+    puts_views = True
 
     @abstractmethod
     def get(self, key: str, limit: int) -> bytes:
@@ -254,6 +259,12 @@ def _boto_session():
     return _session
 
 
+def _sendable(data) -> bytes | bytearray:
+    """``data`` as botocore takes a body: bytes and bytearrays as they are (no 4 MiB copy of
+    each chunk), anything else copied into bytes."""
+    return data if isinstance(data, bytes | bytearray) else bytes(data)
+
+
 def _client(cfg):
     with _session_lock:
         return _boto_session().client("s3", config=cfg)
@@ -265,6 +276,8 @@ class S3Target(Target):
     Timeouts and retries are always bounded: boto3's defaults wait minutes on a hung endpoint.
     Settings (daemon env ``PYVOL_BACKUP_*``): connect_timeout, read_timeout, max_attempts.
     """
+
+    puts_views = False  # botocore takes bytes or a bytearray as a body, not a memoryview
 
     def __init__(self, bucket: str, prefix: str, settings: dict[str, str]):
         import botocore.config
@@ -318,13 +331,16 @@ class S3Target(Target):
         except (bx.BotoCoreError, bx.ClientError) as e:
             raise self._err(op, key, e) from None
 
-    def get(self, key: str, limit: int) -> bytes:
+    @contextlib.contextmanager
+    def _reading(self, key: str):
+        """The object's body as a stream; any failure, asking for it or reading it, becomes
+        NotFound or a TargetError."""
         import botocore.exceptions as bx
 
         try:
             resp = self.s3.get_object(Bucket=self.bucket, Key=self.prefix + key)
             with contextlib.closing(resp["Body"]) as body:
-                return body.read(limit + 1)
+                yield body
         except bx.ClientError as e:
             if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 raise NotFound(f"{self.url}: no object {key}") from None
@@ -332,14 +348,34 @@ class S3Target(Target):
         except bx.BotoCoreError as e:
             raise self._err("get", key, e) from None
 
+    def get(self, key: str, limit: int) -> bytes:
+        with self._reading(key) as body:
+            return body.read(limit + 1)
+
+    def get_view(self, key: str, limit: int, lead: int = 0) -> memoryview:
+        # in pieces, into the thread's buffer (decrypted there in place): for
+        # ``read(limit + 1)`` http.client filled a fresh bytearray of the whole chunk and
+        # copied it into bytes, so a restore's thread held three chunk-sized buffers at
+        # once (those two and the decrypted chunk); now it holds one and a piece
+        view = memoryview(aligned_buffer(lead + limit + 1, "object"))[lead:lead + limit + 1]
+        n = 0
+        with self._reading(key) as body:
+            while n < len(view):
+                piece = body.read(min(READ_PIECE, len(view) - n))
+                if not piece:
+                    break
+                view[n:n + len(piece)] = piece
+                n += len(piece)
+        return view[:n]
+
     def put(self, key: str, data: bytes) -> None:
-        self._call("put", key, self.s3.put_object, Key=self.prefix + key, Body=bytes(data))
+        self._call("put", key, self.s3.put_object, Key=self.prefix + key, Body=_sendable(data))
 
     def put_if_absent(self, key: str, data: bytes) -> bool:
         import botocore.exceptions as bx
 
         try:
-            self.s3.put_object(Bucket=self.bucket, Key=self.prefix + key, Body=bytes(data),
+            self.s3.put_object(Bucket=self.bucket, Key=self.prefix + key, Body=_sendable(data),
                                IfNoneMatch="*")
             return True
         except bx.ClientError as e:
