@@ -34,3 +34,17 @@ class CommandFailed(PyvolError):
     """An external tool failed; the message carries its name and its last words."""
 
     http_status = 500
+
+
+def portable(e: PyvolError) -> PyvolError:
+    """``e`` itself if it survives pickling (the backup job process's answers cross a pipe),
+    else a PyvolError with its sentence and status."""
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(e))
+        return e
+    except Exception:
+        plain = PyvolError(str(e))
+        plain.http_status = getattr(e, "http_status", plain.http_status)
+        return plain

@@ -19,6 +19,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from helpers import workers
 from pyvol.backup import retention
 from pyvol.backup.retention import Duration, Policy, keep
 from pyvol.errors import InvalidInput
@@ -445,3 +446,48 @@ def test_a_forget_killed_halfway_leaves_a_readable_repository_and_the_rerun_fini
         assert not list((repo_dir / "locks").iterdir())
     finally:
         d.stop()
+
+
+def _status(pid: int, field: str) -> int:
+    """A memory size from /proc/PID/status (VmRSS now, VmHWM its peak so far), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {field} for {pid}")
+
+
+def test_big_manifests_are_read_in_the_job_process_not_the_worker(workdir, daemon):
+    """A manifest lists every chunk of its volume (a 1 TiB volume's: 262,144, about 20 MB of
+    JSON). `backup ls`, `forget` and `gc` read every manifest; the worker that answers
+    Docker must get their heads and the unreferenced chunks, not the chunk maps, or its
+    memory grows by tens of MiB a manifest (forget held them all at once)."""
+    from pyvol.backup.repo import Repository, split_backup_url
+
+    d = daemon
+    repo_dir = workdir / "repo"
+    repo_dir.mkdir()
+    url = f"file://{repo_dir}"
+    mp = _volume(d, "v")
+    _write(f"{mp}/a", os.urandom(4 * MiB))
+    real = _backup(d, "v", url)
+    repo = Repository.open(url, None)
+    _, volkey, bid = split_backup_url(real["url"])
+    names = [n for _, n in repo.get_manifest(volkey, bid)["chunks"]]
+    for n in range(4):  # "1 TiB" volumes whose pieces are all the real backup's chunks
+        m = repo.get_manifest(*split_backup_url(
+            _plant(url, real["url"], f"2026-11-0{n + 1} 12:00:00", n))[1:])
+        m.pop("url")
+        m["source"]["size"] = 1 << 40
+        m["chunks"] = [[i, names[i % len(names)]] for i in range((1 << 40) // repo.chunk_size)]
+        repo.put_manifest(m)
+
+    rss_before = {pid: _status(pid, "VmRSS") for pid in workers(d)}
+    listed = json.loads(d.cli("backup", "ls", url, "--json").stdout)
+    assert sorted(b["chunk_count"] for b in listed) == [len(names)] + [262144] * 4
+    result = json.loads(d.cli("backup", "forget", url, "--keep-last", "2", "--gc",
+                              "--json").stdout)
+    assert result["removed"] == 3 and result["kept"] == 2
+    assert result["gc"]["backups"] == 2 and result["gc"]["chunks_deleted"] == 0
+    assert result["gc"]["chunks_kept"] == len(set(names))
+    grew = max(_status(pid, "VmHWM") - rss for pid, rss in rss_before.items())
+    assert grew < 16 * MiB, f"a worker's memory grew by {grew / MiB:.0f} MiB"

@@ -33,13 +33,12 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-import pickle
 import signal
 import sys
 import threading
 from typing import TYPE_CHECKING
 
-from ..errors import PyvolError
+from ..errors import PyvolError, portable
 from ..lifeline import die_with_parent
 from .job import Job
 
@@ -52,10 +51,13 @@ log = logging.getLogger(__name__)
 
 #: the engine functions a job may name, and nothing else
 ENTRY_POINTS = {"block.backup", "block.restore", "block.verify", "tree.backup", "tree.restore"}
+#: functions of backup/repo.py that take the repository first, for what would otherwise
+#: bring every manifest (each lists all of its volume's chunks) across the pipe
+FUNCTIONS = {"missing_chunks", "manifest_heads", "unreferenced_chunks"}
 #: the repository calls the worker may make (service.py and leases.py use these, no more)
 CALLS = {"get_manifest", "put_manifest", "delete_manifest", "backup_ids", "volume_key",
-         "read_object", "missing_chunks", "target.list", "target.get", "target.put",
-         "target.put_if_absent", "target.delete", "codec.seal", "holder"}
+         "read_object", "target.list", "target.get", "target.put", "target.put_if_absent",
+         "target.delete", "codec.seal", "holder"} | FUNCTIONS
 CALL_THREADS = 4  # the worker's caller, its lease renewer, and room for one more of each
 PROGRESS_EVERY = 0.25  # seconds between progress messages
 NICENESS = 10
@@ -85,7 +87,7 @@ class _Process:
         try:
             msg = ("ok", n, _plain(fn(*args)))
         except PyvolError as e:
-            msg = ("error", n, _portable(e))
+            msg = ("error", n, portable(e))
         except BaseException as e:  # noqa: BLE001 - the worker reports it; the traceback is here
             log.exception("backup job process failed")
             msg = ("crash", n, f"{type(e).__name__}: {e}")
@@ -136,10 +138,10 @@ class _Process:
     def _call(self, name: str, args: tuple):
         if name not in CALLS:
             raise ValueError(f"not a repository call: {name}")
-        if name == "missing_chunks":
-            from .repo import missing_chunks
+        if name in FUNCTIONS:
+            from . import repo
 
-            return missing_chunks(self.repo, *args)
+            return getattr(repo, name)(self.repo, *args)
         owner, _, method = name.rpartition(".")
         return getattr(getattr(self.repo, owner) if owner else self.repo, method)(*args)
 
@@ -189,17 +191,6 @@ def _plain(value):
     if hasattr(value, "__next__"):
         return list(value)
     return value
-
-
-def _portable(e: PyvolError) -> PyvolError:
-    """The error itself if it survives the pipe, else a PyvolError with its sentence."""
-    try:
-        pickle.loads(pickle.dumps(e))
-        return e
-    except Exception:
-        plain = PyvolError(str(e))
-        plain.http_status = getattr(e, "http_status", plain.http_status)
-        return plain
 
 
 def main(argv: list[str]) -> int:

@@ -27,7 +27,7 @@ from .blobs import CorruptObject, read_key_file
 from .job import Job
 from .leases import DEFAULT_LEASE, held_until, locked, stamp
 from .retention import Policy, keep
-from .repo import host_id, new_backup_id, split_backup_url, utcnow
+from .repo import host_id, manifest_head, new_backup_id, split_backup_url, utcnow
 from .session import RemoteRepository
 from .targets import s3_environment
 
@@ -37,13 +37,6 @@ AUTO_PREFIX = "backup-"  # snapshots a backup took itself, and may remove once s
 PENDING = "backup-snapshot:"  # meta key prefix: VOL@SNAP of a backup still running
 BASE = "backup-base:"  # meta key prefix: VOL@SNAP kept as the base of REPO's next backup
 PARENT_LOOKBACK = 20     # how many recent backups are tried as the incremental parent
-
-
-def _summary(m: dict) -> dict:
-    """A manifest without its chunk map, which can be long."""
-    out = {k: v for k, v in m.items() if k != "chunks"}
-    out["chunk_count"] = len(m.get("chunks", []))
-    return out
 
 
 class VolumeAccess(Protocol):
@@ -157,6 +150,14 @@ class Backups:
         """The repository at ``url``, opened in a job process of its own: close it."""
         return RemoteRepository(url, how, self.key_file, self.settings)
 
+    @staticmethod
+    def _head(repo: RemoteRepository, volkey: str, bid: str) -> dict:
+        """One backup's manifest without its chunk map (``repo.manifest_head``)."""
+        (_vk, _bid, head, error), = repo.manifest_heads([(volkey, bid)])
+        if error is not None:
+            raise error
+        return head
+
     def _manifest(self, backup_url) -> tuple[RemoteRepository, dict]:
         """The repository a backup URL names, open (the caller closes it), and the
         backup's manifest."""
@@ -246,7 +247,7 @@ class Backups:
             m.set_note(f"{BASE}{vol}@{snap}", repo.url)
         self._drop_superseded(vol, snap, repo.url, manifest.get("parent_snapshot"))
         manifest["url"] = url
-        return _summary(manifest)
+        return manifest_head(manifest)
 
     def recover(self) -> None:
         """At start: a backup the daemon died in wrote no manifest (or one whose snapshot is
@@ -335,11 +336,11 @@ class Backups:
         recent = repo.backup_ids(volume)[-PARENT_LOOKBACK:]
         if not recent:
             return None, "first backup of this volume in this repository"
-        for volkey, bid in reversed(recent):
-            try:
-                man = repo.get_manifest(volkey, bid)
-            except (NotFound, CorruptObject):
+        for volkey, bid, man, error in reversed(repo.manifest_heads(recent)):
+            if isinstance(error, NotFound | CorruptObject):
                 continue
+            if error is not None:
+                raise error
             src = man.get("source", {})
             if src.get("instance") != m.instance_id():
                 continue
@@ -353,8 +354,13 @@ class Backups:
             except Conflict:  # being removed right now
                 continue
             if _still_its_snapshot(m.snapshot(volume, s.name), src):
+                try:  # now its chunk map, which only the one parent needs
+                    full = repo.get_manifest(volkey, bid)
+                except (NotFound, CorruptObject):
+                    reading.close()
+                    continue
                 held.enter_context(reading)
-                return man, ""
+                return full, ""
             reading.close()  # removed, or made again under its name, before the hold
         return None, ("the snapshot of the previous backup is gone from this host, so every "
                       "mapped range is read (only new chunks are uploaded)")
@@ -432,21 +438,21 @@ class Backups:
             return self._ebs("listing ebs:// backups").list(parse_ebs_url(url)[0], volume)
         out = []
         with self._repo(url) as repo:
-            for vk, bid in repo.backup_ids(volume):
-                try:
-                    out.append(_summary(repo.get_manifest(vk, bid)))
-                except (CorruptObject, NotFound) as e:
-                    if not passing_over_bad:
-                        raise
-                    log.warning("passed over backup %s/%s: %s", vk, bid, e)
+            for vk, bid, head, error in repo.manifest_heads(repo.backup_ids(volume)):
+                if error is None:
+                    out.append(head)
+                elif isinstance(error, CorruptObject | NotFound) and passing_over_bad:
+                    log.warning("passed over backup %s/%s: %s", vk, bid, error)
+                else:
+                    raise error
         return out
 
     def inspect(self, backup_url) -> dict:
         if isinstance(backup_url, str) and backup_url.startswith("ebs://"):
             return self._ebs("an ebs:// backup").describe(*self._ebs_ref(backup_url))
-        repo, manifest = self._manifest(backup_url)
-        repo.close()
-        return _summary(manifest)
+        repo_url, volkey, bid = split_backup_url(backup_url)
+        with self._repo(repo_url) as repo:
+            return self._head(repo, volkey, bid)
 
     @staticmethod
     def _ebs_ref(url: str) -> tuple[str, str]:
@@ -511,7 +517,7 @@ class Backups:
             return {"removed": backup_url}
         repo_url, volkey, bid = split_backup_url(backup_url)
         with self._repo(repo_url) as repo, locked(repo, "exclusive", self.lease) as lease:
-            manifest = repo.get_manifest(volkey, bid)  # NotFound, or unreadable with this key
+            manifest = self._head(repo, volkey, bid)  # NotFound, or unreadable with this key
             crashpoint("backup_rm.locked")
             lease.check()
             repo.delete_manifest(volkey, bid)
@@ -538,15 +544,10 @@ class Backups:
         two leases ago; then the unreferenced chunks are only counted, left for a later gc."""
         with self._repo(url) as repo, locked(repo, "exclusive", self.lease) as lease:
             hold = held_until(repo, self.lease)  # before the manifests: the order matters
-            live: set[str] = set()
-            ids = repo.backup_ids()
-            for vk, bid in ids:
-                live.update(n for _, n in repo.get_manifest(vk, bid)["chunks"])
-            deleted, freed, kept, marked, marked_bytes = 0, 0, 0, 0, 0
-            for key, size in list(repo.target.list("chunks/")):
-                if key.rpartition("/")[2] in live:
-                    kept += 1
-                elif hold is not None:
+            found = repo.unreferenced_chunks()  # read in the job process, not here
+            deleted, freed, marked, marked_bytes = 0, 0, 0, 0
+            for key, size in found["unreferenced"]:
+                if hold is not None:
                     marked += 1
                     marked_bytes += size
                 else:
@@ -558,7 +559,8 @@ class Backups:
         after = stamp(hold) if hold is not None and marked else None
         event(log, "repository garbage collected", repo=repo.url, deleted=deleted, freed=freed,
               marked=marked, delete_after=after)
-        return {"backups": len(ids), "chunks_kept": kept, "chunks_deleted": deleted,
+        return {"backups": found["backups"], "chunks_kept": found["kept"],
+                "chunks_deleted": deleted,
                 "bytes_freed": freed, "chunks_marked": marked, "bytes_marked": marked_bytes,
                 "delete_after": after}
 
@@ -622,14 +624,12 @@ class Backups:
         newest first with their reasons; and the backups that could not be judged."""
         by_group: dict[tuple[str, str], list[tuple[dict, object]]] = {}
         unreadable = []
-        for volkey, bid in repo.backup_ids(volume):
+        for volkey, bid, manifest, error in repo.manifest_heads(repo.backup_ids(volume)):
             url = repo.backup_url(volkey, bid)
-            try:
-                manifest = repo.get_manifest(volkey, bid)
-            except NotFound:
+            if isinstance(error, NotFound):
                 continue  # removed since the listing
-            except PyvolError as e:  # another key, garbage, a format this pyvol cannot read
-                unreadable.append({"url": url, "id": bid, "why": f"kept: unreadable: {e}"})
+            if error is not None:  # another key, garbage, a format this pyvol cannot read
+                unreadable.append({"url": url, "id": bid, "why": f"kept: unreadable: {error}"})
                 continue
             created = manifest.get("created")
             try:
