@@ -458,9 +458,9 @@ def _status(pid: int, field: str) -> int:
 
 def test_big_manifests_are_read_in_the_job_process_not_the_worker(workdir, daemon):
     """A manifest lists every chunk of its volume (a 1 TiB volume's: 262,144, about 20 MB of
-    JSON). `backup ls`, `forget` and `gc` read every manifest; the worker that answers
-    Docker must get their heads and the unreferenced chunks, not the chunk maps, or its
-    memory grows by tens of MiB a manifest (forget held them all at once)."""
+    JSON). `backup ls`, `forget` and `gc` read every manifest, `verify` (and a restore) one;
+    the worker that answers Docker must get their heads and the unreferenced chunks, not
+    the chunk maps, or its memory grows by tens of MiB a manifest (forget held them all)."""
     from pyvol.backup.repo import Repository, split_backup_url
 
     d = daemon
@@ -474,8 +474,8 @@ def test_big_manifests_are_read_in_the_job_process_not_the_worker(workdir, daemo
     _, volkey, bid = split_backup_url(real["url"])
     names = [n for _, n in repo.get_manifest(volkey, bid)["chunks"]]
     for n in range(4):  # "1 TiB" volumes whose pieces are all the real backup's chunks
-        m = repo.get_manifest(*split_backup_url(
-            _plant(url, real["url"], f"2026-11-0{n + 1} 12:00:00", n))[1:])
+        big = _plant(url, real["url"], f"2026-11-0{n + 1} 12:00:00", n)
+        m = repo.get_manifest(*split_backup_url(big)[1:])
         m.pop("url")
         m["source"]["size"] = 1 << 40
         m["chunks"] = [[i, names[i % len(names)]] for i in range((1 << 40) // repo.chunk_size)]
@@ -484,6 +484,8 @@ def test_big_manifests_are_read_in_the_job_process_not_the_worker(workdir, daemo
     rss_before = {pid: _status(pid, "VmRSS") for pid in workers(d)}
     listed = json.loads(d.cli("backup", "ls", url, "--json").stdout)
     assert sorted(b["chunk_count"] for b in listed) == [len(names)] + [262144] * 4
+    verified = json.loads(d.cli("backup", "verify", big, "--json").stdout)
+    assert verified["bad"] == [] and verified["chunks"] == len(set(names))
     result = json.loads(d.cli("backup", "forget", url, "--keep-last", "2", "--gc",
                               "--json").stdout)
     assert result["removed"] == 3 and result["kept"] == 2

@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 ENTRY_POINTS = {"block.backup", "block.restore", "block.verify", "tree.backup", "tree.restore"}
 #: functions of backup/repo.py that take the repository first, for what would otherwise
 #: bring every manifest (each lists all of its volume's chunks) across the pipe
-FUNCTIONS = {"missing_chunks", "manifest_heads", "unreferenced_chunks"}
+FUNCTIONS = {"missing_chunks", "manifest_heads", "unreferenced_chunks", "open_manifest"}
 #: the repository calls the worker may make (service.py and leases.py use these, no more)
 CALLS = {"get_manifest", "put_manifest", "delete_manifest", "backup_ids", "volume_key",
          "read_object", "target.list", "target.get", "target.put", "target.put_if_absent",
@@ -166,7 +166,7 @@ class _Process:
                     raise ValueError(f"not an engine entry point: {req['fn']}")
                 module, name = req["fn"].split(".")
                 fn = getattr(importlib.import_module(f"pyvol.backup.{module}"), name)
-                return fn(self.repo, *req["args"], job, req["threads"])
+                return fn(self.repo, *self._taken(req["args"]), job, req["threads"])
             finally:
                 done.set()
                 reporter.join()  # no progress line after the answer
@@ -178,6 +178,19 @@ class _Process:
             self.answer(n, work)
         finally:
             self._jobs.pop(n, None)
+
+    def _taken(self, args) -> list:
+        """A job's arguments, each ``OpenedManifest`` replaced by the manifest it names."""
+        from .repo import OpenedManifest
+
+        out = []
+        for a in args:
+            if isinstance(a, OpenedManifest):
+                if (a.volkey, a.bid) not in self.repo.opened:
+                    raise ValueError(f"manifest {a.volkey}/{a.bid} was not opened here")
+                a = self.repo.opened[(a.volkey, a.bid)]
+            out.append(a)
+        return out
 
     def _progress(self, n: int, job: Job) -> None:
         s = job.snapshot()

@@ -15,6 +15,7 @@ import socket
 import threading
 import time
 import urllib.parse
+from dataclasses import dataclass
 
 from .. import clock
 from ..errors import Conflict, InvalidInput, NotFound, PyvolError, portable
@@ -73,6 +74,8 @@ class Repository:
         self._known: set[str] | None = None
         self._uploading: set[str] = set()
         self._known_lock = threading.Lock()
+        #: the manifests ``open_manifest`` read, for the engine's jobs to take by reference
+        self.opened: dict[tuple[str, str], dict] = {}
 
     # opening
     @classmethod
@@ -549,3 +552,22 @@ def unreferenced_chunks(repo: Repository) -> dict:
         else:
             unreferenced.append((key, size))
     return {"backups": len(ids), "kept": kept, "unreferenced": unreferenced}
+
+
+@dataclass(frozen=True)
+class OpenedManifest:
+    """A manifest the job process holds (``open_manifest``), named in a job's arguments in
+    its place: the engine's job gets that very manifest, and its chunk map never crosses
+    the pipe to the worker and back."""
+
+    volkey: str
+    bid: str
+
+
+def open_manifest(repo: Repository, volkey: str, bid: str) -> dict:
+    """Read a backup's manifest and keep it in this process for the jobs that restore or
+    verify it (``OpenedManifest``); its head goes to the worker, which checks the head
+    (kind, size, filesystem) of what the job then reads: the same object, read once."""
+    manifest = repo.get_manifest(volkey, bid)
+    repo.opened[(volkey, bid)] = manifest
+    return manifest_head(manifest)

@@ -27,7 +27,8 @@ from .blobs import CorruptObject, read_key_file
 from .job import Job
 from .leases import DEFAULT_LEASE, held_until, locked, stamp
 from .retention import Policy, keep
-from .repo import host_id, manifest_head, new_backup_id, split_backup_url, utcnow
+from .repo import (OpenedManifest, host_id, manifest_head, new_backup_id, split_backup_url,
+                   utcnow)
 from .session import RemoteRepository
 from .targets import s3_environment
 
@@ -64,7 +65,8 @@ class Restore:
 
     service: Backups
     repo: RemoteRepository  # open until ``close``
-    manifest: dict
+    manifest: dict  # its head: the whole one stays in the job process (``opened``)
+    opened: OpenedManifest
 
     @property
     def size(self) -> int:
@@ -93,7 +95,7 @@ class Restore:
         job = job or Job("restore")
         with locked(self.repo, "shared", self.service.lease):
             result = self.service.engine(f"{self.archive}.restore", self.repo,
-                                         self.manifest, target, job=job)
+                                         self.opened, target, job=job)
         event(log, "backup restored", backup=self.manifest["url"], **result)
         return result
 
@@ -158,13 +160,13 @@ class Backups:
             raise error
         return head
 
-    def _manifest(self, backup_url) -> tuple[RemoteRepository, dict]:
-        """The repository a backup URL names, open (the caller closes it), and the
-        backup's manifest."""
+    def _manifest(self, backup_url) -> tuple[RemoteRepository, dict, OpenedManifest]:
+        """The repository a backup URL names, open (the caller closes it), the head of the
+        backup's manifest, and the whole of it as the job process holds it for a job."""
         repo_url, volkey, bid = split_backup_url(backup_url)
         repo = self._repo(repo_url)
         try:
-            return repo, repo.get_manifest(volkey, bid)
+            return repo, repo.open_manifest(volkey, bid), OpenedManifest(volkey, bid)
         except BaseException:
             repo.close()
             raise
@@ -468,18 +470,18 @@ class Backups:
             ebs = self._ebs("an ebs:// restore")
             region, sid = self._ebs_ref(backup_url)
             return EbsRestore(ebs, region, sid, ebs.describe(region, sid))
-        repo, manifest = self._manifest(backup_url)
+        repo, manifest, opened = self._manifest(backup_url)
         if manifest.get("kind") not in ("block", "tree"):
             repo.close()
             raise InvalidInput(f"backup {backup_url} is of kind {manifest.get('kind')!r}; "
                                "this pyvol restores block and tree backups")
-        return Restore(self, repo, manifest)
+        return Restore(self, repo, manifest, opened)
 
     def verify(self, backup_url, job: Job | None = None) -> dict:
         job = job or Job("verify")
-        repo, manifest = self._manifest(backup_url)
+        repo, manifest, opened = self._manifest(backup_url)
         with repo, locked(repo, "shared", self.lease):
-            result = self.engine("block.verify", repo, manifest, job=job)
+            result = self.engine("block.verify", repo, opened, job=job)
         result["backup"] = manifest["url"]
         if result["bad"]:
             raise CorruptObject(f"backup {manifest['url']} failed verification: "
