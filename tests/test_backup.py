@@ -618,3 +618,46 @@ def test_a_docker_create_from_a_slow_backup_stops_before_docker_gives_up(workdir
     finally:
         d.stop()
         proxy.close()
+
+
+def test_a_backups_chunk_list_stays_in_the_job_process(tmp_path):
+    """A chunk list grows with the volume (262,144 entries for 1 TiB): the backup job keeps
+    it and answers the worker with a HeldChunks, which the calls that check and write the
+    manifest take back; an incremental takes its parent's list where the job process read
+    it (OpenedManifest). The manifest written lists every chunk all the same."""
+    from pyvol.backup.job import Job
+    from pyvol.backup.repo import HeldChunks, OpenedManifest, new_backup_id, utcnow
+    from pyvol.backup.session import RemoteRepository
+
+    (tmp_path / "repo").mkdir()
+    device = tmp_path / "device"
+    with RemoteRepository(f"file://{tmp_path / 'repo'}", "init", None, {}) as repo:
+        cs = repo.chunk_size
+        with open(device, "wb") as f:
+            f.write(os.urandom(8 * cs))
+        size = 8 * cs
+        result = repo.run("block.backup", (str(device), size, [(0, size)], None, None),
+                          Job("backup"), 2)
+        assert result.chunks == HeldChunks("job-1", 8)
+        assert repo.missing_chunks(result.chunks) == []
+        bid = new_backup_id()
+        source = {"backend": "loop", "snapshot": "s", "size": size, "fs": "ext4",
+                  "snapshot_created": utcnow(), "instance": "test"}
+        url = repo.put_manifest({
+            "format": 1, "id": bid, "kind": "block", "volume": "v", "created": utcnow(),
+            "host": "test", "source": source, "parent": None, "incremental": False,
+            "chunk_size": cs, "chunks": result.chunks, "stats": result.stats})
+        volkey = repo.volume_key("v")
+        full = repo.get_manifest(volkey, bid)
+        assert full["url"] == url and [i for i, _ in full["chunks"]] == list(range(8))
+
+        # one piece changed: the rest comes from the parent the job process opened
+        with open(device, "r+b") as f:
+            f.seek(3 * cs)
+            f.write(os.urandom(cs))
+        head = repo.open_manifest(volkey, bid)
+        assert "chunks" not in head and head["chunk_count"] == 8
+        inc = repo.run("block.backup", (str(device), size, [(0, size)], [(3 * cs, cs)],
+                                        OpenedManifest(volkey, bid)), Job("backup"), 2)
+        assert len(inc.chunks) == 8 and inc.stats["pieces_read"] == 1
+        assert inc.stats["chunks_new"] == 1 and inc.stats["chunks_reused"] == 7

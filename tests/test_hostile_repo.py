@@ -416,8 +416,8 @@ def build_tree(src: Path) -> None:
 
 
 def backup_tree(repo: Repository, src: Path) -> dict:
-    chunks, stats = tree.backup(repo, str(src), Job("backup"), 4)
-    return tree_manifest(repo, chunks, stats.pop("stream"))
+    result = tree.backup(repo, str(src), Job("backup"), 4)
+    return tree_manifest(repo, result.chunks, result.stats.pop("stream"))
 
 
 def test_realistic_tree_round_trips(place):
@@ -445,12 +445,12 @@ def test_socket_is_skipped_without_changing_the_stream(place):
     sock.close()
     os.utime(src, (1_600_000_000, 1_600_000_000))
     repo = open_repo(place)
-    with_socket, stats = tree.backup(repo, str(src), Job("backup"), 2)
-    assert stats["files"] == 2  # the root and f
+    with_socket = tree.backup(repo, str(src), Job("backup"), 2)
+    assert with_socket.stats["files"] == 2  # the root and f
     os.unlink(src / "sock")
     os.utime(src, (1_600_000_000, 1_600_000_000))
-    without, _ = tree.backup(repo, str(src), Job("backup"), 2)
-    assert with_socket == without
+    without = tree.backup(repo, str(src), Job("backup"), 2)
+    assert with_socket.chunks == without.chunks
 
 
 def test_a_directory_that_vanishes_while_it_is_read_fails_the_backup(place):
@@ -491,7 +491,7 @@ def block_backup(place: Path, key: bytes | None,
         for i in range(3):
             f.seek(i * cs + 4096)
             f.write(os.urandom(8192))
-    result = block.backup(repo, str(dev), size, [(0, size)], None, {}, Job("backup"), 4)
+    result = block.backup(repo, str(dev), size, [(0, size)], None, None, Job("backup"), 4)
     assert len(result.chunks) == 3
     bid = new_backup_id()
     repo.put_manifest({
@@ -500,7 +500,7 @@ def block_backup(place: Path, key: bytes | None,
                                    "fs": "ext4", "snapshot_created": utcnow(),
                                    "instance": "test"},
         "parent": None, "incremental": False, "chunk_size": cs,
-        "chunks": [[i, n] for i, n in result.chunks.items()], "stats": result.stats,
+        "chunks": result.chunks, "stats": result.stats,
     })
     return repo, repo.get_manifest(repo.volume_key("vol"), bid)
 

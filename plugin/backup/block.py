@@ -10,22 +10,14 @@ while memory stays at a few pieces per thread.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from ..crashpoint import crashpoint
 from .blobs import CorruptObject
 from .device import DeviceReader, DeviceWriter
 from .job import Job, bounded_map
-from .repo import Repository
+from .repo import BackupResult, Repository
 
 Range = tuple[int, int]
 WRITE_BLOCK = 64 << 10  # restore skips all-zero blocks of this size, keeping volumes thin
-
-
-@dataclass
-class BackupResult:
-    chunks: dict[int, str]
-    stats: dict = field(default_factory=dict)
 
 
 def pieces_overlapping(ranges: list[Range], piece: int, size: int) -> list[int]:
@@ -64,12 +56,14 @@ def nonzero_runs(data: bytes, block: int) -> list[tuple[int, int]]:
 
 
 def backup(repo: Repository, device: str, size: int, mapped: list[Range],
-           changed: list[Range] | None, parent: dict[int, str], job: Job,
+           changed: list[Range] | None, parent: dict | None, job: Job,
            threads: int) -> BackupResult:
-    """Back up ``device``; ``changed`` None means read every mapped piece."""
+    """Back up ``device``: every mapped piece, or with ``changed`` only those, the rest
+    taken from the ``parent`` backup's manifest."""
     cs = repo.chunk_size
     to_read = pieces_overlapping(mapped if changed is None else changed, cs, size)
-    chunks = dict(parent) if changed is not None else {}
+    chunks = {int(i): str(n) for i, n in parent["chunks"]} \
+        if changed is not None and parent else {}
     stats = {"read": 0, "uploaded": 0, "chunks_new": 0, "chunks_reused": 0, "pieces_zero": 0,
              "pieces_read": len(to_read)}
     repo.known_chunks()  # list once, before the threads start
@@ -107,7 +101,7 @@ def backup(repo: Repository, device: str, size: int, mapped: list[Range],
     finally:
         reader.close()
     stats["chunks_reused"] += len(chunks) - stats["chunks_new"] - stats["chunks_reused"]
-    return BackupResult(dict(sorted(chunks.items())), stats)
+    return BackupResult([[i, chunks[i]] for i in sorted(chunks)], stats)
 
 
 def restore(repo: Repository, manifest: dict, device: str, job: Job, threads: int) -> dict:

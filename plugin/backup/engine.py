@@ -22,6 +22,12 @@ request carries a number ``n`` and gets one answer with it:
   ``n`` runs, and for each request one ``("ok", n, value)``, ``("error", n, PyvolError)``
   or ``("crash", n, text)`` (a bug; its traceback is in the daemon's log).
 
+What grows with a volume stays here: a manifest read for a restore, a verify or as an
+incremental's parent (``open_manifest``), and a backup job's chunk list (answered as a
+``HeldChunks``). The worker names them in a job's or a call's arguments (``OpenedManifest``,
+``HeldChunks``, also as a value of a dict argument), and they are replaced here by what they
+name: their chunk lists, 262,144 entries for 1 TiB, never cross the pipe.
+
 Calls are served on threads of their own, so that the lease renewer's calls go on while a
 job runs. The process dies with the thread that started it (PR_SET_PDEATHSIG): a killed
 daemon leaves no engine writing into a repository behind it. The key never crosses the
@@ -138,6 +144,7 @@ class _Process:
     def _call(self, name: str, args: tuple):
         if name not in CALLS:
             raise ValueError(f"not a repository call: {name}")
+        args = self._taken(args)
         if name in FUNCTIONS:
             from . import repo
 
@@ -166,7 +173,8 @@ class _Process:
                     raise ValueError(f"not an engine entry point: {req['fn']}")
                 module, name = req["fn"].split(".")
                 fn = getattr(importlib.import_module(f"pyvol.backup.{module}"), name)
-                return fn(self.repo, *self._taken(req["args"]), job, req["threads"])
+                return self._held(n, fn(self.repo, *self._taken(req["args"]), job,
+                                        req["threads"]))
             finally:
                 done.set()
                 reporter.join()  # no progress line after the answer
@@ -180,17 +188,34 @@ class _Process:
             self._jobs.pop(n, None)
 
     def _taken(self, args) -> list:
-        """A job's arguments, each ``OpenedManifest`` replaced by the manifest it names."""
-        from .repo import OpenedManifest
+        """A job's or a call's arguments with what this process holds in their place: each
+        ``OpenedManifest`` (or ``HeldChunks``), itself or a value of a dict among them,
+        replaced by the manifest (or the chunk list) it names."""
+        from .repo import HeldChunks, OpenedManifest
 
-        out = []
-        for a in args:
+        def taken(a):
             if isinstance(a, OpenedManifest):
                 if (a.volkey, a.bid) not in self.repo.opened:
                     raise ValueError(f"manifest {a.volkey}/{a.bid} was not opened here")
-                a = self.repo.opened[(a.volkey, a.bid)]
-            out.append(a)
-        return out
+                return self.repo.opened[(a.volkey, a.bid)]
+            if isinstance(a, HeldChunks):
+                if a.key not in self.repo.held:
+                    raise ValueError(f"no chunk list {a.key} is held here")
+                return self.repo.held[a.key]
+            return a
+
+        return [{k: taken(v) for k, v in a.items()} if isinstance(a, dict) else taken(a)
+                for a in args]
+
+    def _held(self, n: int, value):
+        """A backup job's answer with its chunk list kept here (``HeldChunks`` in its
+        place): the worker writes the manifest through calls that take it back here."""
+        from .repo import BackupResult, HeldChunks
+
+        if isinstance(value, BackupResult):
+            self.repo.held[f"job-{n}"] = value.chunks
+            return BackupResult(HeldChunks(f"job-{n}", len(value.chunks)), value.stats)
+        return value
 
     def _progress(self, n: int, job: Job) -> None:
         s = job.snapshot()

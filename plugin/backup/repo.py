@@ -76,6 +76,8 @@ class Repository:
         self._known_lock = threading.Lock()
         #: the manifests ``open_manifest`` read, for the engine's jobs to take by reference
         self.opened: dict[tuple[str, str], dict] = {}
+        #: the chunk lists of this process's backup jobs (``HeldChunks``)
+        self.held: dict[str, list] = {}
 
     # opening
     @classmethod
@@ -483,10 +485,11 @@ def holder_dead(doc: dict) -> str | None:
     return None
 
 
-def missing_chunks(repo: Repository, names) -> list[str]:
-    """The chunks among ``names`` that the repository does not hold now: listed afresh, not
-    taken from the set ``known_chunks`` listed when a backup began."""
-    want = set(names)
+def missing_chunks(repo: Repository, chunks) -> list[str]:
+    """The chunks of a manifest's chunk list (``[[at, name], ...]``) that the repository
+    does not hold now: listed afresh, not taken from the set ``known_chunks`` listed when a
+    backup began."""
+    want = {name for _, name in chunks}
     if want:
         for key, _ in repo.target.list("chunks/"):
             want.discard(key.rpartition("/")[2])
@@ -571,3 +574,26 @@ def open_manifest(repo: Repository, volkey: str, bid: str) -> dict:
     manifest = repo.get_manifest(volkey, bid)
     repo.opened[(volkey, bid)] = manifest
     return manifest_head(manifest)
+
+
+@dataclass
+class BackupResult:
+    """What a backup job answers: the chunk list, ``[[at, chunk name], ...]`` in order as a
+    manifest lists them (a piece's index, or a tree's stream offset), and the counts."""
+
+    chunks: list
+    stats: dict
+
+
+@dataclass(frozen=True)
+class HeldChunks:
+    """A backup job's chunk list, which the job process keeps (``Repository.held``): the
+    worker's manifest names it in its place, and the calls that check and write that
+    manifest take it there, so the list (262,144 entries for 1 TiB) never crosses to the
+    worker."""
+
+    key: str
+    count: int
+
+    def __len__(self) -> int:
+        return self.count

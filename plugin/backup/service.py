@@ -221,7 +221,7 @@ class Backups:
                     lease.check()  # renews first if this process was held up for long
                     # chunks skipped as "already stored" were listed when the backup began:
                     # anything that deleted one since (whatever honoured no lock) shows here
-                    missing = repo.missing_chunks([n for _, n in manifest["chunks"]])
+                    missing = repo.missing_chunks(manifest["chunks"])
                     if missing:
                         raise PyvolError(
                             f"backup of {vol} not written: {len(missing)} chunks it reuses "
@@ -328,16 +328,18 @@ class Backups:
         event(log, "backup created", volume=v.name, backup=result["url"])
         return result
 
-    def _parent(self, repo: RemoteRepository, volume: str,
-                held: contextlib.ExitStack) -> tuple[dict | None, str]:
-        """The latest backup of ``volume`` whose snapshot this daemon still holds; that
-        snapshot is held for reading in ``held``, so that nothing removes it while the
-        changed ranges are read against it (a removal meanwhile is refused, naming the
-        backup). The manifests are untrusted: check_manifest passes over malformed ones."""
+    def _parent(self, repo: RemoteRepository, volume: str, held: contextlib.ExitStack
+                ) -> tuple[dict | None, OpenedManifest | None, str]:
+        """The latest backup of ``volume`` whose snapshot this daemon still holds: the head
+        of its manifest, and the whole of it as the job process holds it for the engine;
+        else why there is none. That snapshot is held for reading in ``held``, so that
+        nothing removes it while the changed ranges are read against it (a removal
+        meanwhile is refused, naming the backup). The manifests are untrusted:
+        check_manifest passes over malformed ones."""
         m = self.access
         recent = repo.backup_ids(volume)[-PARENT_LOOKBACK:]
         if not recent:
-            return None, "first backup of this volume in this repository"
+            return None, None, "first backup of this volume in this repository"
         for volkey, bid, man, error in reversed(repo.manifest_heads(recent)):
             if isinstance(error, NotFound | CorruptObject):
                 continue
@@ -356,16 +358,18 @@ class Backups:
             except Conflict:  # being removed right now
                 continue
             if _still_its_snapshot(m.snapshot(volume, s.name), src):
-                try:  # now its chunk map, which only the one parent needs
-                    full = repo.get_manifest(volkey, bid)
+                try:  # now with its chunk map, kept in the job process for the engine
+                    opened = repo.open_manifest(volkey, bid)
                 except (NotFound, CorruptObject):
-                    reading.close()
-                    continue
-                held.enter_context(reading)
-                return full, ""
+                    opened = None
+                # read again: it must still name the snapshot just held, or its chunk map
+                # is not of what the changed ranges are read against
+                if opened is not None and opened.get("source") == src:
+                    held.enter_context(reading)
+                    return opened, OpenedManifest(volkey, bid), ""
             reading.close()  # removed, or made again under its name, before the hold
-        return None, ("the snapshot of the previous backup is gone from this host, so every "
-                      "mapped range is read (only new chunks are uploaded)")
+        return None, None, ("the snapshot of the previous backup is gone from this host, so "
+                            "every mapped range is read (only new chunks are uploaded)")
 
     def _backup(self, repo, v, backend, snap: str, bid: str, job: Job) -> dict:
         if self.access.archive(backend) == "tree":
@@ -377,21 +381,20 @@ class Backups:
                       parent_held: contextlib.ExitStack) -> dict:
         m = self.access
         srec = m.snapshot(v.name, snap)
-        parent, why_full = self._parent(repo, v.name, parent_held)
+        parent, opened, why_full = self._parent(repo, v.name, parent_held)
         mapped = backend.mapped_ranges(v.name, snap)
-        changed, chain = None, {}
+        changed = None
         if parent is not None:
             changed = backend.changed_ranges(v.name, parent["source"]["snapshot"], snap)
             if int(parent["chunk_size"]) != repo.chunk_size or \
                     int(parent["source"]["size"]) != srec.size:
                 changed, why_full = None, "the volume's size changed since the previous backup"
-            else:
-                chain = {int(i): n for i, n in parent["chunks"]}
         if why_full:
             event(log, "full read for backup", volume=v.name, reason=why_full)
         with backend.read_snapshot(v.name, snap) as dev:
-            result = self.engine("block.backup", repo, dev, srec.size, mapped, changed, chain,
-                                 job=job)
+            # the result's chunk map stays in the job process too (HeldChunks)
+            result = self.engine("block.backup", repo, dev, srec.size, mapped, changed,
+                                 opened if changed is not None else None, job=job)
         manifest = {
             "format": 1, "id": bid, "kind": "block", "volume": v.name, "created": utcnow(),
             "host": host_id(),
@@ -401,7 +404,7 @@ class Backups:
             "parent": parent["id"] if parent and changed is not None else None,
             "incremental": changed is not None,
             "chunk_size": repo.chunk_size,
-            "chunks": [[i, n] for i, n in result.chunks.items()],
+            "chunks": result.chunks,
             "stats": result.stats,
         }
         if parent is not None:
@@ -416,7 +419,8 @@ class Backups:
         m = self.access
         srec = m.snapshot(v.name, snap)
         with backend.read_snapshot(v.name, snap) as directory:
-            chunks, stats = self.engine("tree.backup", repo, directory, job=job)
+            result = self.engine("tree.backup", repo, directory, job=job)
+        chunks, stats = result.chunks, result.stats
         return {
             "format": 1, "id": bid, "kind": "tree", "volume": v.name, "created": utcnow(),
             "host": host_id(),

@@ -64,7 +64,7 @@ from pyfastcdc import FastCDC
 from ..errors import Conflict, PyvolError
 from .blobs import CorruptObject
 from .job import Job, bounded_map
-from .repo import Repository
+from .repo import BackupResult, Repository
 
 MIN_CHUNK, AVG_CHUNK, MAX_CHUNK = 512 << 10, 1 << 20, 4 << 20
 HOLE = 64 << 10
@@ -147,7 +147,7 @@ class _Cutter(io.RawIOBase):
             self._emit(final=True)
 
 
-def backup(repo: Repository, directory: str, job: Job, threads: int) -> tuple[list, dict]:
+def backup(repo: Repository, directory: str, job: Job, threads: int) -> BackupResult:
     """Archive ``directory`` into the repository; the chunk list and the byte counts."""
     stats = {"read": 0, "uploaded": 0, "chunks_new": 0, "chunks_reused": 0, "files": 0}
     chunks: dict[int, str] = {}
@@ -220,7 +220,7 @@ def backup(repo: Repository, directory: str, job: Job, threads: int) -> tuple[li
         producer.join()
     if failure:
         raise failure[0]
-    return [[i, chunks[i]] for i in sorted(chunks)], stats
+    return BackupResult([[i, chunks[i]] for i in sorted(chunks)], stats)
 
 
 class _ChunkStream(io.RawIOBase):
