@@ -626,7 +626,8 @@ def test_a_backups_chunk_list_stays_in_the_job_process(tmp_path):
     manifest take back; an incremental takes its parent's list where the job process read
     it (OpenedManifest). The manifest written lists every chunk all the same."""
     from pyvol.backup.job import Job
-    from pyvol.backup.repo import HeldChunks, OpenedManifest, new_backup_id, utcnow
+    from pyvol.backup.repo import (HeldChunks, OpenedManifest, Repository, new_backup_id,
+                                   utcnow)
     from pyvol.backup.session import RemoteRepository
 
     (tmp_path / "repo").mkdir()
@@ -648,15 +649,15 @@ def test_a_backups_chunk_list_stays_in_the_job_process(tmp_path):
             "host": "test", "source": source, "parent": None, "incremental": False,
             "chunk_size": cs, "chunks": result.chunks, "stats": result.stats})
         volkey = repo.volume_key("v")
-        full = repo.get_manifest(volkey, bid)
-        assert full["url"] == url and [i for i, _ in full["chunks"]] == list(range(8))
+        head = repo.open_manifest(volkey, bid)  # the whole stays in the job process
+        assert head["url"] == url and "chunks" not in head and head["chunk_count"] == 8
+        written = Repository.open(f"file://{tmp_path / 'repo'}", None).get_manifest(volkey, bid)
+        assert [i for i, _ in written["chunks"]] == list(range(8))
 
         # one piece changed: the rest comes from the parent the job process opened
         with open(device, "r+b") as f:
             f.seek(3 * cs)
             f.write(os.urandom(cs))
-        head = repo.open_manifest(volkey, bid)
-        assert "chunks" not in head and head["chunk_count"] == 8
         inc = repo.run("block.backup", (str(device), size, [(0, size)], [(3 * cs, cs)],
                                         OpenedManifest(volkey, bid)), Job("backup"), 2)
         assert len(inc.chunks) == 8 and inc.stats["pieces_read"] == 1

@@ -26,7 +26,9 @@ What grows with a volume stays here: a manifest read for a restore, a verify or 
 incremental's parent (``open_manifest``), and a backup job's chunk list (answered as a
 ``HeldChunks``). The worker names them in a job's or a call's arguments (``OpenedManifest``,
 ``HeldChunks``, also as a value of a dict argument), and they are replaced here by what they
-name: their chunk lists, 262,144 entries for 1 TiB, never cross the pipe.
+name: their chunk lists, 262,144 entries for 1 TiB, never cross the pipe. Listings and
+retention get manifests' heads (``manifest_heads``); a gc gets the unreferenced chunks (a
+list as long as the garbage, not as the manifests).
 
 Calls are served on threads of their own, so that the lease renewer's calls go on while a
 job runs. The process dies with the thread that started it (PR_SET_PDEATHSIG): a killed
@@ -61,7 +63,7 @@ ENTRY_POINTS = {"block.backup", "block.restore", "block.verify", "tree.backup", 
 #: bring every manifest (each lists all of its volume's chunks) across the pipe
 FUNCTIONS = {"missing_chunks", "manifest_heads", "unreferenced_chunks", "open_manifest"}
 #: the repository calls the worker may make (service.py and leases.py use these, no more)
-CALLS = {"get_manifest", "put_manifest", "delete_manifest", "backup_ids", "volume_key",
+CALLS = {"put_manifest", "delete_manifest", "backup_ids", "volume_key",
          "read_object", "target.list", "target.get", "target.put", "target.put_if_absent",
          "target.delete", "codec.seal", "holder"} | FUNCTIONS
 CALL_THREADS = 4  # the worker's caller, its lease renewer, and room for one more of each

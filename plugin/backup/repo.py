@@ -74,7 +74,7 @@ class Repository:
         self._known: set[str] | None = None
         self._uploading: set[str] = set()
         self._known_lock = threading.Lock()
-        #: the manifests ``open_manifest`` read, for the engine's jobs to take by reference
+        #: the manifest ``open_manifest`` read last, for an engine's job to take by reference
         self.opened: dict[tuple[str, str], dict] = {}
         #: the chunk lists of this process's backup jobs (``HeldChunks``)
         self.held: dict[str, list] = {}
@@ -568,18 +568,20 @@ class OpenedManifest:
 
 
 def open_manifest(repo: Repository, volkey: str, bid: str) -> dict:
-    """Read a backup's manifest and keep it in this process for the jobs that restore or
-    verify it (``OpenedManifest``); its head goes to the worker, which checks the head
-    (kind, size, filesystem) of what the job then reads: the same object, read once."""
+    """Read a backup's manifest and keep it in this process, in place of the one opened
+    before, for a job that restores, verifies or (as its parent) extends it
+    (``OpenedManifest``); its head goes to the worker, which so checks the head (kind, size,
+    filesystem, snapshot) of the very object the job then takes, read once."""
     manifest = repo.get_manifest(volkey, bid)
-    repo.opened[(volkey, bid)] = manifest
+    repo.opened = {(volkey, bid): manifest}
     return manifest_head(manifest)
 
 
 @dataclass
 class BackupResult:
-    """What a backup job answers: the chunk list, ``[[at, chunk name], ...]`` in order as a
-    manifest lists them (a piece's index, or a tree's stream offset), and the counts."""
+    """What a backup's engine function returns: the chunk list, ``[[at, chunk name], ...]``
+    in order as a manifest lists them (a piece's index, or a tree's stream offset), and the
+    counts. The job process answers the worker with a ``HeldChunks`` for the list."""
 
     chunks: list
     stats: dict

@@ -154,7 +154,7 @@ class Backups:
 
     @staticmethod
     def _head(repo: RemoteRepository, volkey: str, bid: str) -> dict:
-        """One backup's manifest without its chunk map (``repo.manifest_head``)."""
+        """One backup's manifest without its chunk map (``repo.manifest_heads``)."""
         (_vk, _bid, head, error), = repo.manifest_heads([(volkey, bid)])
         if error is not None:
             raise error
@@ -340,13 +340,13 @@ class Backups:
         recent = repo.backup_ids(volume)[-PARENT_LOOKBACK:]
         if not recent:
             return None, None, "first backup of this volume in this repository"
-        for volkey, bid, man, error in reversed(repo.manifest_heads(recent)):
-            if isinstance(error, NotFound | CorruptObject):
+        for volkey, bid in reversed(recent):  # newest first: the first that is ours is it
+            try:  # whole, and kept in the job process for the engine; its head comes here
+                man = repo.open_manifest(volkey, bid)
+            except (NotFound, CorruptObject):
                 continue
-            if error is not None:
-                raise error
             src = man.get("source", {})
-            if src.get("instance") != m.instance_id():
+            if man.get("kind") != "block" or src.get("instance") != m.instance_id():
                 continue
             # the manifest is untrusted: its name is used only once it names one of ours
             s = m.snapshot(volume, src.get("snapshot", ""))
@@ -358,15 +358,8 @@ class Backups:
             except Conflict:  # being removed right now
                 continue
             if _still_its_snapshot(m.snapshot(volume, s.name), src):
-                try:  # now with its chunk map, kept in the job process for the engine
-                    opened = repo.open_manifest(volkey, bid)
-                except (NotFound, CorruptObject):
-                    opened = None
-                # read again: it must still name the snapshot just held, or its chunk map
-                # is not of what the changed ranges are read against
-                if opened is not None and opened.get("source") == src:
-                    held.enter_context(reading)
-                    return opened, OpenedManifest(volkey, bid), ""
+                held.enter_context(reading)
+                return man, OpenedManifest(volkey, bid), ""
             reading.close()  # removed, or made again under its name, before the hold
         return None, None, ("the snapshot of the previous backup is gone from this host, so "
                             "every mapped range is read (only new chunks are uploaded)")
