@@ -33,9 +33,10 @@ class TargetError(PyvolError):
 
 class Target(ABC):
     url: str
-    #: whether ``put`` takes a view of a thread's reused buffer (``Codec.seal(reuse=True)``)
-    #: as it is. A target that must have bytes would copy it: two buffers a chunk in flight
-    #: where one, sealed into a fresh bytearray, does (the same page faults, no copy).
+    #: whether a chunk is best handed to ``put`` as a view of a thread's reused buffer
+    #: (``Codec.seal(reuse=True)``), or sealed into a fresh bytearray that ``put`` sends as
+    #: it is: a target that copies a view into bytes would hold two buffers a chunk where
+    #: one does (the fresh one costs the same page faults as the copy)
     puts_views = True
 
     @abstractmethod
@@ -260,8 +261,8 @@ def _boto_session():
 
 
 def _sendable(data) -> bytes | bytearray:
-    """``data`` as botocore takes a body: bytes and bytearrays as they are (no 4 MiB copy of
-    each chunk), anything else copied into bytes."""
+    """``data`` as botocore takes a body: bytes and bytearrays as they are, anything else (a
+    view of a thread's buffer) copied into bytes (``S3Target.puts_views``)."""
     return data if isinstance(data, bytes | bytearray) else bytes(data)
 
 
@@ -277,7 +278,6 @@ class S3Target(Target):
     Settings (daemon env ``PYVOL_BACKUP_*``): connect_timeout, read_timeout, max_attempts.
     """
 
-    puts_views = False  # botocore takes bytes or a bytearray as a body, not a memoryview
 
     def __init__(self, bucket: str, prefix: str, settings: dict[str, str]):
         import botocore.config
@@ -299,6 +299,12 @@ class S3Target(Target):
         self.endpoint = (os.environ.get("AWS_ENDPOINT_URL_S3")
                          or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3")
         self.s3 = _client(cfg)
+        # botocore takes bytes or a bytearray as a body, not a view. Over http it sends the
+        # body as it is (its checksum in a header): a fresh bytearray is the one buffer.
+        # Over https it sends a trailing checksum, reading the body through io.BytesIO,
+        # which shares a bytes object but copies a bytearray: there the view copied once
+        # into bytes is the cheaper
+        self.puts_views = urllib.parse.urlsplit(self.s3.meta.endpoint_url).scheme == "https"
 
     def _err(self, op: str, key: str, e: Exception) -> PyvolError:
         import botocore.exceptions as bx
