@@ -3,6 +3,7 @@ breaks on request (down, 5xx, stalled, slow) between a daemon and either of them
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -75,16 +76,25 @@ class Seaweed(S3Server):
 
     name = "seaweedfs"
 
-    def start(self) -> Seaweed:
+    def start(self, nice: int = 0) -> Seaweed:
+        """``nice``: the server's niceness, every thread of it (a benchmark's stand-in for a
+        remote server keeps off the cores that the Docker host's own work needs)."""
         self.dir = tempfile.mkdtemp(prefix="pyvol-weed-")
         port = free_port()
         self.log = open(Path(self.dir) / "weed.log", "wb")
         self.proc = subprocess.Popen(
-            [weed_binary(), "mini", f"-dir={self.dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            ["nice", "-n", str(nice), weed_binary(), "mini", f"-dir={self.dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
              "-master.telemetry=false", "-webdav=false", "-admin.ui=false",
              f"-s3.port={port}"], env={**os.environ, **CREDS}, stdout=self.log,
             stderr=subprocess.STDOUT, start_new_session=True)
         self.endpoint = f"http://127.0.0.1:{port}"
+        if nice:
+            # in a session of its own, the server is an autogroup of its own wherever the
+            # kernel groups by session (sched_autogroup_enabled), and the CPU is shared
+            # between groups before any thread's niceness counts: the group's own niceness
+            # is the one that keeps it off the cores
+            with contextlib.suppress(OSError):
+                Path(f"/proc/{self.proc.pid}/autogroup").write_text(str(nice))
         deadline = time.monotonic() + 60
         while True:
             try:
