@@ -293,14 +293,20 @@ def _kept(result: dict) -> dict[str, bool]:
     return {b["url"]: b["kept"] for g in result["groups"] for b in g["backups"]}
 
 
-def test_forget_removes_only_what_the_policy_drops_per_volume_and_host(workdir, daemon):
-    d = daemon
+def _first_backup(d, workdir: Path) -> tuple[Path, str, str, dict]:
+    """A file:// repository in ``workdir`` with one backup of a new volume v, holding 4 MiB:
+    the repository's directory and URL, v's mount point, and the backup."""
     repo_dir = workdir / "repo"
     repo_dir.mkdir()
     url = f"file://{repo_dir}"
     mp = _volume(d, "v")
     _write(f"{mp}/a", os.urandom(4 * MiB))
-    first = _backup(d, "v", url)
+    return repo_dir, url, mp, _backup(d, "v", url)
+
+
+def test_forget_removes_only_what_the_policy_drops_per_volume_and_host(workdir, daemon):
+    d = daemon
+    repo_dir, url, mp, first = _first_backup(d, workdir)
     _write(f"{mp}/b", b"second" * MiB)
     second = _backup(d, "v", url)
     assert second["parent"] == first["id"]  # the parent goes below; its child must not care
@@ -464,12 +470,7 @@ def test_big_manifests_are_read_in_the_job_process_not_the_worker(workdir, daemo
     from pyvol.backup.repo import Repository, split_backup_url
 
     d = daemon
-    repo_dir = workdir / "repo"
-    repo_dir.mkdir()
-    url = f"file://{repo_dir}"
-    mp = _volume(d, "v")
-    _write(f"{mp}/a", os.urandom(4 * MiB))
-    real = _backup(d, "v", url)
+    _repo_dir, url, _mp, real = _first_backup(d, workdir)
     repo = Repository.open(url, None)
     _, volkey, bid = split_backup_url(real["url"])
     names = [n for _, n in repo.get_manifest(volkey, bid)["chunks"]]

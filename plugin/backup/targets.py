@@ -70,6 +70,20 @@ class Target(ABC):
         """Delete the object; one already gone is not an error."""
 
 
+def _read_into_buffer(limit: int, lead: int, read_at) -> memoryview:
+    """An object read into this thread's buffer for objects (``Target.get_view``), at most
+    ``limit`` + 1 bytes: ``read_at(view, offset)`` fills the start of ``view`` with the
+    object's bytes from ``offset`` and says how many (0 at its end)."""
+    view = memoryview(aligned_buffer(lead + limit + 1, "object"))[lead:lead + limit + 1]
+    n = 0
+    while n < len(view):
+        got = read_at(view[n:], n)
+        if not got:
+            break
+        n += got
+    return view[:n]
+
+
 def shown_url(url) -> str:
     """``url`` as an error may show it: no query or fragment, no user or password (either
     may hold a secret), at most 200 characters."""
@@ -173,15 +187,8 @@ class FileTarget(Target):
             return f.read(limit + 1)
 
     def get_view(self, key: str, limit: int, lead: int = 0) -> memoryview:
-        view = memoryview(aligned_buffer(lead + limit + 1, "object"))[lead:lead + limit + 1]
-        n = 0
         with self._reading(key) as fd:
-            while n < len(view):
-                got = os.preadv(fd, [view[n:]], n)
-                if not got:
-                    break
-                n += got
-        return view[:n]
+            return _read_into_buffer(limit, lead, lambda view, at: os.preadv(fd, [view], at))
 
     def _write(self, key: str, data: bytes, exclusive: bool) -> bool:
         try:
@@ -363,16 +370,13 @@ class S3Target(Target):
         # ``read(limit + 1)`` http.client filled a fresh bytearray of the whole chunk and
         # copied it into bytes, so a restore's thread held three chunk-sized buffers at
         # once (those two and the decrypted chunk); now it holds one and a piece
-        view = memoryview(aligned_buffer(lead + limit + 1, "object"))[lead:lead + limit + 1]
-        n = 0
         with self._reading(key) as body:
-            while n < len(view):
-                piece = body.read(min(READ_PIECE, len(view) - n))
-                if not piece:
-                    break
-                view[n:n + len(piece)] = piece
-                n += len(piece)
-        return view[:n]
+            def piece(view: memoryview, _at: int) -> int:
+                got = body.read(min(READ_PIECE, len(view)))
+                view[:len(got)] = got
+                return len(got)
+
+            return _read_into_buffer(limit, lead, piece)
 
     def put(self, key: str, data: bytes) -> None:
         self._call("put", key, self.s3.put_object, Key=self.prefix + key, Body=_sendable(data))
