@@ -34,3 +34,13 @@ def _utc(t: float | datetime | None) -> datetime:
     if isinstance(t, datetime):
         return t.astimezone(timezone.utc)
     return datetime.fromtimestamp(t, timezone.utc)
+
+
+def steady() -> float:
+    """A clock no one can set and that counts a suspended host's sleep, one for every
+    process on this host: a lock holder measures its lease with it, and its job process
+    reads the same time."""
+    try:
+        return time.clock_gettime(time.CLOCK_BOOTTIME)
+    except (AttributeError, OSError):
+        return time.monotonic()

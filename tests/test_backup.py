@@ -662,3 +662,25 @@ def test_a_backups_chunk_list_stays_in_the_job_process(tmp_path):
                                         OpenedManifest(volkey, bid)), Job("backup"), 2)
         assert len(inc.chunks) == 8 and inc.stats["pieces_read"] == 1
         assert inc.stats["chunks_new"] == 1 and inc.stats["chunks_reused"] == 7
+
+
+def test_a_gc_deletes_in_its_job_process_only_before_its_checked_lease_runs_out(tmp_path):
+    """gc's deletes happen where the unreferenced list is, in batches; the worker checks
+    its lease before each batch and passes the time that check holds until, and no delete
+    is made after it (docs/backup-repository.md, gc step 4)."""
+    from pyvol import clock
+    from pyvol.backup.repo import Repository, delete_unreferenced, unreferenced_chunks
+
+    (tmp_path / "repo").mkdir()
+    repo = Repository.open(f"file://{tmp_path / 'repo'}", None, create=True)
+    for _ in range(5):  # stored, and named by no manifest
+        repo.store_chunk(os.urandom(4096))
+    found = unreferenced_chunks(repo)
+    assert found["unreferenced"] == 5 and found["kept"] == 0 and found["backups"] == 0
+    assert delete_unreferenced(repo, 10, clock.steady() - 1) == (0, 0)
+    assert len(list(repo.target.list("chunks/"))) == 5
+    n, size = delete_unreferenced(repo, 2, clock.steady() + 60)
+    assert n == 2 and size > 0 and len(list(repo.target.list("chunks/"))) == 3
+    assert delete_unreferenced(repo, 10, clock.steady() + 60)[0] == 3
+    assert list(repo.target.list("chunks/")) == []
+    assert delete_unreferenced(repo, 10, clock.steady() + 60) == (0, 0)

@@ -27,8 +27,8 @@ incremental's parent (``open_manifest``), and a backup job's chunk list (answere
 ``HeldChunks``). The worker names them in a job's or a call's arguments (``OpenedManifest``,
 ``HeldChunks``, also as a value of a dict argument), and they are replaced here by what they
 name: their chunk lists, 262,144 entries for 1 TiB, never cross the pipe. Listings and
-retention get manifests' heads (``manifest_heads``); a gc gets the unreferenced chunks (a
-list as long as the garbage, not as the manifests).
+retention get manifests' heads (``manifest_heads``); a gc gets counts, and has the
+unreferenced chunks deleted here a batch at a time (``delete_unreferenced``).
 
 Calls are served on threads of their own, so that the lease renewer's calls go on while a
 job runs. The process dies with the thread that started it (PR_SET_PDEATHSIG): a killed
@@ -61,7 +61,8 @@ log = logging.getLogger(__name__)
 ENTRY_POINTS = {"block.backup", "block.restore", "block.verify", "tree.backup", "tree.restore"}
 #: functions of backup/repo.py that take the repository first, for what would otherwise
 #: bring every manifest (each lists all of its volume's chunks) across the pipe
-FUNCTIONS = {"missing_chunks", "manifest_heads", "unreferenced_chunks", "open_manifest"}
+FUNCTIONS = {"missing_chunks", "manifest_heads", "unreferenced_chunks", "delete_unreferenced",
+             "open_manifest"}
 #: the repository calls the worker may make (service.py and leases.py use these, no more)
 CALLS = {"put_manifest", "delete_manifest", "backup_ids", "volume_key",
          "read_object", "target.list", "target.get", "target.put", "target.put_if_absent",

@@ -68,13 +68,7 @@ def _seconds(v, hi: float = MAX_LEASE) -> float | None:
     return float(v) if 0 < v <= hi else None
 
 
-def _clock() -> float:
-    """A clock no one can set and that counts a suspended host's sleep: a holder measures
-    its own lease with it."""
-    try:
-        return time.clock_gettime(time.CLOCK_BOOTTIME)
-    except (AttributeError, OSError):
-        return time.monotonic()
+_clock = clock.steady  # a holder measures its own lease with it
 
 
 def lock_lease(doc: dict, default: float) -> float:
@@ -313,6 +307,12 @@ class Lease:
         with self._mutex:
             if renew or _clock() - self._renewed > self.lease / 2:
                 self._renew_once()
+
+    def checked_until(self) -> float:
+        """The ``clock.steady()`` reading until which ``check`` passes without renewing: work
+        done elsewhere (the job process) before it is done under the lease, as if checked
+        before each step."""
+        return self._renewed + self.lease / 2
 
     def guarded(self, write: Callable[[], object], undo: Callable[[], object]):
         """``write()`` something others will rely on, between two renewals. If the second

@@ -18,6 +18,7 @@ import urllib.parse
 from dataclasses import dataclass
 
 from .. import clock
+from ..crashpoint import crashpoint
 from ..errors import Conflict, InvalidInput, NotFound, PyvolError, portable
 from ..files import ALIGN
 from .blobs import Codec, CorruptObject
@@ -532,8 +533,8 @@ def manifest_heads(repo: Repository, ids) -> list[tuple[str, str, dict | None,
 def unreferenced_chunks(repo: Repository) -> dict:
     """What a gc may delete: every manifest read (any one that cannot be read fails it: what
     it lists is unknown), then the chunks listed, in that order (docs/backup-repository.md,
-    "What garbage collection may delete"). Only the counts and the unreferenced chunks'
-    (key, size) go back to the worker, not the manifests' chunk maps."""
+    "What garbage collection may delete"). The unreferenced chunks stay here, for
+    ``delete_unreferenced``; the worker gets the counts."""
     from concurrent.futures import ThreadPoolExecutor
 
     ids = repo.backup_ids()
@@ -554,7 +555,26 @@ def unreferenced_chunks(repo: Repository) -> dict:
             kept += 1
         else:
             unreferenced.append((key, size))
-    return {"backups": len(ids), "kept": kept, "unreferenced": unreferenced}
+    repo.held["gc"] = unreferenced
+    return {"backups": len(ids), "kept": kept, "unreferenced": len(unreferenced),
+            "unreferenced_bytes": sum(size for _, size in unreferenced)}
+
+
+def delete_unreferenced(repo: Repository, most: int, until: float) -> tuple[int, int]:
+    """Delete up to ``most`` more of the chunks ``unreferenced_chunks`` found, each while
+    ``clock.steady()`` is before ``until`` (the worker's lease, checked: ``checked_until``):
+    how many, and their bytes (0, 0 once none is left). The worker checks its lease again,
+    renewing it, between two calls."""
+    left = repo.held.get("gc", [])
+    n = size = 0
+    while left and n < most and clock.steady() < until:
+        key, length = left[-1]
+        repo.target.delete(key)
+        left.pop()
+        crashpoint("gc.deleting")
+        n += 1
+        size += length
+    return n, size
 
 
 @dataclass(frozen=True)

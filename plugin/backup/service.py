@@ -38,6 +38,7 @@ AUTO_PREFIX = "backup-"  # snapshots a backup took itself, and may remove once s
 PENDING = "backup-snapshot:"  # meta key prefix: VOL@SNAP of a backup still running
 BASE = "backup-base:"  # meta key prefix: VOL@SNAP kept as the base of REPO's next backup
 PARENT_LOOKBACK = 20     # how many recent backups are tried as the incremental parent
+GC_BATCH = 32  # chunks a gc deletes between two checks of its lease (seconds on S3, at most)
 
 
 class VolumeAccess(Protocol):
@@ -543,17 +544,21 @@ class Backups:
         two leases ago; then the unreferenced chunks are only counted, left for a later gc."""
         with self._repo(url) as repo, locked(repo, "exclusive", self.lease) as lease:
             hold = held_until(repo, self.lease)  # before the manifests: the order matters
-            found = repo.unreferenced_chunks()  # read in the job process, not here
-            deleted, freed, marked, marked_bytes = 0, 0, 0, 0
-            for key, size in found["unreferenced"]:
-                if hold is not None:
-                    marked += 1
-                    marked_bytes += size
-                else:
+            # found, and then deleted, in the job process: the list of what goes is as long
+            # as the garbage (262,144 chunks after a 1 TiB volume's backups are forgotten)
+            found = repo.unreferenced_chunks()
+            deleted, freed = 0, 0
+            marked, marked_bytes = found["unreferenced"], found["unreferenced_bytes"]
+            if hold is None:
+                marked, marked_bytes = 0, 0
+                while deleted < found["unreferenced"]:
                     lease.check()  # a gc that stalled past its lease deletes nothing more
-                    repo.target.delete(key)
-                    crashpoint("gc.deleting")
-                    deleted += 1
+                    # each delete there is made before the lease checked here could be broken
+                    until = lease.checked_until()
+                    n, size = repo.delete_unreferenced(GC_BATCH, until)
+                    if not n and clock.steady() < until:
+                        break  # none left (else: checked again, renewed, and on)
+                    deleted += n
                     freed += size
         after = stamp(hold) if hold is not None and marked else None
         event(log, "repository garbage collected", repo=repo.url, deleted=deleted, freed=freed,
