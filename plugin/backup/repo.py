@@ -499,6 +499,15 @@ def missing_chunks(repo: Repository, chunks) -> list[str]:
     return sorted(want)
 
 
+def _over_manifests(read, ids):
+    """``read((volkey, id))`` for each of ``ids``, MANIFEST_THREADS at a time, its results
+    in the order of ``ids``."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(MANIFEST_THREADS, thread_name_prefix="pyvol-manifests") as pool:
+        yield from pool.map(read, [tuple(i) for i in ids])
+
+
 def manifest_head(manifest: dict) -> dict:
     """A manifest without its chunk map (which lists every chunk of its volume), and the
     number of chunks it lists."""
@@ -517,8 +526,6 @@ def manifest_heads(repo: Repository, ids) -> list[tuple[str, str, dict | None,
     times that once parsed), and the worker that answers Docker reading a repository's
     worth of them, one call and one pickle at a time, held that memory and the interpreter
     lock that Docker's calls wait on."""
-    from concurrent.futures import ThreadPoolExecutor
-
     def one(item):
         volkey, bid = item
         try:
@@ -526,8 +533,7 @@ def manifest_heads(repo: Repository, ids) -> list[tuple[str, str, dict | None,
         except PyvolError as e:
             return volkey, bid, None, portable(e)
 
-    with ThreadPoolExecutor(MANIFEST_THREADS, thread_name_prefix="pyvol-manifests") as pool:
-        return list(pool.map(one, [tuple(i) for i in ids]))
+    return list(_over_manifests(one, ids))
 
 
 def unreferenced_chunks(repo: Repository) -> dict:
@@ -535,20 +541,17 @@ def unreferenced_chunks(repo: Repository) -> dict:
     it lists is unknown), then the chunks listed, in that order (docs/backup-repository.md,
     "What garbage collection may delete"). The unreferenced chunks stay here, for
     ``delete_unreferenced``; the worker gets the counts."""
-    from concurrent.futures import ThreadPoolExecutor
-
     ids = repo.backup_ids()
     live: set[str] = set()
     lock = threading.Lock()
 
-    def mark(item):
+    def mark(item):  # merged at once: results kept for their turn in order could pile up
         names = [n for _, n in repo.get_manifest(*item)["chunks"]]
         with lock:
             live.update(names)
 
-    with ThreadPoolExecutor(MANIFEST_THREADS, thread_name_prefix="pyvol-manifests") as pool:
-        for _ in pool.map(mark, ids):  # the first manifest that fails raises here
-            pass
+    for _ in _over_manifests(mark, ids):  # the first manifest that fails raises here
+        pass
     kept, unreferenced = 0, []
     for key, size in repo.target.list("chunks/"):
         if key.rpartition("/")[2] in live:

@@ -547,10 +547,10 @@ class Backups:
             # found, and then deleted, in the job process: the list of what goes is as long
             # as the garbage (262,144 chunks after a 1 TiB volume's backups are forgotten)
             found = repo.unreferenced_chunks()
-            deleted, freed = 0, 0
-            marked, marked_bytes = found["unreferenced"], found["unreferenced_bytes"]
-            if hold is None:
-                marked, marked_bytes = 0, 0
+            deleted = freed = marked = marked_bytes = 0
+            if hold is not None:
+                marked, marked_bytes = found["unreferenced"], found["unreferenced_bytes"]
+            else:
                 while deleted < found["unreferenced"]:
                     lease.check()  # a gc that stalled past its lease deletes nothing more
                     # each delete there is made before the lease checked here could be broken

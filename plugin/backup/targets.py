@@ -285,7 +285,6 @@ class S3Target(Target):
     Settings (daemon env ``PYVOL_BACKUP_*``): connect_timeout, read_timeout, max_attempts.
     """
 
-
     def __init__(self, bucket: str, prefix: str, settings: dict[str, str]):
         import botocore.config
 
