@@ -471,3 +471,65 @@ def form_swarm(manager: Node, *workers: Node, timeout: float = 60) -> None:
             return
         time.sleep(0.5)
     raise AssertionError(f"swarm not ready in {timeout} s: {ready}")
+
+
+class MemoryCgroup:
+    """A memory cgroup with a hard limit and no swap, made for one test and removed after it:
+    the kernel's own OOM killer, acting inside it as it would on a host whose memory ran out.
+    cgroup v1 (its memory hierarchy) or v2 (a child of the root, where systemd enables the
+    memory controller); the processes put in it go back where they came from on ``close``."""
+
+    def __init__(self, limit: int):
+        v1 = Path("/sys/fs/cgroup/memory")
+        name = f"pyvol-test-{os.getpid()}-{time.monotonic_ns()}"
+        if (v1 / "memory.limit_in_bytes").exists():
+            self.v1, self.path = True, v1 / name
+            self.path.mkdir()
+            (self.path / "memory.swappiness").write_text("0\n")
+            (self.path / "memory.limit_in_bytes").write_text(f"{limit}\n")
+        else:
+            root = Path("/sys/fs/cgroup")
+            if "memory" not in (root / "cgroup.subtree_control").read_text().split():
+                (root / "cgroup.subtree_control").write_text("+memory\n")
+            self.v1, self.path = False, root / name
+            self.path.mkdir()
+            (self.path / "memory.max").write_text(f"{limit}\n")
+            (self.path / "memory.swap.max").write_text("0\n")
+        self._from: dict[int, Path] = {}
+
+    @staticmethod
+    def _cgroup_of(pid: int, v1: bool) -> Path:
+        for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if (v1 and "memory" in controllers.split(",")) or (not v1 and controllers == ""):
+                base = Path("/sys/fs/cgroup/memory" if v1 else "/sys/fs/cgroup")
+                return base / path.lstrip("/")
+        raise AssertionError(f"process {pid} is in no memory cgroup")
+
+    def add(self, pid: int) -> None:
+        """Move ``pid`` (all its threads) in; what it forks later starts in here too."""
+        self._from[pid] = self._cgroup_of(pid, self.v1)
+        (self.path / "cgroup.procs").write_text(f"{pid}\n")
+
+    def oom_kills(self) -> int:
+        """Processes the OOM killer has killed in here."""
+        if self.v1:
+            text = (self.path / "memory.oom_control").read_text()
+        else:
+            text = (self.path / "memory.events").read_text()
+        for line in text.splitlines():
+            if line.startswith("oom_kill "):
+                return int(line.split()[1])
+        raise AssertionError(f"this kernel counts no OOM kills in {self.path}")
+
+    def close(self) -> None:
+        # a process born in here goes where the first one added came from
+        home = next(iter(self._from.values()), self.path.parent)
+        for pid in [int(p) for p in (self.path / "cgroup.procs").read_text().split()]:
+            try:
+                (self._from.get(pid, home) / "cgroup.procs").write_text(f"{pid}\n")
+            except OSError:
+                pass  # gone meanwhile
+        until("the test cgroup to empty",
+              lambda: not (self.path / "cgroup.procs").read_text().split(), 10, 0.05)
+        self.path.rmdir()

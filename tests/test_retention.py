@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +20,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from helpers import workers
+from helpers import MemoryCgroup, workers
 from pyvol.backup import retention
 from pyvol.backup.retention import Duration, Policy, keep
 from pyvol.errors import InvalidInput
@@ -462,6 +463,23 @@ def _status(pid: int, field: str) -> int:
     raise AssertionError(f"no {field} for {pid}")
 
 
+def _big_manifest(url: str, template_url: str, tib: int, when: str, n: int) -> str:
+    """A copy of ``template_url``'s manifest, dated ``when``, for a volume of ``tib`` TiB,
+    each of whose pieces is one of the template's chunks; its backup URL."""
+    from pyvol.backup.repo import Repository, split_backup_url
+
+    repo = Repository.open(url, None)
+    names = [name for _, name in
+             repo.get_manifest(*split_backup_url(template_url)[1:])["chunks"]]
+    big = _plant(url, template_url, when, n)
+    m = repo.get_manifest(*split_backup_url(big)[1:])
+    m.pop("url")
+    m["source"]["size"] = tib << 40
+    m["chunks"] = [[i, names[i % len(names)]] for i in range((tib << 40) // repo.chunk_size)]
+    repo.put_manifest(m)
+    return big
+
+
 def test_big_manifests_are_read_in_the_job_process_not_the_worker(workdir, daemon):
     """A manifest lists every chunk of its volume (a 1 TiB volume's: 262,144, about 20 MB of
     JSON). `backup ls`, `forget` and `gc` read every manifest, `verify` (and a restore) one;
@@ -474,13 +492,8 @@ def test_big_manifests_are_read_in_the_job_process_not_the_worker(workdir, daemo
     repo = Repository.open(url, None)
     _, volkey, bid = split_backup_url(real["url"])
     names = [n for _, n in repo.get_manifest(volkey, bid)["chunks"]]
-    for n in range(4):  # "1 TiB" volumes whose pieces are all the real backup's chunks
-        big = _plant(url, real["url"], f"2026-11-0{n + 1} 12:00:00", n)
-        m = repo.get_manifest(*split_backup_url(big)[1:])
-        m.pop("url")
-        m["source"]["size"] = 1 << 40
-        m["chunks"] = [[i, names[i % len(names)]] for i in range((1 << 40) // repo.chunk_size)]
-        repo.put_manifest(m)
+    for n in range(4):
+        big = _big_manifest(url, real["url"], 1, f"2026-11-0{n + 1} 12:00:00", n)
 
     rss_before = {pid: _status(pid, "VmRSS") for pid in workers(d)}
     listed = json.loads(d.cli("backup", "ls", url, "--json").stdout)
@@ -494,3 +507,49 @@ def test_big_manifests_are_read_in_the_job_process_not_the_worker(workdir, daemo
     assert result["gc"]["chunks_kept"] == len(set(names))
     grew = max(_status(pid, "VmHWM") - rss for pid, rss in rss_before.items())
     assert grew < 16 * MiB, f"a worker's memory grew by {grew / MiB:.0f} MiB"
+
+
+#: a stand-in for a database's memory: its pid into the cgroup, then that many bytes written
+HOLDER = """import os, sys
+open(sys.argv[1], "w").write(f"{os.getpid()}\\n")
+held = b"x" * int(sys.argv[2])
+print("holding", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_out_of_memory_the_kernel_kills_the_backup_job_not_a_database(workdir, daemon):
+    """A job process's memory grows with what a repository makes it read: a manifest of a
+    big volume (a 2 TiB volume's is about 150 MiB parsed), or a hostile one of up to 256
+    MiB of JSON. When memory runs out, the kernel's OOM killer must take the job, which
+    holds nothing a retry cannot rebuild, and not a database beside it that holds more
+    memory. In a memory cgroup limited to 256 MiB, with the daemon and a process holding
+    160 MiB in it, `backup ls` reads such a manifest: the job is killed and its call fails
+    saying so, the holder lives, and the daemon answers. Without the limit, it lists."""
+    d = daemon
+    _repo_dir, url, _mp, real = _first_backup(d, workdir)
+    _big_manifest(url, real["url"], 2, "2026-11-01 12:00:00", 0)
+    cgroup = MemoryCgroup(256 * MiB)
+    holder = None
+    try:
+        for pid in [d.proc.pid, *workers(d)]:
+            cgroup.add(pid)
+        holder = subprocess.Popen(
+            [sys.executable, "-c", HOLDER, str(cgroup.path / "cgroup.procs"), str(160 * MiB)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert holder.stdout.readline() == "holding\n"
+        listed = d.cli("backup", "ls", url, "--json", check=False)
+        assert listed.returncode == 1, listed.stdout
+        assert "ended without an answer (signal 9: the kernel's OOM killer" in listed.stderr, \
+            listed.stderr
+        assert "Traceback" not in listed.stderr
+        assert holder.poll() is None, "the OOM killer took the database's stand-in"
+        assert cgroup.oom_kills() == 1
+        d.api.ok("/VolumeDriver.Get", {"Name": "v"})
+    finally:
+        if holder is not None:
+            holder.kill()
+            holder.wait()
+        cgroup.close()
+    listed = json.loads(d.cli("backup", "ls", url, "--json").stdout)
+    assert len(listed) == 2 and max(b["chunk_count"] for b in listed) == 2 * 262144

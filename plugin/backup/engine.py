@@ -70,6 +70,9 @@ CALLS = {"put_manifest", "delete_manifest", "backup_ids", "volume_key",
 CALL_THREADS = 4  # the worker's caller, its lease renewer, and room for one more of each
 PROGRESS_EVERY = 0.25  # seconds between progress messages
 NICENESS = 10
+#: the most the kernel's OOM killer can prefer a process: a job holds nothing that a retry
+#: cannot rebuild, and a container's database on the same host must not die in its place
+OOM_SCORE_ADJ = 1000
 
 
 class _Process:
@@ -240,6 +243,7 @@ def main(argv: list[str]) -> int:
     # below the daemon's workers: with every core busy hashing and sealing, Docker's calls
     # still get a core at once (the job takes whatever they leave)
     os.nice(NICENESS)
+    _first_to_go()
     from multiprocessing.connection import Connection
 
     inp, out = Connection(to_job, writable=False), Connection(from_job, readable=False)
@@ -251,6 +255,22 @@ def main(argv: list[str]) -> int:
         log.exception("backup job process failed before it could answer")
         return 1
     return 0
+
+
+def _first_to_go() -> None:
+    """Out of memory, the kernel kills the process with the highest badness: its RSS plus
+    ``oom_score_adj`` thousandths of the memory it may use. A job's RSS grows with what a
+    repository makes it read (a manifest of a 10 TiB volume is about 200 MiB of JSON, several
+    times that parsed, and a hostile repository can hand it that much), yet a database's is
+    usually larger, and without this it would be the one killed. Killed, a job fails its
+    service call with EngineDied and leaves no backup visible (its manifest is written
+    last); any process may raise its own score."""
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write(f"{OOM_SCORE_ADJ}\n")
+    except OSError as e:
+        log.warning("could not make the backup job process the OOM killer's first choice: "
+                    "%s", e)
 
 
 def _end(code: int) -> None:

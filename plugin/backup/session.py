@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -35,6 +36,20 @@ JOB_ENV = {"MALLOC_ARENA_MAX": "2"}
 
 class EngineDied(PyvolError):
     """The job process ended without an answer (killed, out of memory)."""
+
+
+def oom_kills() -> int:
+    """How many processes the kernel's OOM killer has killed since boot (any cgroup's limit
+    or the host's memory running out): a job process SIGKILLed while this rose was most
+    likely one of them, which its error says, so that nobody hunts for who sent the signal."""
+    try:
+        with open("/proc/vmstat") as f:
+            for line in f:
+                if line.startswith("oom_kill "):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 class _Answer:
@@ -75,6 +90,7 @@ class RemoteRepository:
         self._lock = threading.Lock()  # the answers, the pipe's sending end, _dead
         self._dead: PyvolError | None = None
         self._closed = False
+        self._oom_kills = oom_kills()
         to_job_r, to_job_w = os.pipe()
         from_job_r, from_job_w = os.pipe()
         try:
@@ -198,6 +214,9 @@ class RemoteRepository:
         try:
             code = self._proc.wait(timeout=ENDING)
             how = f"signal {-code}" if code < 0 else f"exit status {code}"
+            if code == -signal.SIGKILL and oom_kills() > self._oom_kills:
+                how += (": the kernel's OOM killer killed a process meanwhile, most likely "
+                        "this one, which it takes first (memory ran out)")
         except subprocess.TimeoutExpired:
             how = "its pipe closed"
         died = EngineDied(f"the backup job process ended without an answer ({how}); the "
