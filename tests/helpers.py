@@ -511,6 +511,17 @@ class MemoryCgroup:
         self._from[pid] = self._cgroup_of(pid, self.v1)
         (self.path / "cgroup.procs").write_text(f"{pid}\n")
 
+    def __enter__(self) -> "MemoryCgroup":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def peak(self) -> int:
+        """The most memory charged to it at once, in bytes."""
+        name = "memory.max_usage_in_bytes" if self.v1 else "memory.peak"
+        return int((self.path / name).read_text())
+
     def oom_kills(self) -> int:
         """Processes the OOM killer has killed in here."""
         if self.v1:

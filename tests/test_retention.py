@@ -509,6 +509,34 @@ def test_big_manifests_are_read_in_the_job_process_not_the_worker(workdir, daemo
     assert grew < 16 * MiB, f"a worker's memory grew by {grew / MiB:.0f} MiB"
 
 
+def _daemon_into(d, cgroup: MemoryCgroup) -> None:
+    """The daemon's master and workers into ``cgroup``: the job processes a worker starts
+    from now on start there."""
+    for pid in [d.proc.pid, *workers(d)]:
+        cgroup.add(pid)
+
+
+def test_manifests_are_fetched_together_but_parsed_one_at_a_time(workdir, daemon):
+    """A parsed manifest is several times its JSON (a 2 TiB volume's: about 40 MB of JSON,
+    near 200 MiB parsed and checked), and a hostile repository's may each be 256 MiB of it.
+    Listings, retention and gc fetch two at a time, for an object store's latency, but
+    parse one at a time: listing two such manifests costs the job process little more than
+    listing one (the second's plaintext, waiting its turn). Both parsed at once, it cost
+    about 210 MiB more."""
+    d = daemon
+    _repo_dir, url, _mp, real = _first_backup(d, workdir)
+    peaks = []
+    for n in range(2):
+        _big_manifest(url, real["url"], 2, f"2026-11-0{n + 1} 12:00:00", n)
+        with MemoryCgroup(4 << 30) as cgroup:
+            _daemon_into(d, cgroup)
+            listed = json.loads(d.cli("backup", "ls", url, "--json").stdout)
+            assert len(listed) == n + 2
+            peaks.append(cgroup.peak())
+    assert peaks[1] - peaks[0] < 100 * MiB, \
+        f"peaks with one and with two manifests: {[p // MiB for p in peaks]} MiB"
+
+
 #: a stand-in for a database's memory: its pid into the cgroup, then that many bytes written
 HOLDER = """import os, sys
 open(sys.argv[1], "w").write(f"{os.getpid()}\\n")
@@ -529,27 +557,23 @@ def test_out_of_memory_the_kernel_kills_the_backup_job_not_a_database(workdir, d
     d = daemon
     _repo_dir, url, _mp, real = _first_backup(d, workdir)
     _big_manifest(url, real["url"], 2, "2026-11-01 12:00:00", 0)
-    cgroup = MemoryCgroup(256 * MiB)
-    holder = None
-    try:
-        for pid in [d.proc.pid, *workers(d)]:
-            cgroup.add(pid)
+    with MemoryCgroup(256 * MiB) as cgroup:
+        _daemon_into(d, cgroup)
         holder = subprocess.Popen(
             [sys.executable, "-c", HOLDER, str(cgroup.path / "cgroup.procs"), str(160 * MiB)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        assert holder.stdout.readline() == "holding\n"
-        listed = d.cli("backup", "ls", url, "--json", check=False)
-        assert listed.returncode == 1, listed.stdout
-        assert "ended without an answer (signal 9: the kernel's OOM killer" in listed.stderr, \
-            listed.stderr
-        assert "Traceback" not in listed.stderr
-        assert holder.poll() is None, "the OOM killer took the database's stand-in"
-        assert cgroup.oom_kills() == 1
-        d.api.ok("/VolumeDriver.Get", {"Name": "v"})
-    finally:
-        if holder is not None:
+        try:
+            assert holder.stdout.readline() == "holding\n"
+            listed = d.cli("backup", "ls", url, "--json", check=False)
+            assert listed.returncode == 1, listed.stdout
+            assert "ended without an answer (signal 9: the kernel's OOM killer" in \
+                listed.stderr, listed.stderr
+            assert "Traceback" not in listed.stderr
+            assert holder.poll() is None, "the OOM killer took the database's stand-in"
+            assert cgroup.oom_kills() == 1
+            d.api.ok("/VolumeDriver.Get", {"Name": "v"})
+        finally:
             holder.kill()
             holder.wait()
-        cgroup.close()
     listed = json.loads(d.cli("backup", "ls", url, "--json").stdout)
     assert len(listed) == 2 and max(b["chunk_count"] for b in listed) == 2 * 262144

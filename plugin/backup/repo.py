@@ -37,7 +37,7 @@ BACKUP_ID_RE = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{8}")
 VOLKEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 CHUNK_RE = re.compile(r"[0-9a-f]{64}")
 REPO_ID_RE = re.compile(r"[0-9a-f]{64}")
-MANIFEST_THREADS = 2  # manifests read at once: one of a 1 TiB volume is about 75 MiB parsed
+MANIFEST_THREADS = 2  # manifests fetched at once (parsed one at a time: _over_manifests)
 
 
 def utcnow() -> str:
@@ -284,11 +284,18 @@ class Repository:
         return self.backup_url(volkey, manifest["id"])
 
     def get_manifest(self, volkey: str, bid: str) -> dict:
-        key = f"manifests/{volkey}/{bid}"
+        return self.parse_manifest(volkey, bid, self.fetch_manifest(volkey, bid))
+
+    def fetch_manifest(self, volkey: str, bid: str) -> bytes:
+        """A manifest's plaintext, not yet parsed (``parse_manifest``)."""
         try:
-            plain = self.read_object(key, MANIFEST_CAP)
+            return self.read_object(f"manifests/{volkey}/{bid}", MANIFEST_CAP)
         except NotFound:
             raise NotFound(f"no backup {volkey}/{bid} in {self.url}") from None
+
+    def parse_manifest(self, volkey: str, bid: str, plain: bytes) -> dict:
+        """The manifest ``plain`` is the plaintext of, checked field by field."""
+        key = f"manifests/{volkey}/{bid}"
         try:
             manifest = json.loads(plain)
         except (ValueError, RecursionError):
@@ -499,13 +506,33 @@ def missing_chunks(repo: Repository, chunks) -> list[str]:
     return sorted(want)
 
 
-def _over_manifests(read, ids):
-    """``read((volkey, id))`` for each of ``ids``, MANIFEST_THREADS at a time, its results
-    in the order of ``ids``."""
+def _over_manifests(repo: Repository, ids, use):
+    """``use((volkey, id), manifest, None)``, or ``use((volkey, id), None, error)`` for one
+    that could not be read, for each of ``ids``: its results in the order of ``ids``.
+
+    Fetched MANIFEST_THREADS at a time, for an object store's latency; parsed, checked and
+    used one at a time. json.loads holds the interpreter lock throughout, so two parses at
+    once were no faster, and a parsed manifest is several times its JSON (a hostile
+    repository's may each be MANIFEST_CAP): two of them at once held twice that memory."""
     from concurrent.futures import ThreadPoolExecutor
 
+    parsing = threading.Lock()
+
+    def one(item):
+        try:
+            plain = repo.fetch_manifest(*item)
+        except PyvolError as e:
+            return use(item, None, e)
+        with parsing:
+            try:
+                manifest = repo.parse_manifest(*item, plain)
+            except PyvolError as e:
+                return use(item, None, e)
+            del plain  # parsed: only the manifest is needed now
+            return use(item, manifest, None)
+
     with ThreadPoolExecutor(MANIFEST_THREADS, thread_name_prefix="pyvol-manifests") as pool:
-        yield from pool.map(read, [tuple(i) for i in ids])
+        yield from pool.map(one, [tuple(i) for i in ids])
 
 
 def manifest_head(manifest: dict) -> dict:
@@ -526,14 +553,12 @@ def manifest_heads(repo: Repository, ids) -> list[tuple[str, str, dict | None,
     times that once parsed), and the worker that answers Docker reading a repository's
     worth of them, one call and one pickle at a time, held that memory and the interpreter
     lock that Docker's calls wait on."""
-    def one(item):
-        volkey, bid = item
-        try:
-            return volkey, bid, manifest_head(repo.get_manifest(volkey, bid)), None
-        except PyvolError as e:
-            return volkey, bid, None, portable(e)
+    def head(item, manifest, error):
+        if error is not None:
+            return *item, None, portable(error)
+        return *item, manifest_head(manifest), None
 
-    return list(_over_manifests(one, ids))
+    return list(_over_manifests(repo, ids, head))
 
 
 def unreferenced_chunks(repo: Repository) -> dict:
@@ -543,14 +568,15 @@ def unreferenced_chunks(repo: Repository) -> dict:
     ``delete_unreferenced``; the worker gets the counts."""
     ids = repo.backup_ids()
     live: set[str] = set()
-    lock = threading.Lock()
 
-    def mark(item):  # merged at once: results kept for their turn in order could pile up
-        names = [n for _, n in repo.get_manifest(*item)["chunks"]]
-        with lock:
-            live.update(names)
+    # merged as each is read (under _over_manifests' lock): results kept for their turn in
+    # order could pile up behind a slow one
+    def mark(_item, manifest, error):
+        if error is not None:
+            raise error
+        live.update(n for _, n in manifest["chunks"])
 
-    for _ in _over_manifests(mark, ids):  # the first manifest that fails raises here
+    for _ in _over_manifests(repo, ids, mark):  # the first manifest that fails raises here
         pass
     kept, unreferenced = 0, []
     for key, size in repo.target.list("chunks/"):
