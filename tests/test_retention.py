@@ -516,9 +516,9 @@ def _daemon_into(d, cgroup: MemoryCgroup) -> None:
         cgroup.add(pid)
 
 
-def test_manifests_are_fetched_together_but_parsed_one_at_a_time(workdir, daemon):
+def test_manifests_are_parsed_one_at_a_time(workdir, daemon):
     """A parsed manifest is several times its JSON (a 2 TiB volume's: about 40 MB of JSON,
-    near 200 MiB parsed and checked), and a hostile repository's may each be 256 MiB of it.
+    about 150 MiB parsed and checked), and a hostile repository's may each be 256 MiB of it.
     Listings, retention and gc fetch two at a time, for an object store's latency, but
     parse one at a time: listing two such manifests costs the job process little more than
     listing one (the second's plaintext, waiting its turn). Both parsed at once, it cost
@@ -548,10 +548,10 @@ sys.stdin.read()
 
 def test_out_of_memory_the_kernel_kills_the_backup_job_not_a_database(workdir, daemon):
     """A job process's memory grows with what a repository makes it read: a manifest of a
-    big volume (a 2 TiB volume's is about 150 MiB parsed), or a hostile one of up to 256
-    MiB of JSON. When memory runs out, the kernel's OOM killer must take the job, which
-    holds nothing a retry cannot rebuild, and not a database beside it that holds more
-    memory. In a memory cgroup limited to 256 MiB, with the daemon and a process holding
+    big volume (a 2 TiB volume's: about 150 MiB parsed and checked), or a hostile one of up
+    to 256 MiB of JSON. When memory runs out, the kernel's OOM killer must take the job,
+    which holds nothing a retry cannot rebuild, and not a database beside it that holds
+    more memory. In a memory cgroup limited to 256 MiB, with the daemon and a process holding
     160 MiB in it, `backup ls` reads such a manifest: the job is killed and its call fails
     saying so, the holder lives, and the daemon answers. Without the limit, it lists."""
     d = daemon

@@ -40,6 +40,10 @@ REPO_ID_RE = re.compile(r"[0-9a-f]{64}")
 MANIFEST_THREADS = 2  # manifests fetched at once (parsed one at a time: _over_manifests)
 
 
+def manifest_key(volkey: str, bid: str) -> str:
+    return f"manifests/{volkey}/{bid}"
+
+
 def utcnow() -> str:
     return clock.stamp()
 
@@ -279,7 +283,7 @@ class Repository:
 
     def put_manifest(self, manifest: dict) -> str:
         volkey = self.volume_key(manifest["volume"])
-        key = f"manifests/{volkey}/{manifest['id']}"
+        key = manifest_key(volkey, manifest["id"])
         self.target.put(key, self.codec.seal(key, json.dumps(manifest).encode()))
         return self.backup_url(volkey, manifest["id"])
 
@@ -289,13 +293,13 @@ class Repository:
     def fetch_manifest(self, volkey: str, bid: str) -> bytes:
         """A manifest's plaintext, not yet parsed (``parse_manifest``)."""
         try:
-            return self.read_object(f"manifests/{volkey}/{bid}", MANIFEST_CAP)
+            return self.read_object(manifest_key(volkey, bid), MANIFEST_CAP)
         except NotFound:
             raise NotFound(f"no backup {volkey}/{bid} in {self.url}") from None
 
     def parse_manifest(self, volkey: str, bid: str, plain: bytes) -> dict:
         """The manifest ``plain`` is the plaintext of, checked field by field."""
-        key = f"manifests/{volkey}/{bid}"
+        key = manifest_key(volkey, bid)
         try:
             manifest = json.loads(plain)
         except (ValueError, RecursionError):
@@ -319,7 +323,7 @@ class Repository:
         return sorted(out, key=lambda p: (p[1], p[0]))
 
     def delete_manifest(self, volkey: str, bid: str) -> None:
-        self.target.delete(f"manifests/{volkey}/{bid}")
+        self.target.delete(manifest_key(volkey, bid))
 
     # locks
     @staticmethod
@@ -511,28 +515,39 @@ def _over_manifests(repo: Repository, ids, use):
     that could not be read, for each of ``ids``: its results in the order of ``ids``.
 
     Fetched MANIFEST_THREADS at a time, for an object store's latency; parsed, checked and
-    used one at a time. json.loads holds the interpreter lock throughout, so two parses at
-    once were no faster, and a parsed manifest is several times its JSON (a hostile
-    repository's may each be MANIFEST_CAP): two of them at once held twice that memory."""
+    used one at a time (``use`` runs under that turn, so it must not wait on anything).
+    json.loads holds the interpreter lock throughout, so two parses at once were no
+    faster, and a parsed manifest is several times its JSON (a hostile repository's may
+    each be MANIFEST_CAP): two of them at once held twice that memory."""
     from concurrent.futures import ThreadPoolExecutor
 
     parsing = threading.Lock()
 
     def one(item):
+        manifest = error = None
         try:
             plain = repo.fetch_manifest(*item)
         except PyvolError as e:
-            return use(item, None, e)
+            plain, error = None, _detached(e)
         with parsing:
-            try:
-                manifest = repo.parse_manifest(*item, plain)
-            except PyvolError as e:
-                return use(item, None, e)
-            del plain  # parsed: only the manifest is needed now
-            return use(item, manifest, None)
+            if error is None:
+                try:
+                    manifest = repo.parse_manifest(*item, plain)
+                except PyvolError as e:
+                    error = _detached(e)
+            plain = None  # parsed or refused: the plaintext is not needed now
+            return use(item, manifest, error)
 
     with ThreadPoolExecutor(MANIFEST_THREADS, thread_name_prefix="pyvol-manifests") as pool:
         yield from pool.map(one, [tuple(i) for i in ids])
+
+
+def _detached(e: PyvolError) -> PyvolError:
+    """``e`` without its traceback and the exception it was raised from: their frames hold
+    the manifest's plaintext or its parse, which a caller that keeps the error (a listing
+    reports each bad manifest) would keep too."""
+    e.__context__ = e.__cause__ = None
+    return e.with_traceback(None)
 
 
 def manifest_head(manifest: dict) -> dict:

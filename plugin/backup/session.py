@@ -91,6 +91,7 @@ class RemoteRepository:
         self._dead: PyvolError | None = None
         self._closed = False
         self._oom_kills = oom_kills()
+        self._killed = False  # by this side: then a SIGKILL is ours, not the OOM killer's
         to_job_r, to_job_w = os.pipe()
         from_job_r, from_job_w = os.pipe()
         try:
@@ -210,11 +211,12 @@ class RemoteRepository:
             pass
         except Exception:  # an answer that does not unpickle: nothing after it can be trusted
             log.exception("unreadable message from the backup job process; stopping it")
+            self._killed = True
             self._proc.kill()
         try:
             code = self._proc.wait(timeout=ENDING)
             how = f"signal {-code}" if code < 0 else f"exit status {code}"
-            if code == -signal.SIGKILL and oom_kills() > self._oom_kills:
+            if code == -signal.SIGKILL and not self._killed and oom_kills() > self._oom_kills:
                 how += (": the kernel's OOM killer killed a process meanwhile, most likely "
                         "this one, which it takes first (memory ran out)")
         except subprocess.TimeoutExpired:
@@ -230,6 +232,7 @@ class RemoteRepository:
 
     # ending
     def _kill(self) -> None:
+        self._killed = True
         self._proc.kill()
         self._proc.wait()
 
