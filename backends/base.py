@@ -99,6 +99,13 @@ class Backend(ABC):
     def setup(self) -> None:
         """Provision or re-attach the backend's storage; idempotent; run once at daemon start."""
 
+    def resume_io(self) -> bool:
+        """Undo what a worker killed inside one of this backend's steps left blocking a
+        container's I/O (devicemapper: a device a snapshot suspended), unless a live worker
+        is inside such a step now: then False, and the master asks again (plugin/leftovers.py).
+        Most backends block no I/O of their own."""
+        return True
+
     @abstractmethod
     def create(self, spec: VolumeSpec) -> None:
         """Make an empty volume of ``spec.size`` bytes; leave nothing behind if it fails."""

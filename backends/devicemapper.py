@@ -243,10 +243,19 @@ class DevicemapperBackend(BlockBackend):
                                "devno": f"{major.strip()}:{minor.strip()}"}
         return found
 
+    def resume_io(self) -> bool:
+        # a snapshot suspends only while it holds the pool lock: free, no live one is
+        try:
+            with locks.held(self.locks_dir, POOL_LOCK, "the devicemapper pool", wait=0):
+                self._resume_suspended()
+        except Conflict:
+            return False
+        return True
+
     def _resume_suspended(self) -> None:
-        """A daemon killed between `dmsetup suspend` and `resume` (in snapshot) left a device
-        suspended, and every writer in its container blocks until it is resumed: resume the
-        pool first, then each of its devices."""
+        """A daemon or worker killed between `dmsetup suspend` and `resume` (in snapshot) left
+        a device suspended, and every writer in its container blocks until it is resumed:
+        resume the pool first, then each of its devices."""
         found = self._dm_devices()
         for dm_name in sorted(found, key=lambda n: (n != self.pool, n)):
             if not found[dm_name]["suspended"]:
@@ -256,8 +265,8 @@ class DevicemapperBackend(BlockBackend):
             except PyvolError as e:
                 log.error("device %s is suspended and could not be resumed: %s", dm_name, e)
                 continue
-            event(log, "resumed a device-mapper device left suspended by a killed daemon",
-                  device=dm_name)
+            event(log, "resumed a device-mapper device left suspended by a killed daemon or "
+                  "worker", device=dm_name)
 
     def _release_held_metadata_snapshot(self, why: str) -> None:
         """Release a metadata snapshot the pool holds. Only with METASNAP_LOCK held: then no
@@ -477,6 +486,7 @@ class DevicemapperBackend(BlockBackend):
                     try:
                         if active:
                             dmsetup("suspend", "--nolockfs", origin, timeout=SUSPEND_TIMEOUT)
+                            crashpoint("devicemapper.suspended")
                         self._message("create_snap", str(thin_id), str(vol["id"]),
                                       timeout=CREATE_SNAP_TIMEOUT)
                     finally:

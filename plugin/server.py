@@ -26,6 +26,7 @@ from .config import Config
 from .errors import PyvolError
 from .log import event
 from .host import Host
+from .leftovers import Leftovers
 from .lifeline import die_with_parent
 from .parts import Parts, wire
 from .reconcile import reconcile
@@ -188,12 +189,14 @@ class _Arbiter(Arbiter):
     (start-up work is done before gunicorn starts; workers must have booted too), and
     STOPPING=1 as soon as it is told to stop."""
 
-    def __init__(self, app, notify: Notify, socket_path):
+    def __init__(self, app, notify: Notify, socket_path, leftovers: Leftovers):
         super().__init__(app)
         self.notify, self.socket_path, self.ready = notify, socket_path, False
+        self.leftovers = leftovers
 
     def manage_workers(self):
-        super().manage_workers()
+        super().manage_workers()  # a dead worker's replacement first: it boots meanwhile
+        self.leftovers.undo()
         # Called first right after the workers are forked, then once a second or so from
         # the main loop: a slow worker is asked again, and signals are handled in between.
         if not self.ready and self.notify.address and _answers(self.socket_path, 2):
@@ -229,9 +232,9 @@ class _Arbiter(Arbiter):
 
 
 class _Gunicorn(BaseApplication):
-    def __init__(self, app, options, notify: Notify, socket_path):
+    def __init__(self, app, options, notify: Notify, socket_path, leftovers: Leftovers):
         self.application, self.options = app, options
-        self.notify, self.socket_path = notify, socket_path
+        self.notify, self.socket_path, self.leftovers = notify, socket_path, leftovers
         super().__init__()
 
     def load_config(self):
@@ -243,7 +246,7 @@ class _Gunicorn(BaseApplication):
 
     def run(self):  # BaseApplication.run, with our arbiter
         try:
-            _Arbiter(self, self.notify, self.socket_path).run()
+            _Arbiter(self, self.notify, self.socket_path, self.leftovers).run()
         except RuntimeError as e:
             print(f"\nError: {e}\n", file=sys.stderr)
             sys.stderr.flush()
@@ -293,6 +296,12 @@ def serve(config: Config) -> None:
         if os.getpid() == worker.pid:
             parts.runner.stop(GRACEFUL_TIMEOUT - 2)
 
+    leftovers = Leftovers(parts.host)
+
+    def child_exit(server, worker):
+        # in the master, as it reaps a worker; the undoing runs from its loop
+        leftovers.worker_died()
+
     def when_ready(server):
         event(log, "pyvol daemon ready", socket=str(config.socket), root=str(config.root),
               default_backend=parts.host.default_backend,
@@ -318,7 +327,8 @@ def serve(config: Config) -> None:
         "post_fork": post_fork,
         "post_worker_init": post_worker_init,
         "worker_exit": worker_exit,
+        "child_exit": child_exit,
         "when_ready": when_ready,
         "proc_name": "pyvol",
     }
-    _Gunicorn(create_app(parts), options, notify, config.socket).run()
+    _Gunicorn(create_app(parts), options, notify, config.socket, leftovers).run()

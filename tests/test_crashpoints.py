@@ -367,3 +367,61 @@ def test_killed_at_a_named_step(world, op, step):
 @pytest.mark.parametrize("op,delay", RANDOM, ids=[f"{o}-{d}s" for o, d in RANDOM])
 def test_killed_at_a_random_moment(world, op, delay):
     _run_case(world, op, None, delay)
+
+
+def test_a_worker_killed_alone_inside_a_freeze_leaves_no_filesystem_frozen(workdir):
+    """The OOM killer takes one process, not the daemon: a worker killed inside a snapshot's
+    freeze is replaced by the master, and nothing restarts to thaw what it froze. The master
+    does (plugin/leftovers.py): a container's writes go on within seconds, and the worker
+    that replaces the dead one snapshots the volume as usual."""
+    marker = workdir / "crashed"
+    d = Daemon(workdir / "root", workdir / "s.sock",
+               env={"PYVOL_CRASH_AT": "frozen", "PYVOL_CRASH_ALONE": str(marker),
+                    "PYVOL_WORKERS": "1"}).start()
+    try:
+        d.api.ok("/VolumeDriver.Create", {"Name": "v", "Opts": {"size": "64M"}})
+        mp = d.api.ok("/VolumeDriver.Mount", {"Name": "v", "ID": "c"})["Mountpoint"]
+        out = d.cli("snapshot", "create", "v", "--name", "s1", check=False)
+        assert out.returncode != 0 and marker.exists(), out.stderr
+        assert d.proc.poll() is None, "the master died with its worker"
+        assert _writable_within(mp), "the killed worker's freeze was left in place"
+        assert "thawed a filesystem left frozen by a killed worker" in d.log()
+        d.cli("snapshot", "create", "v", "--name", "s2")
+        assert _writable_within(mp)
+        d.api.ok("/VolumeDriver.Unmount", {"Name": "v", "ID": "c"})
+    finally:
+        d.stop()
+
+
+def test_the_master_thaws_no_filesystem_whose_volume_a_live_worker_holds(workdir, daemon):
+    """A live worker's freeze is its own to end, and a thaw in the middle of its snapshot
+    would leave the snapshot inconsistent. The master thaws a volume only under the volume's
+    lock, which every freeze holds: while the lock is held (here by the test, as a worker
+    inside a snapshot holds it) the filesystem stays frozen through the master's passes;
+    the first pass after it is free thaws it."""
+    from pyvol import fs
+    from pyvol.config import Config
+    from pyvol.host import Host
+    from pyvol.leftovers import Leftovers
+
+    daemon.api.ok("/VolumeDriver.Create", {"Name": "v", "Opts": {"size": "64M"}})
+    mp = daemon.api.ok("/VolumeDriver.Mount", {"Name": "v", "ID": "c"})["Mountpoint"]
+    host = Host(Config(root=daemon.root), None, {}, None)
+    assert str(host.mountpoint("v")) == mp
+    leftovers = Leftovers(host)
+    subprocess.run(["fsfreeze", "--freeze", mp], check=True, timeout=30)
+    try:
+        with host.lock("v"):
+            leftovers.worker_died()
+            leftovers.undo()
+            leftovers.undo()
+            again = subprocess.run(["fsfreeze", "--freeze", mp], capture_output=True,
+                                   text=True, timeout=30)
+            assert again.returncode != 0 and "busy" in again.stderr, \
+                "the master thawed a volume whose lock a live worker held"
+        leftovers.undo()
+        assert _writable_within(mp)
+        assert not fs.thaw(Path(mp)), "thawed, yet frozen still"
+    finally:
+        subprocess.run(["fsfreeze", "--unfreeze", mp], capture_output=True, timeout=30)
+    daemon.api.ok("/VolumeDriver.Unmount", {"Name": "v", "ID": "c"})

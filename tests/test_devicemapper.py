@@ -445,3 +445,40 @@ def test_a_snapshot_waiting_for_the_pool_lock_leaves_the_filesystem_writable(dm_
     assert "s" in _backend(daemon.root).snapshots("frz")
     api.ok("/VolumeDriver.Unmount", {"Name": "frz", "ID": "w"})
     api.ok("/VolumeDriver.Remove", {"Name": "frz"})
+
+
+def test_a_worker_killed_alone_while_its_device_is_suspended_leaves_it_resumed(workdir):
+    """A worker killed between a snapshot's `dmsetup suspend` and `resume` (the OOM killer
+    takes one process) is replaced by the master, and nothing restarts to resume the device.
+    The master does, then thaws the filesystem (plugin/leftovers.py): writes in the
+    container go on, and the next snapshot is taken as usual."""
+    marker = workdir / "crashed"
+    d = Daemon(workdir / "root", workdir / "pyvol.sock",
+               env={"PYVOL_CRASH_AT": "devicemapper.suspended",
+                    "PYVOL_CRASH_ALONE": str(marker), "PYVOL_WORKERS": "1"}).start(wait=START_WAIT)
+    mp = dm_name = None
+    try:
+        d.api.ok("/VolumeDriver.Create", {"Name": "alone", "Opts": {"size": "256M"}})
+        mp = d.api.ok("/VolumeDriver.Mount", {"Name": "alone", "ID": "w"})["Mountpoint"]
+        dm_name = os.path.basename(probe.active_device(_backend(d.root), "alone"))
+        out = d.cli("snapshot", "create", "alone", "--name", "s1", check=False)
+        assert out.returncode != 0 and marker.exists(), out.stderr
+        assert d.proc.poll() is None, "the master died with its worker"
+        assert _write_completes(os.path.join(mp, "after"), within=30), \
+            "a write into the volume still blocks after its worker was killed"
+        assert not _suspended(dm_name)
+        log = d.log_path.read_text()
+        assert "left suspended by a killed daemon or worker" in log
+        assert "thawed a filesystem left frozen by a killed worker" in log
+        d.cli("snapshot", "create", "alone", "--name", "s2")
+        assert _write_completes(os.path.join(mp, "after-s2"))
+        d.api.ok("/VolumeDriver.Unmount", {"Name": "alone", "ID": "w"})
+        d.api.ok("/VolumeDriver.Remove", {"Name": "alone"})
+    finally:
+        if dm_name is not None:  # whatever failed above, never leave the test's writer stuck
+            subprocess.run(["dmsetup", "resume", dm_name], check=False, capture_output=True,
+                           timeout=60)
+        if mp is not None:
+            subprocess.run(["fsfreeze", "--unfreeze", mp], check=False, capture_output=True,
+                           timeout=60)
+        d.stop()
