@@ -47,8 +47,8 @@ SECTOR = 512
 # what a "delete" of a thin id says when the pool holds no such device (deleted already, or
 # never made: a crash between allocating its id and create_snap); ENODATA from dm-thin
 GONE = ("No data available", "No such file", "does not exist")
-# A snapshot of a mounted volume runs inside its filesystem's freeze (pyvol.fs.frozen thaws
-# after FREEZE_LIMIT, 20 s): each dm step in that window has a timeout well inside it.
+# A snapshot of a mounted volume runs inside its filesystem's freeze (pyvol.freeze.frozen thaws
+# after its LIMIT, 20 s): each dm step in that window has a timeout well inside it.
 SUSPEND_TIMEOUT = 8.0
 CREATE_SNAP_TIMEOUT = 8.0
 RESUME_TIMEOUT = 10.0
@@ -244,19 +244,39 @@ class DevicemapperBackend(BlockBackend):
         return found
 
     def resume_io(self) -> bool:
-        # a snapshot suspends only while it holds the pool lock: free, no live one is
+        # A snapshot suspends only while it holds the pool lock: free, no live one is. A
+        # `dmsetup suspend` a killed worker started goes on without it, and may land after
+        # this looked: wait until none is left.
         try:
             with locks.held(self.locks_dir, POOL_LOCK, "the devicemapper pool", wait=0):
-                self._resume_suspended()
+                if self._suspends_in_flight():
+                    return False
+                return not self._resume_suspended()
         except Conflict:
             return False
-        return True
 
-    def _resume_suspended(self) -> None:
+    def _suspends_in_flight(self) -> list[int]:
+        """Processes running `dmsetup suspend` on one of this pool's devices."""
+        found = []
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+            except OSError:
+                continue  # gone meanwhile
+            ours = self.prefix.encode() + b"-"  # the pool's name and its devices' names
+            if (os.path.basename(argv[0]) == b"dmsetup" and b"suspend" in argv
+                    and any(a.startswith(ours) for a in argv)):
+                found.append(int(entry.name))
+        return found
+
+    def _resume_suspended(self) -> list[str]:
         """A daemon or worker killed between `dmsetup suspend` and `resume` (in snapshot) left
         a device suspended, and every writer in its container blocks until it is resumed:
-        resume the pool first, then each of its devices."""
-        found = self._dm_devices()
+        resume the pool first, then each of its devices. Those still suspended."""
+        found, stuck = self._dm_devices(), []
         for dm_name in sorted(found, key=lambda n: (n != self.pool, n)):
             if not found[dm_name]["suspended"]:
                 continue
@@ -264,9 +284,11 @@ class DevicemapperBackend(BlockBackend):
                 dmsetup("resume", dm_name, timeout=RESUME_TIMEOUT)
             except PyvolError as e:
                 log.error("device %s is suspended and could not be resumed: %s", dm_name, e)
+                stuck.append(dm_name)
                 continue
             event(log, "resumed a device-mapper device left suspended by a killed daemon or "
                   "worker", device=dm_name)
+        return stuck
 
     def _release_held_metadata_snapshot(self, why: str) -> None:
         """Release a metadata snapshot the pool holds. Only with METASNAP_LOCK held: then no

@@ -1,18 +1,15 @@
-"""Filesystems on block devices: make, mount, freeze, grow.
+"""Filesystems on block devices: make, mount, grow (a snapshot's freeze: freeze.py).
 
 Shared by every block backend (loop, devicemapper, EBS), so a backend only has to hand over a
 device. Every call is an external tool with a timeout; a hung mount must not hang the daemon.
 """
 
-import contextlib
 import logging
 import os
-import threading
 from pathlib import Path
 
 from . import mountinfo
-from .crashpoint import crashpoint
-from .errors import CommandFailed, Conflict, InvalidInput, PyvolError
+from .errors import Conflict, InvalidInput, PyvolError
 from .run import run
 from .units import format_size
 
@@ -86,59 +83,6 @@ def umount(mount_point: Path) -> None:
     """Unmount every layer at ``mount_point``; raise if it is busy (never lazily detach data)."""
     while mountinfo.is_mounted(mount_point):
         run(["umount", str(mount_point)], timeout=120)
-
-
-FREEZE_LIMIT = 20.0  # seconds a container's filesystem may stay frozen for a snapshot
-
-
-@contextlib.contextmanager
-def frozen(mount_point: Path | None, limit: float = FREEZE_LIMIT):
-    """Freeze a mounted filesystem for the duration; a no-op when nothing is mounted.
-
-    The thaw always runs, and a watchdog thaws after ``limit`` seconds even if the work
-    inside hangs: a filesystem left frozen hangs every writer in its container in state D.
-    Work that outlived the limit is failed, since it no longer ran on a frozen filesystem.
-    Callers take every lock they need before freezing. A daemon killed inside the window is
-    covered by ``thaw`` at the next start.
-    """
-    if mount_point is None or not mountinfo.is_mounted(mount_point):
-        yield
-        return
-    run(["fsfreeze", "--freeze", str(mount_point)], timeout=min(limit, 60))
-    crashpoint("frozen")
-    thawed = threading.Event()
-    lock = threading.Lock()
-
-    def release() -> None:
-        with lock:
-            if not thawed.is_set():
-                thaw(mount_point)
-                thawed.set()
-
-    watchdog = threading.Timer(limit, release)
-    watchdog.daemon = True
-    watchdog.start()
-    late = False
-    try:
-        yield
-    finally:
-        watchdog.cancel()
-        late = thawed.is_set()
-        release()
-    if late:
-        raise PyvolError(f"the filesystem at {mount_point} stayed frozen for the {limit:g} s "
-                         "limit, so it was thawed and the snapshot abandoned; retry")
-
-
-def thaw(mount_point: Path) -> bool:
-    """Unfreeze ``mount_point``; True if it was frozen. Safe on a filesystem that is not."""
-    try:
-        run(["fsfreeze", "--unfreeze", str(mount_point)], timeout=60)
-    except CommandFailed as e:
-        if "Invalid argument" in str(e):  # EINVAL: it was not frozen
-            return False
-        raise
-    return True
 
 
 def grow(device: str, fstype: str, mount_point: Path, size: int) -> None:

@@ -4,18 +4,23 @@ volume lock). Built once in server.py and handed to each part; it decides nothin
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import locks
+from . import freeze, locks
 from .backends import Backend
 from .backends.shared import SharedBackend
 from .config import Config
 from .errors import PyvolError
 from .kinds import VolumeKind, kind_of
+from .log import event
 from .state import Store, Volume
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -47,10 +52,21 @@ class Host:
     def shared_backends(self) -> list[SharedBackend]:
         return [b for b in self.backends.values() if isinstance(b, SharedBackend)]
 
+    @contextlib.contextmanager
     def lock(self, *names: str, wait: float = locks.DEFAULT_WAIT):
-        """Every change to a volume holds its lock, across workers, threads and restarts."""
-        return locks.all_held(self.config.locks_dir, [f"vol.{n}" for n in names],
-                              what=f"volume {', '.join(names)}", wait=wait)
+        """Every change to a volume holds its lock, across workers, threads and restarts.
+        A holder killed inside a snapshot's freeze left its mark: taken, the lock thaws that
+        filesystem first (freeze.py), whoever takes it."""
+        with locks.all_held(self.config.locks_dir, [f"vol.{n}" for n in names],
+                            what=f"volume {', '.join(names)}", wait=wait):
+            for name in names:
+                if freeze.thaw_left(self.mountpoint(name), self.freeze_marker(name)):
+                    event(log, "thawed a filesystem a killed process left frozen", volume=name)
+            yield
+
+    def freeze_marker(self, name: str) -> Path:
+        """Present while a snapshot may hold ``name``'s filesystem frozen (freeze.py)."""
+        return self.config.locks_dir / f"vol.{name}.frozen"
 
     def instance_id(self) -> str:
         """A random id for this root dir: tells this daemon's snapshots from another host's."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from . import fs, mountinfo
+from . import freeze, fs, mountinfo
 from .backends import Backend, VolumeSpec
 from .backends.base import Quiesce
 from .errors import InvalidInput
@@ -58,8 +58,9 @@ class VolumeKind:
         fs.umount(mp)
         backend.deactivate(v.name)
 
-    def quiesce(self, mp: Path) -> Quiesce:
-        """What makes a snapshot of the mounted volume at ``mp`` consistent."""
+    def quiesce(self, mp: Path, marker: Path) -> Quiesce:
+        """What makes a snapshot of the mounted volume at ``mp`` consistent; ``marker`` is
+        the volume's freeze mark (freeze.py)."""
         return contextlib.nullcontext
 
     def thaw(self, mp: Path) -> bool:
@@ -117,8 +118,8 @@ class BlockVolumes(VolumeKind):
             backend.deactivate(v.name)
             raise
 
-    def quiesce(self, mp):
-        return lambda: fs.frozen(mp)
+    def quiesce(self, mp, marker):
+        return lambda: freeze.frozen(mp, marker)
 
     def ranges(self, backend, volume, base, snap):
         if base is None:
@@ -126,7 +127,7 @@ class BlockVolumes(VolumeKind):
         return backend.changed_ranges(volume, base, snap)
 
     def thaw(self, mp):
-        return fs.thaw(mp)
+        return freeze.thaw(mp)
 
     def receive(self, backend, spec, v, mp, restore, job):
         backend.create(spec)

@@ -15,7 +15,7 @@ the settings of the past.
 A worker that exits (``systemctl stop``, a recycled worker) stops the runner from its
 ``worker_exit`` hook (server.py): no run starts any more, backups in flight are cancelled at
 their next step, and the runs in flight are waited for, within the graceful timeout (18 s
-of its 20, about FREEZE_LIMIT): a snapshot is not cut off inside its filesystem freeze by a
+of its 20, about freeze.LIMIT): a snapshot is not cut off inside its filesystem freeze by a
 worker exiting on its own, which no reconcile would follow (only a SIGKILL still can); a run stopped by the exit is not recorded, and its slot, still
 due, runs at the next start.
 

@@ -285,8 +285,8 @@ def serve(config: Config) -> None:
         parts.runner.start(lambda: worker.alive)
 
     def worker_exit(server, worker):
-        # A run must not be cut off wherever it is, perhaps inside a filesystem freeze: a
-        # worker that exits while the master lives is followed by no reconcile to thaw it.
+        # A run is not cut off wherever it is (perhaps inside a filesystem freeze, which the
+        # master would then thaw after it: leftovers.py, a snapshot lost all the same).
         # Backups in flight are cancelled, and the runs waited for, within the graceful
         # timeout from when the runner saw the SIGTERM (the master kills the worker after
         # it); none in flight (every
@@ -301,6 +301,10 @@ def serve(config: Config) -> None:
     def child_exit(server, worker):
         # in the master, as it reaps a worker; the undoing runs from its loop
         leftovers.worker_died()
+
+    def on_exit(server):
+        # a worker killed at the end of a stop's graceful timeout: its loop has ended
+        leftovers.undo()
 
     def when_ready(server):
         event(log, "pyvol daemon ready", socket=str(config.socket), root=str(config.root),
@@ -328,6 +332,7 @@ def serve(config: Config) -> None:
         "post_worker_init": post_worker_init,
         "worker_exit": worker_exit,
         "child_exit": child_exit,
+        "on_exit": on_exit,
         "when_ready": when_ready,
         "proc_name": "pyvol",
     }

@@ -51,7 +51,8 @@ class Snapshots:
         with self.store.tx():
             self.store.add_snapshot(Snapshot(volume, snap, v.size, "creating", now(), origin))
         crashpoint("snapshot.recorded")
-        quiesce = self.host.kind(backend).quiesce(self.host.mountpoint(volume))
+        quiesce = self.host.kind(backend).quiesce(self.host.mountpoint(volume),
+                                                  self.host.freeze_marker(volume))
         try:
             backend.snapshot(volume, snap, quiesce)
             crashpoint("snapshot.taken")

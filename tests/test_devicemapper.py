@@ -9,7 +9,7 @@ from pathlib import Path
 
 import backend_probes as probe
 import pytest
-from helpers import Daemon, read_at, seed_demo, write_at
+from helpers import Daemon, read_at, seed_demo, until, write_at
 from pyvol import fs, locks
 from pyvol.backends import VolumeSpec
 from pyvol.backends import devicemapper as dm
@@ -467,9 +467,10 @@ def test_a_worker_killed_alone_while_its_device_is_suspended_leaves_it_resumed(w
         assert _write_completes(os.path.join(mp, "after"), within=30), \
             "a write into the volume still blocks after its worker was killed"
         assert not _suspended(dm_name)
-        log = d.log_path.read_text()
-        assert "left suspended by a killed daemon or worker" in log
-        assert "thawed a filesystem left frozen by a killed worker" in log
+        until("the daemon to log the resume and the thaw", lambda: all(
+            text in d.log_path.read_text() for text in (
+                "left suspended by a killed daemon or worker",
+                "thawed a filesystem a killed process left frozen")), 30, 0.1)
         d.cli("snapshot", "create", "alone", "--name", "s2")
         assert _write_completes(os.path.join(mp, "after-s2"))
         d.api.ok("/VolumeDriver.Unmount", {"Name": "alone", "ID": "w"})
