@@ -48,7 +48,8 @@ SECTOR = 512
 # never made: a crash between allocating its id and create_snap); ENODATA from dm-thin
 GONE = ("No data available", "No such file", "does not exist")
 # A snapshot of a mounted volume runs inside its filesystem's freeze (pyvol.freeze.frozen thaws
-# after its LIMIT, 20 s): each dm step in that window has a timeout well inside it.
+# after its LIMIT, 20 s): each dm step in that window has a timeout well inside it (a tool
+# that does not end when killed at its timeout adds run.KILLED_WAIT).
 SUSPEND_TIMEOUT = 8.0
 CREATE_SNAP_TIMEOUT = 8.0
 RESUME_TIMEOUT = 10.0
@@ -262,6 +263,11 @@ class DevicemapperBackend(BlockBackend):
             if not entry.name.isdigit():
                 continue
             try:
+                # comm first: reading cmdline takes the process's memory lock, which a
+                # writer faulting on a frozen filesystem may hold until the thaw
+                with open(f"/proc/{entry.name}/comm", "rb") as f:
+                    if f.read().strip() != b"dmsetup":
+                        continue
                 with open(f"/proc/{entry.name}/cmdline", "rb") as f:
                     argv = f.read().split(b"\0")
             except OSError:

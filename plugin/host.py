@@ -68,6 +68,11 @@ class Host:
         """Present while a snapshot may hold ``name``'s filesystem frozen (freeze.py)."""
         return self.config.locks_dir / f"vol.{name}.frozen"
 
+    def freeze_mark(self, name: str, backend: Backend) -> freeze.Mark:
+        """How a snapshot of ``name`` on ``backend`` marks its freeze; under ``lock(name)``."""
+        return freeze.Mark(self.freeze_marker(name), self.config.locks_dir, f"vol.{name}",
+                           backend.name)
+
     def instance_id(self) -> str:
         """A random id for this root dir: tells this daemon's snapshots from another host's."""
         iid = self.store.meta("instance_id")

@@ -58,9 +58,9 @@ class VolumeKind:
         fs.umount(mp)
         backend.deactivate(v.name)
 
-    def quiesce(self, mp: Path, marker: Path) -> Quiesce:
-        """What makes a snapshot of the mounted volume at ``mp`` consistent; ``marker`` is
-        the volume's freeze mark (freeze.py)."""
+    def quiesce(self, mp: Path, mark: freeze.Mark) -> Quiesce:
+        """What makes a snapshot of the mounted volume at ``mp`` consistent; ``mark``: where a
+        freeze of it is marked (freeze.py)."""
         return contextlib.nullcontext
 
     def thaw(self, mp: Path) -> bool:
@@ -118,8 +118,8 @@ class BlockVolumes(VolumeKind):
             backend.deactivate(v.name)
             raise
 
-    def quiesce(self, mp, marker):
-        return lambda: freeze.frozen(mp, marker)
+    def quiesce(self, mp, mark):
+        return lambda: freeze.frozen(mp, mark)
 
     def ranges(self, backend, volume, base, snap):
         if base is None:

@@ -19,13 +19,16 @@ a thaw writes to its device, and on one still suspended it would block.
 from __future__ import annotations
 
 import logging
+import time
 
+from . import freeze
 from .errors import Conflict, PyvolError
 from .host import Host
 
 log = logging.getLogger(__name__)
 
-PASSES = 600  # about ten minutes of passes before a device that will not resume is left
+PATIENCE = 600.0  # seconds of passes before what will not be undone is left to a restart
+EVERY = 1.0  # between two passes: each child a pass runs wakes the master's loop at once
 
 
 class Leftovers:
@@ -34,39 +37,57 @@ class Leftovers:
 
     def __init__(self, host: Host):
         self.host = host
-        self._passes = 0  # left to try; 0: nothing to do
-        self._said: set[str] = set()  # volumes whose failed thaw was logged
+        self._until = 0.0  # the time to give up at; 0: nothing to do
+        self._next = 0.0
+        self._said: set[str] = set()  # what has been logged as failing, once each
 
     def worker_died(self) -> None:
         """A worker that exited cleanly left nothing, and costs one pass."""
-        self._passes = PASSES
+        self._until = time.monotonic() + PATIENCE
+        self._next = 0.0
 
-    def undo(self) -> None:
-        if not self._passes:
+    def last_pass(self) -> None:
+        """At exit: one more pass if anything is left, waiting a few seconds for each lock,
+        since a worker killed at the end of a stop may still be ending."""
+        self._next = 0.0
+        self.undo(wait=5.0)
+
+    def undo(self, wait: float = 0.0) -> None:
+        """One pass, if one is due; ``wait``: how long to wait for each lock."""
+        now = time.monotonic()
+        if not self._until or now < self._next:
             return
-        self._passes -= 1
+        self._next = now + EVERY
         try:
-            done = self._undo()
+            done = self._undo(wait)
         except Exception:  # never out into gunicorn's loop, which would stop the daemon
-            log.exception("undoing what a killed worker left failed; trying again")
+            if "pass" not in self._said:
+                log.exception("undoing what a killed worker left failed; trying again")
+                self._said.add("pass")
             done = False
         if done:
-            self._passes = 0
+            self._until = 0.0
             self._said.clear()
-        elif not self._passes:
+        elif now > self._until:
+            self._until = 0.0
             log.error("a device or filesystem a killed worker left blocked could not be "
                       "released; restarting pyvol releases it")
 
-    def _undo(self) -> bool:
+    def _undo(self, wait: float) -> bool:
         """True once nothing is left to undo."""
-        busy = [b.name for b in self.host.backends.values() if not b.resume_io()]
-        if busy:
-            return False  # a live worker is inside a suspend, or a device would not resume
-        left = False
+        # devices first: a thaw writes to its device, and on one still suspended it blocks.
+        # A backend whose devices are not all resumed keeps its volumes' marks for later.
+        resumed = {name for name, b in self.host.backends.items() if b.resume_io()}
+        every = len(resumed) == len(self.host.backends)
+        left = not every
         for marker in sorted(self.host.config.locks_dir.glob("vol.*.frozen")):
             name = marker.name[len("vol."):-len(".frozen")]
+            backend = freeze.backend_of(marker)  # one not set up here: once all are resumed
+            if backend not in resumed and (backend in self.host.backends or not every):
+                left = True
+                continue
             try:
-                with self.host.lock(name, wait=0):  # which thaws it (Host.lock)
+                with self.host.lock(name, wait=wait):  # which thaws it (Host.lock)
                     pass
             except Conflict:
                 left = True  # a live worker's lock: maybe its own freeze, which it ends

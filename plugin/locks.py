@@ -25,14 +25,31 @@ def held(locks_dir: Path, name: str, what: str, wait: float = DEFAULT_WAIT,
     ``shared`` holders (readers, such as backups of one snapshot) exclude only exclusive ones.
     """
     locks_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(locks_dir / f"{name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    path = str(locks_dir / f"{name}.lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         take_within(lambda: fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
                                         | fcntl.LOCK_NB),
                     wait, busy or f"{what} is busy with another operation; try again")
-        yield
+        if not shared:  # shared, the same file may be held twice in one process
+            _HELD[path] = fd
+        try:
+            yield
+        finally:
+            if not shared:
+                _HELD.pop(path, None)
     finally:
         os.close(fd)
+
+
+_HELD: dict[str, int] = {}  # lock file -> the descriptor holding it, in this process
+
+
+def kept(locks_dir: Path, name: str) -> int:
+    """A second descriptor of the lock ``name``, which this process holds (``held``): the lock
+    stays taken until both are closed, after the holder's ``with`` if need be. For work that
+    may outlive its caller's hold and must stay under the lock (a freeze that lands late)."""
+    return os.dup(_HELD[str(locks_dir / f"{name}.lock")])
 
 
 def take_within(take, wait: float, refusal: str) -> None:

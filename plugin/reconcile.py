@@ -79,8 +79,6 @@ def _thaw_all(host: Host, rows: list[Volume]) -> None:
     with ThreadPoolExecutor(THAW_THREADS, thread_name_prefix="thaw") as pool:
         for v, backend in todo:
             pool.submit(_thaw, host, v, backend)
-    for marker in host.config.locks_dir.glob("vol.*.frozen"):  # every freeze is undone now
-        marker.unlink(missing_ok=True)
 
 
 def _thaw(host: Host, v: Volume, backend: Backend) -> None:

@@ -303,8 +303,9 @@ def serve(config: Config) -> None:
         leftovers.worker_died()
 
     def on_exit(server):
-        # a worker killed at the end of a stop's graceful timeout: its loop has ended
-        leftovers.undo()
+        # a worker killed at the end of a stop's graceful timeout: the loop has ended, and
+        # the worker may still be ending
+        leftovers.last_pass()
 
     def when_ready(server):
         event(log, "pyvol daemon ready", socket=str(config.socket), root=str(config.root),

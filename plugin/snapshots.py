@@ -52,7 +52,7 @@ class Snapshots:
             self.store.add_snapshot(Snapshot(volume, snap, v.size, "creating", now(), origin))
         crashpoint("snapshot.recorded")
         quiesce = self.host.kind(backend).quiesce(self.host.mountpoint(volume),
-                                                  self.host.freeze_marker(volume))
+                                                  self.host.freeze_mark(volume, backend))
         try:
             backend.snapshot(volume, snap, quiesce)
             crashpoint("snapshot.taken")

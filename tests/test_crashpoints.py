@@ -403,7 +403,7 @@ def _left_frozen(root: Path, name: str, mp: str) -> Path:
     """``name``'s filesystem frozen and marked, as a worker killed inside a snapshot's
     freeze leaves it (plugin/freeze.py); the mark."""
     marker = root / "locks" / f"vol.{name}.frozen"
-    marker.touch()
+    marker.write_text("loop\n")
     subprocess.run(["fsfreeze", "--freeze", mp], check=True, timeout=30)
     return marker
 
@@ -445,17 +445,57 @@ def test_the_master_thaws_no_filesystem_whose_volume_a_live_worker_holds(daemon)
         with locks.held(host.config.locks_dir, "vol.v", "v"):  # a live worker's, in its freeze
             marker = _left_frozen(daemon.root, "v", mp)
             leftovers.worker_died()
-            leftovers.undo()
-            leftovers.undo()
+            deadline = time.monotonic() + 2.5  # three passes, a second apart
+            while time.monotonic() < deadline:
+                leftovers.undo()
+                time.sleep(0.1)
             again = subprocess.run(["fsfreeze", "--freeze", mp], capture_output=True,
                                    text=True, timeout=30, check=False)
             assert again.returncode != 0 and "busy" in again.stderr, \
                 "the master thawed a volume whose lock a live worker held"
             assert marker.exists()
-        leftovers.undo()
-        assert not marker.exists()
+        until("the master's next pass to thaw it",
+              lambda: leftovers.undo() or not marker.exists(), 5, 0.1)
         assert _writable_within(mp)
         assert not freeze.thaw(Path(mp)), "thawed, yet frozen still"
     finally:
         subprocess.run(["fsfreeze", "--unfreeze", mp], capture_output=True, timeout=30, check=False)
+    daemon.api.ok("/VolumeDriver.Unmount", {"Name": "v", "ID": "c"})
+
+
+def test_a_freeze_given_up_keeps_the_volume_locked_until_it_lands_and_is_thawed(daemon,
+                                                                                 caplog):
+    """A freeze first writes out what is dirty, and may take longer than a snapshot waits.
+    The snapshot then gives up, but the FIFREEZE goes on and may still land: until it has,
+    and its thread has thawed it, no one else may take the volume's lock (to thaw, freeze or
+    snapshot in between). Here the loop pool's own filesystem is frozen, so the volume's
+    dirty data cannot be written and its freeze cannot land until the pool is thawed."""
+    from pyvol import freeze, locks
+    from pyvol.config import Config
+    from pyvol.errors import Conflict, PyvolError
+    from pyvol.host import Host
+
+    daemon.api.ok("/VolumeDriver.Create", {"Name": "v", "Opts": {"size": "64M"}})
+    mp = daemon.api.ok("/VolumeDriver.Mount", {"Name": "v", "ID": "c"})["Mountpoint"]
+    host = Host(Config(root=daemon.root), None, {}, None)
+    mark = freeze.Mark(host.freeze_marker("v"), host.config.locks_dir, "vol.v", "loop")
+    pool = str(daemon.root / "loop" / "pool")
+    Path(mp, "dirty").write_bytes(os.urandom(8 << 20))  # not synced: the freeze must write it
+    subprocess.run(["fsfreeze", "--freeze", pool], check=True, timeout=30)
+    try:
+        with (locks.held(host.config.locks_dir, "vol.v", "v"),  # as Snapshots.create does
+              pytest.raises(PyvolError, match="did not freeze within"),
+              freeze.frozen(Path(mp), mark, limit=1.0)):
+            pass
+        # still kept by the freeze that has not landed
+        with pytest.raises(Conflict), host.lock("v", wait=1.0):
+            pass
+        assert mark.path.exists()
+    finally:
+        subprocess.run(["fsfreeze", "--unfreeze", pool], capture_output=True, timeout=30,
+                       check=False)
+    with host.lock("v", wait=30):  # free once the freeze landed and its thread thawed it
+        assert not mark.path.exists()
+    assert _writable_within(mp)
+    assert "landed after its snapshot was given up; thawed" in caplog.text
     daemon.api.ok("/VolumeDriver.Unmount", {"Name": "v", "ID": "c"})
