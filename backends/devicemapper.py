@@ -259,6 +259,7 @@ class DevicemapperBackend(BlockBackend):
     def _suspends_in_flight(self) -> list[int]:
         """Processes running `dmsetup suspend` on one of this pool's devices."""
         found = []
+        ours = self.prefix.encode() + b"-"  # the pool's name and its devices' names
         for entry in os.scandir("/proc"):
             if not entry.name.isdigit():
                 continue
@@ -272,7 +273,6 @@ class DevicemapperBackend(BlockBackend):
                     argv = f.read().split(b"\0")
             except OSError:
                 continue  # gone meanwhile
-            ours = self.prefix.encode() + b"-"  # the pool's name and its devices' names
             if (os.path.basename(argv[0]) == b"dmsetup" and b"suspend" in argv
                     and any(a.startswith(ours) for a in argv)):
                 found.append(int(entry.name))

@@ -22,6 +22,8 @@ from .state import Store, Volume
 
 log = logging.getLogger(__name__)
 
+FROZEN = ".frozen"  # a freeze mark's suffix, beside the volume's lock (docs/state.md)
+
 
 @dataclass
 class Host:
@@ -66,7 +68,12 @@ class Host:
 
     def freeze_marker(self, name: str) -> Path:
         """Present while a snapshot may hold ``name``'s filesystem frozen (freeze.py)."""
-        return self.config.locks_dir / f"vol.{name}.frozen"
+        return self.config.locks_dir / f"vol.{name}{FROZEN}"
+
+    def marked_frozen(self) -> list[tuple[str, Path]]:
+        """Every volume with a freeze mark (``freeze_marker``), and the mark."""
+        return [(p.name[len("vol."):-len(FROZEN)], p)
+                for p in sorted(self.config.locks_dir.glob(f"vol.*{FROZEN}"))]
 
     def freeze_mark(self, name: str, backend: Backend) -> freeze.Mark:
         """How a snapshot of ``name`` on ``backend`` marks its freeze; under ``lock(name)``."""

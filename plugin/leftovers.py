@@ -39,7 +39,8 @@ class Leftovers:
         self.host = host
         self._until = 0.0  # the time to give up at; 0: nothing to do
         self._next = 0.0
-        self._said: set[str] = set()  # what has been logged as failing, once each
+        self._said: set[str] = set()  # volumes whose failed thaw was logged, once each
+        self._pass_failed = False  # a failed pass was logged
 
     def worker_died(self) -> None:
         """A worker that exited cleanly left nothing, and costs one pass."""
@@ -61,13 +62,14 @@ class Leftovers:
         try:
             done = self._undo(wait)
         except Exception:  # never out into gunicorn's loop, which would stop the daemon
-            if "pass" not in self._said:
+            if not self._pass_failed:
                 log.exception("undoing what a killed worker left failed; trying again")
-                self._said.add("pass")
+                self._pass_failed = True
             done = False
         if done:
             self._until = 0.0
             self._said.clear()
+            self._pass_failed = False
         elif now > self._until:
             self._until = 0.0
             log.error("a device or filesystem a killed worker left blocked could not be "
@@ -80,10 +82,9 @@ class Leftovers:
         resumed = {name for name, b in self.host.backends.items() if b.resume_io()}
         every = len(resumed) == len(self.host.backends)
         left = not every
-        for marker in sorted(self.host.config.locks_dir.glob("vol.*.frozen")):
-            name = marker.name[len("vol."):-len(".frozen")]
+        for name, marker in self.host.marked_frozen():
             backend = freeze.backend_of(marker)  # one not set up here: once all are resumed
-            if backend not in resumed and (backend in self.host.backends or not every):
+            if not (backend in resumed if backend in self.host.backends else every):
                 left = True
                 continue
             try:

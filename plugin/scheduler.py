@@ -16,8 +16,9 @@ A worker that exits (``systemctl stop``, a recycled worker) stops the runner fro
 ``worker_exit`` hook (server.py): no run starts any more, backups in flight are cancelled at
 their next step, and the runs in flight are waited for, within the graceful timeout (18 s
 of its 20, about freeze.LIMIT): a snapshot is not cut off inside its filesystem freeze by a
-worker exiting on its own, which no reconcile would follow (only a SIGKILL still can); a run stopped by the exit is not recorded, and its slot, still
-due, runs at the next start.
+worker exiting on its own (only a SIGKILL still can, and then the master thaws after it:
+leftovers.py); a run stopped by the exit is not recorded, and its slot, still due, runs at
+the next start.
 
 A shared volume's schedules (nfs, ebs) live in its record on the shared storage, where every
 host's runner reads them every PYVOL_SCHEDULE_SYNC seconds into its own rows; each slot runs on
