@@ -264,7 +264,7 @@ def attach(path: Path, direct_io: bool = True, sector_size: int = 4096,
     if st is None or (st.st_dev, st.st_ino) != want:
         # the path was replaced between the stat and losetup's open: not the file we checked
         if st is not None:
-            _clear(dev, (st.st_dev, st.st_ino))
+            clear(dev, (st.st_dev, st.st_ino))
         raise CommandFailed(f"losetup attached {dev} to something other than {path}, which "
                             "changed meanwhile; try again")
     return dev
@@ -386,7 +386,7 @@ def _wait_attached(dev: str, path: Path, want: tuple[int, int]) -> None:
             names=[os.path.basename(dev)])
     except CommandFailed:
         with contextlib.suppress(OSError, CommandFailed):  # never leave it bound for nothing
-            _clear(dev, want)  # (if its node is here to do it)
+            clear(dev, want)  # (if its node is here to do it)
         raise
 
 
@@ -401,7 +401,7 @@ def detach(path: Path) -> None:
     except FileNotFoundError:
         return
     for dev, _ in _candidates(path):
-        _clear(dev, want)
+        clear(dev, want)
 
 
 def detach_all(paths: Iterable[str | Path]) -> dict[str | Path, str]:
@@ -420,13 +420,13 @@ def detach_all(paths: Iterable[str | Path]) -> dict[str | Path, str]:
         if key not in wanted:
             continue
         try:
-            _clear(dev, key)  # checked again on its own fd: it may have changed since
+            clear(dev, key)  # checked again on its own fd: it may have changed since
         except (CommandFailed, OSError) as e:
             failed[wanted[key]] = f"{dev}: {e}"
     return failed
 
 
-def _clear(dev: str, want: tuple[int, int]) -> None:
+def clear(dev: str, want: tuple[int, int]) -> None:
     """LOOP_CLR_FD on ``dev`` if, checked on the same fd, it is bound to ``want``."""
     fd = _open(dev)
     if fd is None:

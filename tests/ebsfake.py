@@ -13,6 +13,7 @@ real one can hang. ``Imds`` is one instance's metadata service (IMDSv2, token fi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -24,6 +25,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
+from pyvol.backends import loopdev
+from pyvol.errors import CommandFailed
 
 GiB = 1 << 30
 
@@ -54,6 +57,7 @@ class EbsDataPlane:
         # DescribeVolumes shows their attachments "detaching"
         self.stuck_detach: set[str] = set()
         self.loops: dict[tuple[str, str], str] = {}
+        self.bound_to: dict[str, tuple[int, int]] = {}  # device -> its blob's identity
         self.lock = threading.Lock()
         plane = self
 
@@ -180,6 +184,7 @@ class EbsDataPlane:
                                   str(self.blobs / f"{vol}.img")],
                                  capture_output=True, text=True, check=True).stdout.strip()
             self.loops[(vol, inst)] = dev
+            self.bound_to[dev] = loopdev.identity(self.blobs / f"{vol}.img")
             link = self.device_dir(inst) / vol
             link.unlink(missing_ok=True)
             link.symlink_to(dev)
@@ -189,7 +194,8 @@ class EbsDataPlane:
             for (v, i), dev in list(self.loops.items()):
                 if v == vol and (inst is None or i == inst):
                     (self.device_dir(i) / v).unlink(missing_ok=True)
-                    subprocess.run(["losetup", "-d", dev], capture_output=True)
+                    with contextlib.suppress(OSError, CommandFailed):  # only if still ours
+                        loopdev.clear(dev, self.bound_to.pop(dev))
                     # gone for real (a detach of a device someone holds is deferred), so that
                     # the next attach never picks a device that is about to vanish
                     backing = Path(f"/sys/block/{Path(dev).name}/loop/backing_file")

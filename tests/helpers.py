@@ -18,6 +18,7 @@ import httpx
 from pyvol import mountinfo
 from pyvol.backends import loopdev
 from pyvol.backends.devicemapper import DevicemapperBackend
+from pyvol.errors import CommandFailed
 
 
 class Api:
@@ -205,13 +206,16 @@ def release(root: Path) -> None:
                 backend_probes.teardown(DevicemapperBackend(candidate))
     for _ in range(6):
         mounts = mountinfo.under(root)
-        devs = loop_devices_under(root)
+        devs = _bound_under(root)
         if not mounts and not devs:
             return
         for entry in reversed(mounts):
             subprocess.run(["umount", entry.mount_point], capture_output=True)
-        for dev in devs:
-            subprocess.run(["losetup", "-d", dev], capture_output=True)
+        for dev, st in devs.items():
+            # checked on the device's own fd: listed a moment ago, it may since have unbound
+            # (a pending detach whose mount just went) and been bound by another lane's test
+            with contextlib.suppress(OSError, CommandFailed):
+                loopdev.clear(dev, (st.st_dev, st.st_ino))
         time.sleep(0.2)
     for entry in reversed(mountinfo.under(root)):
         subprocess.run(["umount", "-l", entry.mount_point], capture_output=True)
@@ -230,7 +234,13 @@ def dispose(base: Path, daemon: "Daemon | None" = None) -> None:
 
 def loop_devices_under(root: Path) -> dict[str, str]:
     """Loop devices bound to files under ``root``, deleted ones included: /dev/loopN -> its
-    backing file as sysfs prints it here.
+    backing file as sysfs prints it here."""
+    hints = loopdev.attached()
+    return {d: hints.get(d, st.name) for d, st in _bound_under(root).items()}
+
+
+def _bound_under(root: Path) -> dict[str, loopdev.Status]:
+    """Loop devices bound to files under ``root``: /dev/loopN -> what it is bound to.
 
     By identity, not by path (another namespace's file can print like one of ours): devices
     bound to a file found under ``root``, then, transitively, devices bound to any file on a
@@ -247,8 +257,7 @@ def loop_devices_under(root: Path) -> dict[str, str]:
                 st = os.lstat(os.path.join(top, n))
                 if stat.S_ISREG(st.st_mode):
                     files.add((st.st_dev, st.st_ino))
-    found: dict[str, str] = {}
-    hints = loopdev.attached()
+    found: dict[str, loopdev.Status] = {}
     every = loopdev.bound()
     while True:
         more = {d: s for d, s in every.items() if d not in found
@@ -256,7 +265,7 @@ def loop_devices_under(root: Path) -> dict[str, str]:
         if not more:
             return found
         for d, st in more.items():
-            found[d] = hints.get(d, st.name)
+            found[d] = st
             with contextlib.suppress(OSError):
                 devs.add(os.stat(d).st_rdev)
 

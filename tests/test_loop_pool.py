@@ -7,6 +7,7 @@ import subprocess
 import threading
 import time
 
+import helpers
 from helpers import Daemon, in_mount_ns, release, write_at
 from pyvol import mountinfo
 from pyvol.backends import loopdev
@@ -91,6 +92,31 @@ def test_a_bound_device_with_a_detach_pending_is_reused_not_doubled(workdir):
     assert loopdev.status(dev) is not None and loopdev.find(image) == dev
     loopdev.detach(image)
     assert loopdev.find(image) is None and _bound_to(image) == []
+
+
+def test_a_teardown_never_detaches_a_device_bound_again_since_it_was_listed(workdir,
+                                                                          monkeypatch):
+    """The suite's two lanes run at once: one test's teardown lists its devices, unmounts,
+    then detaches them. A device whose detach was pending unbinds at that unmount, and the
+    other lane's next attach takes its number. The teardown must leave that device bound (the
+    ebs lane's volume read "can't read superblock" when it did not)."""
+    root, theirs = workdir / "root", workdir / "theirs.img"
+    root.mkdir()
+    for image in (root / "mine.img", theirs):
+        with open(image, "wb") as f:
+            f.truncate(16 << 20)
+    dev = loopdev.attach(root / "mine.img")
+    listed = helpers._bound_under(root)
+    assert list(listed) == [dev]
+    loopdev.detach(root / "mine.img")
+    dev = loopdev.attach(theirs)  # the freed number, unless another process took it first
+    stale = iter([{dev: listed.popitem()[1]}])  # the listing, then nothing left under root
+    monkeypatch.setattr(helpers, "_bound_under", lambda _: next(stale, {}))
+    try:
+        release(root)
+        assert loopdev.find(theirs) == dev, "another test's device was detached"
+    finally:
+        loopdev.detach(theirs)
 
 
 def test_detach_outlasts_a_passing_opener(workdir):
