@@ -67,6 +67,16 @@ def pytest_terminal_summary(terminalreporter):
             f"({KERNEL_NEEDS[marker]()}); scripts/test.sh runs them in the qemu lane")
 
 
+@pytest.fixture(autouse=True)
+def _fresh_boto3_session(monkeypatch):
+    """Tests that use S3 in this process set the AWS variables each for itself, and a
+    process's one boto3 session (backup/targets.py) keeps the credentials it resolved first:
+    a test after another's would sign with that one's keys. Each test gets a new session."""
+    from pyvol.backup import targets
+
+    monkeypatch.setattr(targets, "_session", None)
+
+
 @pytest.fixture
 def workdir():
     """A fresh directory outside pytest's tmp tree (short paths: socket paths are limited)."""
