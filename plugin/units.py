@@ -1,7 +1,6 @@
 """Sizes as people write them (``10G``) and as the kernel wants them (bytes)."""
 
 import re
-from fractions import Fraction
 
 from .errors import InvalidInput
 
@@ -17,7 +16,7 @@ _ACCEPTED = ("accepted is a positive size: a number with an optional K, M, G, T 
 def parse_size(text: str, what: str = "size") -> int:
     """Parse ``512M``, ``10G``, ``1.5T``, ``10GiB`` or plain bytes; binary units.
 
-    Exact: digits are read as integers and fractions, never as floats, so a size of any
+    Exact: digits are read as integers, never as floats, so a size of any
     length is either a byte count or refused, and fractions of a byte are dropped.
     """
     m = _SIZE.fullmatch(str(text).strip()) if isinstance(text, (str, int)) else None
@@ -33,8 +32,8 @@ def parse_size(text: str, what: str = "size") -> int:
     # 2**u/10**60, so the next integer above x is at least that far away, farther than the
     # dropped digits (< 2**u/10**60) reach. It also bounds the work of reading them.
     frac = frac[:60]
-    value = Fraction(int(whole or "0") * 10 ** len(frac) + int(frac or "0"), 10 ** len(frac))
-    size = int(value * _UNITS[unit])
+    scale = 10 ** len(frac)  # the number is (whole * scale + frac) / scale, exactly
+    size = (int(whole or "0") * scale + int(frac or "0")) * _UNITS[unit] // scale
     if size > MAX_SIZE:
         raise InvalidInput(f"{what} {_short(text)} is too large: {_ACCEPTED}")
     if size <= 0:
