@@ -25,7 +25,7 @@ from ..log import event
 from ..state import Snapshot, Volume
 from .blobs import CorruptObject, read_key_file
 from .job import Job
-from .leases import DEFAULT_LEASE, held_until, locked, stamp
+from .leases import DEFAULT_LEASE, Lease, held_until, locked, stamp
 from .retention import Policy, keep
 from .repo import (OpenedManifest, host_id, manifest_head, new_backup_id, split_backup_url,
                    utcnow)
@@ -149,9 +149,10 @@ class Backups:
         Docker's requests wait on in this worker."""
         return repo.run(fn, args, job, self.threads)
 
-    def _repo(self, url, how: str = "open") -> RemoteRepository:
-        """The repository at ``url``, opened in a job process of its own: close it."""
-        return RemoteRepository(url, how, self.key_file, self.settings)
+    def _repo(self, url, how: str = "open", wait: bool = True) -> RemoteRepository:
+        """The repository at ``url``, opened in a job process of its own: close it.
+        ``wait=False``: still opening (RemoteRepository says when that is worth it)."""
+        return RemoteRepository(url, how, self.key_file, self.settings, wait=wait)
 
     @staticmethod
     def _head(repo: RemoteRepository, volkey: str, bid: str) -> dict:
@@ -192,10 +193,9 @@ class Backups:
         bid = bid or new_backup_id()
         if isinstance(dest, str) and dest.startswith("ebs://"):
             return self._ebs_backup(v, backend, snap, dest, bid, schedule_of)
-        # a schedule's wait ends with its runner's stop (the job is cancelled)
-        with self._repo(dest, "create") as repo, \
-                locked(repo, "shared", self.lease, wait=lock_wait, check=job.check) as lease:
-            lease.on_lost(job.cancel)  # the engine stops at its next step
+        # the job process starts and opens the repository while the snapshot is taken; a
+        # repository that cannot be used (or is locked) then costs the snapshot, dropped
+        with self._repo(dest, "create", wait=False) as repo:
             auto = snap is None
             if auto:
                 # recorded before the snapshot exists: if the daemon dies before this backup
@@ -209,31 +209,13 @@ class Backups:
                     raise
                 crashpoint("backup.snapshot")
             try:
-                with m.reading(vol, snap):
-                    try:
-                        manifest = self._backup(repo, v, backend, snap, bid, job)
-                        if schedule_of is not None:
-                            manifest["schedule_of"] = schedule_of
-                        job.check()  # a client that went away gets no backup at all
-                    except PyvolError as e:
-                        if lease.lost is not None:  # the cause, not "the client went away"
-                            raise lease.lost_error() from e
-                        raise
-                    lease.check()  # renews first if this process was held up for long
-                    # chunks skipped as "already stored" were listed when the backup began:
-                    # anything that deleted one since (whatever honoured no lock) shows here
-                    missing = repo.missing_chunks(manifest["chunks"])
-                    if missing:
-                        raise PyvolError(
-                            f"backup of {vol} not written: {len(missing)} chunks it reuses "
-                            f"were deleted from {repo.url} while it ran (first: {missing[0]})"
-                            "; retry: the rerun uploads them again")
-                    # between two renewals: if the lock was broken meanwhile (this process
-                    # stalled past its lease and a gc ran), the manifest is taken back
-                    volkey = repo.volume_key(vol)
-                    url = lease.guarded(lambda: repo.put_manifest(manifest),
-                                        undo=lambda: repo.delete_manifest(volkey, bid))
-                    crashpoint("backup.manifest")
+                repo.opened()
+                # a schedule's wait ends with its runner's stop (the job is cancelled)
+                with locked(repo, "shared", self.lease, wait=lock_wait,
+                            check=job.check) as lease, m.reading(vol, snap):
+                    lease.on_lost(job.cancel)  # the engine stops at its next step
+                    url, manifest = self._written(repo, lease, v, backend, snap, bid, job,
+                                                  schedule_of)
             except BaseException:
                 if auto:
                     self._drop_own_snapshot(vol, snap, "of a failed backup")
@@ -251,6 +233,36 @@ class Backups:
         self._drop_superseded(vol, snap, repo.url, manifest.get("parent_snapshot"))
         manifest["url"] = url
         return manifest_head(manifest)
+
+    def _written(self, repo: RemoteRepository, lease: Lease, v: Volume, backend: Backend,
+                 snap: str, bid: str, job: Job, schedule_of: str | None) -> tuple[str, dict]:
+        """The backup of snapshot ``snap`` written and its manifest stored, under ``lease``:
+        its URL and manifest. Nothing is visible until the manifest is."""
+        try:
+            manifest = self._backup(repo, v, backend, snap, bid, job)
+            if schedule_of is not None:
+                manifest["schedule_of"] = schedule_of
+            job.check()  # a client that went away gets no backup at all
+        except PyvolError as e:
+            if lease.lost is not None:  # the cause, not "the client went away"
+                raise lease.lost_error() from e
+            raise
+        lease.check()  # renews first if this process was held up for long
+        # chunks skipped as "already stored" were listed when the backup began: anything
+        # that deleted one since (whatever honoured no lock) shows here
+        missing = repo.missing_chunks(manifest["chunks"])
+        if missing:
+            raise PyvolError(
+                f"backup of {v.name} not written: {len(missing)} chunks it reuses were "
+                f"deleted from {repo.url} while it ran (first: {missing[0]}); retry: the "
+                "rerun uploads them again")
+        # between two renewals: if the lock was broken meanwhile (this process stalled past
+        # its lease and a gc ran), the manifest is taken back
+        volkey = repo.volume_key(v.name)
+        url = lease.guarded(lambda: repo.put_manifest(manifest),
+                            undo=lambda: repo.delete_manifest(volkey, bid))
+        crashpoint("backup.manifest")
+        return url, manifest
 
     def recover(self) -> None:
         """At start: a backup the daemon died in wrote no manifest (or one whose snapshot is
