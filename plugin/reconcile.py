@@ -101,7 +101,7 @@ def _backend(host: Host, volumes: Volumes, backend: Backend, vs: list[Volume],
     steady = []
     for v in vs:
         try:
-            if not _interrupted(host, volumes, backend, v, unfinished.get(v.name, [])):
+            if not finish_interrupted(host, volumes, backend, v, unfinished.get(v.name, [])):
                 steady.append(v)
         except Exception:
             log.exception("recovery of volume %s failed; it is left as it was", v.name)
@@ -131,9 +131,11 @@ def _backend(host: Host, volumes: Volumes, backend: Backend, vs: list[Volume],
     return held
 
 
-def _interrupted(host: Host, volumes: Volumes, backend: Backend, v: Volume,
-                 snapshots: list[Snapshot]) -> bool:
-    """Finish or undo what a crash interrupted of ``v``; True if the volume is gone."""
+def finish_interrupted(host: Host, volumes: Volumes, backend: Backend, v: Volume,
+                       snapshots: list[Snapshot]) -> bool:
+    """Finish or undo what a crash interrupted of ``v`` (a create, a remove, ``snapshots``
+    not ready); True if the volume is gone. At start, when nothing else runs, and in the
+    master, under the volume's lock, after a worker was killed alone (leftovers.py)."""
     store = host.store
     if v.status == "creating":
         event(log, "undoing interrupted create", volume=v.name)
