@@ -7,11 +7,6 @@ replaced: a filesystem it had frozen for a snapshot, or a device it had suspende
 and every writer in the container hung until the whole daemon next restarted. The master,
 which outlives its workers, undoes them as it replaces the worker.
 
-It also ends what the worker left half done in the records, as a start does (reconcile.py):
-a volume being created, which held its name until the next start, or being removed, and a
-snapshot being taken or removed. Each of these is begun and ended under the volume's lock,
-so a row of the kind whose lock is free has no live owner.
-
 It never undoes a live worker's freeze or suspend: a thaw in the middle of a snapshot would
 leave the snapshot inconsistent. Every freeze is made under the volume's lock and marked
 (freeze.py), and taking that lock thaws a marked filesystem (``Host.lock``); a suspend is
@@ -29,8 +24,6 @@ import time
 from . import freeze
 from .errors import Conflict, PyvolError
 from .host import Host
-from .reconcile import finish_interrupted
-from .volumes import Volumes
 
 log = logging.getLogger(__name__)
 
@@ -42,20 +35,17 @@ class Leftovers:
     """The master's: ``worker_died`` as gunicorn reaps a worker, ``undo`` on every pass of its
     loop, a no-op until a worker has died."""
 
-    def __init__(self, host: Host, volumes: Volumes | None):
-        """``volumes`` None: freezes and suspends only (a host without records)."""
-        self.host, self.volumes = host, volumes
+    def __init__(self, host: Host):
+        self.host = host
         self._until = 0.0  # the time to give up at; 0: nothing to do
         self._next = 0.0
-        self._said: set[tuple[str, str]] = set()  # (volume, what failed), logged once each
-        self._finished: set[str] = set()  # volumes whose rows were ended (or tried) already
+        self._said: set[str] = set()  # volumes whose failed thaw was logged, once each
         self._pass_failed = False  # a failed pass was logged
 
     def worker_died(self) -> None:
         """A worker that exited cleanly left nothing, and costs one pass."""
         self._until = time.monotonic() + PATIENCE
         self._next = 0.0
-        self._finished.clear()
 
     def last_pass(self) -> None:
         """At exit: one more pass if anything is left, waiting a few seconds for each lock,
@@ -82,9 +72,8 @@ class Leftovers:
             self._pass_failed = False
         elif now > self._until:
             self._until = 0.0
-            log.error("what a killed worker left (a frozen filesystem, a suspended device, a "
-                      "half-done create, remove or snapshot) could not all be ended; "
-                      "restarting pyvol ends it")
+            log.error("a device or filesystem a killed worker left blocked could not be "
+                      "released; restarting pyvol releases it")
 
     def _undo(self, wait: float) -> bool:
         """True once nothing is left to undo."""
@@ -104,46 +93,8 @@ class Leftovers:
             except Conflict:
                 left = True  # a live worker's lock: maybe its own freeze, which it ends
             except PyvolError as e:
-                self._failed(name, "thaw", e)
+                if name not in self._said:
+                    log.error("could not thaw volume %s after a worker died: %s", name, e)
+                    self._said.add(name)
                 left = True
-        if self.volumes is not None and every:  # a remove unmounts, which a freeze blocks
-            left = self._unfinished(wait) or left
         return not left
-
-    def _unfinished(self, wait: float) -> bool:
-        """End each half-done create, remove or snapshot whose volume's lock is free; True
-        if any is left (its lock held: a live worker's own, or one ending)."""
-        store, left = self.host.store, False
-        try:
-            names = {v.name for v in store.volumes() if v.status != "ready"}
-            names |= {s.volume for s in store.snapshots() if s.status != "ready"}
-            for name in sorted(names - self._finished):
-                try:
-                    with self.host.lock(name, wait=wait):
-                        # once: what fails to be undone (and logs why) is the next start's
-                        self._finished.add(name)
-                        self._finish(name)
-                except Conflict:
-                    left = True
-                except PyvolError as e:
-                    self._failed(name, "finish what was interrupted of", e)
-                    left = True
-        finally:
-            store.close()  # the master forks the next worker: no connection of its to inherit
-        return left
-
-    def _finish(self, name: str) -> None:
-        """Under ``name``'s lock: its rows as they are now, not as the listing saw them."""
-        store = self.host.store
-        v = store.volume(name)
-        if v is None or v.backend not in self.host.backends:
-            return
-        snapshots = [s for s in store.snapshots(name) if s.status != "ready"]
-        if v.status != "ready" or snapshots:
-            finish_interrupted(self.host, self.volumes, self.host.backends[v.backend], v,
-                               snapshots)
-
-    def _failed(self, name: str, what: str, e: PyvolError) -> None:
-        if (name, what) not in self._said:
-            log.error("could not %s volume %s after a worker died: %s", what, name, e)
-            self._said.add((name, what))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .abandoned import Abandoned
 from .backup.service import Backups
 from .catalogue import Catalogue
 from .host import Host
@@ -37,5 +38,5 @@ def wire(host: Host) -> Parts:
     snapshots = Snapshots(host, catalogue)
     backups = Backups(SnapshotAccess(host, catalogue, snapshots), host.config)
     volumes = Volumes(host, catalogue, snapshots, backups)
-    return Parts(host, catalogue, snapshots, volumes, backups,
-                 Schedules(host, catalogue), Runner(host, snapshots, backups, catalogue))
+    return Parts(host, catalogue, snapshots, volumes, backups, Schedules(host, catalogue),
+                 Runner(host, snapshots, backups, catalogue, Abandoned(host, volumes)))

@@ -92,9 +92,11 @@ def _next(s: Schedule, after: float) -> str:
 
 
 class Runner:
-    def __init__(self, host, snapshots, backups, catalogue=None):
+    def __init__(self, host, snapshots, backups, catalogue=None, abandoned=None):
+        """``abandoned``: the host's half-done changes whose worker died (abandoned.py),
+        looked for by this one-per-host thread beside the schedules."""
         self.host, self.snapshots, self.backups = host, snapshots, backups
-        self.catalogue = catalogue
+        self.catalogue, self.abandoned = catalogue, abandoned
         self.store = host.store
         self._synced = float("-inf")
         self._refused: set[tuple] = set()  # records' schedules refused, said once each
@@ -149,7 +151,7 @@ class Runner:
             if not self._take_lock(alive):
                 return
             event(log, "schedule runner started", pid=os.getpid())
-            broken = False
+            broken = looking_broken = False
             while alive() and not self._stopping.is_set():
                 try:
                     self._dispatch()
@@ -158,6 +160,14 @@ class Runner:
                     if not broken:
                         log.exception("schedule runner could not read the schedules")
                     broken = True
+                try:
+                    if self.abandoned is not None:
+                        self.abandoned.check()
+                    looking_broken = False
+                except Exception:
+                    if not looking_broken:
+                        log.exception("could not look for changes a killed worker left")
+                    looking_broken = True
                 self._stopping.wait(TICK)
             self._halt()  # the worker is exiting: no run starts after this
         except Exception:

@@ -296,7 +296,7 @@ def serve(config: Config) -> None:
         if os.getpid() == worker.pid:
             parts.runner.stop(GRACEFUL_TIMEOUT - 2)
 
-    leftovers = Leftovers(parts.host, parts.volumes)
+    leftovers = Leftovers(parts.host)
 
     def child_exit(server, worker):
         # in the master, as it reaps a worker; the undoing runs from its loop

@@ -374,7 +374,7 @@ def test_killed_at_a_random_moment(world, op, delay):
 
 
 # a worker killed alone mid-change: the steps whose records a worker begins and ends under the
-# volume's lock (leftovers.py); CI runs those of three kinds of change, PYVOL_CRASH_ALL all
+# volume's lock (abandoned.py); CI runs those of three kinds of change, PYVOL_CRASH_ALL all
 ALONE = [("create", "create.recorded"), ("create", "create.storage"),
          ("create", "create.filled"), ("remove", "remove.marked"),
          ("remove", "remove.storage"), ("snapshot", "snapshot.recorded"),
@@ -387,9 +387,10 @@ if not os.environ.get("PYVOL_CRASH_ALL"):
 def test_a_worker_killed_alone_mid_change_leaves_nothing_half_done(world, op, step):
     """The OOM killer takes one worker, not the daemon, and nothing restarts. A create it
     left half done held the volume's name until the next start (a rerun failed "already
-    exists"), a remove its storage, a snapshot its name. The master ends them as a start
-    would, within seconds, with the daemon still up: then everything check_world asks of a
-    restarted daemon holds, and the operation can be run again."""
+    exists"), a remove its storage, a snapshot its name. The worker running the schedules
+    ends them as a start would (plugin/abandoned.py), within seconds, with the daemon still
+    up: then everything check_world asks of a restarted daemon holds, and the operation can
+    be run again."""
     setup, action, rerun, after = OPS[op]
     w = world
     w.start()
@@ -412,7 +413,7 @@ def test_a_worker_killed_alone_mid_change_leaves_nothing_half_done(world, op, st
             out = rerun(w)
             return out is None or out.returncode == 0
 
-        until(f"the master to end the {op} a killed worker left at {step}", ended, 20, 0.5)
+        until(f"the {op} a killed worker left at {step} to be ended", ended, 20, 0.5)
         if after:
             after(w)
         check_world(w)
@@ -507,7 +508,7 @@ def test_the_master_thaws_no_filesystem_whose_volume_a_live_worker_holds(daemon)
     mp = daemon.api.ok("/VolumeDriver.Mount", {"Name": "v", "ID": "c"})["Mountpoint"]
     host = Host(Config(root=daemon.root), None, {}, None)
     assert str(host.mountpoint("v")) == mp
-    leftovers = Leftovers(host, None)
+    leftovers = Leftovers(host)
     try:
         with locks.held(host.config.locks_dir, "vol.v", "v"):  # a live worker's, in its freeze
             marker = _left_frozen(daemon.root, "v", mp)

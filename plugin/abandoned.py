@@ -1,0 +1,110 @@
+"""Creates, removes and snapshots left half done by a worker killed alone, ended without a
+restart.
+
+A daemon killed whole ends them at its next start (reconcile.py). A worker killed alone (the
+OOM killer takes one process) is only replaced, and its ``creating`` row held the volume's
+name until the next start: a rerun of the create failed "already exists". Likewise a remove's
+row and half-removed storage, and a snapshot's row.
+
+Every such row is written and ended under its volume's lock (docs/state.md), so a row whose
+lock is free has no live owner: the worker that made it died, or its own undo failed and
+left it for later. The schedule runner's worker, one per host, looks for such rows on every
+tick (one query) and ends each whose lock it takes without waiting, as a start would
+(``reconcile.finish_interrupted``). That runs on a thread of its own, since ending a change
+can wait on storage (an EBS detach, a device-mapper pool's lock), and in a worker, not in
+gunicorn's master, whose loop must keep answering signals and replacing workers meanwhile.
+
+What fails to be ended (a child of the dead worker still holding the device, say) is tried
+again later, less and less often, and said once per volume.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from .errors import Conflict
+from .host import Host
+from .reconcile import finish_interrupted
+from .volumes import Volumes
+
+log = logging.getLogger(__name__)
+
+EVERY = 2.0  # seconds between two looks for abandoned rows
+RETRY_FIRST = 5.0  # seconds before a volume whose change could not be ended is tried again
+RETRY_MOST = 600.0  # the retries' interval doubles up to this
+
+
+class Abandoned:
+    def __init__(self, host: Host, volumes: Volumes):
+        self.host, self.volumes = host, volumes
+        self._thread: threading.Thread | None = None
+        self._retry: dict[str, tuple[float, float]] = {}  # volume -> (next try, interval)
+        self._next = 0.0
+
+    def check(self) -> None:
+        """From the runner's loop: start ending what is abandoned, unless that still runs.
+        A row whose lock is held (a create in progress, usually) costs a flock attempt."""
+        now = time.monotonic()
+        if now < self._next or (self._thread is not None and self._thread.is_alive()):
+            return
+        self._next = now + EVERY
+        names = [n for n in sorted(self._unfinished())
+                 if self._retry.get(n, (0.0, 0.0))[0] <= now and self._free(n)]
+        if names:
+            self._thread = threading.Thread(target=self._end_all, args=(names,), daemon=True,
+                                            name="pyvol-abandoned")
+            self._thread.start()
+
+    def wait(self, timeout: float | None = None) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _unfinished(self) -> set[str]:
+        store, names = self.host.store, set()
+        for status in ("creating", "removing"):
+            names |= {v.name for v in store.volumes(status=status)}
+            names |= {s.volume for s in store.snapshots(status=status)}
+        return names
+
+    def _free(self, name: str) -> bool:
+        """Nobody holds ``name``'s lock this instant (the thread takes it again)."""
+        try:
+            with self.host.lock(name, wait=0):
+                return True
+        except Conflict:
+            return False
+
+    def _end_all(self, names: list[str]) -> None:
+        for name in names:
+            try:
+                with self.host.lock(name, wait=0):
+                    self._end(name)
+            except Conflict:
+                continue  # its owner lives (or ends it): not abandoned
+            except Exception:
+                log.exception("could not end what was interrupted of volume %s", name)
+            if name in self._unfinished():
+                self._later(name)
+            else:
+                self._retry.pop(name, None)
+
+    def _end(self, name: str) -> None:
+        """Under ``name``'s lock: its rows as they are now, not as the listing saw them."""
+        store = self.host.store
+        v = store.volume(name)
+        if v is None or v.backend not in self.host.backends:
+            return
+        snapshots = [s for s in store.snapshots(name) if s.status != "ready"]
+        if v.status != "ready" or snapshots:
+            finish_interrupted(self.host, self.volumes, self.host.backends[v.backend], v,
+                               snapshots)
+
+    def _later(self, name: str) -> None:
+        _, interval = self._retry.get(name, (0.0, 0.0))
+        if not interval:
+            log.warning("volume %s keeps a change a killed process left half done; trying "
+                        "again later (a restart ends it too)", name)
+        interval = min(RETRY_MOST, interval * 2 if interval else RETRY_FIRST)
+        self._retry[name] = (time.monotonic() + interval, interval)
