@@ -52,6 +52,28 @@ def test_backup_ids_made_within_a_second_sort_in_the_order_they_were_made():
     assert len(set(ids)) == 20 and all(BACKUP_ID_RE.fullmatch(i) for i in ids)
 
 
+def test_the_s3_session_knows_every_service_credentials_may_need(monkeypatch):
+    """The job's boto3 session lists botocore's services from its directories' names, not by
+    opening each one (targets._quick_loader): every service botocore's own loader knows is
+    still known, so credentials from a role (STS) or from SSO can make their clients; an
+    S3-only list broke them."""
+    import botocore.loaders
+    from pyvol.backup import targets
+
+    for var, value in {"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b",
+                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(var, value)
+    with targets._session_lock:
+        session = targets._boto_session()
+    for service in ("s3", "sts", "sso", "sso-oidc"):
+        assert session.client(service).meta.service_model.service_name == service
+    ours = session._session.get_component("data_loader")
+    theirs = botocore.loaders.create_loader()
+    for kind in ("service-2", "endpoint-rule-set-1"):
+        assert set(theirs.list_available_services(kind)) <= set(
+            ours.list_available_services(kind))
+
+
 def test_an_s3_target_takes_sealed_chunks_the_way_botocore_copies_least(monkeypatch):
     """Over http botocore sends a bytearray body as it is; over https it reads the body
     through io.BytesIO for its trailing checksum, which copies a bytearray but shares bytes:

@@ -265,27 +265,35 @@ def _boto_session():
 
     if _session is None:
         core = botocore.session.Session()
-        core.register_component("data_loader", _s3_loader(core))
+        core.register_component("data_loader", _quick_loader(core))
         _session = boto3.session.Session(botocore_session=core)
     return _session
 
 
-def _s3_loader(core):
-    """botocore's model loader, told that S3's are the only models this process asks for.
+def _quick_loader(core):
+    """botocore's model loader, knowing its services from their directories' names alone.
 
-    Before it loads a model, the loader checks that its service exists by listing every
-    service's directory in botocore's data (over 400, each with its versions: about 900
-    listings and 2,800 stats) once for each kind of model a client needs. A backup's job
-    process makes one S3 client, and those scans took about 80 ms of it from a cold cache
-    (15 ms warm), beside 37 ms to import boto3 (by hand, cProfile; bench/README)."""
+    Before it loads a model, botocore's loader checks that the service exists by looking into
+    every one of its 400-odd service directories for that kind of model (about 900 listings
+    and 2,800 stats), once for each kind a client needs: about 80 ms of each job process's
+    first S3 client from a cold cache, 15 warm (by hand, cProfile; bench/README). A
+    service's directory is enough to know it exists; a kind of model it lacks is still a
+    DataNotFoundError when loaded (UnknownServiceError is one). Every service stays
+    available: credentials from a role or SSO make their STS or SSO clients here too."""
     from botocore.loaders import Loader
 
-    class S3Loader(Loader):
+    class QuickLoader(Loader):
         def list_available_services(self, type_name):
-            return ["s3"]
+            names = set()
+            for path in self.search_paths:
+                with contextlib.suppress(OSError), os.scandir(path) as entries:
+                    names.update(e.name for e in entries if e.is_dir())
+            return sorted(names)
 
-    extra = core.get_config_variable("data_path")
-    return S3Loader(extra_search_paths=extra.split(os.pathsep) if extra else None)
+    extra = core.get_config_variable("data_path")  # AWS_DATA_PATH, as botocore reads it
+    paths = [os.path.expanduser(os.path.expandvars(p)) for p in extra.split(os.pathsep)] \
+        if extra else None
+    return QuickLoader(extra_search_paths=paths)
 
 
 def _sendable(data) -> bytes | bytearray:
