@@ -67,6 +67,9 @@ class Backend(ABC):
     size_unit: ClassVar[int] = 1
     #: why rollback() refuses on this backend (None: it rolls back), asked before any work
     no_rollback: ClassVar[str | None] = None
+    #: a snapshot takes a few milliseconds whatever the volume holds (a reflink, dm-thin): a
+    #: backup takes it while its job process starts, before it knows the repository is usable
+    instant_snapshots: ClassVar[bool] = False
 
     def __init__(self, root: Path, settings: dict[str, str] | None = None):
         self.root = Path(root)

@@ -84,6 +84,7 @@ class DevicemapperBackend(BlockBackend):
     scope = "local"
     options = {}
     discard = True
+    instant_snapshots = True
 
     def __init__(self, root: Path, settings: dict[str, str] | None = None):
         super().__init__(root, settings)

@@ -46,6 +46,7 @@ class LoopBackend(BlockBackend):
     scope = "local"
     options = {}
     change_granularity = 4096
+    instant_snapshots = True
     discard = True
 
     def __init__(self, root: Path, settings: dict[str, str] | None = None):

@@ -30,7 +30,7 @@ from .retention import Policy, keep
 from .repo import (OpenedManifest, host_id, manifest_head, new_backup_id, split_backup_url,
                    utcnow)
 from .session import RemoteRepository
-from .targets import s3_environment
+from .targets import parse_repo_url, s3_environment
 
 log = logging.getLogger(__name__)
 
@@ -193,9 +193,15 @@ class Backups:
         bid = bid or new_backup_id()
         if isinstance(dest, str) and dest.startswith("ebs://"):
             return self._ebs_backup(v, backend, snap, dest, bid, schedule_of)
-        # the job process starts and opens the repository while the snapshot is taken; a
-        # repository that cannot be used (or is locked) then costs the snapshot, dropped
-        with self._repo(dest, "create", wait=False) as repo:
+        parse_repo_url(dest)  # refused here, a URL costs no job process and no snapshot
+        # An instant snapshot (loop, devicemapper) is taken while the job process starts and
+        # opens the repository, and a repository that then cannot be used or is locked costs
+        # it, dropped again. One that costs (a copy, a cloud snapshot) waits for the lock.
+        instant = backend.instant_snapshots
+        with self._repo(dest, "create", wait=not instant) as repo, \
+                contextlib.ExitStack() as held:
+            if not instant:
+                lease = held.enter_context(self._leased(repo, lock_wait, job))
             auto = snap is None
             if auto:
                 # recorded before the snapshot exists: if the daemon dies before this backup
@@ -208,20 +214,21 @@ class Backups:
                     m.drop_note(f"{PENDING}{vol}@{snap}")
                     raise
                 crashpoint("backup.snapshot")
+            keep_note = False
             try:
-                repo.opened()
-                # a schedule's wait ends with its runner's stop (the job is cancelled)
-                with locked(repo, "shared", self.lease, wait=lock_wait,
-                            check=job.check) as lease, m.reading(vol, snap):
-                    lease.on_lost(job.cancel)  # the engine stops at its next step
+                if instant:
+                    repo.opened()
+                    lease = held.enter_context(self._leased(repo, lock_wait, job))
+                with m.reading(vol, snap):
                     url, manifest = self._written(repo, lease, v, backend, snap, bid, job,
                                                   schedule_of)
             except BaseException:
-                if auto:
-                    self._drop_own_snapshot(vol, snap, "of a failed backup")
+                # a snapshot that stays keeps its note, for recover() at the next start
+                keep_note = auto and not self._drop_own_snapshot(vol, snap,
+                                                                  "of a failed backup")
                 raise
             finally:
-                if auto:
+                if auto and not keep_note:
                     m.drop_note(f"{PENDING}{vol}@{snap}")
         event(log, "backup created", volume=vol, snapshot=snap, backup=url,
               incremental=manifest["incremental"], **manifest["stats"])
@@ -233,6 +240,14 @@ class Backups:
         self._drop_superseded(vol, snap, repo.url, manifest.get("parent_snapshot"))
         manifest["url"] = url
         return manifest_head(manifest)
+
+    @contextlib.contextmanager
+    def _leased(self, repo: RemoteRepository, lock_wait: float, job: Job):
+        """The repository's shared lock for a backup (a schedule's wait ends with its
+        runner's stop: the job is cancelled); its loss stops the engine at its next step."""
+        with locked(repo, "shared", self.lease, wait=lock_wait, check=job.check) as lease:
+            lease.on_lost(job.cancel)
+            yield lease
 
     def _written(self, repo: RemoteRepository, lease: Lease, v: Volume, backend: Backend,
                  snap: str, bid: str, job: Job, schedule_of: str | None) -> tuple[str, dict]:
