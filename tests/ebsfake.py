@@ -57,7 +57,8 @@ class EbsDataPlane:
         # DescribeVolumes shows their attachments "detaching"
         self.stuck_detach: set[str] = set()
         self.loops: dict[tuple[str, str], str] = {}
-        self.bound_to: dict[str, tuple[int, int]] = {}  # device -> its blob's identity
+        # (volume, instance) -> the identity of the blob its device was bound to
+        self.bound_to: dict[tuple[str, str], tuple[int, int]] = {}
         self.lock = threading.Lock()
         plane = self
 
@@ -184,7 +185,7 @@ class EbsDataPlane:
                                   str(self.blobs / f"{vol}.img")],
                                  capture_output=True, text=True, check=True).stdout.strip()
             self.loops[(vol, inst)] = dev
-            self.bound_to[dev] = loopdev.identity(self.blobs / f"{vol}.img")
+            self.bound_to[(vol, inst)] = loopdev.identity(self.blobs / f"{vol}.img")
             link = self.device_dir(inst) / vol
             link.unlink(missing_ok=True)
             link.symlink_to(dev)
@@ -195,7 +196,7 @@ class EbsDataPlane:
                 if v == vol and (inst is None or i == inst):
                     (self.device_dir(i) / v).unlink(missing_ok=True)
                     with contextlib.suppress(OSError, CommandFailed):  # only if still ours
-                        loopdev.clear(dev, self.bound_to.pop(dev))
+                        loopdev.clear(dev, self.bound_to.pop((v, i)))
                     # gone for real (a detach of a device someone holds is deferred), so that
                     # the next attach never picks a device that is about to vanish
                     backing = Path(f"/sys/block/{Path(dev).name}/loop/backing_file")
