@@ -14,8 +14,10 @@ tick (one query) and ends each whose lock it takes without waiting, as a start w
 can wait on storage (an EBS detach, a device-mapper pool's lock), and in a worker, not in
 gunicorn's master, whose loop must keep answering signals and replacing workers meanwhile.
 
-What fails to be ended (a child of the dead worker still holding the device, say) is tried
-again later, less and less often, and said once per volume.
+A volume with a freeze mark is left to the master first (leftovers.py): taking its lock
+thaws it, and the master resumes a suspended device before it thaws. What fails to be ended
+(a child of the dead worker still holding the device, say) is tried again later, less and
+less often, and after about twenty minutes left to the next start, said once per volume.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ log = logging.getLogger(__name__)
 
 EVERY = 2.0  # seconds between two looks for abandoned rows
 RETRY_FIRST = 5.0  # seconds before a volume whose change could not be ended is tried again
-RETRY_MOST = 600.0  # the retries' interval doubles up to this
+RETRY_MOST = 600.0  # the retries' interval doubles up to this, then they stop
 
 
 class Abandoned:
@@ -41,23 +43,28 @@ class Abandoned:
         self.host, self.volumes = host, volumes
         self._thread: threading.Thread | None = None
         self._retry: dict[str, tuple[float, float]] = {}  # volume -> (next try, interval)
+        self._left: set[str] = set()  # volumes left to the next start
         self._next = 0.0
 
     def check(self) -> None:
         """From the runner's loop: start ending what is abandoned, unless that still runs.
-        A row whose lock is held (a create in progress, usually) costs a flock attempt."""
+        Four small queries; a row whose lock is held (a create in progress, usually) costs a
+        flock attempt."""
         now = time.monotonic()
         if now < self._next or (self._thread is not None and self._thread.is_alive()):
             return
         self._next = now + EVERY
-        names = [n for n in sorted(self._unfinished())
-                 if self._retry.get(n, (0.0, 0.0))[0] <= now and self._free(n)]
+        names = [n for n in sorted(self._unfinished() - self._left)
+                 if self._retry.get(n, (0.0, 0.0))[0] <= now
+                 and not self.host.freeze_marker(n).exists() and self._free(n)]
         if names:
             self._thread = threading.Thread(target=self._end_all, args=(names,), daemon=True,
                                             name="pyvol-abandoned")
             self._thread.start()
 
     def wait(self, timeout: float | None = None) -> None:
+        """For an exiting worker: an undo cut off midway is a crash's, but its tools would
+        go on beside the next runner's undo of the same volume."""
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -80,7 +87,9 @@ class Abandoned:
         for name in names:
             try:
                 with self.host.lock(name, wait=0):
-                    self._end(name)
+                    if not self._end(name):  # its backend is not set up on this host
+                        self._left.add(name)
+                        continue
             except Conflict:
                 continue  # its owner lives (or ends it): not abandoned
             except Exception:
@@ -90,21 +99,31 @@ class Abandoned:
             else:
                 self._retry.pop(name, None)
 
-    def _end(self, name: str) -> None:
-        """Under ``name``'s lock: its rows as they are now, not as the listing saw them."""
+    def _end(self, name: str) -> bool:
+        """Under ``name``'s lock: its rows as they are now, not as the listing saw them.
+        False if its backend is not set up here."""
         store = self.host.store
         v = store.volume(name)
-        if v is None or v.backend not in self.host.backends:
-            return
+        if v is None:
+            return True
+        if v.backend not in self.host.backends:
+            return False
         snapshots = [s for s in store.snapshots(name) if s.status != "ready"]
         if v.status != "ready" or snapshots:
             finish_interrupted(self.host, self.volumes, self.host.backends[v.backend], v,
                                snapshots)
+        return True
 
     def _later(self, name: str) -> None:
         _, interval = self._retry.get(name, (0.0, 0.0))
+        if interval >= RETRY_MOST:
+            self._left.add(name)
+            self._retry.pop(name, None)
+            log.error("volume %s still has a change a killed process left half done; the "
+                      "next start of pyvol ends it", name)
+            return
         if not interval:
             log.warning("volume %s keeps a change a killed process left half done; trying "
-                        "again later (a restart ends it too)", name)
+                        "again later", name)
         interval = min(RETRY_MOST, interval * 2 if interval else RETRY_FIRST)
         self._retry[name] = (time.monotonic() + interval, interval)

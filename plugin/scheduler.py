@@ -128,6 +128,8 @@ class Runner:
             runs = list(self._runs.values())
         for thread, _job in runs:
             thread.join(max(0.0, deadline - time.monotonic()))
+        if self.abandoned is not None:
+            self.abandoned.wait(max(0.0, deadline - time.monotonic()))
         left = sum(t.is_alive() for t, _ in runs)
         if runs:
             event(log, "schedule runner stopped", pid=os.getpid(), waited_for=len(runs),

@@ -224,8 +224,9 @@ class Backups:
                                                   schedule_of)
             except BaseException:
                 # a snapshot that stays keeps its note, for recover() at the next start
-                keep_note = auto and not self._drop_own_snapshot(vol, snap,
-                                                                  "of a failed backup")
+                keep_note = auto
+                if auto:
+                    keep_note = not self._drop_own_snapshot(vol, snap, "of a failed backup")
                 raise
             finally:
                 if auto and not keep_note:
