@@ -8,8 +8,8 @@ row and half-removed storage, and a snapshot's row.
 
 Every such row is written and ended under its volume's lock (docs/state.md), so a row whose
 lock is free has no live owner: the worker that made it died, or its own undo failed and
-left it for later. The schedule runner's worker, one per host, looks for such rows on every
-tick (one query) and ends each whose lock it takes without waiting, as a start would
+left it for later. The schedule runner's worker, one per host, looks for such rows every two
+seconds and ends each whose lock it takes without waiting, as a start would
 (``reconcile.finish_interrupted``). That runs on a thread of its own, since ending a change
 can wait on storage (an EBS detach, a device-mapper pool's lock), and in a worker, not in
 gunicorn's master, whose loop must keep answering signals and replacing workers meanwhile.
