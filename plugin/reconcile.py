@@ -134,8 +134,8 @@ def _backend(host: Host, volumes: Volumes, backend: Backend, vs: list[Volume],
 def finish_interrupted(host: Host, volumes: Volumes, backend: Backend, v: Volume,
                        snapshots: list[Snapshot]) -> bool:
     """Finish or undo what a crash interrupted of ``v`` (a create, a remove, ``snapshots``
-    not ready); True if the volume is gone. At start, when nothing else runs, and in the
-    master, under the volume's lock, after a worker was killed alone (leftovers.py)."""
+    not ready); True if the volume is gone. At start, when nothing else runs, and under the
+    volume's lock for a row a worker killed alone left (abandoned.py)."""
     store = host.store
     if v.status == "creating":
         event(log, "undoing interrupted create", volume=v.name)
