@@ -1,5 +1,5 @@
-"""Creates, removes and snapshots left half done by a worker killed alone, ended without a
-restart.
+"""Creates, removes and snapshots left half done by a worker killed alone, and the snapshots
+its backups took for themselves, ended without a restart.
 
 A daemon killed whole ends them at its next start (reconcile.py). A worker killed alone (the
 OOM killer takes one process) is only replaced, and its ``creating`` row held the volume's
@@ -14,6 +14,11 @@ seconds and ends each whose lock it takes without waiting, as a start would
 can wait on storage (an EBS detach, a device-mapper pool's lock), and in a worker, not in
 gunicorn's master, whose loop must keep answering signals and replacing workers meanwhile.
 
+A backup notes the snapshot it takes for itself before taking it, and holds its volume's
+``backups`` lock, shared, until that note goes (backup/service.py): a note whose lock is
+free is a dead process's (or a failed backup's, whose snapshot could not be dropped then),
+and its snapshot goes as a start would remove it (``Backups.end_unended``).
+
 A volume with a freeze mark is left to the master first (leftovers.py): taking its lock
 thaws it, and the master resumes a suspended device before it thaws. What fails to be ended
 (a child of the dead worker still holding the device, say) is tried again later, less and
@@ -26,41 +31,51 @@ import logging
 import threading
 import time
 
+from .backup.service import Backups
 from .errors import Conflict
 from .host import Host
 from .reconcile import finish_interrupted
+from .snapshots import Snapshots
 from .volumes import Volumes
 
 log = logging.getLogger(__name__)
 
-EVERY = 2.0  # seconds between two looks for abandoned rows
+EVERY = 2.0  # seconds between two looks for abandoned rows and notes
 RETRY_FIRST = 5.0  # seconds before a volume whose change could not be ended is tried again
 RETRY_MOST = 600.0  # the retries' interval doubles up to this, then they stop
+CHANGE, BACKUP = "change", "backup"  # a volume's row half done; a backup's own snapshot left
+LEFT = {CHANGE: "a change a killed process left half done",
+        BACKUP: "a snapshot a backup took for itself and did not remove"}
 
 
 class Abandoned:
-    def __init__(self, host: Host, volumes: Volumes):
-        self.host, self.volumes = host, volumes
+    def __init__(self, host: Host, volumes: Volumes, snapshots: Snapshots, backups: Backups):
+        self.host, self.volumes, self.snapshots, self.backups = host, volumes, snapshots, backups
         self._thread: threading.Thread | None = None
-        self._retry: dict[str, tuple[float, float]] = {}  # volume -> (next try, interval)
-        self._left: set[str] = set()  # volumes left to the next start
+        # (what, volume) -> (next try, interval); what: CHANGE (rows) or BACKUP (notes)
+        self._retry: dict[tuple[str, str], tuple[float, float]] = {}
+        self._left: set[tuple[str, str]] = set()  # left to the next start
         self._next = 0.0
 
     def check(self) -> None:
         """From the runner's loop: start ending what is abandoned, unless that still runs.
-        Four small queries; a row whose lock is held (a create in progress, usually) costs a
-        flock attempt."""
+        Five small queries; a row or note whose lock is held (a create or a backup in
+        progress, usually) costs a flock attempt."""
         now = time.monotonic()
         if now < self._next or (self._thread is not None and self._thread.is_alive()):
             return
         self._next = now + EVERY
-        names = [n for n in sorted(self._unfinished() - self._left)
-                 if self._retry.get(n, (0.0, 0.0))[0] <= now
+        names = [n for n in sorted(self._unfinished()) if self._due((CHANGE, n), now)
                  and not self.host.freeze_marker(n).exists() and self._free(n)]
-        if names:
-            self._thread = threading.Thread(target=self._end_all, args=(names,), daemon=True,
-                                            name="pyvol-abandoned")
+        noted = [n for n in sorted(self.backups.unended()) if self._due((BACKUP, n), now)
+                 and self._no_backup(n)]
+        if names or noted:
+            self._thread = threading.Thread(target=self._end_all, args=(names, noted),
+                                            daemon=True, name="pyvol-abandoned")
             self._thread.start()
+
+    def _due(self, key: tuple[str, str], now: float) -> bool:
+        return key not in self._left and self._retry.get(key, (0.0, 0.0))[0] <= now
 
     def wait(self, timeout: float | None = None) -> None:
         """For an exiting worker: an undo cut off midway is a crash's, but its tools would
@@ -83,21 +98,40 @@ class Abandoned:
         except Conflict:
             return False
 
-    def _end_all(self, names: list[str]) -> None:
+    def _no_backup(self, name: str) -> bool:
+        """No live process runs a backup of ``name`` this instant."""
+        try:
+            with self.snapshots.no_backup_running(name):
+                return True
+        except Conflict:
+            return False
+
+    def _end_all(self, names: list[str], noted: list[str]) -> None:
         for name in names:
             try:
                 with self.host.lock(name, wait=0):
                     if not self._end(name):  # its backend is not set up on this host
-                        self._left.add(name)
+                        self._left.add((CHANGE, name))
                         continue
             except Conflict:
                 continue  # its owner lives (or ends it): not abandoned
             except Exception:
                 log.exception("could not end what was interrupted of volume %s", name)
-            if name in self._unfinished():
-                self._later(name)
-            else:
-                self._retry.pop(name, None)
+            self._tried((CHANGE, name), name not in self._unfinished())
+        for name in noted:
+            try:
+                if not self.backups.end_unended(name):
+                    continue  # a backup of it started meanwhile
+            except Exception:
+                log.exception("could not remove the snapshots of volume %s that backups "
+                              "left", name)
+            self._tried((BACKUP, name), name not in self.backups.unended())
+
+    def _tried(self, key: tuple[str, str], ended: bool) -> None:
+        if ended:
+            self._retry.pop(key, None)
+        else:
+            self._later(key)
 
     def _end(self, name: str) -> bool:
         """Under ``name``'s lock: its rows as they are now, not as the listing saw them.
@@ -114,16 +148,16 @@ class Abandoned:
                                snapshots)
         return True
 
-    def _later(self, name: str) -> None:
-        _, interval = self._retry.get(name, (0.0, 0.0))
+    def _later(self, key: tuple[str, str]) -> None:
+        what, name = key
+        _, interval = self._retry.get(key, (0.0, 0.0))
         if interval >= RETRY_MOST:
-            self._left.add(name)
-            self._retry.pop(name, None)
-            log.error("volume %s still has a change a killed process left half done; the "
-                      "next start of pyvol ends it", name)
+            self._left.add(key)
+            self._retry.pop(key, None)
+            log.error("volume %s still has %s; the next start of pyvol ends it", name,
+                      LEFT[what])
             return
         if not interval:
-            log.warning("volume %s keeps a change a killed process left half done; trying "
-                        "again later", name)
+            log.warning("volume %s keeps %s; trying again later", name, LEFT[what])
         interval = min(RETRY_MOST, interval * 2 if interval else RETRY_FIRST)
-        self._retry[name] = (time.monotonic() + interval, interval)
+        self._retry[key] = (time.monotonic() + interval, interval)

@@ -38,5 +38,6 @@ def wire(host: Host) -> Parts:
     snapshots = Snapshots(host, catalogue)
     backups = Backups(SnapshotAccess(host, catalogue, snapshots), host.config)
     volumes = Volumes(host, catalogue, snapshots, backups)
+    abandoned = Abandoned(host, volumes, snapshots, backups)
     return Parts(host, catalogue, snapshots, volumes, backups, Schedules(host, catalogue),
-                 Runner(host, snapshots, backups, catalogue, Abandoned(host, volumes)))
+                 Runner(host, snapshots, backups, catalogue, abandoned))

@@ -168,6 +168,19 @@ class Snapshots:
         return locks.held(self.host.config.locks_dir, f"snap.{volume}@{snap}", "", wait=0,
                           shared=True)
 
+    def backup_running(self, volume: str):
+        """Held (shared) by every backup of ``volume`` running in a live process, for as long
+        as it keeps a note of a snapshot it takes for itself (``backup.service.PENDING``)."""
+        return locks.held(self.host.config.locks_dir, f"backups.{volume}", f"volume {volume}",
+                          shared=True)
+
+    def no_backup_running(self, volume: str):
+        """Refuse, at once, unless no live process runs a backup of ``volume``: a note of a
+        backup's own snapshot found then is left by a process that died, or kept by a
+        backup that could not drop its snapshot (abandoned.py)."""
+        return locks.held(self.host.config.locks_dir, f"backups.{volume}", "", wait=0,
+                          busy=f"a backup of volume {volume} is running")
+
     def no_readers(self, volume: str, snaps: list[str]):
         """Refuse, at once, to remove snapshots a backup is reading."""
         stack = contextlib.ExitStack()
@@ -218,6 +231,12 @@ class SnapshotAccess:
 
     def reading(self, volume, snap):
         return self.snapshots.reading(volume, snap)
+
+    def backup_running(self, volume):
+        return self.snapshots.backup_running(volume)
+
+    def no_backup_running(self, volume):
+        return self.snapshots.no_backup_running(volume)
 
     def instance_id(self):
         return self.host.instance_id()

@@ -53,6 +53,8 @@ class VolumeAccess(Protocol):
     def drop_snapshot(self, volume: str, snap: str) -> None: ...
     def snapshot(self, volume: str, snap: str) -> Snapshot | None: ...
     def reading(self, volume: str, snap: str) -> AbstractContextManager: ...
+    def backup_running(self, volume: str) -> AbstractContextManager: ...
+    def no_backup_running(self, volume: str) -> AbstractContextManager: ...
     def instance_id(self) -> str: ...
     def note(self, key: str) -> str | None: ...
     def set_note(self, key: str, value: str) -> None: ...
@@ -204,10 +206,8 @@ class Backups:
                 lease = held.enter_context(self._leased(repo, lock_wait, job))
             auto = snap is None
             if auto:
-                # recorded before the snapshot exists: if the daemon dies before this backup
-                # ends, recover() removes the snapshot, however far it got
                 snap = AUTO_PREFIX + bid
-                m.set_note(f"{PENDING}{vol}@{snap}", bid)
+                self._note_own(held, vol, snap, bid)
                 try:
                     m.take_snapshot(vol, snap, origin="backup")
                 except BaseException:
@@ -280,21 +280,49 @@ class Backups:
         crashpoint("backup.manifest")
         return url, manifest
 
+    def _note_own(self, held: contextlib.ExitStack, vol: str, snap: str, bid: str) -> None:
+        """Note that ``vol@snap``, not taken yet, is this backup's own, before it exists, and
+        hold ``backup_running(vol)`` until the note is dropped (or kept: the caller's
+        ``held`` ends after that). If this process dies before the backup ends, the
+        snapshot goes, however far it got: within seconds if the daemon stays up
+        (abandoned.py), else at its next start (``recover``)."""
+        held.enter_context(self.access.backup_running(vol))
+        self.access.set_note(f"{PENDING}{vol}@{snap}", bid)
+
     def recover(self) -> None:
         """At start: a backup the daemon died in wrote no manifest (or one whose snapshot is
         no base any more); the snapshot it took for itself goes."""
-        m = self.access
-        for key in m.notes(PENDING):
-            volume, _, snap = key[len(PENDING):].partition("@")
+        for volume in sorted(self.unended()):
             try:
+                self.end_unended(volume)
+            except Exception:
+                log.exception("could not remove the snapshots of interrupted backups of "
+                              "volume %s", volume)
+
+    def unended(self) -> set[str]:
+        """The volumes with a note of a backup's own snapshot: a running backup's, or one
+        whose process died or that could not drop its snapshot."""
+        return {key[len(PENDING):].partition("@")[0] for key in self.access.notes(PENDING)}
+
+    def end_unended(self, volume: str) -> bool:
+        """Remove the snapshots that backups of ``volume`` took for themselves and did not
+        end with, unless a live process runs a backup of it: False then. Raises what a
+        removal raised; the notes of those not removed stay."""
+        m = self.access
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(m.no_backup_running(volume))
+            except Conflict:
+                return False
+            prefix = f"{PENDING}{volume}@"
+            for key in m.notes(prefix):
+                snap = key[len(prefix):]
                 if m.snapshot(volume, snap) is not None:
-                    event(log, "removing the snapshot of a backup interrupted by a crash",
+                    event(log, "removing the snapshot of a backup that did not end",
                           volume=volume, snapshot=snap)
                     m.drop_snapshot(volume, snap)
                 m.drop_note(key)
-            except Exception:
-                log.exception("could not remove snapshot %s@%s of an interrupted backup",
-                              volume, snap)
+        return True
 
     def _drop_own_snapshot(self, vol: str, snap: str, why: str) -> bool:
         """Remove a snapshot pyvol took itself (never a user's); False if it stays."""
@@ -342,18 +370,19 @@ class Backups:
                                f"volume {v.name} is on {backend.name}")
         m = self.access
         auto = snap is None
-        if auto:
-            snap = AUTO_PREFIX + bid
-            m.set_note(f"{PENDING}{v.name}@{snap}", bid)
-        try:
+        with contextlib.ExitStack() as held:
             if auto:
-                m.take_snapshot(v.name, snap, origin="backup")
-            result = self._ebs("an ebs:// backup").create(v.name, snap, region, v.fs, v.size,
-                                                          bid, schedule_of)
-        finally:
-            if auto:  # the backup is an independent copy: the volume's snapshot can go
-                self._drop_own_snapshot(v.name, snap, "of an ebs:// backup")
-                m.drop_note(f"{PENDING}{v.name}@{snap}")
+                snap = AUTO_PREFIX + bid
+                self._note_own(held, v.name, snap, bid)
+            try:
+                if auto:
+                    m.take_snapshot(v.name, snap, origin="backup")
+                result = self._ebs("an ebs:// backup").create(v.name, snap, region, v.fs,
+                                                              v.size, bid, schedule_of)
+            finally:
+                if auto:  # the backup is an independent copy: the volume's snapshot can go
+                    self._drop_own_snapshot(v.name, snap, "of an ebs:// backup")
+                    m.drop_note(f"{PENDING}{v.name}@{snap}")
         event(log, "backup created", volume=v.name, backup=result["url"])
         return result
 
