@@ -19,18 +19,19 @@ DEFAULT_WAIT = 25.0  # under Docker's 30 s plugin timeout, so Docker hears our m
 
 @contextlib.contextmanager
 def held(locks_dir: Path, name: str, what: str, wait: float = DEFAULT_WAIT,
-         shared: bool = False, busy: str | None = None):
+         shared: bool = False, busy: str | None = None, discard: bool = False):
     """Hold the lock ``name``; raise Conflict naming ``what`` if it stays taken for ``wait`` s.
 
     ``shared`` holders (readers, such as backups of one snapshot) exclude only exclusive ones.
+    ``discard``: an exclusive holder removes the lock's file before it lets go, for a lock
+    named after something that may be gone by then (a snapshot): one file per backup's
+    snapshot would otherwise stay in the directory for good.
     """
     locks_dir.mkdir(parents=True, exist_ok=True)
     path = str(locks_dir / f"{name}.lock")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = _locked(path, fcntl.LOCK_SH if shared else fcntl.LOCK_EX, wait,
+                 busy or f"{what} is busy with another operation; try again")
     try:
-        take_within(lambda: fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
-                                        | fcntl.LOCK_NB),
-                    wait, busy or f"{what} is busy with another operation; try again")
         if not shared:  # shared, the same file may be held twice in one process
             _HELD[path] = fd
         try:
@@ -38,7 +39,30 @@ def held(locks_dir: Path, name: str, what: str, wait: float = DEFAULT_WAIT,
         finally:
             if not shared:
                 _HELD.pop(path, None)
+                if discard:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
     finally:
+        os.close(fd)
+
+
+def _locked(path: str, how: int, wait: float, refusal: str) -> int:
+    """A descriptor of ``path``, locked ``how``. A file its holder removed (``discard``) is
+    no lock any more for whoever opened it before: that one opens the path again."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            take_within(lambda fd=fd: fcntl.flock(fd, how | fcntl.LOCK_NB), wait, refusal)
+            mine = os.fstat(fd)
+            try:
+                now = os.stat(path)
+            except FileNotFoundError:
+                now = None
+        except BaseException:
+            os.close(fd)
+            raise
+        if now is not None and (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino):
+            return fd
         os.close(fd)
 
 

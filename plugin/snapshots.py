@@ -182,13 +182,14 @@ class Snapshots:
                           busy=f"a backup of volume {volume} is running")
 
     def no_readers(self, volume: str, snaps: list[str]):
-        """Refuse, at once, to remove snapshots a backup is reading."""
+        """Refuse, at once, to remove snapshots a backup is reading. Their locks' files go
+        as the removal ends (a backup's own snapshot's lock is used once)."""
         stack = contextlib.ExitStack()
         for snap in snaps:
             stack.enter_context(locks.held(
                 self.host.config.locks_dir, f"snap.{volume}@{snap}", "", wait=0,
                 busy=f"snapshot {volume}@{snap} is being read by a running backup; "
-                     "remove it when the backup ends"))
+                     "remove it when the backup ends", discard=True))
         return stack
 
 

@@ -140,6 +140,10 @@ def test_incremental_backup_reads_and_uploads_about_the_changed_one_percent(
     # the parent's snapshot is no longer needed: only the newest backup snapshot is kept
     snaps = json.loads(d.cli("snapshot", "ls", "db", "--json").stdout)
     assert [s["Name"] for s in snaps] == [inc["source"]["snapshot"]]
+    # and the lock a backup reads a snapshot under goes with the snapshot: one file per
+    # backup would otherwise stay in the locks directory for good
+    assert {p.name for p in (d.root / "locks").glob("snap.*")} \
+        <= {f"snap.db@{inc['source']['snapshot']}.lock"}
     # a volume with the same content shares every chunk
     d.cli("create", "twin", "--from-snapshot", f"db@{inc['source']['snapshot']}")
     chunks_before = len(list((workdir / "repo" / "chunks").rglob("*")))

@@ -1,5 +1,6 @@
 """Small pure pieces: sizes, mountinfo escapes, extent comparison, backup ids."""
 
+import threading
 import time
 
 import pytest
@@ -89,3 +90,33 @@ def test_an_s3_target_takes_sealed_chunks_the_way_botocore_copies_least(monkeypa
     assert S3Target("bucket", "", {}).puts_views is False
     monkeypatch.setenv("AWS_ENDPOINT_URL", "https://s3.example.test")
     assert S3Target("bucket", "", {}).puts_views is True
+
+
+def test_a_lock_whose_file_its_holder_removed_is_taken_again_on_a_new_file(tmp_path):
+    """A removal discards its snapshot's lock file (``locks.held(discard=True)``) while
+    another process may have opened that file and wait for it. The waiter, once the old
+    file is its, must open the path again: a lock on a removed file excludes no one."""
+    from pyvol import locks
+    from pyvol.errors import Conflict
+
+    waiter_holds, release = threading.Event(), threading.Event()
+
+    def waiter():
+        with locks.held(tmp_path, "snap.v@s", "the snapshot", wait=10):
+            waiter_holds.set()
+            release.wait(10)
+
+    with locks.held(tmp_path, "snap.v@s", "the snapshot", discard=True):
+        t = threading.Thread(target=waiter)
+        t.start()
+        time.sleep(0.3)  # the waiter has the old file open, and retries its flock
+        assert not waiter_holds.is_set()
+    assert waiter_holds.wait(10)
+    try:
+        with pytest.raises(Conflict), locks.held(tmp_path, "snap.v@s", "the snapshot",
+                                                 wait=0):
+            pass
+        assert (tmp_path / "snap.v@s.lock").exists()
+    finally:
+        release.set()
+        t.join(10)
