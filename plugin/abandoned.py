@@ -1,5 +1,6 @@
-"""Creates, removes and snapshots left half done by a worker killed alone, and the snapshots
-its backups took for themselves, ended without a restart.
+"""Creates, removes and snapshots left half done by a worker killed alone, the snapshots its
+backups took for themselves, and the mounts it made or kept without a count, ended without a
+restart.
 
 A daemon killed whole ends them at its next start (reconcile.py). A worker killed alone (the
 OOM killer takes one process) is only replaced, and its ``creating`` row held the volume's
@@ -19,6 +20,13 @@ A backup notes the snapshot it takes for itself before taking it, and holds its 
 free is a dead process's (or a failed backup's, whose snapshot could not be dropped then),
 and its snapshot goes as a start would remove it (``Backups.end_unended``).
 
+A Mount mounts, then counts; an Unmount drops the last count, then unmounts; both under the
+volume's lock. A worker killed between the two left a volume mounted with no count: no
+container has it (Docker heard that its Mount failed), and a rollback was refused "mounted
+with no mount counted". Each such volume whose lock is free is unmounted and released, as a
+start would (``reconcile.detach_uncounted``). The mount table is parsed again only when the
+kernel says it changed (mountinfo.py), so the look costs a poll and a query.
+
 A volume with a freeze mark is left to the master first (leftovers.py): taking its lock
 thaws it, and the master resumes a suspended device before it thaws. What fails to be ended
 (a child of the dead worker still holding the device, say) is tried again later, less and
@@ -31,21 +39,25 @@ import logging
 import threading
 import time
 
+from . import mountinfo
 from .backup.service import Backups
 from .errors import Conflict
 from .host import Host
-from .reconcile import finish_interrupted
+from .reconcile import detach_uncounted, finish_interrupted
 from .snapshots import Snapshots
+from .state import Volume
 from .volumes import Volumes
 
 log = logging.getLogger(__name__)
 
-EVERY = 2.0  # seconds between two looks for abandoned rows and notes
+EVERY = 2.0  # seconds between two looks for abandoned rows, notes and mounts
 RETRY_FIRST = 5.0  # seconds before a volume whose change could not be ended is tried again
 RETRY_MOST = 600.0  # the retries' interval doubles up to this, then they stop
-CHANGE, BACKUP = "change", "backup"  # a volume's row half done; a backup's own snapshot left
+# a volume's row half done; a backup's own snapshot left; a mount with no count
+CHANGE, BACKUP, MOUNT = "change", "backup", "mount"
 LEFT = {CHANGE: "a change a killed process left half done",
-        BACKUP: "a snapshot a backup took for itself and did not remove"}
+        BACKUP: "a snapshot a backup took for itself and did not remove",
+        MOUNT: "a mount a killed process left with no count"}
 
 
 class Abandoned:
@@ -59,8 +71,8 @@ class Abandoned:
 
     def check(self) -> None:
         """From the runner's loop: start ending what is abandoned, unless that still runs.
-        Five small queries; a row or note whose lock is held (a create or a backup in
-        progress, usually) costs a flock attempt."""
+        Six small queries and a look at the mount table; a row, note or mount whose lock is
+        held (a create, a backup or a Mount in progress, usually) costs a flock attempt."""
         now = time.monotonic()
         if now < self._next or (self._thread is not None and self._thread.is_alive()):
             return
@@ -69,10 +81,28 @@ class Abandoned:
                  and not self.host.freeze_marker(n).exists() and self._free(n)]
         noted = [n for n in sorted(self.backups.unended()) if self._due((BACKUP, n), now)
                  and self._no_backup(n)]
-        if names or noted:
-            self._thread = threading.Thread(target=self._end_all, args=(names, noted),
-                                            daemon=True, name="pyvol-abandoned")
+        uncounted = [n for n in self._uncounted() if self._due((MOUNT, n), now)
+                     and self._free(n)]
+        if names or noted or uncounted:
+            self._thread = threading.Thread(target=self._end_all,
+                                            args=(names, noted, uncounted), daemon=True,
+                                            name="pyvol-abandoned")
             self._thread.start()
+
+    def _uncounted(self) -> list[str]:
+        """The volumes mounted here with no count (the lock decides: a Mount in progress
+        has mounted and not counted yet)."""
+        prefix = f"{self.host.config.mounts_dir}/"
+        mounted = {p[len(prefix):] for p in mountinfo.mount_points() if p.startswith(prefix)}
+        if not mounted:
+            return []
+        store = self.host.store
+        counted = {n for n, count in store.mounts().items() if count}
+        return [n for n in sorted(mounted - counted) if self._ours(store.volume(n))]
+
+    def _ours(self, v: Volume | None) -> bool:
+        """A ready volume of a backend set up here: one to unmount if it has no count."""
+        return v is not None and v.status == "ready" and v.backend in self.host.backends
 
     def _due(self, key: tuple[str, str], now: float) -> bool:
         return key not in self._left and self._retry.get(key, (0.0, 0.0))[0] <= now
@@ -106,7 +136,7 @@ class Abandoned:
         except Conflict:
             return False
 
-    def _end_all(self, names: list[str], noted: list[str]) -> None:
+    def _end_all(self, names: list[str], noted: list[str], uncounted: list[str]) -> None:
         for name in names:
             try:
                 with self.host.lock(name, wait=0):
@@ -126,6 +156,16 @@ class Abandoned:
                 log.exception("could not remove the snapshots of volume %s that backups "
                               "left", name)
             self._tried((BACKUP, name), name not in self.backups.unended())
+        for name in uncounted:
+            try:
+                with self.host.lock(name, wait=0):
+                    self._detach(name)
+                self._tried((MOUNT, name), True)
+            except Conflict:
+                continue  # a Mount or Unmount runs: it counts or unmounts as it ends
+            except Exception:
+                log.exception("could not unmount volume %s, mounted with no count", name)
+                self._tried((MOUNT, name), False)
 
     def _tried(self, key: tuple[str, str], ended: bool) -> None:
         if ended:
@@ -147,6 +187,13 @@ class Abandoned:
             finish_interrupted(self.host, self.volumes, self.host.backends[v.backend], v,
                                snapshots)
         return True
+
+    def _detach(self, name: str) -> None:
+        """Under ``name``'s lock: unmount it if it is still mounted with no count."""
+        v = self.host.store.volume(name)
+        if self._ours(v) and not self.host.store.mounts(name) \
+                and mountinfo.is_mounted(self.host.mountpoint(name)):
+            detach_uncounted(self.volumes, v)
 
     def _later(self, key: tuple[str, str]) -> None:
         what, name = key

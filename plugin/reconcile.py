@@ -169,13 +169,21 @@ def _unmounted(host: Host, volumes: Volumes, backend: Backend, v: Volume, held: 
         host.store.clear_mounts(v.name)
         return True
     if mounted and not has_users:
-        event(log, "mounted with no user: unmounting", volume=v.name)
         try:
-            volumes.detach(v)
+            detach_uncounted(volumes, v)
         except PyvolError as e:
             log.warning("could not unmount %s: %s", v.name, e)
         return False
     return not mounted
+
+
+def detach_uncounted(volumes: Volumes, v: Volume) -> None:
+    """Unmount and release ``v``, mounted with no mount counted: a process died between its
+    mount and the count (Docker heard that the Mount failed) or between dropping the last
+    count and the unmount. At start, and under the volume's lock after a worker died alone
+    (abandoned.py)."""
+    event(log, "mounted with no user: unmounting", volume=v.name)
+    volumes.detach(v)
 
 
 def _release(backend: Backend, names: Collection[str]) -> None:

@@ -379,10 +379,11 @@ ALONE = [("create", "create.recorded"), ("create", "create.storage"),
          ("create", "create.filled"), ("remove", "remove.marked"),
          ("remove", "remove.storage"), ("snapshot", "snapshot.recorded"),
          ("snapshot", "snapshot.taken"), ("restore", "create.recorded"),
-         ("backup", "backup.snapshot"), ("backup", "frozen")]
+         ("backup", "backup.snapshot"), ("backup", "frozen"), ("mount", "mount.attached"),
+         ("unmount", "unmount.uncounted")]
 if not os.environ.get("PYVOL_CRASH_ALL"):
     ALONE = [n for n in ALONE if n[1] in ("create.storage", "remove.marked", "snapshot.taken",
-                                          "backup.snapshot")]
+                                          "backup.snapshot", "mount.attached")]
 
 
 @pytest.mark.parametrize("op,step", ALONE, ids=[f"{o}-{s}" for o, s in ALONE])
@@ -390,9 +391,10 @@ def test_a_worker_killed_alone_mid_change_leaves_nothing_half_done(world, op, st
     """The OOM killer takes one worker, not the daemon, and nothing restarts. A create it
     left half done held the volume's name until the next start (a rerun failed "already
     exists"), a remove its storage, a snapshot its name, a backup the snapshot it took for
-    itself. The worker running the schedules ends them as a start would (plugin/abandoned.py),
-    within seconds, with the daemon still up: then everything check_world asks of a
-    restarted daemon holds, and the operation can be run again."""
+    itself, a Mount or Unmount a volume mounted with no count. The worker running the
+    schedules ends them as a start would (plugin/abandoned.py), within seconds, with the
+    daemon still up: then everything check_world asks of a restarted daemon holds, and the
+    operation can be run again."""
     setup, action, rerun, after = OPS[op]
     w = world
     w.start()
