@@ -41,7 +41,7 @@ import time
 
 from . import mountinfo
 from .backup.service import Backups
-from .errors import Conflict
+from .errors import Conflict, PyvolError
 from .host import Host
 from .reconcile import detach_uncounted, finish_interrupted
 from .snapshots import Snapshots
@@ -152,6 +152,9 @@ class Abandoned:
             try:
                 if not self.backups.end_unended(name):
                     continue  # a backup of it started meanwhile
+            except PyvolError as e:  # another backup reads the snapshot, say
+                log.warning("could not remove a snapshot of volume %s that a backup left: %s",
+                            name, e)
             except Exception:
                 log.exception("could not remove the snapshots of volume %s that backups "
                               "left", name)

@@ -449,6 +449,45 @@ def test_a_backup_runs_in_its_own_process_which_dies_with_its_worker(proxied, mo
     d.cli("backup", "verify", rerun["url"])
 
 
+def test_a_failed_backup_whose_snapshot_is_being_read_keeps_it_only_until_it_is_free(
+        proxied, moto):
+    """A failed backup drops the snapshot it took for itself, unless something else reads
+    it (another backup of it, here the test holding its read lock): then its note stays,
+    and the snapshot goes as soon as it is free, with the daemon up, not at its next start
+    (plugin/abandoned.py). Before, the note went and the snapshot stayed for good."""
+    import fcntl
+    import sqlite3
+
+    d, proxy, bucket = proxied
+    url = f"s3://{bucket}/r"
+    mp = with_volume(d, "v", "512M")
+    fill(f"{mp}/f", 160 * MiB)
+    cli = slow_backup(d, proxy, url, 12)
+    lock, = (d.root / "locks").glob("snap.v@backup-*.lock")
+    snap = lock.name[len("snap.v@"):-len(".lock")]
+    with open(lock, "rb") as reader:
+        fcntl.flock(reader, fcntl.LOCK_SH)
+        (engine, _worker), = _engines(d).items()
+        os.kill(engine, signal.SIGKILL)
+        _out, err = cli.communicate(timeout=60)
+        assert cli.returncode == 1, err
+        proxy.set("pass")
+        time.sleep(3)  # more than the runner's look at notes takes (every 2 s)
+        assert [s["Name"] for s in json.loads(d.cli("snapshot", "ls", "v", "--json").stdout)] \
+            == [snap]
+        db = sqlite3.connect(d.root / "state.db")
+        try:
+            assert db.execute("SELECT value FROM meta WHERE key = ?",
+                              (f"backup-snapshot:v@{snap}",)).fetchone() is not None
+        finally:
+            db.close()
+    until("the failed backup's snapshot to go once nothing reads it",
+          lambda: json.loads(d.cli("snapshot", "ls", "v", "--json").stdout) == [], 20, 0.2)
+    assert "removing the snapshot of a backup that did not end" in d.log()
+    assert "Traceback" not in d.log()
+    assert not lock.exists()
+
+
 def test_a_job_process_killed_mid_backup_leaves_no_lock_that_blocks_the_next_taker(proxied,
                                                                                  moto):
     """A backup's lock names its job process as the holder. Killed (out of memory, by hand),
