@@ -64,7 +64,7 @@ class Abandoned:
     def __init__(self, host: Host, volumes: Volumes, snapshots: Snapshots, backups: Backups):
         self.host, self.volumes, self.snapshots, self.backups = host, volumes, snapshots, backups
         self._thread: threading.Thread | None = None
-        # (what, volume) -> (next try, interval); what: CHANGE (rows) or BACKUP (notes)
+        # (what, volume) -> (next try, interval); what: CHANGE, BACKUP or MOUNT
         self._retry: dict[tuple[str, str], tuple[float, float]] = {}
         self._left: set[tuple[str, str]] = set()  # left to the next start
         self._next = 0.0
@@ -77,11 +77,13 @@ class Abandoned:
         if now < self._next or (self._thread is not None and self._thread.is_alive()):
             return
         self._next = now + EVERY
-        names = [n for n in sorted(self._unfinished()) if self._due((CHANGE, n), now)
-                 and not self.host.freeze_marker(n).exists() and self._free(n)]
-        noted = [n for n in sorted(self.backups.unended()) if self._due((BACKUP, n), now)
-                 and self._no_backup(n)]
-        uncounted = [n for n in self._uncounted() if self._due((MOUNT, n), now)
+        found = {CHANGE: self._unfinished(), BACKUP: self._noted(), MOUNT: self._uncounted()}
+        self._forget(found)
+        names = [n for n in sorted(found[CHANGE]) if self._due((CHANGE, n), now)
+                 and self._free(n)]
+        noted = [n for n in sorted(found[BACKUP]) if self._due((BACKUP, n), now)
+                 and self._no_backup(n) and self._free(n)]
+        uncounted = [n for n in sorted(found[MOUNT]) if self._due((MOUNT, n), now)
                      and self._free(n)]
         if names or noted or uncounted:
             self._thread = threading.Thread(target=self._end_all,
@@ -89,16 +91,30 @@ class Abandoned:
                                             name="pyvol-abandoned")
             self._thread.start()
 
-    def _uncounted(self) -> list[str]:
+    def _noted(self) -> set[str]:
+        """The volumes with a note of a backup's own snapshot, whose backend is set up here
+        (or whose record is gone: the note alone goes)."""
+        store = self.host.store
+        return {n for n in self.backups.unended()
+                if (v := store.volume(n)) is None or v.backend in self.host.backends}
+
+    def _uncounted(self) -> set[str]:
         """The volumes mounted here with no count (the lock decides: a Mount in progress
         has mounted and not counted yet)."""
         prefix = f"{self.host.config.mounts_dir}/"
         mounted = {p[len(prefix):] for p in mountinfo.mount_points() if p.startswith(prefix)}
         if not mounted:
-            return []
+            return set()
         store = self.host.store
         counted = {n for n, count in store.mounts().items() if count}
-        return [n for n in sorted(mounted - counted) if self._ours(store.volume(n))]
+        return {n for n in mounted - counted if self._ours(store.volume(n))}
+
+    def _forget(self, found: dict[str, set[str]]) -> None:
+        """Retries and give-ups of what is no longer there: the next one of a volume (a
+        later backup's snapshot, say) starts afresh."""
+        for key in [k for k in (*self._retry, *self._left) if k[1] not in found[k[0]]]:
+            self._retry.pop(key, None)
+            self._left.discard(key)
 
     def _ours(self, v: Volume | None) -> bool:
         """A ready volume of a backend set up here: one to unmount if it has no count."""
@@ -121,7 +137,11 @@ class Abandoned:
         return names
 
     def _free(self, name: str) -> bool:
-        """Nobody holds ``name``'s lock this instant (the thread takes it again)."""
+        """Nobody holds ``name``'s lock this instant (the thread takes it again), and no
+        freeze mark is beside it: that volume is the master's first (leftovers.py), and
+        taking its lock would thaw it here, perhaps before its device is resumed."""
+        if self.host.freeze_marker(name).exists():
+            return False
         try:
             with self.host.lock(name, wait=0):
                 return True
@@ -166,6 +186,9 @@ class Abandoned:
                 self._tried((MOUNT, name), True)
             except Conflict:
                 continue  # a Mount or Unmount runs: it counts or unmounts as it ends
+            except PyvolError as e:  # busy: a process still has files open in it, say
+                log.warning("could not unmount volume %s, mounted with no count: %s", name, e)
+                self._tried((MOUNT, name), False)
             except Exception:
                 log.exception("could not unmount volume %s, mounted with no count", name)
                 self._tried((MOUNT, name), False)

@@ -48,11 +48,14 @@ def held(locks_dir: Path, name: str, what: str, wait: float = DEFAULT_WAIT,
 
 def _locked(path: str, how: int, wait: float, refusal: str) -> int:
     """A descriptor of ``path``, locked ``how``. A file its holder removed (``discard``) is
-    no lock any more for whoever opened it before: that one opens the path again."""
+    no lock any more for whoever opened it before: that one opens the path again, within
+    the same ``wait``."""
+    deadline = time.monotonic() + wait
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            take_within(lambda fd=fd: fcntl.flock(fd, how | fcntl.LOCK_NB), wait, refusal)
+            take_within(lambda fd=fd: fcntl.flock(fd, how | fcntl.LOCK_NB),
+                        max(0.0, deadline - time.monotonic()), refusal)
             mine = os.fstat(fd)
             try:
                 now = os.stat(path)

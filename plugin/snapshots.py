@@ -124,10 +124,11 @@ class Snapshots:
             snap = f"{base}-{n}"
         return snap
 
-    def remove(self, volume, snap) -> None:
+    def remove(self, volume, snap, wait: float = locks.DEFAULT_WAIT) -> None:
+        """``wait``: how long to wait for the volume's lock (Conflict after)."""
         check_name(volume)
         check_snap_name(snap)
-        with self.host.lock(volume):
+        with self.host.lock(volume, wait=wait):
             v = self.catalogue.adopt(self.catalogue.ready(volume))
             s = self.catalogue.snapshot(v, snap)
             if s is None:
@@ -169,15 +170,16 @@ class Snapshots:
                           shared=True)
 
     def backup_running(self, volume: str):
-        """Held (shared) by every backup of ``volume`` running in a live process, for as long
-        as it keeps a note of a snapshot it takes for itself (``backup.service.PENDING``)."""
+        """Held (shared) by every backup of ``volume`` that takes a snapshot for itself and
+        runs in a live process, for as long as it keeps a note of that snapshot
+        (``backup.service.PENDING``)."""
         return locks.held(self.host.config.locks_dir, f"backups.{volume}", f"volume {volume}",
                           shared=True)
 
     def no_backup_running(self, volume: str):
-        """Refuse, at once, unless no live process runs a backup of ``volume``: a note of a
-        backup's own snapshot found then is left by a process that died, or kept by a
-        backup that could not drop its snapshot (abandoned.py)."""
+        """Refuse, at once, while a live process runs a backup of ``volume`` that took a
+        snapshot for itself: a note of such a snapshot found otherwise was left by a process
+        that died, or kept by a backup that could not drop its snapshot (abandoned.py)."""
         return locks.held(self.host.config.locks_dir, f"backups.{volume}", "", wait=0,
                           busy=f"a backup of volume {volume} is running")
 
@@ -224,8 +226,8 @@ class SnapshotAccess:
     def take_snapshot(self, volume, snap, origin):
         self.snapshots.create(volume, snap, origin=origin)
 
-    def drop_snapshot(self, volume, snap):
-        self.snapshots.remove(volume, snap)
+    def drop_snapshot(self, volume, snap, wait=locks.DEFAULT_WAIT):
+        self.snapshots.remove(volume, snap, wait=wait)
 
     def snapshot(self, volume, snap):
         return self.snapshots.record(volume, snap)

@@ -409,9 +409,9 @@ def test_a_worker_killed_alone_mid_change_leaves_nothing_half_done(world, op, st
         assert w.d.proc.poll() is None, "the master died with its worker"
 
         def ended() -> bool:
-            try:
-                check_world(w)
+            try:  # _settled first: check_world's own backup holds the volume's backups lock
                 _settled(w)
+                check_world(w)
             except AssertionError:
                 return False
             out = rerun(w)

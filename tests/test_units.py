@@ -92,24 +92,33 @@ def test_an_s3_target_takes_sealed_chunks_the_way_botocore_copies_least(monkeypa
     assert S3Target("bucket", "", {}).puts_views is True
 
 
-def test_a_lock_whose_file_its_holder_removed_is_taken_again_on_a_new_file(tmp_path):
+def test_a_lock_whose_file_its_holder_removed_is_taken_again_on_a_new_file(tmp_path,
+                                                                          monkeypatch):
     """A removal discards its snapshot's lock file (``locks.held(discard=True)``) while
     another process may have opened that file and wait for it. The waiter, once the old
     file is its, must open the path again: a lock on a removed file excludes no one."""
     from pyvol import locks
     from pyvol.errors import Conflict
 
-    waiter_holds, release = threading.Event(), threading.Event()
+    waiter_tries, waiter_holds, release = threading.Event(), threading.Event(), threading.Event()
+    take_within = locks.take_within
+
+    def tried(take, wait, refusal):  # the waiter has the old file open, and waits for it
+        if threading.current_thread().name == "waiter":
+            waiter_tries.set()
+        return take_within(take, wait, refusal)
 
     def waiter():
         with locks.held(tmp_path, "snap.v@s", "the snapshot", wait=10):
             waiter_holds.set()
             release.wait(10)
 
+    monkeypatch.setattr(locks, "take_within", tried)
     with locks.held(tmp_path, "snap.v@s", "the snapshot", discard=True):
-        t = threading.Thread(target=waiter)
+        t = threading.Thread(target=waiter, name="waiter")
         t.start()
-        time.sleep(0.3)  # the waiter has the old file open, and retries its flock
+        assert waiter_tries.wait(10)
+        time.sleep(0.05)
         assert not waiter_holds.is_set()
     assert waiter_holds.wait(10)
     try:

@@ -50,7 +50,7 @@ class VolumeAccess(Protocol):
     def backend_named(self, name: str, what: str) -> Backend: ...
     def archive(self, backend: Backend) -> str: ...
     def take_snapshot(self, volume: str, snap: str, origin: str) -> None: ...
-    def drop_snapshot(self, volume: str, snap: str) -> None: ...
+    def drop_snapshot(self, volume: str, snap: str, wait: float = ...) -> None: ...
     def snapshot(self, volume: str, snap: str) -> Snapshot | None: ...
     def reading(self, volume: str, snap: str) -> AbstractContextManager: ...
     def backup_running(self, volume: str) -> AbstractContextManager: ...
@@ -306,22 +306,30 @@ class Backups:
 
     def end_unended(self, volume: str) -> bool:
         """Remove the snapshots that backups of ``volume`` took for themselves and did not
-        end with, unless a live process runs a backup of it: False then. Raises what a
-        removal raised; the notes of those not removed stay."""
+        end with, unless a live process runs such a backup of it: False then. Nothing here
+        waits for a lock (a new backup of the volume waits for this): a busy volume is a
+        Conflict. Raises the first error a removal raised, after trying each; the notes of
+        those not removed stay."""
         m = self.access
         with contextlib.ExitStack() as held:
             try:
                 held.enter_context(m.no_backup_running(volume))
             except Conflict:
                 return False
-            prefix = f"{PENDING}{volume}@"
+            prefix, failed = f"{PENDING}{volume}@", None
             for key in m.notes(prefix):
                 snap = key[len(prefix):]
-                if m.snapshot(volume, snap) is not None:
-                    event(log, "removing the snapshot of a backup that did not end",
-                          volume=volume, snapshot=snap)
-                    m.drop_snapshot(volume, snap)
-                m.drop_note(key)
+                s = m.snapshot(volume, snap)
+                try:
+                    if s is not None and s.origin == "backup":  # never a user's of that name
+                        event(log, "removing the snapshot of a backup that did not end",
+                              volume=volume, snapshot=snap)
+                        m.drop_snapshot(volume, snap, wait=0)
+                    m.drop_note(key)
+                except Exception as e:  # noqa: BLE001 - raised after the others are tried
+                    failed = failed or e
+            if failed is not None:
+                raise failed
         return True
 
     def _drop_own_snapshot(self, vol: str, snap: str, why: str) -> bool:
