@@ -22,7 +22,7 @@ import time
 
 from .backends import Backend
 from .backends.shared import HeldElsewhere, SharedBackend
-from .errors import InvalidInput, NotFound, PyvolError
+from .errors import Conflict, InvalidInput, NotFound, PyvolError
 from .host import Host
 from .log import event
 from .names import check_name
@@ -118,6 +118,27 @@ class Catalogue:
         if v is not None and v.status == "ready" and self._removed_elsewhere(v):
             with self.store.tx():
                 self.store.delete_volume(name)
+
+    def refuse_if_used(self, v: Volume, backend: Backend, doing: str) -> None:
+        """Refuse ``doing`` to ``v`` (remove, roll back: what changes it under whoever has it)
+        while a container has it, here (a mount count) or on another host (a claim on shared
+        storage); the caller holds its lock. Every mount ID is named, with since when, and
+        how to drop a count no container holds any more."""
+        users = self.store.mount_records(v.name)
+        if users:
+            ids = "; ".join(f"{m['ID'] or '(empty id)'} since {m['Since']}"
+                            + (f" ({m['Count']} times)" if m["Count"] > 1 else "")
+                            for m in users)
+            raise Conflict(
+                f"cannot {doing} volume {v.name}: it is mounted for {len(users)} mount ID(s): "
+                f"{ids}. Stop the containers using it first; a count no container holds any "
+                f"more (Docker lost its Unmount) is dropped with `pyvol umount {v.name} --id "
+                "ID`")
+        others = backend.removal_blockers(v.name)
+        if others:
+            raise Conflict(f"cannot {doing} volume {v.name}: it is mounted on other hosts "
+                           f"({', '.join(others)}): unmount it there first; if a host is dead, "
+                           f"`pyvol claim clear {v.name} HOST` drops its claim")
 
     # claims: the hosts that hold a shared volume (mounted there), which removal respects
     def claims(self, name) -> list[dict]:

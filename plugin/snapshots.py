@@ -102,19 +102,12 @@ class Snapshots:
                 "Kept": f"{volume}@{kept}" if kept else None}
 
     def _check_unused(self, v: Volume, backend) -> None:
-        users = self.store.mount_records(v.name)
-        if users:
-            ids = ", ".join(m["ID"] or "(empty id)" for m in users)
-            raise Conflict(f"volume {v.name} is mounted (mount IDs: {ids}): stop the "
-                           "containers using it first; a rollback never changes data under "
-                           "a running container")
+        """A rollback never changes data under a running container."""
+        self.catalogue.refuse_if_used(v, backend, "roll back")
         if mountinfo.is_mounted(self.host.mountpoint(v.name)):
-            raise Conflict(f"volume {v.name} is mounted at {self.host.mountpoint(v.name)} "
-                           "with no mount counted: unmount it first")
-        others = backend.removal_blockers(v.name)
-        if others:
-            raise Conflict(f"volume {v.name} is mounted on other hosts ({', '.join(others)}): "
-                           "unmount it there first")
+            raise Conflict(f"cannot roll back volume {v.name}: it is mounted at "
+                           f"{self.host.mountpoint(v.name)} with no mount counted (a killed "
+                           "process's, unmounted within seconds): try again")
 
     def _free_name(self, volume: str, base: str) -> str:
         taken = {s.name for s in self.store.snapshots(volume)}

@@ -181,21 +181,8 @@ class Volumes:
         check_name(name)
         with self.host.lock(name):
             v = self.catalogue.adopt(self.catalogue.ready(name))
-            users = self.store.mount_records(name)
-            if users:
-                ids = "; ".join(f"{m['ID'] or '(empty id)'} since {m['Since']}"
-                                + (f" ({m['Count']} times)" if m["Count"] > 1 else "")
-                                for m in users)
-                raise Conflict(
-                    f"volume {name} is in use by {len(users)} mount ID(s): {ids}. Stop the "
-                    "containers using it first; a count no container holds any more (Docker "
-                    f"lost its Unmount) is dropped with `pyvol umount {name} --id ID`")
             backend = self.host.backend(v)
-            others = backend.removal_blockers(name)
-            if others:
-                raise Conflict(f"volume {name} is mounted on other hosts ({', '.join(others)}):"
-                               f" unmount it there first; if a host is dead, `pyvol claim "
-                               f"clear {name} HOST` drops its claim")
+            self.catalogue.refuse_if_used(v, backend, "remove")
             mp = self.host.mountpoint(name)
             if mountinfo.is_mounted(mp):
                 try:
