@@ -76,16 +76,21 @@ class Seaweed(S3Server):
 
     name = "seaweedfs"
 
-    def start(self, nice: int = 0) -> Seaweed:
+    def start(self, nice: int = 0, volume_mb: int | None = None) -> Seaweed:
         """``nice``: the server's niceness, every thread of it (a benchmark's stand-in for a
-        remote server keeps off the cores that the Docker host's own work needs)."""
+        remote server keeps off the cores that the Docker host's own work needs).
+        ``volume_mb``: the size at which the server stops writing into a volume file and
+        grows new ones (128 in ``weed mini``); a growth stalls the writes of whoever is
+        writing then for up to a second or so."""
         self.dir = tempfile.mkdtemp(prefix="pyvol-weed-")
         port = free_port()
         self.log = open(Path(self.dir) / "weed.log", "wb")
         self.proc = subprocess.Popen(
             ["nice", "-n", str(nice), weed_binary(), "mini", f"-dir={self.dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
              "-master.telemetry=false", "-webdav=false", "-admin.ui=false",
-             f"-s3.port={port}"], env={**os.environ, **CREDS}, stdout=self.log,
+             f"-s3.port={port}",
+             *([f"-master.volumeSizeLimitMB={volume_mb}"] if volume_mb else [])],
+            env={**os.environ, **CREDS}, stdout=self.log,
             stderr=subprocess.STDOUT, start_new_session=True)
         self.endpoint = f"http://127.0.0.1:{port}"
         if nice:
