@@ -130,10 +130,10 @@ class Catalogue:
                             + (f" ({m['Count']} times)" if m["Count"] > 1 else "")
                             for m in users)
             raise Conflict(
-                f"cannot {doing} volume {v.name}: it is mounted for {len(users)} mount ID(s): "
-                f"{ids}. Stop the containers using it first; a count no container holds any "
-                f"more (Docker lost its Unmount) is dropped with `pyvol umount {v.name} --id "
-                "ID`")
+                f"cannot {doing} volume {v.name}: it is in use, mounted for {len(users)} mount "
+                f"ID(s): {ids}. Stop the containers using it first; a count no container holds "
+                f"any more (Docker lost its Unmount) is dropped with `pyvol umount {v.name} "
+                "--id ID`")
         others = backend.removal_blockers(v.name)
         if others:
             raise Conflict(f"cannot {doing} volume {v.name}: it is mounted on other hosts "
