@@ -80,8 +80,8 @@ class Seaweed(S3Server):
         """``nice``: the server's niceness, every thread of it (a benchmark's stand-in for a
         remote server keeps off the cores that the Docker host's own work needs).
         ``volume_mb``: the size at which the server stops writing into a volume file and
-        grows new ones (128 in ``weed mini``); a growth stalls the writes of whoever is
-        writing then for up to a second or so."""
+        grows new ones (128 in ``weed mini``). With that default, the backup bench's first
+        writes after a full upload sometimes waited about a second on it (bench/README)."""
         self.dir = tempfile.mkdtemp(prefix="pyvol-weed-")
         port = free_port()
         self.log = open(Path(self.dir) / "weed.log", "wb")
