@@ -157,10 +157,21 @@ class Snapshots:
         return self.host.kind(backend).ranges(backend, volume, base, snap)
 
     # a backup reading a snapshot
+    @contextlib.contextmanager
     def reading(self, volume: str, snap: str):
-        """Held while a backup reads ``volume@snap``: removing it meanwhile is refused."""
-        return locks.held(self.host.config.locks_dir, f"snap.{volume}@{snap}", "", wait=0,
-                          shared=True)
+        """Held while a backup reads ``volume@snap``: removing it meanwhile is refused. A
+        snapshot with no record once the read ends (named wrong, or removed before the hold
+        began) has no removal to take its lock's file away: the reader does, unless
+        another holds it then."""
+        name = f"snap.{volume}@{snap}"
+        try:
+            with locks.held(self.host.config.locks_dir, name, "", wait=0, shared=True):
+                yield
+        finally:
+            if self.store.snapshot(volume, snap) is None:
+                with contextlib.suppress(Conflict), \
+                        locks.held(self.host.config.locks_dir, name, "", wait=0, discard=True):
+                    pass
 
     def backup_running(self, volume: str):
         """Held (shared) by every backup of ``volume`` that takes a snapshot for itself and

@@ -608,6 +608,12 @@ def test_bad_repository_urls_and_backup_urls_get_clear_errors(daemon, workdir, m
         assert "Traceback" not in r.stderr
     assert json.loads(daemon.cli("snapshot", "ls", "--json").stdout) == []
     assert json.loads(daemon.cli("ls", "--json").stdout)[0]["Name"] == "v"
+    (workdir / "repo").mkdir()
+    r = daemon.cli("backup", "create", "v@nosuch", "--dest", f"file://{workdir}/repo",
+                   check=False)
+    assert r.returncode == 1 and "snapshot v@nosuch not found" in r.stderr, r.stderr
+    # nor a lock file for it: no removal of that snapshot will ever come to take it away
+    assert list((daemon.root / "locks").glob("snap.*")) == []
 
 
 def test_the_cli_shows_progress_on_a_terminal_and_nothing_under_json(proxied):
