@@ -140,45 +140,43 @@ class Abandoned:
         """Nobody holds ``name``'s lock this instant (the thread takes it again), and no
         freeze mark is beside it: that volume is the master's first (leftovers.py), and
         taking its lock would thaw it here, perhaps before its device is resumed."""
-        if self.host.freeze_marker(name).exists():
-            return False
-        try:
-            with self.host.lock(name, wait=0):
-                return True
-        except Conflict:
-            return False
+        return not self.host.freeze_marker(name).exists() \
+            and _untaken(self.host.lock(name, wait=0))
 
     def _no_backup(self, name: str) -> bool:
         """No live process runs a backup of ``name`` this instant."""
-        try:
-            with self.snapshots.no_backup_running(name):
-                return True
-        except Conflict:
-            return False
+        return _untaken(self.snapshots.no_backup_running(name))
 
     def _end_all(self, names: list[str], noted: list[str], uncounted: list[str]) -> None:
+        # each outcome is what the attempt says, not a listing read again after it: a new
+        # create or backup of the name since then is its live owner's, not a failure here
         for name in names:
             try:
                 with self.host.lock(name, wait=0):
                     if not self._end(name):  # its backend is not set up on this host
                         self._left.add((CHANGE, name))
                         continue
+                ended = True
             except Conflict:
                 continue  # its owner lives (or ends it): not abandoned
             except Exception:
                 log.exception("could not end what was interrupted of volume %s", name)
-            self._tried((CHANGE, name), name not in self._unfinished())
+                ended = False
+            self._tried((CHANGE, name), ended)
         for name in noted:
             try:
                 if not self.backups.end_unended(name):
                     continue  # a backup of it started meanwhile
+                ended = True
             except PyvolError as e:  # another backup reads the snapshot, say
                 log.warning("could not remove a snapshot of volume %s that a backup left: %s",
                             name, e)
+                ended = False
             except Exception:
                 log.exception("could not remove the snapshots of volume %s that backups "
                               "left", name)
-            self._tried((BACKUP, name), name not in self.backups.unended())
+                ended = False
+            self._tried((BACKUP, name), ended)
         for name in uncounted:
             try:
                 with self.host.lock(name, wait=0):
@@ -234,3 +232,12 @@ class Abandoned:
             log.warning("volume %s keeps %s; trying again later", name, LEFT[what])
         interval = min(RETRY_MOST, interval * 2 if interval else RETRY_FIRST)
         self._retry[key] = (time.monotonic() + interval, interval)
+
+
+def _untaken(lock) -> bool:
+    """Nobody holds ``lock`` (a lock taken without waiting) this instant."""
+    try:
+        with lock:
+            return True
+    except Conflict:
+        return False
