@@ -163,14 +163,12 @@ class Snapshots:
         snapshot with no record once the read ends (named wrong, or removed before the hold
         began) has no removal to take its lock's file away: the reader does, unless
         another holds it then."""
-        name = f"snap.{volume}@{snap}"
         try:
-            with locks.held(self.host.config.locks_dir, name, "", wait=0, shared=True):
+            with self._read_lock(volume, snap, shared=True):
                 yield
         finally:
             if self.store.snapshot(volume, snap) is None:
-                with contextlib.suppress(Conflict), \
-                        locks.held(self.host.config.locks_dir, name, "", wait=0, discard=True):
+                with contextlib.suppress(Conflict), self._read_lock(volume, snap):
                     pass
 
     def backup_running(self, volume: str):
@@ -192,11 +190,16 @@ class Snapshots:
         as the removal ends (a backup's own snapshot's lock is used once)."""
         stack = contextlib.ExitStack()
         for snap in snaps:
-            stack.enter_context(locks.held(
-                self.host.config.locks_dir, f"snap.{volume}@{snap}", "", wait=0,
-                busy=f"snapshot {volume}@{snap} is being read by a running backup; "
-                     "remove it when the backup ends", discard=True))
+            stack.enter_context(self._read_lock(
+                volume, snap, busy=f"snapshot {volume}@{snap} is being read by a running "
+                                   "backup; remove it when the backup ends"))
         return stack
+
+    def _read_lock(self, volume: str, snap: str, shared: bool = False, busy: str | None = None):
+        """``volume@snap``'s lock, taken without waiting: shared by its readers, exclusive
+        (its file removed as it is let go) by whoever clears it away."""
+        return locks.held(self.host.config.locks_dir, f"snap.{volume}@{snap}", "", wait=0,
+                          shared=shared, busy=busy, discard=not shared)
 
 
 def describe(s: Snapshot) -> dict:
