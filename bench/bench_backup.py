@@ -63,17 +63,22 @@ def restic(repo: str, *args, env) -> tuple[float, int, str]:
 
 
 def tree_pids(root_pid: int) -> list[int]:
-    """The daemon's processes: master, workers and any job process below them, from each
-    thread's /proc children list (a job process is the child of the worker thread that
-    started it). Read, not asked of pgrep: three pgreps took 14 ms a sample, a quarter of a
-    core at 20 samples a second, which loaded the machine during the measured steps only."""
-    out, todo = [], [root_pid]
+    """The daemon's processes: master, workers and any job process below them."""
+    return [pid for pid, _ in tree(root_pid)]
+
+
+def tree(root_pid: int) -> list[tuple[int, int]]:
+    """The daemon's processes and their depths (0 the master, 1 a worker, 2 a job process),
+    from each thread's /proc children list (a job process is the child of the worker thread
+    that started it). Read, not asked of pgrep: three pgreps took 14 ms a sample, a quarter of
+    a core at 20 samples a second, which loaded the machine during the measured steps only."""
+    out, todo = [], [(root_pid, 0)]
     while todo:
-        pid = todo.pop()
-        out.append(pid)
+        pid, depth = todo.pop()
+        out.append((pid, depth))
         try:
             for task in os.listdir(f"/proc/{pid}/task"):
-                todo += [int(k) for k in
+                todo += [(int(k), depth + 1) for k in
                          Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
         except (FileNotFoundError, ProcessLookupError):
             pass  # gone meanwhile, or a thread that ended
@@ -84,16 +89,21 @@ def memory(pids: list[int]) -> tuple[int, int]:
     """The processes' summed RSS and PSS, from one read of each one's smaps_rollup. PSS counts
     a page shared by n of the processes 1/n in each: a forked worker shares most of its pages
     with the master, and the summed RSS counts those twice."""
+    each = [one_memory(pid) for pid in pids]
+    return sum(r for r, _ in each), sum(p for _, p in each)
+
+
+def one_memory(pid: int) -> tuple[int, int]:
+    """A process's RSS and PSS (0, 0 once it is gone)."""
     rss = pss = 0
-    for pid in pids:
-        try:
-            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Rss:"):
-                    rss += int(line.split()[1]) * 1024
-                elif line.startswith("Pss:"):
-                    pss += int(line.split()[1]) * 1024
-        except (FileNotFoundError, ProcessLookupError):
-            pass
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Rss:"):
+                rss = int(line.split()[1]) * 1024
+            elif line.startswith("Pss:"):
+                pss = int(line.split()[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError):
+        pass
     return rss, pss
 
 
@@ -121,15 +131,26 @@ class Sampler:
 
 class PeakRss(Sampler):
     """The largest sums of the daemon's processes' RSS and PSS seen while a step runs (a
-    job process's own peak is gone with it, so it is sampled, every 50 ms)."""
+    job process's own peak is gone with it, so it is sampled, every 50 ms), and the RSS of
+    each kind of process in the sample with the largest sum: what to look at first."""
+
+    ROLES = ("master", "worker", "job")
 
     def __init__(self, root_pid: int):
         super().__init__()
         self.root_pid, self.peak, self.peak_pss = root_pid, 0, 0
+        self.at_peak: dict[str, int] = {}
 
     def sample(self):
-        rss, pss = memory(tree_pids(self.root_pid))
+        each = [(depth, *one_memory(pid)) for pid, depth in tree(self.root_pid)]
+        rss, pss = sum(r for _, r, _ in each), sum(p for _, _, p in each)
+        if rss > self.peak:
+            self.at_peak = {role: sum(r for d, r, _ in each if min(d, 2) == i)
+                            for i, role in enumerate(self.ROLES)}
         self.peak, self.peak_pss = max(self.peak, rss), max(self.peak_pss, pss)
+
+    def parts(self) -> str:
+        return ", ".join(f"{role} {self.at_peak.get(role, 0) / MiB:.0f}" for role in self.ROLES)
 
 
 def drop_caches() -> None:
@@ -453,6 +474,10 @@ def main() -> None:
           f"backup {backup_rss.peak_pss / MiB:.0f} MiB, restore "
           f"{restore_rss.peak_pss / MiB:.0f} MiB, verify "
           f"{verify_rss.peak_pss / MiB:.0f} MiB")
+    print("RSS by process at each peak (MiB): " + "; ".join(
+        f"{step} {peak.parts()}" for step, peak in (("backup", backup_rss),
+                                                    ("restore", restore_rss),
+                                                    ("verify", verify_rss))))
     idle = out["idle"]
     for step, probe in (("backup", during_backup), ("restore", during_restore)):
         t = probe.times

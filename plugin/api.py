@@ -268,7 +268,7 @@ def create_app(parts: Parts) -> Flask:
     @control("/info", ["GET"])
     def info(_):
         data = parts.host.info()
-        if request.args.get("backups") == "1":  # `pyvol info`; boto3's setup costs, so asked
+        if request.args.get("backups") == "1":  # `pyvol info`; botocore's setup costs, so asked
             data["backups"] = parts.backups.info()
         return data
 

@@ -54,7 +54,7 @@ def test_backup_ids_made_within_a_second_sort_in_the_order_they_were_made():
 
 
 def test_the_s3_session_knows_every_service_credentials_may_need(monkeypatch):
-    """The job's boto3 session lists botocore's services from its directories' names, not by
+    """The job's botocore session lists botocore's services from its directories' names, not by
     opening each one (targets._quick_loader): every service botocore's own loader knows is
     still known, so credentials from a role (STS) or from SSO can make their clients; an
     S3-only list broke them."""
@@ -67,8 +67,8 @@ def test_the_s3_session_knows_every_service_credentials_may_need(monkeypatch):
     with targets._session_lock:
         session = targets._boto_session()
     for service in ("s3", "sts", "sso", "sso-oidc"):
-        assert session.client(service).meta.service_model.service_name == service
-    ours = session._session.get_component("data_loader")
+        assert session.create_client(service).meta.service_model.service_name == service
+    ours = session.get_component("data_loader")
     theirs = botocore.loaders.create_loader()
     for kind in ("service-2", "endpoint-rule-set-1"):
         assert set(theirs.list_available_services(kind)) <= set(

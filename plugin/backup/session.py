@@ -4,7 +4,7 @@
 ``RemoteRepository`` answers the calls of ``Repository`` that service.py and leases.py make
 (engine.CALLS) and runs the engine's jobs in the same process (``run``), so a backup's
 snapshot, lock, manifest and data all go through one process started once per service call.
-The worker itself imports neither cryptography nor zstandard, and boto3 only when
+The worker itself imports neither cryptography nor zstandard, and botocore only when
 ``pyvol info`` asks which S3 settings this daemon resolves (targets.s3_environment).
 """
 

@@ -238,7 +238,7 @@ def s3_environment() -> dict:
     try:
         with _session_lock:
             session = _boto_session()
-            client = session.client("s3")
+            client = session.create_client("s3")
             creds = session.get_credentials()
     except (bx.BotoCoreError, ValueError) as e:
         return {"error": f"the daemon's AWS configuration cannot be used: {e}"}
@@ -254,19 +254,23 @@ _session_lock = threading.Lock()
 
 
 def _boto_session():
-    """This process's one boto3 session; the caller holds ``_session_lock`` (sessions are
+    """This process's one botocore session; the caller holds ``_session_lock`` (sessions are
     not thread-safe, the clients they make are). A session parses botocore's S3 model once
     (about 50 ms of JSON, holding the interpreter lock that Docker's calls wait on in a
     worker): a new session for every repository call parsed it every time, where a client
-    from a warm session takes about 3 ms."""
+    from a warm session takes about 3 ms.
+
+    botocore's, not boto3's: a target uses the client's own calls (put_object, get_object,
+    list_objects_v2, delete_object), and boto3 adds only its resource layer and s3transfer's
+    managed transfers over them, about 4 MiB of every S3 job process's memory (60 modules)
+    for nothing it calls (bench/README, session 19)."""
     global _session
-    import boto3
     import botocore.session
 
     if _session is None:
         core = botocore.session.Session()
         core.register_component("data_loader", _quick_loader(core))
-        _session = boto3.session.Session(botocore_session=core)
+        _session = core
     return _session
 
 
@@ -304,13 +308,13 @@ def _sendable(data) -> bytes | bytearray:
 
 def _client(cfg):
     with _session_lock:
-        return _boto_session().client("s3", config=cfg)
+        return _boto_session().create_client("s3", config=cfg)
 
 
 class S3Target(Target):
-    """A bucket and key prefix, through boto3 and the standard AWS configuration.
+    """A bucket and key prefix, through botocore and the standard AWS configuration.
 
-    Timeouts and retries are always bounded: boto3's defaults wait minutes on a hung endpoint.
+    Timeouts and retries are always bounded: botocore's defaults wait minutes on a hung endpoint.
     Settings (daemon env ``PYVOL_BACKUP_*``): connect_timeout, read_timeout, max_attempts.
     """
 
