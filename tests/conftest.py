@@ -148,6 +148,15 @@ def moto():
 
 
 @pytest.fixture(scope="session")
+def moto_https():
+    from s3servers import MotoTls
+
+    server = MotoTls().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def seaweed():
     from s3servers import Seaweed, weed_binary
 

@@ -1,5 +1,6 @@
-"""Real S3 endpoints for the tests: moto's server and SeaweedFS over HTTP, and a proxy that
-breaks on request (down, 5xx, stalled, slow) between a daemon and either of them."""
+"""Real S3 endpoints for the tests: moto's server over HTTP and over HTTPS, SeaweedFS over
+HTTP, and a proxy that breaks on request (down, 5xx, stalled, slow) between a daemon and
+either of them."""
 
 from __future__ import annotations
 
@@ -41,6 +42,35 @@ class S3Server:
         self.client().create_bucket(Bucket=name)
         return name
 
+    def _spawn(self, argv: list[str], log: Path, **popen) -> None:
+        """Start the server's process in a session of its own, logging into ``log``."""
+        self.log_path = log
+        self.log = open(log, "wb")  # noqa: SIM115 - the server's, closed by _halt
+        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True, **popen)
+
+    def _await(self, timeout: float) -> None:
+        """Wait until the server answers; its log's end in the error if it never does."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.client().list_buckets()
+                return
+            except Exception:  # noqa: BLE001 - anything until it answers, or the deadline
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{self.name} did not start: "
+                                       + self.log_path.read_text()[-2000:]) from None
+                time.sleep(0.2)
+
+    def _halt(self, directory: str) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+        shutil.rmtree(directory, ignore_errors=True)
+
     def keys(self, bucket: str, prefix: str = "") -> list[str]:
         pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket,
                                                                          Prefix=prefix)
@@ -66,6 +96,68 @@ class Moto(S3Server):
         self.server.stop()
 
 
+class MotoTls(S3Server):
+    """moto's server over HTTPS, with a certificate made for it that the clients are told to
+    trust (``AWS_CA_BUNDLE``): botocore sends a body differently over TLS (a trailing
+    checksum, the body read in pieces), which AWS itself always gets."""
+
+    name = "moto-https"
+
+    def start(self) -> MotoTls:
+        self.dir = tempfile.mkdtemp(prefix="pyvol-moto-tls-")
+        cert, key = make_certificate(Path(self.dir))
+        self.ca_bundle = str(cert)
+        port = free_port()
+        self.endpoint = f"https://127.0.0.1:{port}"
+        self._spawn([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1",
+                     "-p", str(port), "-c", str(cert), "-k", str(key)],
+                    Path(self.dir) / "moto.log")
+        self._await(timeout=30)
+        return self
+
+    @property
+    def env(self) -> dict:
+        return {**super().env, "AWS_CA_BUNDLE": self.ca_bundle}
+
+    def client(self, endpoint: str | None = None):
+        return boto3.client("s3", endpoint_url=endpoint or self.endpoint,
+                            aws_access_key_id=CREDS["AWS_ACCESS_KEY_ID"],
+                            aws_secret_access_key=CREDS["AWS_SECRET_ACCESS_KEY"],
+                            region_name=CREDS["AWS_DEFAULT_REGION"], verify=self.ca_bundle)
+
+    def stop(self) -> None:
+        self._halt(self.dir)
+
+
+def make_certificate(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key, valid for a day."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
 def weed_binary() -> str | None:
     return shutil.which("weed") or next(
         (str(p) for p in [Path(sys.executable).parent / "weed"] if p.exists()), None)
@@ -84,14 +176,12 @@ class Seaweed(S3Server):
         writes after a full upload sometimes waited about a second on it (bench/README)."""
         self.dir = tempfile.mkdtemp(prefix="pyvol-weed-")
         port = free_port()
-        self.log = open(Path(self.dir) / "weed.log", "wb")
-        self.proc = subprocess.Popen(
+        self._spawn(
             ["nice", "-n", str(nice), weed_binary(), "mini", f"-dir={self.dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
              "-master.telemetry=false", "-webdav=false", "-admin.ui=false",
              f"-s3.port={port}",
              *([f"-master.volumeSizeLimitMB={volume_mb}"] if volume_mb else [])],
-            env={**os.environ, **CREDS}, stdout=self.log,
-            stderr=subprocess.STDOUT, start_new_session=True)
+            Path(self.dir) / "weed.log", env={**os.environ, **CREDS})
         self.endpoint = f"http://127.0.0.1:{port}"
         if nice:
             # in a session of its own, the server is an autogroup of its own wherever the
@@ -100,24 +190,11 @@ class Seaweed(S3Server):
             # is the one that keeps it off the cores
             with contextlib.suppress(OSError):
                 Path(f"/proc/{self.proc.pid}/autogroup").write_text(str(nice))
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                self.client().list_buckets()
-                return self
-            except Exception:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("weed did not start: "
-                                       + (Path(self.dir) / "weed.log").read_text()[-2000:])
-                time.sleep(0.3)
+        self._await(timeout=60)
+        return self
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        self._halt(self.dir)
 
 
 def free_port() -> int:

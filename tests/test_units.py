@@ -75,23 +75,6 @@ def test_the_s3_session_knows_every_service_credentials_may_need(monkeypatch):
             ours.list_available_services(kind))
 
 
-def test_an_s3_target_takes_sealed_chunks_the_way_botocore_copies_least(monkeypatch):
-    """Over http botocore sends a bytearray body as it is; over https it reads the body
-    through io.BytesIO for its trailing checksum, which copies a bytearray but shares bytes:
-    so a chunk is sealed into a fresh bytearray for the one, into the thread's buffer (then
-    one copy into bytes) for the other."""
-    from pyvol.backup.targets import S3Target
-
-    for var, value in {"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b",
-                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(var, value)
-    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
-    assert S3Target("bucket", "", {}).puts_views is False
-    monkeypatch.setenv("AWS_ENDPOINT_URL", "https://s3.example.test")
-    assert S3Target("bucket", "", {}).puts_views is True
-
-
 def test_a_lock_whose_file_its_holder_removed_is_taken_again_on_a_new_file(tmp_path,
                                                                           monkeypatch):
     """A removal discards its snapshot's lock file (``locks.held(discard=True)``) while

@@ -66,6 +66,19 @@ def _hkdf(key: bytes, salt: bytes, info: str) -> bytes:
     return HKDF(hashes.SHA256(), 32, salt, info.encode()).derive(key)
 
 
+class Room:
+    """Where a chunk is read so that it can be sealed where it lies (``Codec.seal_in_place``):
+    its plaintext on a page boundary of this thread's buffer (an O_DIRECT read takes it
+    there), the page before it free for the sealed object's head and room after it for the
+    tag. A target that stores any view of memory (S3) then sends the object from there: one
+    chunk-sized buffer a thread, where a buffer read into and one sealed into took two.
+    Valid until the thread's next room."""
+
+    def __init__(self, length: int):
+        self.buffer = memoryview(aligned_buffer(ALIGN + length + TAG, "room"))
+        self.plain = self.buffer[ALIGN:ALIGN + length]
+
+
 class Codec:
     def __init__(self, repo_id: str, key: bytes | None):
         self.encrypted = key is not None
@@ -122,45 +135,71 @@ class Codec:
     def seal(self, key: str, plaintext, reuse: bool = False) -> bytes | bytearray | memoryview:
         """Compress when it saves at least 1/16, then encrypt with the object key as AAD.
 
-        Data that a sample shows to be incompressible (already compressed or encrypted
-        files, random pages) is not compressed at all: zstd would spend as long on it as
-        the encryption does, to save nothing. The cipher reads the plaintext (or its
-        compressed form) where it is and writes straight into the stored object. With
-        ``reuse`` (a chunk), that object is a buffer of this thread's, valid until its next
-        sealing: a fresh 4 MiB allocation for every chunk, page-faulted in, costs more than
-        the cipher.
+        The cipher reads the plaintext (or its compressed form) where it is and writes
+        straight into the stored object. With ``reuse`` (a chunk), that object is a buffer
+        of this thread's, valid until its next sealing: a fresh 4 MiB allocation for every
+        chunk, page-faulted in, costs more than the cipher.
         """
         view = memoryview(plaintext).cast("B")
-        kind, body = RAW, view
+        kind, body = self._pack(view)
+        out = _buffer(self.body_at + len(body) + self._tag, "sealed", reuse)
+        self._seal_into(key, kind, body, out)
+        return out
+
+    def seal_in_place(self, key: str, room: Room) -> memoryview:
+        """As ``seal``, but the object is built where the room's plaintext lies, which it
+        overwrites: its head in the page before, its body over the plaintext (encrypted in
+        place, as AES-GCM allows, or its compressed form written there), its tag after.
+        Valid until the room's buffer is used again."""
+        view = room.plain
+        kind, body = self._pack(view)
+        start = ALIGN - self.body_at
+        out = room.buffer[start:ALIGN + len(body) + self._tag]
+        self._seal_into(key, kind, body, out, in_place=body is view)
+        return out
+
+    @property
+    def _tag(self) -> int:
+        return TAG if self._aead is not None else 0
+
+    def _pack(self, view: memoryview) -> tuple[int, memoryview | bytes]:
+        """The object's type and body: the plaintext itself, or its zstd frame where that is
+        at least 1/16 smaller. Data that a sample shows to be incompressible (already
+        compressed or encrypted files, random pages) is not compressed at all: zstd would
+        spend as long on it as the encryption does, to save nothing."""
         if _worth_compressing(self._zstd().probe, view):
             packed = self._zstd().c.compress(view)
             if len(packed) <= len(view) - len(view) // 16:
-                kind, body = ZSTD, packed
+                return ZSTD, packed
+        return RAW, view
+
+    def _seal_into(self, key: str, kind: int, body, out: memoryview | bytearray,
+                   in_place: bool = False) -> None:
+        """Write the object of ``kind`` and ``body`` into ``out``, exactly its length;
+        ``in_place``: the body already lies where the object's body goes."""
+        at = self.body_at
         if self._aead is None:
-            inner = _buffer(1 + len(body), "sealed", reuse)
-            inner[0] = kind
-            inner[1:] = body
-            return inner
+            out[0] = kind
+            if not in_place:
+                out[at:] = body
+            return
         from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
         nonce = os.urandom(NONCE)
-        out = _buffer(1 + NONCE + 1 + len(body) + TAG, "sealed", reuse)
         out[0] = SEALED
         out[1:1 + NONCE] = nonce
         # AES-GCM over the type byte and the body as one message, written in place: the
         # same bytes as encrypting their concatenation, without building it. update_into
         # asks for room for one block more than it writes, which the tag's place gives.
-        at = 1 + NONCE
         enc = Cipher(algorithms.AES(self._object_key), modes.GCM(nonce)).encryptor()
         enc.authenticate_additional_data(key.encode())
         stream = memoryview(out)
-        written = enc.update_into(bytes([kind]), stream[at:at + 1 + TAG])
-        written += enc.update_into(body, stream[at + 1:])
+        written = enc.update_into(bytes([kind]), stream[at - 1:at + TAG])
+        written += enc.update_into(body, stream[at:])
         enc.finalize()
         if written != 1 + len(body):
             raise RuntimeError("AES-GCM wrote a different length than it was given")
         stream[-TAG:] = enc.tag
-        return out
 
     def open(self, key: str, blob, limit: int, reuse: bool = False) -> bytes | memoryview:
         """The plaintext of the object at ``key``, refusing more than ``limit`` bytes of it.

@@ -11,7 +11,7 @@ while memory stays at a few pieces per thread.
 from __future__ import annotations
 
 from ..crashpoint import crashpoint
-from .blobs import CorruptObject
+from .blobs import CorruptObject, Room
 from .device import DeviceReader, DeviceWriter
 from .job import Job, bounded_map
 from .repo import BackupResult, Repository
@@ -75,12 +75,13 @@ def backup(repo: Repository, device: str, size: int, mapped: list[Range],
         start = index * cs
         length = min(cs, size - start)
         ranges = clip(mapped, start, start + length)
-        data = reader.read(start, length, ranges)
+        room = Room(length)
+        reader.read_into(room.plain, start, ranges)
         nread = sum(n for _, n in ranges)
         job.advance(length)
-        if reader.is_zero(data):
+        if reader.is_zero(room.plain):
             return index, None, nread, 0, False
-        name, stored, fresh = repo.store_chunk(data)
+        name, stored, fresh = repo.store_chunk(room)
         return index, name, nread, stored, fresh
 
     def collect(result):

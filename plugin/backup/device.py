@@ -20,7 +20,7 @@ from __future__ import annotations
 import errno
 import os
 
-from ..files import ALIGN, aligned_buffer, direct_view, pwrite_all
+from ..files import ALIGN, direct_view, pwrite_all
 
 
 class _Device:
@@ -73,12 +73,12 @@ class DeviceReader(_Device):
         super().__init__(path, os.O_RDONLY)
         self.zero = bytes(piece)
 
-    def read(self, start: int, length: int, ranges: list[tuple[int, int]]) -> memoryview:
-        """The piece [start, start + length) with only ``ranges`` (relative to ``start``,
-        sorted) read from the device, zeros elsewhere. The view is this thread's buffer:
-        valid until the thread's next read."""
-        view = memoryview(aligned_buffer(length, "read"))[:length]
-        pos = 0  # the buffer holds the thread's previous piece: zero every gap
+    def read_into(self, view: memoryview, start: int, ranges: list[tuple[int, int]]) -> None:
+        """Fill ``view`` (page-aligned: a ``Room``'s plaintext) with the device's bytes from
+        ``start`` on, reading only ``ranges`` (relative to ``start``, sorted) and zeroing the
+        rest: the buffer holds the thread's previous piece."""
+        length = len(view)
+        pos = 0
         for off, n in ranges:
             if off > pos:
                 view[pos:off] = self.zero[:off - pos]
@@ -90,7 +90,6 @@ class DeviceReader(_Device):
             if got != n:
                 raise OSError(f"short read at {start + off} of {self.path}: {got} of {n} "
                               "bytes")
-        return view
 
     def _pread(self, view: memoryview, offset: int) -> int:
         direct = self.direct

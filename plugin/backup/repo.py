@@ -21,7 +21,7 @@ from .. import clock
 from ..crashpoint import crashpoint
 from ..errors import Conflict, InvalidInput, NotFound, PyvolError, portable
 from ..files import ALIGN
-from .blobs import Codec, CorruptObject
+from .blobs import Codec, CorruptObject, Room
 from .targets import Target, open_target
 
 FORMAT = 1
@@ -216,10 +216,12 @@ class Repository:
                 self._known = {k.rpartition("/")[2] for k, _ in self.target.list("chunks/")}
             return self._known
 
-    def store_chunk(self, plaintext) -> tuple[str, int, bool]:
+    def store_chunk(self, plaintext: bytes | memoryview | Room) -> tuple[str, int, bool]:
         """Name a chunk and upload it unless the repository has it or another thread is
-        uploading it right now: (name, bytes stored, whether this call uploaded it)."""
-        name = self.codec.chunk_name(plaintext)
+        uploading it right now: (name, bytes stored, whether this call uploaded it). A
+        chunk read into a ``Room`` may be sealed where it lies, and is overwritten."""
+        name = self.codec.chunk_name(plaintext.plain if isinstance(plaintext, Room)
+                                     else plaintext)
         known = self.known_chunks()
         with self._known_lock:
             fresh = name not in known and name not in self._uploading
@@ -233,10 +235,15 @@ class Repository:
             with self._known_lock:
                 self._uploading.discard(name)
 
-    def put_chunk(self, name: str, plaintext) -> int:
+    def put_chunk(self, name: str, plaintext: bytes | memoryview | Room) -> int:
         """Seal and store a chunk; the number of bytes stored."""
         key = self.chunk_key(name)
-        blob = self.codec.seal(key, plaintext, reuse=self.target.puts_views)
+        if not isinstance(plaintext, Room):
+            blob = self.codec.seal(key, plaintext, reuse=True)
+        elif self.target.aligned_puts:
+            blob = self.codec.seal(key, plaintext.plain, reuse=True)
+        else:
+            blob = self.codec.seal_in_place(key, plaintext)
         self.target.put(key, blob)
         with self._known_lock:
             if self._known is not None:

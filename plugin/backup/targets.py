@@ -33,11 +33,10 @@ class TargetError(PyvolError):
 
 class Target(ABC):
     url: str
-    #: whether a chunk is best handed to ``put`` as a view of a thread's reused buffer
-    #: (``Codec.seal(reuse=True)``), or sealed into a fresh bytearray that ``put`` sends as
-    #: it is: a target that copies a view into bytes would hold two buffers a chunk where
-    #: one does (the fresh one costs the same page faults as the copy)
-    puts_views = True
+    #: whether ``put`` wants an object that starts on a page boundary (a file target writes
+    #: a chunk with O_DIRECT, and copies anything else into an aligned buffer first): then a
+    #: chunk is sealed into a buffer of the thread's, not where it was read (``Room``)
+    aligned_puts = False
 
     @abstractmethod
     def get(self, key: str, limit: int) -> bytes:
@@ -140,6 +139,8 @@ def open_target(url, settings: dict[str, str] | None = None, make: bool = False)
 class FileTarget(Target):
     """A directory, local or NFS-mounted: each object a file, written to a temporary name,
     fsynced, then renamed (or hard-linked, for a put that must not replace)."""
+
+    aligned_puts = True
 
     def __init__(self, path: Path, make: bool = False):
         self.path = path
@@ -300,10 +301,42 @@ def _quick_loader(core):
     return QuickLoader(extra_search_paths=paths)
 
 
-def _sendable(data) -> bytes | bytearray:
-    """``data`` as botocore takes a body: bytes and bytearrays as they are, anything else (a
-    view of a thread's buffer) copied into bytes (``S3Target.puts_views``)."""
-    return data if isinstance(data, bytes | bytearray) else bytes(data)
+class _ViewBody:
+    """A view of memory as botocore takes a body it has not got whole: a file it reads in
+    pieces (1 MiB for its checksum and signature, a socket's worth to send, again from the
+    start for a retry). botocore takes bytes or a bytearray whole, never a memoryview; so
+    a chunk sealed in a thread's buffer went out through a fresh 4 MiB copy, or was sealed
+    into a fresh bytearray for it, and a backup's thread held two chunk-sized buffers."""
+
+    def __init__(self, view: memoryview):
+        self._view, self._at = view, 0
+
+    def __len__(self) -> int:
+        return len(self._view)
+
+    def read(self, size: int | None = -1) -> bytes:
+        end = len(self._view) if size is None or size < 0 else min(len(self._view),
+                                                                   self._at + size)
+        out = self._view[self._at:end].tobytes()
+        self._at = max(self._at, end)
+        return out
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._at, os.SEEK_END: len(self._view)}[whence]
+        self._at = max(0, base + offset)
+        return self._at
+
+    def tell(self) -> int:
+        return self._at
+
+    def seekable(self) -> bool:
+        return True
+
+
+def _sendable(data) -> bytes | bytearray | _ViewBody:
+    """``data`` as botocore takes a body: bytes and bytearrays as they are, a view of a
+    thread's buffer (a chunk) as a file over it."""
+    return data if isinstance(data, bytes | bytearray) else _ViewBody(memoryview(data))
 
 
 def _client(cfg):
@@ -338,12 +371,6 @@ class S3Target(Target):
         self.endpoint = (os.environ.get("AWS_ENDPOINT_URL_S3")
                          or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3")
         self.s3 = _client(cfg)
-        # botocore takes bytes or a bytearray as a body, not a view. Over http it sends the
-        # body as it is (its checksum in a header): a fresh bytearray is the one buffer.
-        # Over https it sends a trailing checksum, reading the body through io.BytesIO,
-        # which shares a bytes object but copies a bytearray: there the view copied once
-        # into bytes is the cheaper
-        self.puts_views = urllib.parse.urlsplit(self.s3.meta.endpoint_url).scheme == "https"
 
     def _err(self, op: str, key: str, e: Exception) -> PyvolError:
         import botocore.exceptions as bx
