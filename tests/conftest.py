@@ -68,9 +68,9 @@ def pytest_terminal_summary(terminalreporter):
 
 
 @pytest.fixture(autouse=True)
-def _fresh_boto3_session(monkeypatch):
+def _fresh_botocore_session(monkeypatch):
     """Tests that use S3 in this process set the AWS variables each for itself, and a
-    process's one boto3 session (backup/targets.py) keeps the credentials it resolved first:
+    process's one botocore session (backup/targets.py) keeps the credentials it resolved first:
     a test after another's would sign with that one's keys. Each test gets a new session."""
     from pyvol.backup import targets
 

@@ -56,10 +56,10 @@ class S3Server:
             try:
                 self.client().list_buckets()
                 return
-            except Exception:  # noqa: BLE001 - anything until it answers, or the deadline
+            except Exception as e:  # anything until it answers, or the deadline
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"{self.name} did not start: "
-                                       + self.log_path.read_text()[-2000:]) from None
+                    raise RuntimeError(f"{self.name} did not start ({e}): "
+                                       + self.log_path.read_text()[-2000:]) from e
                 time.sleep(0.2)
 
     def _halt(self, directory: str) -> None:

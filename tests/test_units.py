@@ -1,5 +1,6 @@
 """Small pure pieces: sizes, mountinfo escapes, extent comparison, backup ids."""
 
+import os
 import threading
 import time
 
@@ -73,6 +74,26 @@ def test_the_s3_session_knows_every_service_credentials_may_need(monkeypatch):
     for kind in ("service-2", "endpoint-rule-set-1"):
         assert set(theirs.list_available_services(kind)) <= set(
             ours.list_available_services(kind))
+
+
+def test_a_view_sent_to_s3_reads_like_a_file_botocore_can_rewind():
+    """botocore measures a file body, reads it in pieces for its checksum and signature,
+    seeks back, reads it again to send it, and seeks back once more for a retry: every
+    read from the start gives the same bytes, and the view is never copied whole."""
+    from pyvol.backup.targets import _sendable, _ViewBody
+
+    data = bytes(range(256)) * 64
+    body = _sendable(memoryview(bytearray(data))[100:9000])
+    assert isinstance(body, _ViewBody) and len(body) == 8900
+    assert _sendable(b"x") == b"x" and isinstance(_sendable(bytearray(b"x")), bytearray)
+    assert body.read(100) == data[100:200] and body.tell() == 100
+    assert body.read() == data[200:9000] and body.read(10) == b"" and body.tell() == 8900
+    assert body.seek(0) == 0 and body.read(None) == data[100:9000]
+    assert body.seek(-10, os.SEEK_END) == 8890 and body.read(-1) == data[8990:9000]
+    assert body.seek(5) == 5 and body.seek(5, os.SEEK_CUR) == 10 and body.read(1) == data[110:111]
+    with pytest.raises(ValueError, match="whence"):
+        body.seek(0, 7)
+    assert not _ViewBody(memoryview(b""))  # empty: botocore sends no body
 
 
 def test_a_lock_whose_file_its_holder_removed_is_taken_again_on_a_new_file(tmp_path,

@@ -5,8 +5,8 @@ Two reasons keep this work out of the worker that answers Docker. Hashing, compr
 encryption release the GIL only inside their C calls; around them the engine's Python
 (slicing, queueing, bookkeeping) holds it, and in the worker that is the lock Docker's
 requests wait on: a Get during a backup took several times its idle time. And opening a
-repository imports cryptography, zstandard and (for S3) boto3: 13 MiB of the worker's idle
-RSS after its first job (40 more with boto3), and an import stall, holding that lock, in the
+repository imports cryptography, zstandard and (for S3) botocore: 13 MiB of the worker's
+idle RSS after its first job (40 more with boto3, before botocore alone), and an import stall, holding that lock, in the
 first backup after a start. So the worker (backup/session.py) starts this process for each
 service call that opens a repository, asks it for what it needs over a pipe, and the
 process ends with the call. It has both cores to itself and runs below the workers' priority.

@@ -53,11 +53,13 @@ class Target(ABC):
         return memoryview(self.get(key, limit))
 
     @abstractmethod
-    def put(self, key: str, data: bytes) -> None:
-        """Store the object whole, replacing any old one; a reader never sees a partial one."""
+    def put(self, key: str, data: bytes | bytearray | memoryview) -> None:
+        """Store the object whole, replacing any old one; a reader never sees a partial one.
+        A view (a chunk sealed in a thread's buffer) is read before ``put`` returns, never
+        after."""
 
     @abstractmethod
-    def put_if_absent(self, key: str, data: bytes) -> bool:
+    def put_if_absent(self, key: str, data: bytes | bytearray | memoryview) -> bool:
         """Store the object only if no object has that key; False if one had."""
 
     @abstractmethod
@@ -306,7 +308,11 @@ class _ViewBody:
     pieces (1 MiB for its checksum and signature, a socket's worth to send, again from the
     start for a retry). botocore takes bytes or a bytearray whole, never a memoryview; so
     a chunk sealed in a thread's buffer went out through a fresh 4 MiB copy, or was sealed
-    into a fresh bytearray for it, and a backup's thread held two chunk-sized buffers."""
+    into a fresh bytearray for it, and a backup's thread held two chunk-sized buffers.
+
+    botocore sends such a body with ``Expect: 100-continue``, as it already sent every body
+    but a bytearray (manifests, leases, and over https every chunk): over plain http a
+    chunk's put now waits one round trip for the server's go-ahead."""
 
     def __init__(self, view: memoryview):
         self._view, self._at = view, 0
@@ -322,8 +328,10 @@ class _ViewBody:
         return out
 
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._at, os.SEEK_END: len(self._view)}[whence]
-        self._at = max(0, base + offset)
+        bases = {os.SEEK_SET: 0, os.SEEK_CUR: self._at, os.SEEK_END: len(self._view)}
+        if whence not in bases:
+            raise ValueError(f"invalid whence ({whence}): accepted are 0, 1 and 2")
+        self._at = max(0, bases[whence] + offset)
         return self._at
 
     def tell(self) -> int:
