@@ -6,10 +6,11 @@ encryption release the GIL only inside their C calls; around them the engine's P
 (slicing, queueing, bookkeeping) holds it, and in the worker that is the lock Docker's
 requests wait on: a Get during a backup took several times its idle time. And opening a
 repository imports cryptography, zstandard and (for S3) botocore: 13 MiB of the worker's
-idle RSS after its first job (40 more with boto3, before botocore alone), and an import stall, holding that lock, in the
-first backup after a start. So the worker (backup/session.py) starts this process for each
-service call that opens a repository, asks it for what it needs over a pipe, and the
-process ends with the call. It has both cores to itself and runs below the workers' priority.
+idle RSS after its first job (40 more with boto3, as it was then), and an import stall,
+holding that lock, in the first backup after a start. So the worker (backup/session.py)
+starts this process for each service call that opens a repository, asks it for what it
+needs over a pipe, and the process ends with the call. It has both cores to itself and runs
+below the workers' priority.
 
 The protocol, over two pipes (``multiprocessing.connection`` framing, pickled tuples). Every
 request carries a number ``n`` and gets one answer with it:
