@@ -207,9 +207,13 @@ class FaultProxy:
     """A TCP proxy in front of an S3 endpoint whose behaviour a test switches at will.
 
     modes: "pass"; "down" (nothing listens: connection refused); "error" (every request gets
-    HTTP 503); "stall" (requests are read and never answered). ``delay`` slows every request,
-    so a test can kill something while a backup is half-way.
+    HTTP 503); "stall" (requests are read and never answered); "cut" (the connection of a
+    PUT is closed once 1 MiB of it has gone upstream, for at most ``cuts`` different keys,
+    each once: its retry passes). ``delay`` slows every request, so a test can kill
+    something while a backup is half-way.
     """
+
+    CUT_AFTER = 1 << 20
 
     def __init__(self, upstream: str):
         host, port = upstream.removeprefix("http://").split(":")
@@ -218,6 +222,8 @@ class FaultProxy:
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.mode = "pass"
         self.delay = 0.0
+        self.cuts = 0
+        self.cut_keys: list[str] = []  # the keys of the PUTs cut off midway
         self.requests = 0
         self.connections = 0  # open now: what a client sent may still be on its way upstream
         self._count_lock = threading.Lock()
@@ -233,7 +239,8 @@ class FaultProxy:
         self._listener = s
         threading.Thread(target=self._accept, args=(s,), daemon=True).start()
 
-    def set(self, mode: str, delay: float = 0.0) -> None:
+    def set(self, mode: str, delay: float = 0.0, cuts: int = 0) -> None:
+        self.cuts = cuts
         if mode == "down" and self._listener is not None:
             self._listener.close()
             self._listener = None
@@ -281,6 +288,7 @@ class FaultProxy:
                 t.join(60)
 
     def _pump(self, src: socket.socket, dst: socket.socket, count: bool = False) -> None:
+        put, sent = None, 0  # the PUT this connection carries, and its bytes sent so far
         try:
             while True:
                 data = src.recv(1 << 16)
@@ -288,8 +296,15 @@ class FaultProxy:
                     break
                 if count and data[:4] in (b"PUT ", b"GET ", b"HEAD", b"POST", b"DELE"):
                     self.requests += 1
+                    put = data.split(b" ", 2)[1].decode() if data[:4] == b"PUT " else None
+                    sent = 0
                     if self.delay:
                         time.sleep(self.delay)
+                sent += len(data)
+                if count and put is not None and self._cut(put, sent):
+                    src.shutdown(socket.SHUT_RDWR)
+                    dst.shutdown(socket.SHUT_RDWR)
+                    return
                 dst.sendall(data)
         except OSError:
             pass
@@ -298,6 +313,15 @@ class FaultProxy:
                 dst.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
+
+    def _cut(self, key: str, sent: int) -> bool:
+        """Whether to cut the PUT of ``key`` off here (mode "cut")."""
+        with self._count_lock:
+            if self.mode != "cut" or sent < self.CUT_AFTER or key in self.cut_keys \
+                    or len(self.cut_keys) >= self.cuts:
+                return False
+            self.cut_keys.append(key)
+            return True
 
     def close(self) -> None:
         self._stop.set()

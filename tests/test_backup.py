@@ -322,6 +322,27 @@ def test_a_broken_endpoint_fails_in_bounded_time_and_writes_no_manifest(proxied,
     assert len(json.loads(d.cli("snapshot", "ls", "v", "--json").stdout)) == 1
 
 
+def test_a_chunk_whose_put_is_cut_off_midway_is_sent_again_whole(proxied, moto):
+    """A chunk goes to S3 as a file over the thread's buffer, which botocore reads as it
+    sends (targets._ViewBody). A connection that breaks mid-body makes botocore retry on a
+    new one from the body's start: the chunk stored must be the whole chunk, or it would
+    sit in the repository under its name, and every later backup would reuse it, until a
+    restore found it corrupt."""
+    d, proxy, bucket = proxied
+    url = f"s3://{bucket}/r"
+    mp = with_volume(d, "v")
+    digest = fill(f"{mp}/f", 24 * MiB)
+    proxy.set("cut", cuts=3)
+    made = backup(d, "v", url)
+    proxy.set("pass")
+    cut = [k for k in proxy.cut_keys if "/chunks/" in k]
+    assert len(cut) == 3, proxy.cut_keys  # three chunks' first attempt broke off at 1 MiB
+    d.cli("backup", "verify", made["url"])  # every chunk decrypts and hashes to its name
+    d.cli("restore", made["url"], "back")
+    back = d.api.ok("/VolumeDriver.Mount", {"Name": "back", "ID": "r"})["Mountpoint"]
+    assert sha256(f"{back}/f") == digest
+
+
 def _kill_midway(d: Daemon, proxy: FaultProxy, url: str, kill) -> subprocess.Popen:
     """Start a slow backup through the proxy and call ``kill(cli)`` once chunks are flowing."""
     cli = slow_backup(d, proxy, url, 12)
