@@ -1,6 +1,6 @@
 """Real S3 endpoints for the tests: moto's server over HTTP and over HTTPS, SeaweedFS over
-HTTP, and a proxy that breaks on request (down, 5xx, stalled, slow) between a daemon and
-either of them."""
+HTTP, and a proxy that breaks on request (down, 5xx, stalled, slow, cut off) between a
+daemon and either of them."""
 
 from __future__ import annotations
 
