@@ -69,6 +69,11 @@ def split_backup_url(url) -> tuple[str, str, str]:
     return repo, volkey, bid
 
 
+def _plain(chunk: bytes | memoryview | Room) -> bytes | memoryview:
+    """A chunk's plaintext, wherever it was read."""
+    return chunk.plain if isinstance(chunk, Room) else chunk
+
+
 class Repository:
     def __init__(self, target: Target, codec: Codec, config: dict):
         self.target = target
@@ -220,8 +225,7 @@ class Repository:
         """Name a chunk and upload it unless the repository has it or another thread is
         uploading it right now: (name, bytes stored, whether this call uploaded it). A
         chunk read into a ``Room`` may be sealed where it lies, and is overwritten."""
-        name = self.codec.chunk_name(plaintext.plain if isinstance(plaintext, Room)
-                                     else plaintext)
+        name = self.codec.chunk_name(_plain(plaintext))
         known = self.known_chunks()
         with self._known_lock:
             fresh = name not in known and name not in self._uploading
@@ -238,12 +242,10 @@ class Repository:
     def put_chunk(self, name: str, plaintext: bytes | memoryview | Room) -> int:
         """Seal and store a chunk; the number of bytes stored."""
         key = self.chunk_key(name)
-        if not isinstance(plaintext, Room):
-            blob = self.codec.seal(key, plaintext, reuse=True)
-        elif self.target.aligned_puts:
-            blob = self.codec.seal(key, plaintext.plain, reuse=True)
-        else:
+        if isinstance(plaintext, Room) and not self.target.aligned_puts:
             blob = self.codec.seal_in_place(key, plaintext)
+        else:
+            blob = self.codec.seal(key, _plain(plaintext), reuse=True)
         self.target.put(key, blob)
         with self._known_lock:
             if self._known is not None:
