@@ -25,16 +25,18 @@ CREDS = {"AWS_ACCESS_KEY_ID": "pyvoltest", "AWS_SECRET_ACCESS_KEY": "pyvoltestse
 class S3Server:
     name = "s3"
     endpoint = ""
+    ca_bundle: str | None = None  # the certificate to trust over HTTPS; None: the system's
 
     @property
     def env(self) -> dict:
-        return {**CREDS, "AWS_ENDPOINT_URL": self.endpoint}
+        return {**CREDS, "AWS_ENDPOINT_URL": self.endpoint,
+                **({"AWS_CA_BUNDLE": self.ca_bundle} if self.ca_bundle else {})}
 
     def client(self, endpoint: str | None = None):
         return boto3.client("s3", endpoint_url=endpoint or self.endpoint,
                             aws_access_key_id=CREDS["AWS_ACCESS_KEY_ID"],
                             aws_secret_access_key=CREDS["AWS_SECRET_ACCESS_KEY"],
-                            region_name=CREDS["AWS_DEFAULT_REGION"])
+                            region_name=CREDS["AWS_DEFAULT_REGION"], verify=self.ca_bundle)
 
     def bucket(self) -> str:
         """A new, empty bucket for one test."""
@@ -114,16 +116,6 @@ class MotoTls(S3Server):
                     Path(self.dir) / "moto.log")
         self._await(timeout=30)
         return self
-
-    @property
-    def env(self) -> dict:
-        return {**super().env, "AWS_CA_BUNDLE": self.ca_bundle}
-
-    def client(self, endpoint: str | None = None):
-        return boto3.client("s3", endpoint_url=endpoint or self.endpoint,
-                            aws_access_key_id=CREDS["AWS_ACCESS_KEY_ID"],
-                            aws_secret_access_key=CREDS["AWS_SECRET_ACCESS_KEY"],
-                            region_name=CREDS["AWS_DEFAULT_REGION"], verify=self.ca_bundle)
 
     def stop(self) -> None:
         self._halt(self.dir)
